@@ -1,0 +1,47 @@
+# prunet: `make demo` and `make test` each set everything up from nothing, then run.
+# The second time, setup takes a second: the venv and the data are kept.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.prunet-installed
+# The CPU build of PyTorch; any other spec would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+setup: $(STAMP) data
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned, so the package's `torch>=2.1` finds it installed and pulls nothing.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist, unless the data is already there
+# (the Debian folder, or a folder named by PRUNET_DATA).
+data:
+	@if [ -n "$$PRUNET_DATA" ] || [ -e $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "note: Fashion-MNIST not found; as root: apt-get install dataset-fashion-mnist, or set PRUNET_DATA"; \
+	fi
+
+demo: setup
+	$(BIN)/prunet run recipes/lenet300_fashion.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_masks.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

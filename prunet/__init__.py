@@ -1,0 +1,33 @@
+"""prunet: learning both weights and connections for efficient neural networks.
+
+An implementation of Han, Pool, Tran & Dally (NIPS 2015): train, prune by a
+per-layer magnitude threshold, retrain the survivors, iterate.
+
+Example:
+    >>> import prunet, torch
+    >>> model = prunet.create_model("lenet_300_100")
+    >>> pruner = prunet.Pruner(model)
+    >>> pruner.prune(prunet.Threshold({"fc1": 1.0, "fc2": 1.0, "fc3": 0.5}))
+    >>> pruner.compression() > 1
+    True
+"""
+
+__version__ = "0.1.0"
+
+from prunet.criteria import compression_to_keep_fraction, global_sparsity_masks, sparsity_mask, threshold_mask
+from prunet.models import create_model, list_models
+from prunet.pruner import GlobalMagnitude, Pruner, Sparsity, Threshold
+
+__all__ = [
+    "__version__",
+    "GlobalMagnitude",
+    "Pruner",
+    "Sparsity",
+    "Threshold",
+    "compression_to_keep_fraction",
+    "create_model",
+    "global_sparsity_masks",
+    "list_models",
+    "sparsity_mask",
+    "threshold_mask",
+]

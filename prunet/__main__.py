@@ -1,0 +1,5 @@
+import sys
+
+from prunet.cli import main
+
+sys.exit(main())

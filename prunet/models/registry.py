@@ -1,0 +1,71 @@
+"""A name -> constructor registry for the reference models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a registered model is and what input it expects.
+
+    Attributes:
+        name: registry name, e.g. ``"lenet_300_100"``.
+        builder: callable returning the ``nn.Module``.
+        input_shape: one example's shape, ``(C, H, W)``.
+        description: one line for ``prunet models``.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, input_shape: tuple[int, int, int], description: str):
+    """Decorator adding a model builder to the registry under ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelInfo(name, builder, input_shape, description)
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name``; a clear ``ValueError`` for an unknown one."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`.
+        **kwargs: passed to the builder, e.g. ``num_classes=10``, ``dropout=0.5``.
+
+    Returns:
+        A freshly initialised ``nn.Module``.
+
+    Example:
+        >>> model = create_model("lenet_300_100")
+        >>> sum(p.numel() for p in model.parameters())
+        266610
+    """
+    return get_model_info(name).builder(**kwargs)
