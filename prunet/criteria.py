@@ -1,0 +1,157 @@
+"""Pruning criteria: pure functions from weights and the previous mask to a new mask.
+
+Every criterion looks only at the surviving weights (the previous mask) and its
+result is AND-ed with the previous mask, so a pruned connection never returns.
+None of them touches a module or an optimizer.
+
+Three are provided:
+
+* :func:`threshold_mask`: Han et al.'s rule. Keep ``|w| >= quality * std(w)``,
+  the standard deviation taken over the layer's surviving weights, recomputed
+  every round.
+* :func:`sparsity_mask`: keep the largest-magnitude weights of a layer so that
+  a target fraction of the whole layer is pruned.
+* :func:`global_sparsity_masks`: one magnitude cut across several layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+
+def threshold_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, quality: float) -> torch.Tensor:
+    """The paper's per-layer threshold: prune ``|w| < quality * std(surviving w)``.
+
+    Args:
+        weight: the layer's weights, any shape.
+        prev_mask: boolean mask of surviving weights (None: all survive).
+        quality: the quality parameter, >= 0. 0 prunes nothing new.
+
+    Returns:
+        A boolean mask of ``weight``'s shape, a subset of ``prev_mask``.
+
+    The standard deviation is the population one (divide by n) over the
+    survivors. A layer with fewer than two survivors is left as it is.
+
+    Example:
+        >>> w = torch.tensor([0.1, -2.0, 0.5, 3.0])
+        >>> threshold_mask(w, None, 0.5).tolist()  # std = 1.77, threshold 0.89
+        [False, True, False, True]
+    """
+    if quality < 0 or not math.isfinite(quality):
+        raise ValueError(f"quality must be a finite number >= 0, got {quality}")
+    prev = _prev_or_ones(weight, prev_mask)
+    survivors = weight[prev]
+    if survivors.numel() < 2:
+        return prev.clone()
+    std = survivors.double().std(correction=0)
+    threshold = quality * std
+    return prev & (weight.double().abs() >= threshold)
+
+
+def sparsity_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, sparsity: float) -> torch.Tensor:
+    """Keep the largest-magnitude survivors so that ``sparsity`` of the whole layer is pruned.
+
+    Args:
+        weight: the layer's weights.
+        prev_mask: boolean mask of survivors (None: all).
+        sparsity: target fraction of the layer pruned, in [0, 1]. Already
+            pruned weights count towards it; a layer already sparser is left alone.
+
+    Returns:
+        A boolean mask, a subset of ``prev_mask``. Ties at the cut are broken
+        by position (earlier entries kept first), so the result is deterministic.
+    """
+    prev = _prev_or_ones(weight, prev_mask)
+    keep = keep_count(weight.numel(), sparsity)
+    return _keep_top(weight.abs().flatten(), prev.flatten(), keep).view_as(weight)
+
+
+def global_sparsity_masks(
+    weights: Mapping[str, torch.Tensor], prev_masks: Mapping[str, torch.Tensor | None], sparsity: float
+) -> dict[str, torch.Tensor]:
+    """One magnitude cut across all given layers, so ``sparsity`` of their weights is pruned.
+
+    Args:
+        weights: layer name -> weights.
+        prev_masks: layer name -> boolean survivors mask (missing or None: all).
+        sparsity: target fraction of all the given weights pruned, in [0, 1].
+
+    Returns:
+        layer name -> new boolean mask, each a subset of its previous one.
+    """
+    names = list(weights)
+    flat_w = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
+    flat_prev = torch.cat([_prev_or_ones(weights[n], prev_masks.get(n)).flatten() for n in names])
+    flat = _keep_top(flat_w, flat_prev, keep_count(flat_w.numel(), sparsity))
+    out, start = {}, 0
+    for n in names:
+        size = weights[n].numel()
+        out[n] = flat[start : start + size].view_as(weights[n])
+        start += size
+    return out
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """How many of ``n`` weights to keep for a target ``sparsity`` (rounded to nearest).
+
+    >>> keep_count(10, 0.25)
+    8
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return n - int(round(sparsity * n))
+
+
+def compression_to_keep_fraction(compression: float, prunable: int, unprunable: int = 0) -> float:
+    """Fraction of prunable weights to keep for an overall ``compression`` (dense / kept).
+
+    Weights that are never pruned (biases, excluded layers) count in both the
+    dense and the kept total, so they eat into the budget.
+
+    Args:
+        compression: target ratio of all parameters to kept parameters, >= 1.
+        prunable: number of prunable weights.
+        unprunable: number of parameters that are always kept.
+
+    Returns:
+        The fraction of prunable weights to keep, in [0, 1].
+
+    Raises:
+        ValueError: when the unprunable parameters alone exceed the budget.
+    """
+    if compression < 1:
+        raise ValueError(f"compression must be >= 1, got {compression}")
+    if prunable <= 0:
+        raise ValueError("there are no prunable weights")
+    budget = (prunable + unprunable) / compression
+    fraction = (budget - unprunable) / prunable
+    if fraction < 0:
+        raise ValueError(
+            f"{compression}x is out of reach: the {unprunable} unprunable parameters alone give "
+            f"{(prunable + unprunable) / unprunable:.2f}x at most"
+        )
+    return min(1.0, fraction)
+
+
+def _prev_or_ones(weight: torch.Tensor, prev_mask: torch.Tensor | None) -> torch.Tensor:
+    if prev_mask is None:
+        return torch.ones_like(weight, dtype=torch.bool)
+    if prev_mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(prev_mask.shape)} != weight shape {tuple(weight.shape)}")
+    return prev_mask.to(torch.bool)
+
+
+def _keep_top(scores: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean 1-D mask keeping the ``keep`` highest scores among ``prev``; never adds entries."""
+    if int(prev.sum()) <= keep:
+        return prev.clone()
+    # Pruned entries sort last; a stable sort breaks ties by position.
+    masked = torch.where(prev, scores.double(), torch.tensor(-1.0, dtype=torch.float64))
+    order = torch.sort(masked, descending=True, stable=True).indices
+    out = torch.zeros_like(prev)
+    out[order[:keep]] = True
+    return out

@@ -1,0 +1,148 @@
+"""The one mask representation, and the one place it is enforced.
+
+A pruned parameter keeps its identity (no re-parametrisation, so optimizers
+that already hold it keep working). Next to it lives a boolean buffer
+``<param>_mask`` on the same module, so masks are part of ``state_dict`` under
+stable names (``fc1.weight_mask``), move with ``model.to(device)`` and are
+broadcast like any buffer under DDP.
+
+Three mechanisms keep pruned entries exactly zero:
+
+* the weight is multiplied by its mask whenever the mask changes;
+* a gradient hook multiplies each incoming gradient by the mask, so masked
+  entries get exactly zero gradient (also under gradient accumulation), and
+  momentum / Adam moments that start at zero stay at zero;
+* after each optimizer step (a step post-hook, or :func:`enforce` by hand) the
+  weight is multiplied by the mask again, which catches anything that moves a
+  weight without a gradient (decoupled weight decay of a non-zero weight, a
+  user writing into ``.data``).
+
+When a mask is set, the optimizer's per-parameter state of the same shape
+(momentum buffers, Adam moments) is zeroed where the mask is zero, so the
+state can never revive a pruned connection either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+MASK_SUFFIX = "_mask"
+
+
+def mask_buffer_name(param_name: str) -> str:
+    """The buffer name holding the mask of ``param_name`` (``weight`` -> ``weight_mask``)."""
+    return param_name + MASK_SUFFIX
+
+
+def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
+    """The boolean mask of ``module.<param_name>``, or None when it has none."""
+    return getattr(module, mask_buffer_name(param_name), None)
+
+
+def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = None) -> RemovableHandle:
+    """Give ``module.<param_name>`` a mask buffer and a gradient-masking hook.
+
+    Args:
+        module: the module owning the parameter.
+        param_name: e.g. ``"weight"``.
+        mask: initial mask (anything castable to bool, the parameter's shape);
+            all ones when None. A mask already on the module (e.g. loaded from a
+            checkpoint) is kept when ``mask`` is None.
+
+    Returns:
+        The hook's handle; :func:`bake` removes it.
+    """
+    param = getattr(module, param_name)
+    if not isinstance(param, nn.Parameter):
+        raise TypeError(f"{type(module).__name__}.{param_name} is not a Parameter")
+    name = mask_buffer_name(param_name)
+    if mask is None:
+        existing = getattr(module, name, None)
+        mask = existing if existing is not None else torch.ones_like(param, dtype=torch.bool)
+    _check_shape(param, mask, param_name)
+    if name in module._buffers:
+        module._buffers[name] = mask.to(device=param.device, dtype=torch.bool).clone()
+    else:
+        module.register_buffer(name, mask.to(device=param.device, dtype=torch.bool).clone())
+
+    def mask_grad(grad: torch.Tensor) -> torch.Tensor:
+        # Read the buffer at call time: load_state_dict and set_mask replace its values.
+        return grad * module._buffers[name]
+
+    handle = param.register_hook(mask_grad)
+    apply_mask(module, param_name)
+    return handle
+
+
+def set_mask(
+    module: nn.Module, param_name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Replace the mask of an attached parameter and zero what it removes.
+
+    Args:
+        module, param_name: an attached parameter (see :func:`attach_mask`).
+        mask: the new mask, the parameter's shape.
+        optimizer: when given, its state for this parameter is zeroed where the mask is zero.
+    """
+    buf = get_mask(module, param_name)
+    if buf is None:
+        raise KeyError(f"{type(module).__name__}.{param_name} has no mask; attach one first")
+    param = getattr(module, param_name)
+    _check_shape(param, mask, param_name)
+    buf.copy_(mask.to(dtype=torch.bool))
+    apply_mask(module, param_name)
+    if optimizer is not None:
+        mask_optimizer_state(optimizer, param, buf)
+
+
+@torch.no_grad()
+def apply_mask(module: nn.Module, param_name: str) -> None:
+    """Multiply ``module.<param_name>`` by its mask, in place (identity is kept)."""
+    getattr(module, param_name).mul_(get_mask(module, param_name))
+
+
+@torch.no_grad()
+def mask_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero every per-element state tensor of ``param`` (momentum, Adam moments) where ``mask`` is 0."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.mul_(mask)
+
+
+@torch.no_grad()
+def bake(module: nn.Module, param_name: str, handle: RemovableHandle | None) -> None:
+    """Multiply the mask in for good and remove the buffer and the hook.
+
+    The result is a plain parameter whose pruned entries are zero: the module
+    computes exactly what it computed with the mask attached.
+    """
+    apply_mask(module, param_name)
+    del module._buffers[mask_buffer_name(param_name)]
+    if handle is not None:
+        handle.remove()
+
+
+def _check_shape(param: torch.Tensor, mask: torch.Tensor, param_name: str) -> None:
+    if mask.shape != param.shape:
+        raise ValueError(f"mask for {param_name} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+
+
+@torch.no_grad()
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every mask multiplied in and the mask buffers dropped.
+
+    The original keeps its masks and hooks (``deepcopy`` does not copy tensor hooks,
+    so the copy is a plain model). Use it to export or analyse without ending pruning.
+    """
+    import copy
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        for name in [b for b in module._buffers if b.endswith(MASK_SUFFIX)]:
+            getattr(module, name[: -len(MASK_SUFFIX)]).mul_(module._buffers.pop(name))
+    return plain

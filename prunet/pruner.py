@@ -1,0 +1,298 @@
+"""The user's handle on pruning: ``Pruner(model) -> prune(), attach(), enforce(), bake(), summary()``.
+
+Example:
+    >>> model = prunet.create_model("lenet_300_100")
+    >>> pruner = prunet.Pruner(model)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    >>> pruner.attach(optimizer)            # masks enforced after every step
+    >>> pruner.prune(prunet.Threshold(1.0), optimizer=optimizer)
+    >>> ...                                 # the user's own training loop
+    >>> plain = pruner.bake()               # a plain model, same outputs
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+from prunet import masks as M
+from prunet.criteria import global_sparsity_masks, sparsity_mask, threshold_mask
+
+Setting = Union[float, Mapping[str, float]]
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def layer_kind(module: nn.Module) -> str:
+    """The layer group a module belongs to: ``"fc"`` for Linear, ``"conv"`` for convolutions."""
+    if isinstance(module, nn.Linear):
+        return "fc"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return type(module).__name__.lower()
+
+@dataclass
+class Target:
+    """One prunable parameter.
+
+    Attributes:
+        layer: the owning module's name, e.g. ``"fc1"`` (what tables and recipes name).
+        param: the full parameter name, e.g. ``"fc1.weight"`` (the mask is ``fc1.weight_mask``).
+        module: the owning module.
+        attr: the attribute on the module, e.g. ``"weight"``.
+        kind: ``"fc"`` or ``"conv"`` (layer group).
+    """
+
+    layer: str
+    param: str
+    module: nn.Module
+    attr: str
+    kind: str
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return M.get_mask(self.module, self.attr)
+
+@dataclass
+class LayerSummary:
+    """What remains of one layer: the paper's table row (weights, kept, kept %)."""
+
+    layer: str
+    kind: str
+    shape: tuple[int, ...]
+    weights: int
+    kept: int
+
+    @property
+    def kept_frac(self) -> float:
+        return self.kept / self.weights if self.weights else 1.0
+
+def matches(target: Target, key: str) -> bool:
+    """Whether a recipe key names this target: layer or parameter name, group, ``all``, or a glob."""
+    if key in ("all", "*", target.layer, target.param, target.kind):
+        return True
+    return fnmatch.fnmatchcase(target.layer, key) or fnmatch.fnmatchcase(target.param, key)
+
+def resolve(setting: Setting | None, target: Target) -> float | None:
+    """The value of a per-layer setting for one target (None: the layer is not pruned).
+
+    A scalar applies to every layer. In a mapping, an exact layer or parameter
+    name wins over a group (``fc``, ``conv``), which wins over a glob or ``all``.
+    """
+    if setting is None:
+        return None
+    if not isinstance(setting, Mapping):
+        return float(setting)
+    for key in (target.layer, target.param):
+        if key in setting:
+            return float(setting[key])
+    if target.kind in setting:
+        return float(setting[target.kind])
+    for key, value in setting.items():
+        if matches(target, key):
+            return float(value)
+    return None
+
+class Criterion:
+    """A rule that turns weights and previous masks into new masks, layer by layer."""
+
+    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+        """param name -> new boolean mask for the targets this criterion prunes."""
+        raise NotImplementedError
+
+@dataclass
+class Threshold(Criterion):
+    """Han et al.: prune weights below ``quality × std`` of the layer's surviving weights.
+
+    Args:
+        quality: one value for every layer, or a mapping from layer name, group
+            (``fc``, ``conv``) or glob to a value. Layers not named are left alone.
+    """
+
+    quality: Setting
+
+    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in targets:
+            q = resolve(self.quality, t)
+            if q is not None:
+                out[t.param] = threshold_mask(t.weight.detach(), t.mask, q)
+        return out
+
+@dataclass
+class Sparsity(Criterion):
+    """Prune each layer to a target sparsity (fraction of its weights removed), by magnitude."""
+
+    sparsity: Setting
+
+    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in targets:
+            s = resolve(self.sparsity, t)
+            if s is not None:
+                out[t.param] = sparsity_mask(t.weight.detach(), t.mask, s)
+        return out
+
+@dataclass
+class GlobalMagnitude(Criterion):
+    """One magnitude cut across all targeted layers, to a total ``sparsity``."""
+
+    sparsity: float
+
+    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+        if not targets:
+            return {}
+        weights = {t.param: t.weight.detach() for t in targets}
+        prev = {t.param: t.mask for t in targets}
+        return global_sparsity_masks(weights, prev, self.sparsity)
+
+class Pruner:
+    """Attach masks to a model's prunable parameters and keep pruned weights at exactly zero.
+
+    Args:
+        model: any ``nn.Module``.
+        include: regex patterns on parameter names to prune; default: the
+            ``weight`` of every Linear and Conv layer (biases are not pruned, as in the paper).
+        exclude: regex patterns on parameter names to leave alone (applied after include).
+        types: module types whose weights are pruned by default.
+
+    The masks live on the model as buffers (``fc1.weight_mask``), so
+    ``model.state_dict()`` holds them. To resume, build the model, wrap it in a
+    ``Pruner`` and ``load_state_dict``: the masks come back with the weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+    ):
+        self.model = model
+        self.targets: list[Target] = _find_targets(model, include, exclude, types)
+        if not self.targets:
+            raise ValueError("no prunable parameters found (check include/exclude patterns)")
+        self._handles = {t.param: M.attach_mask(t.module, t.attr) for t in self.targets}
+        self._optimizer_handles: list = []
+
+    # --- pruning -----------------------------------------------------------------------------
+
+    def prune(
+        self,
+        criterion: Criterion,
+        layers: Iterable[str] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[str, LayerSummary]:
+        """Compute new masks with ``criterion`` and apply them.
+
+        Args:
+            criterion: e.g. ``Threshold(1.0)``, ``Sparsity({"fc1": 0.9})``, ``GlobalMagnitude(0.9)``.
+            layers: restrict to these layers (names, groups such as ``fc``/``conv``,
+                globs); default all targets.
+            optimizer: its state is zeroed at the pruned entries.
+
+        Returns:
+            The summary after pruning, by layer name.
+        """
+        selected = self.select(layers)
+        new = criterion.masks(selected)
+        for t in selected:
+            if t.param in new:
+                # AND with the current mask: a criterion can only remove connections.
+                M.set_mask(t.module, t.attr, new[t.param] & t.mask, optimizer)
+        return {s.layer: s for s in self.summary()}
+
+    def select(self, layers: Iterable[str] | None) -> list[Target]:
+        """Targets named by ``layers`` (names, groups, globs); all when None."""
+        if layers is None:
+            return list(self.targets)
+        keys = list(layers)
+        chosen = [t for t in self.targets if any(matches(t, k) for k in keys)]
+        unknown = [k for k in keys if not any(matches(t, k) for t in self.targets)]
+        if unknown:
+            names = ", ".join(t.layer for t in self.targets)
+            raise ValueError(f"no prunable layer matches {unknown}; layers are: {names} (groups: fc, conv, all)")
+        return chosen
+
+    # --- enforcement -------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Enforce the masks after every ``optimizer.step()`` and clean its state now."""
+        for t in self.targets:
+            M.mask_optimizer_state(optimizer, t.weight, t.mask)
+        self._optimizer_handles.append(optimizer.register_step_post_hook(lambda *_: self.enforce()))
+
+    def detach_optimizers(self) -> None:
+        """Remove the step hooks installed by :meth:`attach`."""
+        for h in self._optimizer_handles:
+            h.remove()
+        self._optimizer_handles.clear()
+
+    def enforce(self) -> None:
+        """Zero every pruned weight now (call after ``optimizer.step()`` if not attached)."""
+        for t in self.targets:
+            M.apply_mask(t.module, t.attr)
+
+    # --- results -----------------------------------------------------------------------------
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """param name -> live boolean mask."""
+        return {t.param: t.mask for t in self.targets}
+
+    def summary(self) -> list[LayerSummary]:
+        """One row per pruned layer: shape, weights, kept."""
+        return [
+            LayerSummary(t.layer, t.kind, tuple(t.weight.shape), t.weight.numel(), int(t.mask.sum()))
+            for t in self.targets
+        ]
+
+    def compression(self) -> float:
+        """Prunable weights / kept prunable weights."""
+        rows = self.summary()
+        kept = sum(r.kept for r in rows)
+        return sum(r.weights for r in rows) / kept if kept else float("inf")
+
+    def bake(self) -> nn.Module:
+        """Multiply masks in, drop buffers and hooks; returns the (same) plain model.
+
+        Its outputs are exactly those of the masked model. The pruner is unusable afterwards.
+        """
+        self.detach_optimizers()
+        for t in self.targets:
+            M.bake(t.module, t.attr, self._handles.pop(t.param, None))
+        self.targets = []
+        return self.model
+
+def _find_targets(
+    model: nn.Module,
+    include: Iterable[str] | None,
+    exclude: Iterable[str] | None,
+    types: tuple[type[nn.Module], ...],
+) -> list[Target]:
+    inc = [re.compile(p) for p in include] if include is not None else None
+    exc = [re.compile(p) for p in (exclude or [])]
+    targets = []
+    for layer, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            full = f"{layer}.{attr}" if layer else attr
+            if inc is None:
+                wanted = isinstance(module, types) and attr == "weight"
+            else:
+                wanted = any(p.search(full) for p in inc)
+            if wanted and not any(p.search(full) for p in exc):
+                targets.append(Target(layer, full, module, attr, layer_kind(module)))
+    return targets
+
+def masked_state_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Parameter names that have a mask in a state dict (``fc1.weight_mask`` -> ``fc1.weight``)."""
+    return [k[: -len(M.MASK_SUFFIX)] for k in state if k.endswith(M.MASK_SUFFIX)]
+
