@@ -1,0 +1,141 @@
+"""Checkpoints: safetensors weights (masks included) plus JSON metadata, written atomically.
+
+A checkpoint holds the model's ``state_dict`` (with any ``*_mask`` buffers) and
+enough metadata to rebuild the model from the registry: its name, keyword
+arguments and, for a model whose layers were shrunk by neuron removal, the
+shapes in the file itself. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from prunet.models import create_model
+from prunet.pruner import Pruner, masked_state_keys
+
+_META_KEY = "prunet"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model.state_dict()`` and ``meta`` to ``path`` atomically.
+
+    The file is written under a temporary name in the same folder and renamed,
+    so a crash never leaves a half-written checkpoint where a good one was.
+
+    Args:
+        path: destination, conventionally ``*.safetensors``.
+        model: the model (masks are saved with it).
+        meta: JSON-serialisable metadata; ``model`` (name) and ``model_kwargs`` let
+            :func:`load_model` rebuild it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={_META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(state_dict, meta)`` from a checkpoint; a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY, "{}")
+        meta = json.loads(raw)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
+    return state, meta
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
+    """Rebuild a registry model from a checkpoint, with its masks if it has any.
+
+    Returns:
+        ``(model, pruner, meta)``; ``pruner`` is None for a checkpoint without masks.
+    """
+    state, meta = read_checkpoint(path)
+    name = meta.get("model")
+    if not name:
+        raise CheckpointError(f"checkpoint {path} does not say which model it holds (no 'model' in its metadata)")
+    try:
+        model = create_model(name, **meta.get("model_kwargs", {}))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    resize_to_state(model, state)
+    masked = masked_state_keys(state)
+    pruner = Pruner(model, include=[f"^{k}$".replace(".", r"\.") for k in masked]) if masked else None
+    load_state(model, state, path)
+    if pruner is not None:
+        pruner.enforce()
+    return model, pruner, meta
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path = "state") -> None:
+    """``model.load_state_dict(state)`` with a one-line error naming what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}")
+        raise CheckpointError(f"{path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give Linear/Conv/BatchNorm layers the shapes found in ``state`` (a model shrunk by neuron removal).
+
+    Only the sizes of parameters and buffers change; values come from ``load_state``.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            new = state.get(prefix + attr)
+            if new is None or new.shape == tensor.shape or attr.endswith("_mask"):
+                continue
+            fresh = torch.empty(new.shape, dtype=tensor.dtype)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(fresh, requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[attr] = fresh
+        w = state.get(prefix + "weight")
+        if w is None:
+            continue
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = w.shape
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            module.out_channels = w.shape[0]
+            module.in_channels = w.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = w.shape[0]

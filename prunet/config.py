@@ -1,0 +1,358 @@
+"""Typed recipes: YAML -> dataclasses, validated with one-line errors that name the field.
+
+A recipe has four parts: ``model``, ``data``, ``train`` (the dense phase) and
+``prune`` (the rounds). Every field has a default except where noted; a field
+the dataclass does not know is an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+REGULARIZERS = ("l1", "l2", "none")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+CRITERIA = ("threshold", "sparsity", "global")
+DATASETS = ("fashion-mnist", "mnist")
+
+
+class ConfigError(ValueError):
+    """A recipe problem; its message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet_300_100"
+    """Registry name (see ``prunet models``)."""
+    num_classes: int = 10
+    """Outputs of the last layer."""
+    dropout: Optional[float] = None
+    """Dropout ratio for models that have dropout layers; None keeps the model's default."""
+
+    def validate(self, where: str) -> None:
+        from prunet.models import list_models
+
+        _choice(where + ".name", self.name, list_models())
+        _range(where + ".num_classes", self.num_classes, 2, None)
+        if self.dropout is not None:
+            _range(where + ".dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_model``."""
+        kw: dict[str, Any] = {"num_classes": self.num_classes}
+        if self.dropout is not None:
+            kw["dropout"] = self.dropout
+        return kw
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    """``fashion-mnist`` or ``mnist``."""
+    data_dir: Optional[str] = None
+    """Folder with the four IDX files; None searches PRUNET_DATA, the Debian package, the cache."""
+    val_size: int = 5000
+    """Training images held out for every choice the tool makes (thresholds, stopping)."""
+    train_subset: Optional[int] = None
+    """Use only this many training images (quick runs, tests); None uses all."""
+    batch_size: int = 64
+    """Mini-batch size for training."""
+    eval_batch_size: int = 1000
+    """Mini-batch size for evaluation."""
+
+    def validate(self, where: str) -> None:
+        _choice(where + ".dataset", self.dataset, DATASETS)
+        _range(where + ".val_size", self.val_size, 0, None)
+        if self.train_subset is not None:
+            _range(where + ".train_subset", self.train_subset, 1, None)
+        _range(where + ".batch_size", self.batch_size, 1, None)
+        _range(where + ".eval_batch_size", self.eval_batch_size, 1, None)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training split."""
+    lr: float = 0.05
+    """Initial learning rate."""
+    optimizer: str = "sgd"
+    """``sgd`` (with momentum), ``adam`` or ``adamw``."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    regularization: str = "l2"
+    """``l2`` (weight decay), ``l1`` (penalty on |w|) or ``none``."""
+    reg_strength: float = 5e-4
+    """Coefficient of the regularizer."""
+    lr_schedule: str = "cosine"
+    """``constant``, ``step`` or ``cosine`` (per epoch)."""
+    lr_step_epochs: int = 5
+    """With ``step``: epochs between decays."""
+    lr_gamma: float = 0.1
+    """With ``step``: decay factor."""
+
+    def validate(self, where: str) -> None:
+        _range(where + ".epochs", self.epochs, 0, None)
+        _range(where + ".lr", self.lr, 0.0, None, lo_open=True)
+        _choice(where + ".optimizer", self.optimizer, OPTIMIZERS)
+        _range(where + ".momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _choice(where + ".regularization", self.regularization, REGULARIZERS)
+        _range(where + ".reg_strength", self.reg_strength, 0.0, None)
+        _choice(where + ".lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _range(where + ".lr_step_epochs", self.lr_step_epochs, 1, None)
+        _range(where + ".lr_gamma", self.lr_gamma, 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class RoundConfig:
+    criterion: str = "threshold"
+    """``threshold`` (quality × std, the paper), ``sparsity`` (per layer) or ``global``."""
+    quality: Union[float, dict[str, float], None] = None
+    """With ``threshold``: one value, or per layer / group (``fc``, ``conv``) / glob."""
+    sparsity: Union[float, dict[str, float], None] = None
+    """With ``sparsity``/``global``: fraction of the layer's (all) weights pruned after this round."""
+    prune: list[str] = field(default_factory=lambda: ["all"])
+    """Which layers this round prunes: names, groups (``fc``, ``conv``) or globs."""
+    train: list[str] = field(default_factory=lambda: ["all"])
+    """Which layers are retrained (the rest frozen): the paper retrains FC with conv frozen and vice versa."""
+    epochs: int = 4
+    """Retraining epochs of this round (0: prune only)."""
+    lr_fraction: Optional[float] = None
+    """Retraining learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
+
+    def validate(self, where: str) -> None:
+        _choice(where + ".criterion", self.criterion, CRITERIA)
+        if self.criterion == "threshold":
+            if self.quality is None:
+                raise ConfigError(f"{where}.quality: required with criterion 'threshold'")
+            _each(where + ".quality", self.quality, 0.0, None)
+        else:
+            if self.sparsity is None:
+                raise ConfigError(f"{where}.sparsity: required with criterion '{self.criterion}'")
+            if self.criterion == "global" and isinstance(self.sparsity, dict):
+                raise ConfigError(f"{where}.sparsity: criterion 'global' takes one number, got a mapping")
+            _each(where + ".sparsity", self.sparsity, 0.0, 1.0)
+        _range(where + ".epochs", self.epochs, 0, None)
+        if self.lr_fraction is not None:
+            _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
+        for name in ("prune", "train"):
+            if not getattr(self, name):
+                raise ConfigError(f"{where}.{name}: must name at least one layer or group (e.g. all, fc, conv)")
+
+
+@dataclass
+class PruneConfig:
+    rounds: list[RoundConfig] = field(default_factory=list)
+    """Prune -> retrain rounds, in order (iterative pruning)."""
+    lr_fraction: float = 0.1
+    """Retraining learning rate as a fraction of ``train.lr`` (the paper: 1/10 LeNets, 1/100 AlexNet)."""
+    lr_schedule: str = "cosine"
+    """Learning-rate schedule within each retraining round."""
+    regularization: Optional[str] = None
+    """Regularizer while retraining: ``l1``, ``l2``, ``none``; None keeps ``train.regularization``."""
+    reg_strength: Optional[float] = None
+    """Its coefficient; None keeps ``train.reg_strength``."""
+    max_accuracy_drop: Optional[float] = None
+    """Stop the ladder when validation accuracy falls more than this (points, e.g. 0.5) below dense."""
+    adjust_dropout: bool = True
+    """Scale dropout by sqrt(kept/original connections) while retraining (the paper, section 3.3)."""
+    remove_dead_neurons: bool = True
+    """At the end, remove neurons with no inputs or no outputs and report the shrunken model."""
+
+    def validate(self, where: str) -> None:
+        for i, r in enumerate(self.rounds):
+            r.validate(f"{where}.rounds[{i}]")
+        _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
+        _choice(where + ".lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.regularization is not None:
+            _choice(where + ".regularization", self.regularization, REGULARIZERS)
+        if self.reg_strength is not None:
+            _range(where + ".reg_strength", self.reg_strength, 0.0, None)
+        if self.max_accuracy_drop is not None:
+            _range(where + ".max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    """Run name; the run folder is ``<output_dir>/<name>``."""
+    seed: int = 0
+    """Seed for initialisation, the validation split and batch order."""
+    output_dir: str = "runs"
+    """Where run folders are written."""
+    threads: Optional[int] = None
+    """torch intra-op threads; None keeps torch's default."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def validate(self) -> "Recipe":
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        if self.threads is not None:
+            _range("threads", self.threads, 1, None)
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.prune.validate("prune")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a YAML recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted keys to replace, e.g. ``{"train.epochs": 1}`` (from ``--set``).
+
+    Raises:
+        ConfigError: a missing or unreadable file, bad YAML, an unknown field, a wrong type or value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return recipe_from_dict(data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build and validate a :class:`Recipe` from plain data (parsed YAML)."""
+    return _build(Recipe, data, "").validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set takes FIELD=VALUE (e.g. train.epochs=3), got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {_typename(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown field; allowed: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                # A mapping that fails inside the mapping branch: report the inner field.
+                if typing.get_origin(arg) is dict and isinstance(value, dict):
+                    raise e from None
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {_typename(value)} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_typename(value)}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_typename(value)}")
+        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_typename(value)} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_typename(value)} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_typename(value)} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_typename(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {where}")
+
+
+def _describe(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    return " or ".join(words.get(a, "a mapping" if typing.get_origin(a) is dict else "a list") for a in args)
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _choice(where: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _range(where, value, lo, hi, lo_open=False, hi_open=False) -> None:
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
+    if bad_lo or bad_hi:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + str(lo)
+        hi_s = "" if hi is None else str(hi) + (")" if hi_open else "]")
+        allowed = f"{lo_s}, {hi_s}" if hi is not None else (f"> {lo}" if lo_open else f">= {lo}")
+        if hi is not None and lo is not None:
+            allowed = f"in {lo_s}, {hi_s}"
+        raise ConfigError(f"{where}: {value} is out of range; allowed {allowed}")
+
+
+def _each(where: str, value, lo, hi) -> None:
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for k, v in items:
+        _range(where if k is None else f"{where}.{k}", v, lo, hi)

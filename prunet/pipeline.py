@@ -1,0 +1,305 @@
+"""Train -> prune -> retrain -> iterate, driven by a recipe.
+
+``run(recipe)`` is what ``prunet run`` calls. Everything it decides (the best
+epoch of each round, whether to stop the ladder) it decides on the validation
+split; the test split is only reported. Its run folder holds:
+
+* ``config.yaml``: the recipe as run;
+* ``metrics.jsonl``: one JSON object per epoch and per round;
+* ``dense.safetensors``, ``round<k>.safetensors``, ``final.safetensors``: checkpoints
+  (masks included), and ``final_shrunk.safetensors`` after dead-neuron removal;
+* ``summary.json``: the per-round table, accuracies, compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import yaml
+
+from prunet.checkpoint import load_model, save_checkpoint
+from prunet.config import Recipe, RoundConfig, TrainConfig
+from prunet.data import DatasetSplits, Split, batches, load_dataset
+from prunet.masks import baked_copy
+from prunet.models import create_model
+from prunet.neurons import remove_dead_neurons
+from prunet.pruner import LayerSummary, Pruner
+from prunet.regularize import dropout_feeds, set_dropout
+from prunet.schedule import round_criterion
+from prunet.train import EpochRecord, Normalization, evaluate, fit
+
+Log = Callable[[str], None]
+
+
+def load_data(recipe: Recipe) -> DatasetSplits:
+    """The recipe's dataset, split into train / validation / test (train optionally subset)."""
+    d = recipe.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed)
+    if d.train_subset is not None and d.train_subset < len(data.train):
+        n = d.train_subset
+        data.train = Split(data.train.images[:n], data.train.labels[:n])
+    return data
+
+
+def format_layer_table(rows: list[LayerSummary]) -> str:
+    """The paper's per-layer table: layer, weights, kept, kept %, totals and compression."""
+    lines = [f"{'layer':<12} {'weights':>12} {'kept':>12} {'kept %':>8}"]
+    for r in rows:
+        lines.append(f"{r.layer:<12} {r.weights:>12,} {r.kept:>12,} {100 * r.kept_frac:>7.2f}%")
+    total, kept = sum(r.weights for r in rows), sum(r.kept for r in rows)
+    ratio = total / kept if kept else float("inf")
+    lines.append(f"{'total':<12} {total:>12,} {kept:>12,} {100 * kept / total:>7.2f}%   {ratio:.1f}x smaller")
+    return "\n".join(lines)
+
+
+class RunFolder:
+    """The files of one run; every write is whole (JSON lines appended, others replaced)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.metrics = path / "metrics.jsonl"
+        self.metrics.write_text("")
+
+    def log_metrics(self, event: str, **fields: Any) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    def write_json(self, name: str, data: Any) -> None:
+        tmp = self.path / (name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.path / name)
+
+    def write_yaml(self, name: str, data: Any) -> None:
+        (self.path / name).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def run(
+    recipe: Recipe,
+    *,
+    run_dir: str | Path | None = None,
+    from_checkpoint: str | Path | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Run a recipe: dense training (or a checkpoint), then each prune + retrain round.
+
+    Args:
+        recipe: a validated recipe.
+        run_dir: the run folder; default ``<recipe.output_dir>/<recipe.name>``.
+        from_checkpoint: skip dense training and start from this checkpoint.
+        log: where progress lines go.
+
+    Returns:
+        The summary also written to ``summary.json``.
+    """
+    started = time.perf_counter()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name)
+    folder.write_yaml("config.yaml", recipe.to_dict())
+    data = load_data(recipe)
+    norm = Normalization(data.mean, data.std)
+    log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
+    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name}
+
+    def on_epoch(rec: EpochRecord) -> None:
+        folder.log_metrics("epoch", **rec.to_dict())
+        log(
+            f"  {rec.phase} epoch {rec.epoch}: lr {rec.lr:.4g}  train loss {rec.train_loss:.4f} "
+            f"acc {rec.train_acc:.2f}%  val {rec.val_acc:.2f}%  ({rec.seconds:.1f}s)"
+        )
+
+    # 1. Dense training (or a given checkpoint).
+    pruner: Pruner | None = None
+    if from_checkpoint:
+        model, pruner, ckpt_meta = load_model(from_checkpoint)
+        if ckpt_meta.get("model") != recipe.model.name:
+            log(f"note: checkpoint holds {ckpt_meta.get('model')}, recipe names {recipe.model.name}")
+        meta.update(model=ckpt_meta["model"], model_kwargs=ckpt_meta.get("model_kwargs", {}))
+        log(f"dense: loaded {from_checkpoint}")
+    else:
+        torch.manual_seed(recipe.seed)
+        model = create_model(recipe.model.name, **recipe.model.kwargs())
+        log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
+        fit(model, data.train, data.val, recipe.train, norm, seed=recipe.seed, phase="dense", on_epoch=on_epoch,
+            batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
+    save_checkpoint(folder.path / "dense.safetensors", model, {**meta, "phase": "dense"})
+    dense = _accuracies(model, data, norm, recipe)
+    log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
+    folder.log_metrics("dense", **dense)
+
+    # 2. Prune -> retrain rounds.
+    pruner = pruner or Pruner(model)
+    prunable = [t.layer for t in pruner.targets]
+    feeds = dropout_feeds(model, prunable)
+    modules = dict(model.named_modules())
+    original_dropout = {d: modules[d].p for d in feeds}
+    dense_weights = {r.layer: r.weights for r in pruner.summary()}
+    rounds: list[dict[str, Any]] = []
+    accepted_state = {k: v.clone() for k, v in model.state_dict().items()}
+    stopped = None
+    for i, rnd in enumerate(recipe.prune.rounds, start=1):
+        result = _run_round(i, rnd, model, pruner, data, norm, recipe, feeds, original_dropout, dense_weights,
+                            on_epoch, log)
+        drop = dense["val_acc"] - result["val_acc"]
+        limit = recipe.prune.max_accuracy_drop
+        if limit is not None and drop > limit:
+            result["accepted"] = False
+            rounds.append(result)
+            folder.log_metrics("round", **result)
+            stopped = f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
+            log(f"stop: {stopped}; keeping round {i - 1}")
+            model.load_state_dict(accepted_state)
+            break
+        result["accepted"] = True
+        rounds.append(result)
+        folder.log_metrics("round", **result)
+        accepted_state = {k: v.clone() for k, v in model.state_dict().items()}
+        save_checkpoint(folder.path / f"round{i}.safetensors", model, {**meta, "phase": f"round{i}"})
+
+    # 3. The final model.
+    for d, p in original_dropout.items():
+        modules[d].p = p  # a checkpoint's model is rebuilt with the original ratios
+    save_checkpoint(folder.path / "final.safetensors", model, {**meta, "phase": "final"})
+    final = _accuracies(model, data, norm, recipe)
+    layers = [dataclasses.asdict(r) for r in pruner.summary()]
+    total = sum(r["weights"] for r in layers)
+    kept = sum(r["kept"] for r in layers)
+    params_dense = sum(p.numel() for p in model.parameters())
+    params_kept = params_dense - (total - kept)
+    summary = {
+        "recipe": recipe.name,
+        "model": meta["model"],
+        "dataset": data.name,
+        "dense": dense,
+        "final": final,
+        "accuracy_change_test": final["test_acc"] - dense["test_acc"],
+        "accuracy_change_val": final["val_acc"] - dense["val_acc"],
+        "weights": total,
+        "weights_kept": kept,
+        "compression": total / kept if kept else None,
+        "parameters": params_dense,
+        "parameters_kept": params_kept,
+        "parameter_compression": params_dense / params_kept if params_kept else None,
+        "layers": layers,
+        "rounds": rounds,
+        "stopped": stopped,
+        "seconds": time.perf_counter() - started,
+    }
+    if recipe.prune.remove_dead_neurons and recipe.prune.rounds:
+        summary["neurons"] = _shrink(model, data, norm, folder, meta, log)
+    folder.write_json("summary.json", summary)
+    log(
+        f"final: {summary['compression']:.1f}x fewer weights ({kept:,} of {total:,}); "
+        f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
+        f"change {summary['accuracy_change_test']:+.2f})"
+    )
+    log(f"run folder: {folder.path}")
+    return summary
+
+
+def _run_round(
+    i: int,
+    rnd: RoundConfig,
+    model: nn.Module,
+    pruner: Pruner,
+    data: DatasetSplits,
+    norm: Normalization,
+    recipe: Recipe,
+    feeds: dict[str, str],
+    original_dropout: dict[str, float],
+    dense_weights: dict[str, int],
+    on_epoch: Callable[[EpochRecord], None],
+    log: Log,
+) -> dict[str, Any]:
+    """One round: prune the named layers, adjust dropout, retrain the named layers."""
+    start = time.perf_counter()
+    pruner.prune(round_criterion(rnd), layers=rnd.prune)
+    _, pruned_val = evaluate(model, data.val, norm, recipe.data.eval_batch_size)
+    kept = {r.layer: r.kept for r in pruner.summary()}
+    dropout = {}
+    if recipe.prune.adjust_dropout and feeds:
+        dropout = set_dropout(model, original_dropout, feeds, kept, dense_weights)
+    trainable = None
+    if not any(k in ("all", "*") for k in rnd.train):
+        modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
+        trainable = [p for m in modules.values() for p in m.parameters()]
+    cfg = _retrain_config(recipe, rnd)
+    log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}); val before retraining {pruned_val:.2f}%; "
+        f"retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
+        + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in dropout.items())}" if dropout else ""))
+    fit(model, data.train, data.val, cfg, norm, seed=recipe.seed + i, pruner=pruner, trainable=trainable,
+        phase=f"round{i}", on_epoch=on_epoch, batch_size=recipe.data.batch_size,
+        eval_batch_size=recipe.data.eval_batch_size)
+    acc = _accuracies(model, data, norm, recipe)
+    rows = pruner.summary()
+    log(format_layer_table(rows))
+    log(f"round {i}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
+    total, kept_total = sum(r.weights for r in rows), sum(r.kept for r in rows)
+    return {
+        "round": i,
+        "criterion": rnd.criterion,
+        "setting": rnd.quality if rnd.criterion == "threshold" else rnd.sparsity,
+        "pruned_layers": rnd.prune,
+        "trained_layers": rnd.train,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "val_acc_pruned": pruned_val,
+        **acc,
+        "dropout": dropout,
+        "layers": [dataclasses.asdict(r) for r in rows],
+        "weights": total,
+        "weights_kept": kept_total,
+        "compression": total / kept_total if kept_total else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _shrink(
+    model: nn.Module, data: DatasetSplits, norm: Normalization, folder: RunFolder, meta: dict, log: Log
+) -> dict[str, Any] | None:
+    """Remove dead neurons from a baked copy, check outputs are unchanged, save it."""
+    if not isinstance(model, nn.Sequential):
+        log("neurons: not removed (needs an nn.Sequential model)")
+        return None
+    x, _ = next(batches(data.val, 512, shuffle=False, mean=norm.mean, std=norm.std))
+    small, report = remove_dead_neurons(baked_copy(model), example_input=x)
+    save_checkpoint(folder.path / "final_shrunk.safetensors", small, {**meta, "phase": "final_shrunk"})
+    nonzero = sum(int((p != 0).sum()) for p in small.parameters())
+    log("neurons: dead neurons removed\n" + report.table())
+    log(f"neurons: shrunken model has {report.params_after:,} parameters ({nonzero:,} non-zero); "
+        f"largest output difference {report.max_abs_diff:.2e}")
+    return {
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_nonzero_after": nonzero,
+        "max_abs_diff": report.max_abs_diff,
+        "iterations": report.iterations,
+        "boundaries": report.boundaries,
+        "layers": report.rows(),
+    }
+
+
+def _retrain_config(recipe: Recipe, rnd: RoundConfig) -> TrainConfig:
+    p = recipe.prune
+    fraction = rnd.lr_fraction if rnd.lr_fraction is not None else p.lr_fraction
+    return dataclasses.replace(
+        recipe.train,
+        epochs=rnd.epochs,
+        lr=recipe.train.lr * fraction,
+        lr_schedule=p.lr_schedule,
+        regularization=p.regularization or recipe.train.regularization,
+        reg_strength=p.reg_strength if p.reg_strength is not None else recipe.train.reg_strength,
+    )
+
+
+def _accuracies(model: nn.Module, data: DatasetSplits, norm: Normalization, recipe: Recipe) -> dict[str, float]:
+    val_loss, val_acc = evaluate(model, data.val, norm, recipe.data.eval_batch_size)
+    test_loss, test_acc = evaluate(model, data.test, norm, recipe.data.eval_batch_size)
+    return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}

@@ -1,0 +1,183 @@
+"""The reference training loop: read it top to bottom.
+
+prunet never owns the user's loop; this one is what ``prunet train`` and
+``prunet run`` use, and a template for your own. Pruning enters in two lines:
+the pruner's masks are enforced after each optimizer step (``pruner.attach``)
+and gradients of pruned weights are masked by the pruner's hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prunet.config import TrainConfig
+from prunet.data import Split, batches, num_batches
+from prunet.pruner import Pruner
+from prunet.regularize import decayed_parameters, l1_penalty
+from prunet.schedule import lr_at
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``metrics.jsonl``."""
+
+    phase: str
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Normalization:
+    """Per-pixel normalisation applied to every batch."""
+
+    mean: float
+    std: float
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer a recipe asks for; L2 enters as weight decay on weights (not biases)."""
+    params = list(params)
+    decay = cfg.reg_strength if cfg.regularization == "l2" else 0.0
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, norm: Normalization, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy (%) of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in batches(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return loss_sum / n, 100.0 * correct / n
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    norm: Normalization,
+    *,
+    batch_size: int = 64,
+    eval_batch_size: int = 1000,
+    seed: int = 0,
+    pruner: Pruner | None = None,
+    trainable: list[nn.Parameter] | None = None,
+    phase: str = "train",
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> list[EpochRecord]:
+    """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
+
+    Args:
+        model: the network, trained in place.
+        train, val: the training split and the validation split (chooses the best epoch).
+        cfg: optimizer, learning rate and schedule, regularisation.
+        norm: input normalisation.
+        batch_size, eval_batch_size: mini-batch sizes.
+        seed: seeds batch order and dropout, so a run is repeatable.
+        pruner: when given, its masks are enforced after every step.
+        trainable: the parameters to train; the others are frozen (``requires_grad``
+            off for the duration, restored after). Default: all.
+        phase: a label for the records, e.g. ``"dense"`` or ``"round2"``.
+        on_epoch: called with each epoch's record (logging, metrics files).
+
+    Returns:
+        One record per epoch. With no epochs, nothing is trained.
+    """
+    if cfg.epochs == 0:
+        return []
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)  # batch order
+    params = list(model.parameters()) if trainable is None else list(trainable)
+    frozen = _freeze_others(model, params)
+    optimizer = make_optimizer(params, cfg, cfg.lr)
+    if pruner is not None:
+        pruner.attach(optimizer)
+    l1_params = decayed_parameters(model) if cfg.regularization == "l1" else []
+
+    best_acc, best_state, records = -1.0, None, []
+    steps = num_batches(len(train), batch_size)
+    try:
+        for epoch in range(cfg.epochs):
+            lr = lr_at(epoch, cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.lr_step_epochs, cfg.lr_gamma)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            start = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(
+                batches(train, batch_size, shuffle=True, generator=generator, mean=norm.mean, std=norm.std),
+                total=steps,
+                desc=f"{phase} epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=None,  # no bar when stderr is not a terminal (CI logs)
+            )
+            for x, y in bar:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                objective = loss + l1_penalty(l1_params, cfg.reg_strength) if l1_params else loss
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()  # the pruner's post-step hook re-applies the masks here
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+            val_loss, val_acc = evaluate(model, val, norm, eval_batch_size)
+            record = EpochRecord(
+                phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,
+                time.perf_counter() - start,
+            )
+            records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if val_acc > best_acc:
+                best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+    finally:
+        if pruner is not None:
+            pruner.detach_optimizers()
+        for p in frozen:
+            p.requires_grad_(True)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return records
+
+
+def _freeze_others(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
+    keep = {id(p) for p in trainable}
+    frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
