@@ -1,0 +1,400 @@
+"""Tests for prunet.analysis: FLOPs against the paper, Act%, kept, energy, tables, plots."""
+
+from __future__ import annotations
+
+import csv
+import functools
+from decimal import ROUND_HALF_UP, Decimal
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prunet.analysis import (
+    EnergyCosts,
+    LayerRow,
+    activation_fractions,
+    estimate_energy,
+    format_table_markdown,
+    human_count,
+    layer_table,
+    plot_weight_histogram,
+    prunable_layers,
+    table_totals,
+    write_table_csv,
+)
+from prunet.models import create_model, get_model_info
+
+# ---------------------------------------------------------------- paper values
+
+# FLOPs per layer as printed in Han et al. (2015), Tables 1-5; fc1/fc2/fc3 of
+# AlexNet are our fc6/fc7/fc8.
+PAPER_FLOPS = {
+    "lenet_300_100": {"fc1": "470K", "fc2": "60K", "fc3": "2K"},
+    "lenet_5": {"conv1": "576K", "conv2": "3200K", "fc1": "800K", "fc2": "10K"},
+    "alexnet": {
+        "conv1": "211M", "conv2": "448M", "conv3": "299M", "conv4": "224M", "conv5": "150M",
+        "fc6": "75M", "fc7": "34M", "fc8": "8M",
+    },
+    "vgg16": {
+        "conv1_1": "0.2B", "conv1_2": "3.7B", "conv2_1": "1.8B", "conv2_2": "3.7B",
+        "conv3_1": "1.8B", "conv3_2": "3.7B", "conv3_3": "3.7B",
+        "conv4_1": "1.8B", "conv4_2": "3.7B", "conv4_3": "3.7B",
+        "conv5_1": "925M", "conv5_2": "925M", "conv5_3": "925M",
+        "fc6": "206M", "fc7": "34M", "fc8": "8M",
+    },
+}  # fmt: skip
+PAPER_TOTAL_FLOPS = {"vgg16": "30.9B"}  # AlexNet: see test_alexnet_total_flops
+
+_UNIT = {"K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def matches_paper(value: int, printed: str) -> bool:
+    """Whether ``value`` prints as ``printed`` at the paper's precision.
+
+    ``"3.7B"`` means: divide by 1e9, round half up to one decimal, get 3.7.
+    The unit and the number of decimals are both taken from the printed string.
+    """
+    number, unit = printed[:-1], printed[-1]
+    decimals = Decimal(number).as_tuple().exponent  # "3.7" -> -1, "470" -> 0
+    scaled = Decimal(value) / _UNIT[unit]
+    return scaled.quantize(Decimal(1).scaleb(decimals), rounding=ROUND_HALF_UP) == Decimal(number)
+
+
+@pytest.mark.parametrize(
+    "value, printed, expected",
+    [
+        (470_400, "470K", True),
+        (470_499, "470K", True),
+        (470_500, "470K", False),  # rounds half up to 471K
+        (469_499, "470K", False),
+        (173_408_256, "0.2B", True),
+        (150_000_000, "0.2B", True),
+        (149_999_999, "0.2B", False),
+        (250_000_000, "0.2B", False),
+        (3_200_000, "3200K", True),
+        (3_201_000, "3200K", False),
+        (30_940_528_640, "30.9B", True),
+        (30_950_000_000, "30.9B", False),
+        (924_844_032, "925M", True),
+        (924_844_032, "0.9B", True),
+        (924_844_032, "1B", True),
+        (924_844_032, "924M", False),
+    ],
+)
+def test_matches_paper_can_fail(value, printed, expected):
+    assert matches_paper(value, printed) is expected
+
+
+def _example(name: str) -> torch.Tensor:
+    return torch.zeros(1, *get_model_info(name).input_shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_rows(name: str) -> tuple[LayerRow, ...]:
+    # A real batch-1 forward of the real model: FLOPs come from the same hooks a user runs.
+    torch.manual_seed(0)
+    return tuple(layer_table(create_model(name), _example(name)))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_FLOPS))
+def test_flops_match_paper(name):
+    rows = _dense_rows(name)
+    assert [r.name for r in rows] == list(PAPER_FLOPS[name])
+    paper = PAPER_FLOPS[name]
+    mismatches = {r.name: (r.flops, paper[r.name]) for r in rows if not matches_paper(r.flops, paper[r.name])}
+    assert not mismatches
+    if name in PAPER_TOTAL_FLOPS:
+        assert matches_paper(table_totals(rows)["flops"], PAPER_TOTAL_FLOPS[name])
+
+
+def test_exact_flops_by_hand():
+    rows = {r.name: r for r in _dense_rows("alexnet")}
+    assert rows["conv1"].flops == 2 * (3 * 11 * 11) * 96 * 55 * 55
+    assert rows["conv2"].flops == 2 * (48 * 5 * 5) * 256 * 27 * 27  # groups=2 halves Cin per filter
+    assert rows["fc6"].flops == 2 * 9216 * 4096
+    assert rows["conv2"].shape == (256, 48, 5, 5) and rows["conv2"].kind == "conv"
+    assert rows["fc6"].kind == "fc" and rows["fc6"].weights == 9216 * 4096
+
+
+def test_alexnet_total_flops():
+    # The paper prints 1.5B, but its own rows add up to 1449M (211+448+299+224+150+75+34+8)
+    # and the exact total is 1,448,813,632 = 1.4B at that precision; 1.5B looks like
+    # double rounding (1.449 -> 1.45 -> 1.5). We test the arithmetic, not the typo.
+    total = table_totals(_dense_rows("alexnet"))["flops"]
+    assert total == 1_448_813_632
+    assert matches_paper(total, "1449M") and matches_paper(total, "1.4B")
+    assert sum(int(v[:-1]) for v in PAPER_FLOPS["alexnet"].values()) == 1449
+
+
+def test_flops_count_each_example_once():
+    model = create_model("lenet_5")
+    one = layer_table(model, torch.zeros(1, 1, 28, 28))
+    four = layer_table(model, torch.zeros(4, 1, 28, 28))
+    assert [r.flops for r in one] == [r.flops for r in four]
+
+
+# ---------------------------------------------------------------- layers and kept
+
+
+def test_prunable_layers_finds_linear_and_conv_in_order():
+    model = nn.Sequential(
+        nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Sequential(nn.Conv3d(1, 1, 1), nn.Conv2d(1, 1, 1)), nn.Linear(2, 2)
+    )
+    assert [n for n, _ in prunable_layers(model)] == ["0", "2.0", "2.1", "3"]
+    assert [n for n, _ in prunable_layers(create_model("lenet_5"))] == ["conv1", "conv2", "fc1", "fc2"]
+
+
+def test_kept_from_masks_equals_kept_from_zeros():
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    masks = {}
+    with torch.no_grad():
+        for name, module in prunable_layers(model):
+            mask = torch.rand_like(module.weight) > 0.7
+            module.weight.mul_(mask)  # prunet's convention: pruned weights are exactly zero
+            masks[f"{name}.weight"] = mask
+    x = torch.zeros(1, 1, 28, 28)
+    with_masks = layer_table(model, x, masks=masks)
+    with_zeros = layer_table(model, x)
+    assert [(r.kept, r.kept_frac) for r in with_masks] == [(r.kept, r.kept_frac) for r in with_zeros]
+    assert [r.kept for r in with_masks] == [int(m.sum()) for m in masks.values()]
+    assert 0.25 < with_masks[0].kept_frac < 0.35
+
+
+def test_layer_missing_from_masks_is_unpruned_and_bad_shape_raises():
+    model = create_model("lenet_300_100")
+    x = torch.zeros(1, 1, 28, 28)
+    rows = layer_table(model, x, masks={"fc1.weight": torch.zeros(300, 784, dtype=torch.bool)})
+    assert [r.kept for r in rows] == [0, 300 * 100, 100 * 10]
+    with pytest.raises(ValueError, match="fc2.weight"):
+        layer_table(model, x, masks={"fc2.weight": torch.ones(3, 3)})
+
+
+# ---------------------------------------------------------------- Act% on a hand case
+
+
+class Tiny(nn.Module):
+    """2 -> 3 -> 4 -> 1 with functional ReLUs: pre-hooks must not need ReLU modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(2, 3, bias=False)
+        self.fc2 = nn.Linear(3, 4, bias=False)
+        self.fc3 = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+            self.fc2.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+            self.fc3.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+TINY_X = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
+# By hand: relu(fc1 x) = [1, 2, 0] and [0, 3, 0] -> 3 of 6 non-zero = 0.5
+#          relu(fc2 h) = [1, 2, 0, 3] and [0, 3, 0, 3] -> 5 of 8 non-zero = 0.625
+TINY_ACT = {"fc1": 0.5, "fc2": 0.625, "fc3": 1.0}
+
+
+def test_act_frac_by_hand():
+    assert activation_fractions(Tiny(), TINY_X) == TINY_ACT
+
+
+def test_act_frac_counts_elements_over_all_batches():
+    # Two batches of one, and DataLoader-style (inputs, targets) pairs, give the same fractions.
+    batches = [(TINY_X[:1], torch.tensor([0])), (TINY_X[1:], torch.tensor([1]))]
+    assert activation_fractions(Tiny(), batches) == TINY_ACT
+    assert activation_fractions(Tiny(), [TINY_X[:1], TINY_X[1:]]) == TINY_ACT
+
+
+def test_act_frac_is_measured_after_pooling():
+    # conv1 output: channel 0 is 2x2 positive -> maxpool -> one non-zero of 1; channel 1 is
+    # all zero. What conv2 sees is 1 of 2 non-zero, whereas conv1's own output is 4 of 8.
+    conv1 = nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        conv1.weight.copy_(torch.tensor([1.0, 0.0]).view(2, 1, 1, 1))
+    model = nn.Sequential(conv1, nn.MaxPool2d(2), nn.Conv2d(2, 1, 1))
+    fractions = activation_fractions(model, torch.ones(1, 1, 2, 2))
+    assert fractions == {"0": 0.5, "2": 1.0}
+
+
+def test_model_modes_restored_after_measuring():
+    model = create_model("lenet_300_100", dropout=0.5)
+    model.train()
+    model.fc2.eval()
+    layer_table(model, torch.zeros(1, 1, 28, 28), activation_data=torch.randn(2, 1, 28, 28))
+    assert model.training and model.fc1.training and not model.fc2.training
+
+
+def test_flops_kept_frac_is_weights_times_previous_act():
+    masks = {
+        "fc1.weight": torch.tensor([[1, 1], [1, 0], [0, 1]]),  # 4 of 6
+        "fc2.weight": torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]]),  # 6 of 12
+        "fc3.weight": torch.tensor([[1, 0, 0, 0]]),  # 1 of 4
+    }
+    rows = layer_table(Tiny(), TINY_X[:1], masks=masks, activation_data=TINY_X)
+    assert [r.flops for r in rows] == [2 * 2 * 3, 2 * 3 * 4, 2 * 4 * 1]
+    assert [r.kept for r in rows] == [4, 6, 1]
+    assert [r.act_frac for r in rows] == [0.5, 0.625, 1.0]
+    assert [r.flops_kept_frac for r in rows] == pytest.approx([4 / 6, 0.5 * 0.5, 0.25 * 0.625])
+    # Without activation data: Act% unknown, FLOP% counts only the pruned weights.
+    rows = layer_table(Tiny(), TINY_X[:1], masks=masks)
+    assert [r.act_frac for r in rows] == [None, None, None]
+    assert [r.flops_kept_frac for r in rows] == pytest.approx([4 / 6, 0.5, 0.25])
+
+
+def test_table_totals():
+    rows = layer_table(Tiny(), TINY_X[:1], masks={"fc1.weight": torch.tensor([[1, 1], [1, 0], [0, 0]])})
+    totals = table_totals(rows)
+    assert totals["weights"] == 6 + 12 + 4 and totals["kept"] == 3 + 12 + 4
+    assert totals["kept_frac"] == pytest.approx(19 / 22)
+    assert totals["compression"] == pytest.approx(22 / 19)
+    assert totals["flops"] == 12 + 24 + 8
+    assert totals["flops_kept"] == pytest.approx(12 * 0.5 + 24 + 8)
+    assert totals["flops_kept_frac"] == pytest.approx(38 / 44)
+
+
+# ---------------------------------------------------------------- human_count and tables
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0"),
+        (1, "1"),
+        (12.5, "13"),  # half up, never finer than units
+        (12.4, "12"),
+        (500, "500"),
+        (999, "999"),
+        (999.5, "1K"),  # the unit is chosen after rounding
+        (1000, "1K"),
+        (1499, "1.5K"),
+        (1005, "1.01K"),
+        (30_000, "30K"),
+        (235_200, "235K"),
+        (470_400, "470K"),
+        (999_499, "999K"),
+        (999_500, "1M"),
+        (3_200_000, "3.2M"),
+        (4_600_000, "4.6M"),
+        (61_000_000, "61M"),
+        (205_520_896, "206M"),
+        (924_844_032, "925M"),
+        (1_448_813_632, "1.45B"),
+        (3_699_376_128, "3.7B"),
+        (30_940_528_640, "30.9B"),
+        (138_357_544_000, "138B"),
+        (999_500_000_000, "1T"),
+        (1e12, "1T"),
+        (2.5e15, "2500T"),
+        (470_400.0, "470K"),
+    ],
+)
+def test_human_count(n, text):
+    assert human_count(n) == text
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf")])
+def test_human_count_rejects(bad):
+    with pytest.raises(ValueError):
+        human_count(bad)
+
+
+def _pruned_lenet_rows():
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    masks = {f"{n}.weight": torch.rand_like(m.weight) > 0.9 for n, m in prunable_layers(model)}
+    return layer_table(model, torch.zeros(1, 1, 28, 28), masks=masks, activation_data=torch.randn(8, 1, 28, 28))
+
+
+def test_markdown_table():
+    rows = _pruned_lenet_rows()
+    totals = table_totals(rows)
+    text = format_table_markdown(rows, totals)
+    lines = text.strip().splitlines()
+    assert lines[0] == "| Layer | Weights | FLOP | Act% | Weights% | FLOP% | Kept |"
+    assert len(lines) == 2 + len(rows) + 1
+    assert lines[2].startswith("| fc1 | 235K | 470K | ")
+    assert lines[-1].startswith("| Total | 266K | 532K | ")
+    assert f"({totals['compression']:.1f}×)" in lines[-1]
+    assert 9.0 < totals["compression"] < 11.0
+    assert format_table_markdown(rows) == text
+
+
+def test_csv_has_raw_numbers(tmp_path):
+    rows = _pruned_lenet_rows()
+    path = write_table_csv(rows, tmp_path / "sub" / "table.csv")
+    with path.open() as f:
+        read = list(csv.DictReader(f))
+    assert [r["layer"] for r in read] == ["fc1", "fc2", "fc3"]
+    assert read[0]["shape"] == "300x784" and int(read[0]["weights"]) == 235_200 and int(read[0]["flops"]) == 470_400
+    assert [int(r["kept"]) for r in read] == [r.kept for r in rows]
+    assert float(read[1]["flops_kept_frac"]) == pytest.approx(rows[1].flops_kept_frac)
+    assert float(read[2]["act_frac"]) == 1.0
+
+
+# ---------------------------------------------------------------- energy
+
+
+def _row(name, weights, kept, flops, flops_kept_frac):
+    return LayerRow(name, "fc", (weights,), weights, kept, kept / weights, flops, None, flops_kept_frac)
+
+
+# 150 weights, 35 kept; 2400 dense FLOPs, 300 after pruning.
+TINY_ROWS = [_row("a", 100, 10, 2000, 0.1), _row("b", 50, 25, 400, 0.25)]
+
+
+def test_energy_by_hand():
+    est = estimate_energy(TINY_ROWS, sram_bytes=1000)
+    d, p = est.dense, est.pruned
+    assert d.macs == 1200 and d.arithmetic_pj == pytest.approx(1200 * (0.9 + 3.7))
+    assert d.weight_words == 150 and d.weight_bytes == 600 and d.in_sram
+    assert d.memory_pj == pytest.approx(150 * 5.0)
+    assert d.total_pj == pytest.approx(5520 + 750)
+    assert p.macs == pytest.approx(150) and p.arithmetic_pj == pytest.approx(150 * 4.6)
+    assert p.weight_words == pytest.approx(35 + 35 * 4 / 32)  # 4-bit indices, 8 to a word
+    assert p.weight_bytes == pytest.approx(157.5) and p.in_sram
+    assert p.memory_pj == pytest.approx(39.375 * 5.0)
+    assert p.total_pj == pytest.approx(690 + 196.875)
+    assert est.ratio == pytest.approx(6270 / 886.875)
+
+
+def test_energy_sram_dram_switch():
+    # 600 B dense does not fit 500 B; 157.5 B pruned does: pruning moves the weights on chip.
+    est = estimate_energy(TINY_ROWS, sram_bytes=500)
+    assert not est.dense.in_sram and est.pruned.in_sram
+    assert est.dense.memory_pj == pytest.approx(150 * 640.0)
+    assert est.pruned.memory_pj == pytest.approx(39.375 * 5.0)
+    assert estimate_energy(TINY_ROWS, sram_bytes=600).dense.in_sram  # exactly full still fits
+    tiny_sram = estimate_energy(TINY_ROWS, sram_bytes=100)
+    assert not tiny_sram.pruned.in_sram and tiny_sram.pruned.memory_pj == pytest.approx(39.375 * 640.0)
+
+
+def test_energy_options_and_description():
+    no_index = estimate_energy(TINY_ROWS, sram_bytes=1000, index_bits=0)
+    assert no_index.pruned.weight_words == 35
+    costs = EnergyCosts(add_pj=1.0, mult_pj=2.0, sram_read_pj=3.0, dram_read_pj=4.0)
+    est = estimate_energy(TINY_ROWS, sram_bytes=0, costs=costs, index_bits=8)
+    assert est.dense.total_pj == pytest.approx(1200 * 3.0 + 150 * 4.0)
+    assert est.pruned.total_pj == pytest.approx(150 * 3.0 + (35 + 35 * 8 / 32) * 4.0)
+    text = est.describe()
+    for needle in ("Horowitz", "DRAM read 4 pJ", "8-bit", "DRAM", f"{est.ratio:.1f}x"):
+        assert needle in text
+    with pytest.raises(ValueError, match="index_bits"):
+        estimate_energy(TINY_ROWS, index_bits=-1)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_weight_histogram_png(tmp_path):
+    torch.manual_seed(0)
+    before = torch.randn(50, 40) * 0.05
+    after = before * (before.abs() > 0.05)
+    path = plot_weight_histogram(before, after, tmp_path / "figs" / "fc1.png", "fc1")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    empty = plot_weight_histogram(before, torch.zeros(50, 40), tmp_path / "empty.png", "fc1")
+    assert empty.stat().st_size > 1000
