@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prunet.masks import MASK_SUFFIX
 from prunet.models import create_model
 from prunet.pruner import Pruner, masked_state_keys
 
@@ -44,6 +45,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Masks are 0/1 in the weight's dtype in memory (fast to multiply); store them as bool.
+    state = {k: v.bool() if k.endswith(MASK_SUFFIX) else v for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -1,16 +1,18 @@
 """The one mask representation, and the one place it is enforced.
 
 A pruned parameter keeps its identity (no re-parametrisation, so optimizers
-that already hold it keep working). Next to it lives a boolean buffer
-``<param>_mask`` on the same module, so masks are part of ``state_dict`` under
+that already hold it keep working). Next to it lives a 0/1 buffer
+``<param>_mask`` on the same module, in the parameter's dtype (multiplying by a
+boolean tensor costs several times more: it is converted on every use), so masks are part of ``state_dict`` under
 stable names (``fc1.weight_mask``), move with ``model.to(device)`` and are
 broadcast like any buffer under DDP.
 
 Three mechanisms keep pruned entries exactly zero:
 
 * the weight is multiplied by its mask whenever the mask changes;
-* a gradient hook multiplies each incoming gradient by the mask, so masked
-  entries get exactly zero gradient (also under gradient accumulation), and
+* a hook that runs when a gradient is accumulated into ``.grad`` multiplies it
+  by the mask, so masked entries get exactly zero gradient (also under
+  gradient accumulation), and
   momentum / Adam moments that start at zero stay at zero;
 * after each optimizer step (a step post-hook, or :func:`enforce` by hand) the
   weight is multiplied by the mask again, which catches anything that moves a
@@ -37,7 +39,7 @@ def mask_buffer_name(param_name: str) -> str:
 
 
 def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
-    """The boolean mask of ``module.<param_name>``, or None when it has none."""
+    """The 0/1 mask of ``module.<param_name>`` (the parameter's dtype), or None when it has none."""
     return getattr(module, mask_buffer_name(param_name), None)
 
 
@@ -60,18 +62,21 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
     name = mask_buffer_name(param_name)
     if mask is None:
         existing = getattr(module, name, None)
-        mask = existing if existing is not None else torch.ones_like(param, dtype=torch.bool)
+        mask = existing if existing is not None else torch.ones_like(param)
     _check_shape(param, mask, param_name)
+    mask = mask.detach().to(device=param.device, dtype=param.dtype).clone()
     if name in module._buffers:
-        module._buffers[name] = mask.to(device=param.device, dtype=torch.bool).clone()
+        module._buffers[name] = mask
     else:
-        module.register_buffer(name, mask.to(device=param.device, dtype=torch.bool).clone())
+        module.register_buffer(name, mask)
 
-    def mask_grad(grad: torch.Tensor) -> torch.Tensor:
-        # Read the buffer at call time: load_state_dict and set_mask replace its values.
-        return grad * module._buffers[name]
+    def mask_grad(p: torch.Tensor) -> None:
+        # Runs once the gradient is accumulated into p.grad, so masking in place is
+        # allowed and allocates nothing. The buffer is read at call time:
+        # load_state_dict and set_mask replace its values.
+        p.grad.mul_(module._buffers[name])
 
-    handle = param.register_hook(mask_grad)
+    handle = param.register_post_accumulate_grad_hook(mask_grad)
     apply_mask(module, param_name)
     return handle
 
@@ -91,7 +96,7 @@ def set_mask(
         raise KeyError(f"{type(module).__name__}.{param_name} has no mask; attach one first")
     param = getattr(module, param_name)
     _check_shape(param, mask, param_name)
-    buf.copy_(mask.to(dtype=torch.bool))
+    buf.copy_(mask.to(dtype=torch.bool))  # through bool: any non-zero means kept
     apply_mask(module, param_name)
     if optimizer is not None:
         mask_optimizer_state(optimizer, param, buf)

@@ -59,6 +59,7 @@ class Target:
 
     @property
     def mask(self) -> torch.Tensor:
+        """The live 0/1 mask buffer (the weight's dtype)."""
         return M.get_mask(self.module, self.attr)
 
 @dataclass
@@ -207,7 +208,7 @@ class Pruner:
         for t in selected:
             if t.param in new:
                 # AND with the current mask: a criterion can only remove connections.
-                M.set_mask(t.module, t.attr, new[t.param] & t.mask, optimizer)
+                M.set_mask(t.module, t.attr, new[t.param] & t.mask.bool(), optimizer)
         return {s.layer: s for s in self.summary()}
 
     def select(self, layers: Iterable[str] | None) -> list[Target]:
@@ -245,7 +246,7 @@ class Pruner:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """param name -> live boolean mask."""
+        """param name -> live 0/1 mask (the weight's dtype; 1 kept, 0 pruned)."""
         return {t.param: t.mask for t in self.targets}
 
     def summary(self) -> list[LayerSummary]:
