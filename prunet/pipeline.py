@@ -101,10 +101,12 @@ def run(
     started = time.perf_counter()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name)
-    folder.write_yaml("config.yaml", recipe.to_dict())
+    # Inputs first: bad data or a bad checkpoint fails before an earlier run's folder is touched.
     data = load_data(recipe)
     norm = Normalization(data.mean, data.std)
+    loaded = load_model(from_checkpoint) if from_checkpoint else None
+    folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name)
+    folder.write_yaml("config.yaml", recipe.to_dict())
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
     meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name}
 
@@ -117,8 +119,8 @@ def run(
 
     # 1. Dense training (or a given checkpoint).
     pruner: Pruner | None = None
-    if from_checkpoint:
-        model, pruner, ckpt_meta = load_model(from_checkpoint)
+    if loaded is not None:
+        model, pruner, ckpt_meta = loaded
         if ckpt_meta.get("model") != recipe.model.name:
             log(f"note: checkpoint holds {ckpt_meta.get('model')}, recipe names {recipe.model.name}")
         meta.update(model=ckpt_meta["model"], model_kwargs=ckpt_meta.get("model_kwargs", {}))
