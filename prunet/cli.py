@@ -55,6 +55,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from prunet.analysis.sensitivity import (
+        format_sensitivity_table, plot_sensitivity, propose_qualities, sensitivity, write_sensitivity_csv,
+    )
+    from prunet.checkpoint import load_model
+    from prunet.config import load_recipe, parse_override
+    from prunet.pipeline import load_data, run
+    from prunet.train import Normalization
+
+    target = Path(args.target)
+    overrides = dict(parse_override(s) for s in args.set or [])
+    if target.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(target, overrides)
+        out = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
+        checkpoint = out / "dense.safetensors"
+        if not checkpoint.is_file():
+            print(f"no {checkpoint}: training the dense model first")
+            run(dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[])), run_dir=out)
+    else:
+        checkpoint = target
+        if not checkpoint.is_file():
+            raise UsageError(f"{target} is neither a recipe (.yaml) nor an existing checkpoint")
+        out = Path(args.run_dir) if args.run_dir else checkpoint.parent
+        source = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
+        if not source.is_file():
+            raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
+        recipe = load_recipe(source, overrides)
+    try:
+        values = [float(v) for v in args.values.split(",")] if args.values else None
+    except ValueError:
+        raise UsageError(f"--values takes numbers separated by commas, got {args.values!r}") from None
+    model, _, _ = load_model(checkpoint)
+    data = load_data(recipe)
+    try:
+        rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
+                           criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
+                           batch_size=recipe.data.eval_batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    csv_path = write_sensitivity_csv(rows, out / "sensitivity.csv")
+    png_path = plot_sensitivity(rows, out / "sensitivity.png")
+    print(f"{checkpoint}: validation accuracy (fraction of the layer pruned), each layer pruned alone")
+    print(format_sensitivity_table(rows))
+    proposal = ", ".join(f"{k}: {v:g}" for k, v in propose_qualities(rows, args.max_drop).items()) or "none"
+    print(f"largest {args.criterion} setting per layer within {args.max_drop:g} points: {proposal}")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prunet.analysis.report import write_report
+
+    sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
+    md, html = write_report(args.run_dir, sram_bytes=sram, histogram_layer=args.layer)
+    print(f"wrote {md}\nwrote {html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prunet",
@@ -82,10 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sensitivity", help="prune each layer alone over a range of thresholds, no retraining (Fig. 6)")
+    p.add_argument("target", metavar="RECIPE|CHECKPOINT",
+                   help="a recipe (uses its run folder's dense.safetensors, trained first if missing) or a checkpoint")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set data.val_size=2000 (repeatable)")
+    p.add_argument("--run-dir", help="where sensitivity.csv/.png go (default: the recipe's run folder, "
+                                     "or the checkpoint's folder)")
+    p.add_argument("--recipe", help="with a CHECKPOINT: the recipe whose data to use (default: config.yaml beside it)")
+    p.add_argument("--criterion", choices=["threshold", "sparsity"], default="threshold",
+                   help="sweep the quality parameter (the paper) or per-layer sparsity")
+    p.add_argument("--values", metavar="V,V,...",
+                   help="settings to sweep (default: quality 0,0.25,...,2 or sparsity 0,0.1,...,0.9,0.95)")
+    p.add_argument("--layers", metavar="L,L,...", help="layers, groups (fc, conv) or globs (default: all)")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'prunet run'")
+    p.add_argument("--layer", help="layer whose weights are histogrammed (default: the largest)")
+    p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from prunet.analysis.report import ReportError
     from prunet.checkpoint import CheckpointError
     from prunet.config import ConfigError
     from prunet.data import DataError
@@ -97,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, UsageError) as e:
+    except (ConfigError, DataError, CheckpointError, ReportError, UsageError) as e:
         print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

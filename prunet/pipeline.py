@@ -197,6 +197,11 @@ def run(
     if recipe.prune.remove_dead_neurons and recipe.prune.rounds:
         summary["neurons"] = _shrink(model, data, norm, folder, meta, log)
     folder.write_json("summary.json", summary)
+    if recipe.prune.rounds:
+        from prunet.analysis.report import write_report  # report.py imports this module
+
+        _, html = write_report(folder.path, data=data, progress=False)
+        log(f"report: {html}")
     log(
         f"final: {summary['compression']:.1f}x fewer weights ({kept:,} of {total:,}); "
         f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
