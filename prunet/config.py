@@ -8,6 +8,8 @@ the dataclass does not know is an error, so a typo never passes silently.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,17 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 CRITERIA = ("threshold", "sparsity", "global")
 DATASETS = ("fashion-mnist", "mnist")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; here it is a number, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class ConfigError(ValueError):
@@ -69,7 +82,8 @@ class DataConfig:
 
     def validate(self, where: str) -> None:
         _choice(where + ".dataset", self.dataset, DATASETS)
-        _range(where + ".val_size", self.val_size, 0, None)
+        # Every choice (best epoch, stopping) is made on the validation split: it can't be empty.
+        _range(where + ".val_size", self.val_size, 1, None)
         if self.train_subset is not None:
             _range(where + ".train_subset", self.train_subset, 1, None)
         _range(where + ".batch_size", self.batch_size, 1, None)
@@ -224,7 +238,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -246,7 +260,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set takes FIELD=VALUE (e.g. train.epochs=3), got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), yaml.load(value, Loader=_Loader)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -301,7 +315,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {_typename(value)}")
         return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{where}: expected a number, got {_typename(value)} {value!r}")
         return float(value)
     if tp is int:

@@ -123,7 +123,7 @@ def compression_to_keep_fraction(compression: float, prunable: int, unprunable: 
     Raises:
         ValueError: when the unprunable parameters alone exceed the budget.
     """
-    if compression < 1:
+    if not compression >= 1:  # also catches NaN
         raise ValueError(f"compression must be >= 1, got {compression}")
     if prunable <= 0:
         raise ValueError("there are no prunable weights")

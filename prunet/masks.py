@@ -74,7 +74,9 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
         # Runs once the gradient is accumulated into p.grad, so masking in place is
         # allowed and allocates nothing. The buffer is read at call time:
         # load_state_dict and set_mask replace its values.
-        p.grad.mul_(module._buffers[name])
+        mask = module._buffers.get(name)
+        if mask is not None:  # None once baked: a second Pruner's stale hook does nothing
+            p.grad.mul_(mask)
 
     handle = param.register_post_accumulate_grad_hook(mask_grad)
     apply_mask(module, param_name)

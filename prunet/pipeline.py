@@ -24,12 +24,12 @@ import torch.nn as nn
 import yaml
 
 from prunet.checkpoint import load_model, save_checkpoint
-from prunet.config import Recipe, RoundConfig, TrainConfig
+from prunet.config import ConfigError, Recipe, RoundConfig, TrainConfig
 from prunet.data import DatasetSplits, Split, batches, load_dataset
 from prunet.masks import baked_copy
 from prunet.models import create_model
 from prunet.neurons import remove_dead_neurons
-from prunet.pruner import LayerSummary, Pruner
+from prunet.pruner import DEFAULT_TYPES, LayerSummary, Pruner, find_targets, matches
 from prunet.regularize import dropout_feeds, set_dropout
 from prunet.schedule import round_criterion
 from prunet.train import EpochRecord, Normalization, evaluate, fit
@@ -101,14 +101,22 @@ def run(
     started = time.perf_counter()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    # Inputs first: bad data or a bad checkpoint fails before an earlier run's folder is touched.
+    # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
+    # earlier run's folder is touched.
     data = load_data(recipe)
     norm = Normalization(data.mean, data.std)
-    loaded = load_model(from_checkpoint) if from_checkpoint else None
+    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name}
+    pruner: Pruner | None = None
+    if from_checkpoint:
+        model, pruner, ckpt_meta = load_model(from_checkpoint)
+        meta.update(model=ckpt_meta["model"], model_kwargs=ckpt_meta.get("model_kwargs", {}))
+    else:
+        torch.manual_seed(recipe.seed)
+        model = create_model(recipe.model.name, **recipe.model.kwargs())
+    check_rounds(recipe, model)
     folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name)
     folder.write_yaml("config.yaml", recipe.to_dict())
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
-    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name}
 
     def on_epoch(rec: EpochRecord) -> None:
         folder.log_metrics("epoch", **rec.to_dict())
@@ -118,16 +126,11 @@ def run(
         )
 
     # 1. Dense training (or a given checkpoint).
-    pruner: Pruner | None = None
-    if loaded is not None:
-        model, pruner, ckpt_meta = loaded
-        if ckpt_meta.get("model") != recipe.model.name:
-            log(f"note: checkpoint holds {ckpt_meta.get('model')}, recipe names {recipe.model.name}")
-        meta.update(model=ckpt_meta["model"], model_kwargs=ckpt_meta.get("model_kwargs", {}))
+    if from_checkpoint:
+        if meta["model"] != recipe.model.name:
+            log(f"note: checkpoint holds {meta['model']}, recipe names {recipe.model.name}")
         log(f"dense: loaded {from_checkpoint}")
     else:
-        torch.manual_seed(recipe.seed)
-        model = create_model(recipe.model.name, **recipe.model.kwargs())
         log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
         fit(model, data.train, data.val, recipe.train, norm, seed=recipe.seed, phase="dense", on_epoch=on_epoch,
             batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
@@ -209,6 +212,23 @@ def run(
     )
     log(f"run folder: {folder.path}")
     return summary
+
+
+def check_rounds(recipe: Recipe, model: nn.Module) -> None:
+    """Every layer name, group or glob in the rounds must name a prunable layer of ``model``."""
+    targets = find_targets(model, None, None, DEFAULT_TYPES)
+    layers = ", ".join(t.layer for t in targets)
+    for i, rnd in enumerate(recipe.prune.rounds):
+        setting = rnd.quality if rnd.criterion == "threshold" else rnd.sparsity
+        fields = {"quality" if rnd.criterion == "threshold" else "sparsity": list(setting) if isinstance(setting, dict) else [],
+                  "prune": rnd.prune, "train": rnd.train}
+        for field, keys in fields.items():
+            for key in keys:
+                if not any(matches(t, key) for t in targets):
+                    raise ConfigError(
+                        f"prune.rounds[{i}].{field}: {key!r} names no layer of {recipe.model.name}; "
+                        f"layers: {layers} (groups: fc, conv, all)"
+                    )
 
 
 def _run_round(

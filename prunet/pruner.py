@@ -109,6 +109,11 @@ class Criterion:
         """param name -> new boolean mask for the targets this criterion prunes."""
         raise NotImplementedError
 
+    def keys(self) -> list[str]:
+        """The layer names, groups or globs a per-layer setting names (empty for a scalar)."""
+        setting = getattr(self, "quality", getattr(self, "sparsity", None))
+        return list(setting) if isinstance(setting, Mapping) else []
+
 @dataclass
 class Threshold(Criterion):
     """Han et al.: prune weights below ``quality × std`` of the layer's surviving weights.
@@ -178,7 +183,7 @@ class Pruner:
         types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
     ):
         self.model = model
-        self.targets: list[Target] = _find_targets(model, include, exclude, types)
+        self.targets: list[Target] = find_targets(model, include, exclude, types)
         if not self.targets:
             raise ValueError("no prunable parameters found (check include/exclude patterns)")
         self._handles = {t.param: M.attach_mask(t.module, t.attr) for t in self.targets}
@@ -203,6 +208,10 @@ class Pruner:
         Returns:
             The summary after pruning, by layer name.
         """
+        unknown = [k for k in criterion.keys() if not any(matches(t, k) for t in self.targets)]
+        if unknown:
+            names = ", ".join(t.layer for t in self.targets)
+            raise ValueError(f"{unknown} names no prunable layer; layers are: {names} (groups: fc, conv, all)")
         selected = self.select(layers)
         new = criterion.masks(selected)
         for t in selected:
@@ -252,7 +261,7 @@ class Pruner:
     def summary(self) -> list[LayerSummary]:
         """One row per pruned layer: shape, weights, kept."""
         return [
-            LayerSummary(t.layer, t.kind, tuple(t.weight.shape), t.weight.numel(), int(t.mask.sum()))
+            LayerSummary(t.layer, t.kind, tuple(t.weight.shape), t.weight.numel(), int(t.mask.count_nonzero()))
             for t in self.targets
         ]
 
@@ -273,7 +282,7 @@ class Pruner:
         self.targets = []
         return self.model
 
-def _find_targets(
+def find_targets(
     model: nn.Module,
     include: Iterable[str] | None,
     exclude: Iterable[str] | None,

@@ -65,9 +65,10 @@ def dropout_feeds(model: nn.Module, prunable: Iterable[str]) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             pending.append(name)
-        elif name in prunable:
-            for d in pending:
-                out[d] = name
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or name in prunable:
+            # The dropout feeds this layer, pruned or not; map it only when it is pruned.
+            if name in prunable:
+                out.update({d: name for d in pending})
             pending = []
     return out
 

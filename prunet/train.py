@@ -163,6 +163,8 @@ def fit(
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+            if len(val) == 0:
+                continue  # nothing to choose by: keep the last epoch
             if val_acc > best_acc:
                 best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
     finally:

@@ -44,3 +44,46 @@ __all__ = [
     "table_totals",
     "write_table_csv",
 ]
+
+# Figure 5: accuracy loss vs. parameters pruned (L1/L2, with/without retraining, iterative).
+from prunet.analysis.tradeoff import (  # noqa: E402
+    TradeoffRow,
+    format_tradeoff_table,
+    plot_tradeoff,
+    read_tradeoff_csv,
+    tradeoff_study,
+    write_tradeoff_csv,
+)
+
+__all__ += [
+    "TradeoffRow",
+    "format_tradeoff_table",
+    "plot_tradeoff",
+    "read_tradeoff_csv",
+    "tradeoff_study",
+    "write_tradeoff_csv",
+]
+
+# Figure 6: each layer pruned alone, no retraining; and the report of a run folder. The sweep
+# itself is not re-exported: a function named `sensitivity` here would hide the submodule of that
+# name (`import prunet.analysis.sensitivity as s` would give the function); call it from there.
+from prunet.analysis.sensitivity import (  # noqa: E402
+    SensitivityRow,
+    format_sensitivity_table,
+    plot_sensitivity,
+    propose_qualities,
+    read_sensitivity_csv,
+    write_sensitivity_csv,
+)
+from prunet.analysis.report import ReportError, write_report  # noqa: E402
+
+__all__ += [
+    "ReportError",
+    "SensitivityRow",
+    "format_sensitivity_table",
+    "plot_sensitivity",
+    "propose_qualities",
+    "read_sensitivity_csv",
+    "write_report",
+    "write_sensitivity_csv",
+]

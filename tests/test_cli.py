@@ -1,0 +1,146 @@
+"""The command line: help, models, and one-line errors with exit code 2 (never a traceback).
+
+A few tests run ``python -m prunet`` as a user would; the rest call ``main`` in-process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunet.cli import main
+from prunet.models import list_models
+
+from conftest import TINY_RECIPE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prunet(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRUNET_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "prunet", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_one_line_error(stderr: str, *words: str) -> None:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("prunet: error: ")
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+# --- as a user runs it ------------------------------------------------------------------------
+
+
+def test_help():
+    result = prunet("--help")
+    assert result.returncode == 0
+    for command in ("models", "train", "run"):
+        assert command in result.stdout
+    assert "Han et al." in result.stdout
+
+
+
+
+def test_bad_recipe_exits_2_with_one_line(tmp_path):
+    data = copy.deepcopy(TINY_RECIPE)
+    data["train"]["lr"] = -0.1
+    result = prunet("run", str(write_recipe(tmp_path, data)), "--run-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "train.lr", "out of range")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_dir_exits_2_with_one_line(tmp_path):
+    path = write_recipe(tmp_path, TINY_RECIPE)
+    result = prunet("train", str(path), "--set", "data.data_dir=/nonexistent", "--run-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "/nonexistent", "lacks")
+    assert not (tmp_path / "out").exists()
+
+
+# --- in-process -------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("prunet 0.")
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [r.split()[0] for r in rows] == list_models() == ["alexnet", "lenet_300_100", "lenet_5", "vgg16"]
+
+
+def test_models_count_builds_them(capsys, monkeypatch):
+    import prunet.models
+
+    monkeypatch.setattr(prunet.models, "list_models", lambda: ["lenet_5"])  # the big ones take seconds
+    assert main(["models", "--count"]) == 0
+    assert "431,080" in capsys.readouterr().out
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage: prunet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "{recipe}", "--set", "train.epochs"], ["--set takes FIELD=VALUE"]),
+        (["run", "{recipe}", "--set", "train.epochz=2"], ["train.epochz: unknown field"]),
+        (["run", "{recipe}", "--set", "model.name=resnet"], ["model.name", "resnet"]),
+        (["run", "{recipe}", "--set", "prune.rounds=[]"], ["has no prune.rounds", "prunet train"]),
+        (["run", "{recipe}", "--from", "{tmp}/nope.safetensors"], ["--from", "nope.safetensors", "does not exist"]),
+        (["train", "{tmp}/missing.yaml"], ["cannot read recipe", "missing.yaml"]),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, capsys, args, words):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    argv = [a.format(recipe=recipe, tmp=tmp_path) for a in args]
+    assert main(argv + ["--run-dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_from_checkpoint_exits_2(tmp_path, capsys, fast_data):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["run", str(write_recipe(tmp_path, TINY_RECIPE)), "--from", str(bad)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(bad), "corrupt")
+
+
+def test_train_then_run_from_its_checkpoint(tmp_path, capsys, fast_data):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    dense_dir, pruned_dir = tmp_path / "dense", tmp_path / "pruned"
+    assert main(["train", str(recipe), "--set", "train.epochs=1", "--run-dir", str(dense_dir)]) == 0
+    summary = json.loads((dense_dir / "summary.json").read_text())
+    assert summary["rounds"] == [] and summary["weights_kept"] == summary["weights"]
+    assert not list(dense_dir.glob("round*.safetensors"))
+
+    assert main(["run", str(recipe), "--from", str(dense_dir / "dense.safetensors"),
+                 "--set", "prune.rounds=[{criterion: sparsity, sparsity: 0.5, epochs: 1}]",
+                 "--run-dir", str(pruned_dir)]) == 0
+    summary = json.loads((pruned_dir / "summary.json").read_text())
+    assert summary["dense"]["test_acc"] == json.loads((dense_dir / "summary.json").read_text())["dense"]["test_acc"]
+    assert summary["weights_kept"] == 266_200 // 2
+    assert "run folder: " + str(pruned_dir) in capsys.readouterr().out

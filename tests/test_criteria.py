@@ -1,0 +1,260 @@
+"""Pruning criteria on hand-made tensors: thresholds computed by hand, ties, counts, conversions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from prunet.criteria import (
+    compression_to_keep_fraction,
+    global_sparsity_masks,
+    keep_count,
+    sparsity_mask,
+    threshold_mask,
+)
+
+
+def t(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def b(*values) -> torch.Tensor:
+    return torch.tensor([bool(v) for v in values])
+
+
+# --- threshold_mask: keep |w| >= quality * std(survivors) -------------------------------------
+
+
+@pytest.mark.parametrize("quality", [0.25, 0.5, 0.8, 1.0, 1.5])
+def test_threshold_by_hand(quality):
+    values = [0.1, -2.0, 0.5, 3.0, -0.7, 1.2, 0.0, -0.05]
+    std = statistics.pstdev(values)  # population std, over all (all survive)
+    expected = [abs(v) >= quality * std for v in values]
+    assert threshold_mask(t(*values), None, quality).tolist() == expected
+
+
+def test_threshold_docstring_example():
+    # std = 1.776, threshold 0.888 at quality 0.5
+    assert threshold_mask(t(0.1, -2.0, 0.5, 3.0), None, 0.5).tolist() == [False, True, False, True]
+
+
+def test_threshold_uses_population_std():
+    # Population std is exactly 1 (sample std would be 1.069 and prune the 2s too).
+    w = t(2, -2, 0, 0, 0, 0, 0, 0)
+    assert threshold_mask(w, None, 2.0).tolist() == [True, True] + [False] * 6
+
+
+def test_weight_exactly_at_threshold_is_kept():
+    w = t(2, -2, 0, 0, 0, 0, 0, 0)  # std 1, threshold 2: the 2s sit exactly on it
+    assert threshold_mask(w, None, 2.0)[:2].tolist() == [True, True]
+    w = t(1, -1, 1, -1)  # std 1: every weight is on the threshold
+    assert threshold_mask(w, None, 1.0).all()
+
+
+def test_quality_zero_prunes_nothing():
+    w = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    w[::7] = 0.0  # zero-valued survivors stay survivors too
+    assert threshold_mask(w, None, 0.0).all()
+    prev = torch.arange(50) % 3 != 0
+    assert torch.equal(threshold_mask(w, prev, 0.0), prev)
+
+
+def test_huge_quality_prunes_the_whole_layer_then_leaves_it():
+    """Documented behaviour: nothing stops a threshold from emptying a layer."""
+    w = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    emptied = threshold_mask(w, None, 1e6)
+    assert not emptied.any()
+    assert not threshold_mask(w, emptied, 0.5).any()  # an empty layer stays empty
+
+
+def test_layer_with_fewer_than_two_survivors_is_left_alone():
+    w = t(5.0, 0.1, 0.2)
+    one = b(1, 0, 0)
+    assert threshold_mask(w, one, 100.0).tolist() == [True, False, False]
+
+
+def test_layer_left_whole_when_all_weights_are_large():
+    w = t(1, -1, 1, -1, 1.1, -0.9)
+    assert threshold_mask(w, None, 0.5).all()
+
+
+def test_std_over_survivors_only_and_result_within_prev():
+    w = t(10.0, 0.1, 1.0, -1.0, 1.0, -1.0)
+    prev = b(0, 1, 1, 1, 1, 1)  # the 10 is already pruned
+    survivors = [0.1, 1.0, -1.0, 1.0, -1.0]
+    std = statistics.pstdev(survivors)  # 0.82; over all six it would be 3.9 and prune the 1s
+    expected = [False] + [abs(v) >= std for v in survivors]
+    mask = threshold_mask(w, prev, 1.0)
+    assert mask.tolist() == expected == [False, False, True, True, True, True]
+    assert not (mask & ~prev).any()
+
+
+def test_threshold_never_revives_a_pruned_weight():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 8, generator=g)
+    prev = torch.rand(8, 8, generator=g) > 0.5
+    w[~prev] = 100.0  # large weights behind a zero mask stay pruned
+    mask = threshold_mask(w, prev, 0.3)
+    assert mask.shape == w.shape and mask.dtype == torch.bool
+    assert not (mask & ~prev).any()
+
+
+def test_threshold_accepts_a_float_prev_mask():
+    w = t(10.0, 0.1, 1.0, -1.0, 1.0, -1.0)
+    assert torch.equal(threshold_mask(w, t(0, 1, 1, 1, 1, 1), 1.0), threshold_mask(w, b(0, 1, 1, 1, 1, 1), 1.0))
+
+
+@pytest.mark.parametrize("quality", [-0.1, math.nan, math.inf])
+def test_threshold_bad_quality(quality):
+    with pytest.raises(ValueError, match="quality"):
+        threshold_mask(t(1, 2, 3), None, quality)
+
+
+def test_prev_mask_shape_mismatch():
+    with pytest.raises(ValueError, match="shape"):
+        threshold_mask(torch.ones(2, 3), torch.ones(3, 2, dtype=torch.bool), 1.0)
+
+
+# --- sparsity_mask ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity, kept", [(0.0, 10), (0.3, 7), (0.5, 5), (0.9, 1), (1.0, 0)])
+def test_sparsity_exact_counts_keep_the_largest(sparsity, kept):
+    w = t(-1, 2, -3, 4, -5, 6, -7, 8, -9, 10)
+    mask = sparsity_mask(w, None, sparsity)
+    assert int(mask.sum()) == kept
+    assert mask.tolist() == [i >= 10 - kept for i in range(10)]
+
+
+def test_sparsity_ties_broken_by_position():
+    assert sparsity_mask(torch.ones(6), None, 0.5).tolist() == [True, True, True, False, False, False]
+    w = t(1, 2, 1, 2, 1, 2)
+    assert sparsity_mask(w, None, 1 / 3).tolist() == [True, True, False, True, False, True]
+    assert torch.equal(sparsity_mask(w, None, 1 / 3), sparsity_mask(w.clone(), None, 1 / 3))
+
+
+def test_sparsity_counts_already_pruned_weights():
+    w = t(1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+    prev = b(1, 1, 1, 1, 1, 1, 1, 1, 0, 0)  # the two largest are gone
+    mask = sparsity_mask(w, prev, 0.5)
+    assert mask.tolist() == [False, False, False, True, True, True, True, True, False, False]
+
+
+def test_sparsity_layer_already_sparser_is_untouched():
+    w = t(1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+    prev = b(1, 0, 0, 0, 0, 0, 0, 0, 0, 1)  # 80% pruned already
+    assert torch.equal(sparsity_mask(w, prev, 0.5), prev)
+
+
+def test_sparsity_keeps_shape():
+    w = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    mask = sparsity_mask(w, None, 0.75)
+    assert mask.shape == w.shape and int(mask.sum()) == 12
+    assert w.abs()[mask].min() >= w.abs()[~mask].max()
+
+
+# --- global_sparsity_masks --------------------------------------------------------------------
+
+
+def test_global_cut_across_layers_of_different_scales():
+    small = torch.linspace(0.01, 0.1, 10)
+    large = torch.linspace(1.0, 10.0, 10).view(2, 5)
+    masks = global_sparsity_masks({"small": small, "large": large}, {}, 0.5)
+    assert not masks["small"].any()
+    assert masks["large"].all() and masks["large"].shape == (2, 5)
+
+
+def test_global_cut_counts_and_respects_prev():
+    a = t(1, 2, 3, 4)
+    c = t(5, 6, 7, 8)
+    prev = {"a": b(1, 1, 1, 1), "c": b(1, 1, 1, 0)}  # 8 already pruned
+    masks = global_sparsity_masks({"a": a, "c": c}, prev, 0.5)
+    assert masks["a"].tolist() == [False, False, False, True]
+    assert masks["c"].tolist() == [True, True, True, False]
+
+
+def test_global_cut_prev_none_and_missing_mean_all():
+    a, c = t(1, 2), t(3, 4)
+    masks = global_sparsity_masks({"a": a, "c": c}, {"a": None}, 0.5)
+    assert masks["a"].tolist() == [False, False] and masks["c"].tolist() == [True, True]
+
+
+# --- keep_count -------------------------------------------------------------------------------
+
+
+def test_keep_count_exhaustive_small():
+    grid = [i / 20 for i in range(21)]
+    for n in range(0, 25):
+        previous = n
+        for s in grid:
+            k = keep_count(n, s)
+            assert 0 <= k <= n
+            assert abs((n - k) - s * n) <= 0.5  # rounded to nearest
+            assert k <= previous  # more sparsity never keeps more
+            previous = k
+        assert keep_count(n, 0.0) == n and keep_count(n, 1.0) == 0
+
+
+@pytest.mark.parametrize("n, sparsity, kept", [(10, 0.25, 8), (10, 0.3, 7), (3, 0.5, 1), (1, 0.4, 1), (1, 0.6, 0)])
+def test_keep_count_values(n, sparsity, kept):
+    assert keep_count(n, sparsity) == kept
+
+
+@pytest.mark.parametrize("sparsity", [-0.01, 1.01, math.nan])
+def test_keep_count_rejects_bad_sparsity(sparsity):
+    with pytest.raises(ValueError, match="sparsity"):
+        keep_count(10, sparsity)
+
+
+# --- compression_to_keep_fraction -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "compression, prunable, unprunable, fraction",
+    [
+        (1, 100, 0, 1.0),
+        (2, 100, 0, 0.5),
+        (10, 100, 0, 0.1),
+        (2, 90, 10, (50 - 10) / 90),
+        (4, 100, 20, (30 - 20) / 100),
+        (6, 100, 20, 0.0),  # the unprunable 20 are exactly the budget
+        (1.5, 1, 0, 1 / 1.5),
+    ],
+)
+def test_compression_to_keep_fraction(compression, prunable, unprunable, fraction):
+    got = compression_to_keep_fraction(compression, prunable, unprunable)
+    assert got == pytest.approx(fraction)
+    kept = got * prunable + unprunable
+    assert (prunable + unprunable) / kept == pytest.approx(compression)
+
+
+def test_compression_exhaustive_round_trip():
+    for prunable in (1, 7, 100):
+        for unprunable in (0, 1, 5):
+            reachable = (prunable + unprunable) / unprunable if unprunable else math.inf
+            for compression in (1, 1.1, 2, 3, 7.5, 50):
+                if compression > reachable:
+                    with pytest.raises(ValueError, match="out of reach"):
+                        compression_to_keep_fraction(compression, prunable, unprunable)
+                    continue
+                f = compression_to_keep_fraction(compression, prunable, unprunable)
+                assert 0.0 <= f <= 1.0
+                total = prunable + unprunable
+                assert total / (f * prunable + unprunable) == pytest.approx(compression)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((0.5, 100, 0), "compression must be >= 1"), ((2, 0, 10), "no prunable"), ((10, 10, 10), "out of reach")],
+)
+def test_compression_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        compression_to_keep_fraction(*args)
+
+
+def test_compression_out_of_reach_names_the_maximum():
+    with pytest.raises(ValueError, match=r"2\.00x at most"):
+        compression_to_keep_fraction(3, 10, 10)

@@ -1,0 +1,267 @@
+"""The pipeline end to end on a Fashion-MNIST slice: the run folder, monotone masks, stopping, resuming.
+
+One tiny run (1000 training images, 1 dense epoch, two 1-epoch rounds) is shared
+by the tests that only read its folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
+from prunet.config import load_recipe, recipe_from_dict
+from prunet.data import DataError
+from prunet.pipeline import run
+from prunet.schedule import round_criterion
+from prunet.pruner import GlobalMagnitude, Sparsity, Threshold
+from prunet.train import Normalization, evaluate
+
+from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset
+
+pytestmark = pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+def run_recipe(data: dict, run_dir, **kwargs) -> dict:
+    lines: list[str] = []
+    summary = run(recipe_from_dict(data), run_dir=run_dir, log=lines.append, **kwargs)
+    summary["_log"] = lines
+    return summary
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """(recipe dict, run folder, summary) of the tiny recipe, run once for this module."""
+    import prunet.pipeline
+
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    data = copy.deepcopy(TINY_RECIPE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prunet.pipeline, "load_dataset", cached_load_dataset)
+        summary = run_recipe(data, folder)
+    return data, folder, summary
+
+
+def masks_of(path) -> dict[str, torch.Tensor]:
+    state, _ = read_checkpoint(path)
+    return {k: v for k, v in state.items() if k.endswith("_mask")}
+
+
+def read_metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+
+def test_run_folder_holds_every_artifact(base_run):
+    _, folder, _ = base_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "dense.safetensors", "round1.safetensors",
+                 "round2.safetensors", "final.safetensors", "final_shrunk.safetensors"):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_config_yaml_is_the_recipe_as_run(base_run):
+    data, folder, _ = base_run
+    assert load_recipe(folder / "config.yaml") == recipe_from_dict(copy.deepcopy(data))
+
+
+def test_metrics_lines(base_run):
+    _, folder, _ = base_run
+    events = read_metrics(folder)
+    assert [(e["event"], e.get("phase")) for e in events] == [
+        ("epoch", "dense"), ("dense", None), ("epoch", "round1"), ("round", None), ("epoch", "round2"), ("round", None),
+    ]
+    epoch = events[0]
+    assert {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"} <= set(epoch)
+    assert {"val_acc", "test_acc", "val_loss", "test_loss"} <= set(events[1])
+    assert [e["round"] for e in events if e["event"] == "round"] == [1, 2]
+    assert events[2]["lr"] == pytest.approx(0.05 * 0.1)  # retraining at lr_fraction of train.lr
+
+
+def test_summary(base_run):
+    _, folder, summary = base_run
+    on_disk = json.loads((folder / "summary.json").read_text())
+    assert on_disk["weights_kept"] == summary["weights_kept"]
+    assert on_disk["stopped"] is None
+    assert [r["accepted"] for r in on_disk["rounds"]] == [True, True]
+    masks = masks_of(folder / "final.safetensors")
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert on_disk["weights"] == 266_200 and on_disk["weights_kept"] == kept
+    assert on_disk["compression"] == pytest.approx(266_200 / kept)
+    assert on_disk["parameters"] == 266_610 and on_disk["parameters_kept"] == 266_610 - (266_200 - kept)
+    assert [(r["layer"], r["kept"]) for r in on_disk["layers"]] == [
+        (k.split(".")[0], int(m.sum())) for k, m in masks.items()
+    ]
+    assert on_disk["rounds"][1]["weights_kept"] == kept
+    assert on_disk["rounds"][0]["weights_kept"] > kept  # the second round pruned more
+
+
+def test_masks_only_lose_entries_from_round_to_round(base_run):
+    _, folder, _ = base_run
+    assert masks_of(folder / "dense.safetensors") == {}
+    first, second = masks_of(folder / "round1.safetensors"), masks_of(folder / "round2.safetensors")
+    assert set(first) == set(second) == {"fc1.weight_mask", "fc2.weight_mask", "fc3.weight_mask"}
+    for k in first:
+        assert not bool(((second[k] != 0) & (first[k] == 0)).any()), k
+        assert int(second[k].sum()) < int(first[k].sum()), k
+    for name in ("round1", "round2", "final"):
+        state, _ = read_checkpoint(folder / f"{name}.safetensors")
+        for k in first:
+            weight = state[k[: -len("_mask")]]
+            assert bool((weight[state[k] == 0] == 0).all()), f"{name}: {k}"
+
+
+def test_final_is_the_last_round_and_its_accuracy_is_reported(base_run):
+    data, folder, summary = base_run
+    final, _ = read_checkpoint(folder / "final.safetensors")
+    last, _ = read_checkpoint(folder / "round2.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    model, pruner, meta = load_model(folder / "final.safetensors")
+    assert meta["phase"] == "final" and meta["model"] == "lenet_300_100"
+    full = cached_load_dataset("fashion-mnist", data_dir=data["data"]["data_dir"], val_size=500, seed=0)
+    _, test_acc = evaluate(model, full.test, Normalization(full.mean, full.std))
+    assert test_acc == summary["final"]["test_acc"]
+
+
+def test_final_shrunk_computes_what_final_computes(base_run):
+    _, folder, summary = base_run
+    final, _, _ = load_model(folder / "final.safetensors")
+    small, _, meta = load_model(folder / "final_shrunk.safetensors")
+    assert meta["phase"] == "final_shrunk"
+    assert sum(p.numel() for p in small.parameters()) == summary["neurons"]["params_after"]
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), final.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_round_retrains_only_the_named_layers(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["prune"]["rounds"] = [
+        {"criterion": "threshold", "quality": 1.0, "prune": ["fc1"], "train": ["fc3"], "epochs": 1},
+    ]
+    folder = tmp_path / "frozen"
+    run_recipe(tiny_recipe, folder)
+    dense, _ = read_checkpoint(folder / "dense.safetensors")
+    after, _ = read_checkpoint(folder / "round1.safetensors")
+    assert torch.equal(after["fc1.weight"], dense["fc1.weight"] * after["fc1.weight_mask"])  # pruned, not trained
+    assert int(after["fc1.weight_mask"].sum()) < 235_200
+    for k in ("fc1.bias", "fc2.weight", "fc2.bias"):
+        assert torch.equal(after[k], dense[k]), k
+    assert not torch.equal(after["fc3.weight"], dense["fc3.weight"])
+    assert int(after["fc2.weight_mask"].sum()) == 30_000 and int(after["fc3.weight_mask"].sum()) == 1000
+
+
+def test_dropout_adjusted_while_retraining(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["model"]["dropout"] = 0.5
+    tiny_recipe["prune"]["rounds"] = tiny_recipe["prune"]["rounds"][:1]
+    folder = tmp_path / "dropout"
+    summary = run_recipe(tiny_recipe, folder)
+    kept = {r["layer"]: r["kept"] for r in summary["rounds"][0]["layers"]}
+    assert summary["rounds"][0]["dropout"] == {
+        "drop1": pytest.approx(0.5 * (kept["fc2"] / 30_000) ** 0.5),
+        "drop2": pytest.approx(0.5 * (kept["fc3"] / 1000) ** 0.5),
+    }
+    model, _, _ = load_model(folder / "final.safetensors")  # rebuilt with the recipe's ratio
+    assert (model.drop1.p, model.drop2.p) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("problem", ["data_dir", "checkpoint"])
+def test_run_that_fails_to_start_leaves_an_existing_run_folder_alone(tiny_recipe, fast_data, tmp_path, problem):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"event": "dense"}\n')
+    (folder / "config.yaml").write_text("name: earlier\n")
+    kwargs = {}
+    if problem == "data_dir":
+        tiny_recipe["data"]["data_dir"] = str(tmp_path / "nonexistent")
+        error = DataError
+    else:
+        (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+        kwargs["from_checkpoint"] = tmp_path / "bad.safetensors"
+        error = CheckpointError
+    with pytest.raises(error):
+        run_recipe(tiny_recipe, folder, **kwargs)
+    assert (folder / "metrics.jsonl").read_text() == '{"event": "dense"}\n'
+    assert (folder / "config.yaml").read_text() == "name: earlier\n"
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def test_max_accuracy_drop_keeps_the_previous_round(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["prune"]["max_accuracy_drop"] = 10.0
+    tiny_recipe["prune"]["rounds"] = [
+        {"criterion": "threshold", "quality": 0.3, "epochs": 1},
+        {"criterion": "sparsity", "sparsity": 0.999, "epochs": 0},  # nothing survives this
+        {"criterion": "threshold", "quality": 0.3, "epochs": 1},  # never reached
+    ]
+    folder = tmp_path / "stop"
+    summary = run_recipe(tiny_recipe, folder)
+    assert [r["accepted"] for r in summary["rounds"]] == [True, False]
+    assert summary["stopped"].startswith("round 2:")
+    assert not (folder / "round2.safetensors").exists() and not (folder / "round3.safetensors").exists()
+    final, _ = read_checkpoint(folder / "final.safetensors")
+    kept, _ = read_checkpoint(folder / "round1.safetensors")
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    assert summary["weights_kept"] == summary["rounds"][0]["weights_kept"]
+    assert summary["final"]["val_acc"] == summary["rounds"][0]["val_acc"]
+    assert json.loads((folder / "summary.json").read_text())["stopped"] == summary["stopped"]
+    assert any(line.startswith("stop: round 2") for line in summary["_log"])
+
+
+def test_first_round_rejected_keeps_the_dense_model(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["prune"]["max_accuracy_drop"] = 5.0
+    tiny_recipe["prune"]["rounds"] = [{"criterion": "global", "sparsity": 0.999, "epochs": 0}]
+    folder = tmp_path / "stop1"
+    summary = run_recipe(tiny_recipe, folder)
+    assert summary["rounds"][0]["accepted"] is False
+    assert summary["weights_kept"] == summary["weights"]
+    assert summary["final"] == summary["dense"]
+
+
+# --- resuming from a checkpoint ---------------------------------------------------------------
+
+
+def test_from_dense_checkpoint_repeats_the_rounds(base_run, fast_data, tmp_path):
+    data, base_folder, base_summary = base_run
+    folder = tmp_path / "resumed"
+    summary = run_recipe(copy.deepcopy(data), folder, from_checkpoint=base_folder / "dense.safetensors")
+    events = read_metrics(folder)
+    assert not any(e.get("phase") == "dense" for e in events)  # no dense training
+    assert summary["dense"] == base_summary["dense"]
+    for name in ("round1", "round2"):  # seeded: the same rounds, bit for bit
+        mine, _ = read_checkpoint(folder / f"{name}.safetensors")
+        theirs, _ = read_checkpoint(base_folder / f"{name}.safetensors")
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+
+
+def test_from_pruned_checkpoint_continues_pruning(base_run, fast_data, tmp_path):
+    data, base_folder, _ = base_run
+    data = copy.deepcopy(data)
+    data["prune"]["rounds"] = [{"criterion": "threshold", "quality": 0.5, "epochs": 1}]
+    folder = tmp_path / "more"
+    summary = run_recipe(data, folder, from_checkpoint=base_folder / "round2.safetensors")
+    before = masks_of(base_folder / "round2.safetensors")
+    after = masks_of(folder / "final.safetensors")
+    assert set(after) == set(before)
+    for k in before:
+        assert not bool(((after[k] != 0) & (before[k] == 0)).any()), k
+    assert summary["weights_kept"] < sum(int(m.sum()) for m in before.values())
+
+
+# --- round criteria ---------------------------------------------------------------------------
+
+
+def test_round_criterion_objects():
+    rounds = recipe_from_dict(
+        {"prune": {"rounds": [
+            {"criterion": "threshold", "quality": {"fc": 1.0}},
+            {"criterion": "sparsity", "sparsity": 0.5},
+            {"criterion": "global", "sparsity": 0.9},
+        ]}}
+    ).prune.rounds
+    assert [round_criterion(r) for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]

@@ -1,0 +1,149 @@
+"""The reference loop on a real Fashion-MNIST slice: it learns, repeats itself, freezes, keeps masks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from prunet import Pruner, Threshold
+from prunet.config import TrainConfig
+from prunet.data import Split
+from prunet.schedule import lr_at
+from prunet.train import Normalization, evaluate, fit, make_optimizer
+
+CFG = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9, regularization="l2", reg_strength=5e-4,
+                  lr_schedule="cosine")
+
+
+def norm_of(data) -> Normalization:
+    return Normalization(data.mean, data.std)
+
+
+def train(lenet, data, cfg=CFG, seed=0, **kwargs):
+    model = lenet(seed=seed)
+    records = fit(model, data.train, data.val, cfg, norm_of(data), seed=seed, **kwargs)
+    return model, records
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_training_lowers_the_loss(lenet, fashion):
+    model = lenet()
+    loss_before, acc_before = evaluate(model, fashion.val, norm_of(fashion))
+    records = fit(model, fashion.train, fashion.val, CFG, norm_of(fashion))
+    loss_after, acc_after = evaluate(model, fashion.val, norm_of(fashion))
+    assert [r.epoch for r in records] == [1, 2] and all(r.phase == "train" for r in records)
+    assert loss_after < 0.6 * loss_before
+    assert acc_after > 60 > acc_before  # 1000 images, 2 epochs; chance is 10%
+    assert records[-1].train_loss < records[0].train_loss
+    assert max(r.val_acc for r in records) == pytest.approx(acc_after)
+
+
+def test_same_seed_same_weights(lenet, fashion):
+    a, rec_a = train(lenet, fashion)
+    b, rec_b = train(lenet, fashion)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [r.train_loss for r in rec_a] == [r.train_loss for r in rec_b]
+    c, _ = train(lenet, fashion, seed=1)
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+def test_model_left_at_best_validation_epoch(lenet, fashion):
+    snapshots = []
+    model = lenet()
+    cfg = dataclasses.replace(CFG, epochs=3, lr=0.2, lr_schedule="constant")  # a noisy run
+    records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), on_epoch=lambda r: snapshots.append(state(model)))
+    accs = [r.val_acc for r in records]
+    best = accs.index(max(accs))  # the first best epoch
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshots[best].items())
+
+
+def test_schedule_sets_each_epochs_lr(lenet, fashion):
+    cfg = dataclasses.replace(CFG, epochs=3, lr=0.1, lr_schedule="step", lr_step_epochs=2, lr_gamma=0.5)
+    _, records = train(lenet, fashion, cfg)
+    assert [r.lr for r in records] == [0.1, 0.1, 0.05]
+    assert [round(lr_at(e, 4, 0.1, "cosine"), 4) for e in range(4)] == [0.1, 0.0854, 0.05, 0.0146]
+
+
+def test_frozen_parameters_are_bit_identical(lenet, fashion):
+    model = lenet()
+    before = state(model)
+    trainable = [model.fc2.weight, model.fc2.bias]
+    fit(model, fashion.train, fashion.val, CFG, norm_of(fashion), trainable=trainable)
+    after = model.state_dict()
+    for k in ("fc1.weight", "fc1.bias", "fc3.weight", "fc3.bias"):
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+
+
+def test_pruned_weights_stay_zero_through_fit(lenet, fashion):
+    model = lenet()
+    fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, epochs=1), norm_of(fashion))
+    pruner = Pruner(model)
+    pruner.prune(Threshold({"fc1": 1.0, "fc2": 1.0, "fc3": 0.5}))
+    masks = {k: m.clone() for k, m in pruner.masks.items()}
+    before = state(model)
+    for opt in ("sgd", "adamw"):
+        fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, optimizer=opt, lr=0.01), norm_of(fashion),
+            pruner=pruner)
+    for t in pruner.targets:
+        assert torch.equal(t.mask, masks[t.param])
+        assert bool((t.weight.detach()[t.mask == 0] == 0).all())
+        assert not torch.equal(t.weight.detach(), before[t.param])  # survivors were retrained
+    assert pruner._optimizer_handles == []  # fit removes its step hooks
+
+
+def test_l1_regularization_shrinks_weights(lenet, fashion):
+    plain, _ = train(lenet, fashion, dataclasses.replace(CFG, regularization="none"))
+    l1, records = train(lenet, fashion, dataclasses.replace(CFG, regularization="l1", reg_strength=1e-3))
+    assert all(torch.isfinite(torch.tensor(r.train_loss)) for r in records)
+    size = lambda m: sum(p.abs().sum().item() for p in (m.fc1.weight, m.fc2.weight, m.fc3.weight))
+    assert size(l1) < 0.9 * size(plain)
+    assert records[-1].val_acc > 50
+
+
+def test_l2_is_weight_decay_on_weights_not_biases(lenet):
+    model = lenet()
+    opt = make_optimizer(model.parameters(), CFG, 0.05)
+    decays = [(g["weight_decay"], sorted(p.dim() for p in g["params"])) for g in opt.param_groups]
+    assert decays == [(5e-4, [2, 2, 2]), (0.0, [1, 1, 1])]
+    assert all(g["weight_decay"] == 0 for g in make_optimizer(model.parameters(),
+                                                              dataclasses.replace(CFG, regularization="l1"),
+                                                              0.05).param_groups)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_make_optimizer_kinds(lenet, name, cls):
+    opt = make_optimizer(lenet().parameters(), dataclasses.replace(CFG, optimizer=name), 0.01)
+    assert type(opt) is cls and all(g["lr"] == 0.01 for g in opt.param_groups)
+
+
+def test_zero_epochs_trains_nothing(lenet, fashion):
+    model = lenet()
+    before = state(model)
+    assert fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, epochs=0), norm_of(fashion)) == []
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_empty_validation_split_keeps_the_last_epoch(lenet, fashion):
+    empty = Split(fashion.val.images[:0], fashion.val.labels[:0])
+    cfg = dataclasses.replace(CFG, lr_schedule="constant")
+    one = lenet()
+    fit(one, fashion.train, empty, dataclasses.replace(cfg, epochs=1), norm_of(fashion))
+    two = lenet()
+    fit(two, fashion.train, empty, cfg, norm_of(fashion))
+    assert not torch.equal(one.fc1.weight, two.fc1.weight)  # the second epoch is not thrown away
+
+
+def test_evaluate_restores_training_mode(lenet, fashion):
+    model = lenet(dropout=0.5).train()
+    loss, acc = evaluate(model, fashion.val, norm_of(fashion), batch_size=128)
+    assert model.training
+    assert loss > 0 and 0 <= acc <= 100
+    # eval mode: dropout off, so the result does not depend on the RNG
+    assert evaluate(model, fashion.val, norm_of(fashion), batch_size=128) == (loss, acc)
