@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Union
+from typing import Callable, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ Setting = Union[float, Mapping[str, float]]
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+
 def layer_kind(module: nn.Module) -> str:
     """The layer group a module belongs to: ``"fc"`` for Linear, ``"conv"`` for convolutions."""
     if isinstance(module, nn.Linear):
@@ -34,6 +35,7 @@ def layer_kind(module: nn.Module) -> str:
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
     return type(module).__name__.lower()
+
 
 @dataclass
 class Target:
@@ -62,6 +64,7 @@ class Target:
         """The live 0/1 mask buffer (the weight's dtype)."""
         return M.get_mask(self.module, self.attr)
 
+
 @dataclass
 class LayerSummary:
     """What remains of one layer: the paper's table row (weights, kept, kept %)."""
@@ -76,11 +79,13 @@ class LayerSummary:
     def kept_frac(self) -> float:
         return self.kept / self.weights if self.weights else 1.0
 
+
 def matches(target: Target, key: str) -> bool:
     """Whether a recipe key names this target: layer or parameter name, group, ``all``, or a glob."""
     if key in ("all", "*", target.layer, target.param, target.kind):
         return True
     return fnmatch.fnmatchcase(target.layer, key) or fnmatch.fnmatchcase(target.param, key)
+
 
 def resolve(setting: Setting | None, target: Target) -> float | None:
     """The value of a per-layer setting for one target (None: the layer is not pruned).
@@ -102,17 +107,35 @@ def resolve(setting: Setting | None, target: Target) -> float | None:
             return float(value)
     return None
 
+
 class Criterion:
-    """A rule that turns weights and previous masks into new masks, layer by layer."""
+    """A rule that turns weights and previous masks into new masks, layer by layer.
+
+    A per-layer criterion names its setting (``setting``) and its rule, a pure
+    function ``(weight, previous mask, value) -> mask`` from :mod:`prunet.criteria`.
+    A custom criterion may instead override :meth:`masks` alone.
+    """
+
+    rule: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+    @property
+    def setting(self) -> Setting | None:
+        """The per-layer setting; None for a custom criterion that overrides :meth:`masks`."""
+        return None
 
     def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
         """param name -> new boolean mask for the targets this criterion prunes."""
-        raise NotImplementedError
+        out = {}
+        for t in targets:
+            value = resolve(self.setting, t)
+            if value is not None:
+                out[t.param] = type(self).rule(t.weight.detach(), t.mask, value)
+        return out
 
     def keys(self) -> list[str]:
         """The layer names, groups or globs a per-layer setting names (empty for a scalar)."""
-        setting = getattr(self, "quality", getattr(self, "sparsity", None))
-        return list(setting) if isinstance(setting, Mapping) else []
+        return list(self.setting) if isinstance(self.setting, Mapping) else []
+
 
 @dataclass
 class Threshold(Criterion):
@@ -124,28 +147,24 @@ class Threshold(Criterion):
     """
 
     quality: Setting
+    rule = threshold_mask
 
-    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
-        out = {}
-        for t in targets:
-            q = resolve(self.quality, t)
-            if q is not None:
-                out[t.param] = threshold_mask(t.weight.detach(), t.mask, q)
-        return out
+    @property
+    def setting(self) -> Setting:
+        return self.quality
+
 
 @dataclass
 class Sparsity(Criterion):
     """Prune each layer to a target sparsity (fraction of its weights removed), by magnitude."""
 
     sparsity: Setting
+    rule = sparsity_mask
 
-    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
-        out = {}
-        for t in targets:
-            s = resolve(self.sparsity, t)
-            if s is not None:
-                out[t.param] = sparsity_mask(t.weight.detach(), t.mask, s)
-        return out
+    @property
+    def setting(self) -> Setting:
+        return self.sparsity
+
 
 @dataclass
 class GlobalMagnitude(Criterion):
@@ -153,12 +172,17 @@ class GlobalMagnitude(Criterion):
 
     sparsity: float
 
+    @property
+    def setting(self) -> Setting:
+        return self.sparsity
+
     def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
         if not targets:
             return {}
         weights = {t.param: t.weight.detach() for t in targets}
         prev = {t.param: t.mask for t in targets}
         return global_sparsity_masks(weights, prev, self.sparsity)
+
 
 class Pruner:
     """Attach masks to a model's prunable parameters and keep pruned weights at exactly zero.
@@ -282,6 +306,7 @@ class Pruner:
         self.targets = []
         return self.model
 
+
 def find_targets(
     model: nn.Module,
     include: Iterable[str] | None,
@@ -301,6 +326,7 @@ def find_targets(
             if wanted and not any(p.search(full) for p in exc):
                 targets.append(Target(layer, full, module, attr, layer_kind(module)))
     return targets
+
 
 def masked_state_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Parameter names that have a mask in a state dict (``fc1.weight_mask`` -> ``fc1.weight``)."""
