@@ -113,6 +113,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tradeoff(args: argparse.Namespace) -> int:
+    from prunet.analysis.tradeoff import (
+        DEFAULT_FRACTIONS,
+        check_study_args,
+        format_tradeoff_table,
+        plot_tradeoff,
+        tradeoff_study,
+        write_tradeoff_csv,
+    )
+
+    recipe = _recipe(args)
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else list(DEFAULT_FRACTIONS)
+    except ValueError:
+        raise UsageError(f"--fractions takes comma-separated numbers, e.g. 0.5,0.9; got {args.fractions!r}") from None
+    try:
+        check_study_args(fractions, args.retrain_epochs, args.dense_epochs, args.l1, args.l2, args.criterion)
+    except ValueError as e:
+        raise UsageError(f"tradeoff: {e}") from None
+    out = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / f"{recipe.name}_tradeoff"
+    rows = tradeoff_study(recipe, fractions=fractions, retrain_epochs=args.retrain_epochs,
+                          dense_epochs=args.dense_epochs, l1_strength=args.l1, l2_strength=args.l2,
+                          criterion=args.criterion)
+    csv_path = write_tradeoff_csv(rows, out / "tradeoff.csv")
+    png_path = plot_tradeoff(rows, args.plot or out / "tradeoff.png", f"{recipe.model.name}, {recipe.data.dataset}")
+    tables = ("## Validation accuracy loss, points (accuracy %)\n\n" + format_tradeoff_table(rows, "val")
+              + "\n## Test accuracy loss, points (accuracy %), reported only\n\n" + format_tradeoff_table(rows, "test"))
+    (out / "tradeoff.md").write_text(tables)
+    print(tables)
+    print(f"wrote {csv_path}, {png_path}, {out / 'tradeoff.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prunet",
@@ -140,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tradeoff", help="Figure 5: accuracy loss vs. parameters pruned, L1/L2, with/without retraining")
+    recipe_args(p)  # --run-dir: the output folder (default <output_dir>/<name>_tradeoff)
+    p.add_argument("--fractions", metavar="P,P,...",
+                   help="fractions of weights to prune, also the iterative ladder (default 0.5,...,0.97)")
+    p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per point and per ladder step")
+    p.add_argument("--dense-epochs", type=int, help="dense training epochs (default: the recipe's train.epochs)")
+    p.add_argument("--l1", type=float, default=2e-5, help="L1 strength, penalty strength*sum|w| (default 2e-5)")
+    p.add_argument("--l2", type=float, help="L2 weight decay (default: the recipe's train.reg_strength)")
+    p.add_argument("--criterion", choices=("sparsity", "global"), default="sparsity",
+                   help="sparsity: every layer pruned to the fraction (default); global: one cut over all layers")
+    p.add_argument("--plot", metavar="PNG", help="where to write the figure (default <run-dir>/tradeoff.png)")
+    p.set_defaults(func=cmd_tradeoff)
 
     p = sub.add_parser("sensitivity", help="prune each layer alone over a range of thresholds, no retraining (Fig. 6)")
     p.add_argument("target", metavar="RECIPE|CHECKPOINT",

@@ -6,7 +6,7 @@ import csv
 import dataclasses
 
 import pytest
-import torch
+from conftest import TINY_RECIPE
 
 from prunet.analysis.tradeoff import (
     CSV_COLUMNS,
@@ -35,8 +35,6 @@ L1 = 2e-5
 def tiny(request):
     """A one-epoch LeNet-300-100 recipe and 800 train / 300 val / 1000 test images."""
     fashion = request.getfixturevalue("fashion")
-    from tests.conftest import TINY_RECIPE
-
     recipe = recipe_from_dict({**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "train_subset": 800, "val_size": 300}})
     data = dataclasses.replace(
         fashion,
