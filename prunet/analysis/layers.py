@@ -341,13 +341,23 @@ def write_table_csv(rows: Sequence[LayerRow], path: str | Path) -> Path:
         The path written. Columns: :data:`CSV_COLUMNS`; shape as ``300x784``;
         an empty ``act_frac`` where none was measured.
     """
+    return write_csv(path, CSV_COLUMNS, (
+        [r.name, r.kind, "x".join(map(str, r.shape)), r.weights, r.flops, "" if r.act_frac is None else r.act_frac,
+         r.kept_frac, r.flops_kept_frac, r.kept]
+        for r in rows
+    ))
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a header and rows to ``path`` (parent folders created); returns the path.
+
+    The one CSV writer of the analysis tables, so every table file is written alike.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in rows:
-            act = "" if r.act_frac is None else r.act_frac
-            shape = "x".join(map(str, r.shape))
-            writer.writerow([r.name, r.kind, shape, r.weights, r.flops, act, r.kept_frac, r.flops_kept_frac, r.kept])
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
     return path

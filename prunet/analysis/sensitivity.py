@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from prunet import masks as M
-from prunet.analysis.layers import prunable_layers
+from prunet.analysis.layers import prunable_layers, write_csv
 from prunet.criteria import sparsity_mask, threshold_mask
 from prunet.data import Split
 from prunet.pruner import Target, layer_kind, matches
@@ -247,16 +247,9 @@ def write_sensitivity_csv(rows: Sequence[SensitivityRow], path: str | Path) -> P
     Returns:
         The path written; columns :data:`CSV_COLUMNS`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in rows:
-            writer.writerow(
-                [r.layer, r.kind, r.criterion, r.setting, r.kept_frac, r.pruned_frac, r.val_acc, r.acc_drop]
-            )
-    return path
+    return write_csv(path, CSV_COLUMNS, (
+        [r.layer, r.kind, r.criterion, r.setting, r.kept_frac, r.pruned_frac, r.val_acc, r.acc_drop] for r in rows
+    ))
 
 
 def read_sensitivity_csv(path: str | Path) -> list[SensitivityRow]:

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from prunet.analysis.layers import write_csv
 from prunet.config import Recipe, TrainConfig
 from prunet.data import DatasetSplits
 from prunet.models import create_model
@@ -435,14 +436,7 @@ def write_tradeoff_csv(rows: Sequence[TradeoffRow], path: str | Path) -> Path:
     Returns:
         The path written; columns :data:`CSV_COLUMNS`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.to_dict())
-    return path
+    return write_csv(path, CSV_COLUMNS, ([r.to_dict()[c] for c in CSV_COLUMNS] for r in rows))
 
 
 def read_tradeoff_csv(path: str | Path) -> list[TradeoffRow]:
