@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prunet-installed
-# The CPU build of PyTorch; any other spec would pull a multi-GB CUDA build.
+# Exactly this version: on these machines pip takes it from a CPU build on local disk,
+# where any other spec (unpinned, a range) would download a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
@@ -35,7 +36,7 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/prunet run recipes/lenet300_fashion.yaml
+	$(BIN)/prunet run recipes/lenet300_fashion.yaml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

@@ -70,6 +70,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY, "{}")
         meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
     return state, meta

@@ -15,11 +15,14 @@ class UsageError(ValueError):
     """Bad command-line input; printed as one line, exit code 2."""
 
 
-def _recipe(args: argparse.Namespace):
+def _recipe(args: argparse.Namespace, path: str | Path | None = None):
+    """The recipe named on the command line, with ``--set`` and ``--data-dir`` applied."""
     from prunet.config import load_recipe, parse_override
 
     overrides = dict(parse_override(s) for s in args.set or [])
-    return load_recipe(args.recipe, overrides)
+    if getattr(args, "data_dir", None):
+        overrides["data.data_dir"] = args.data_dir
+    return load_recipe(path or args.recipe, overrides)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -39,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     recipe = dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[]))
-    run(recipe, run_dir=args.run_dir)
+    run(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -51,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.recipe} has no prune.rounds; use 'prunet train' for dense training only")
     if args.from_checkpoint and not Path(args.from_checkpoint).is_file():
         raise UsageError(f"--from: checkpoint {args.from_checkpoint} does not exist")
-    run(recipe, run_dir=args.run_dir, from_checkpoint=args.from_checkpoint)
+    run(recipe, run_dir=args.run_dir, from_checkpoint=args.from_checkpoint, overwrite=args.overwrite)
     return 0
 
 
@@ -60,14 +63,19 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         format_sensitivity_table, plot_sensitivity, propose_qualities, sensitivity, write_sensitivity_csv,
     )
     from prunet.checkpoint import load_model
-    from prunet.config import load_recipe, parse_override
     from prunet.pipeline import load_data, run
     from prunet.train import Normalization
 
+    # Arguments first: nothing is trained or written for a bad one.
+    try:
+        values = [float(v) for v in args.values.split(",")] if args.values else None
+    except ValueError:
+        raise UsageError(f"--values takes numbers separated by commas, got {args.values!r}") from None
+    if not args.max_drop >= 0:
+        raise UsageError(f"--max-drop takes a number of points >= 0, got {args.max_drop}")
     target = Path(args.target)
-    overrides = dict(parse_override(s) for s in args.set or [])
     if target.suffix in (".yaml", ".yml"):
-        recipe = load_recipe(target, overrides)
+        recipe = _recipe(args, target)
         out = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
         checkpoint = out / "dense.safetensors"
         if not checkpoint.is_file():
@@ -81,11 +89,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         source = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
         if not source.is_file():
             raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
-        recipe = load_recipe(source, overrides)
-    try:
-        values = [float(v) for v in args.values.split(",")] if args.values else None
-    except ValueError:
-        raise UsageError(f"--values takes numbers separated by commas, got {args.values!r}") from None
+        recipe = _recipe(args, source)
     model, _, _ = load_model(checkpoint)
     data = load_data(recipe)
     try:
@@ -107,6 +111,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from prunet.analysis.report import write_report
 
+    if args.sram_mib is not None and not args.sram_mib > 0:
+        raise UsageError(f"--sram-mib takes a size in MiB > 0, got {args.sram_mib}")
     sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
     md, html = write_report(args.run_dir, sram_bytes=sram, histogram_layer=args.layer)
     print(f"wrote {md}\nwrote {html}")
@@ -163,15 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
         p.add_argument("--run-dir", help="run folder (default: <output_dir>/<name> from the recipe)")
+        p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
 
     p = sub.add_parser("train", help="train a dense model from a recipe")
     recipe_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="dense training, then the recipe's prune -> retrain rounds")
     recipe_args(p)
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tradeoff", help="Figure 5: accuracy loss vs. parameters pruned, L1/L2, with/without retraining")
@@ -195,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where sensitivity.csv/.png go (default: the recipe's run folder, "
                                      "or the checkpoint's folder)")
     p.add_argument("--recipe", help="with a CHECKPOINT: the recipe whose data to use (default: config.yaml beside it)")
+    p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
     p.add_argument("--criterion", choices=["threshold", "sparsity"], default="threshold",
                    help="sweep the quality parameter (the paper) or per-layer sparsity")
     p.add_argument("--values", metavar="V,V,...",

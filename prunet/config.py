@@ -73,6 +73,8 @@ class DataConfig:
     """Folder with the four IDX files; None searches PRUNET_DATA, the Debian package, the cache."""
     val_size: int = 5000
     """Training images held out for every choice the tool makes (thresholds, stopping)."""
+    split_seed: int = 0
+    """Seed of the train / validation split; separate from ``seed`` so retrained models share a split."""
     train_subset: Optional[int] = None
     """Use only this many training images (quick runs, tests); None uses all."""
     batch_size: int = 64

@@ -26,6 +26,8 @@ state can never revive a pruned connection either.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
@@ -43,7 +45,7 @@ def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
     return getattr(module, mask_buffer_name(param_name), None)
 
 
-def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = None) -> RemovableHandle:
+def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = None) -> list[RemovableHandle]:
     """Give ``module.<param_name>`` a mask buffer and a gradient-masking hook.
 
     Args:
@@ -54,7 +56,9 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
             checkpoint) is kept when ``mask`` is None.
 
     Returns:
-        The hook's handle; :func:`bake` removes it.
+        The hooks' handles (gradient masking; re-applying the mask after
+        ``load_state_dict``, so loading weights never revives a pruned one);
+        :func:`bake` removes them.
     """
     param = getattr(module, param_name)
     if not isinstance(param, nn.Parameter):
@@ -78,9 +82,13 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
         if mask is not None:  # None once baked: a second Pruner's stale hook does nothing
             p.grad.mul_(mask)
 
-    handle = param.register_post_accumulate_grad_hook(mask_grad)
+    def reapply(mod: nn.Module, incompatible_keys) -> None:
+        if name in mod._buffers:
+            apply_mask(mod, param_name)
+
+    handles = [param.register_post_accumulate_grad_hook(mask_grad), module.register_load_state_dict_post_hook(reapply)]
     apply_mask(module, param_name)
-    return handle
+    return handles
 
 
 def set_mask(
@@ -122,7 +130,7 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, 
 
 
 @torch.no_grad()
-def bake(module: nn.Module, param_name: str, handle: RemovableHandle | None) -> None:
+def bake(module: nn.Module, param_name: str, handles: Iterable[RemovableHandle] = ()) -> None:
     """Multiply the mask in for good and remove the buffer and the hook.
 
     The result is a plain parameter whose pruned entries are zero: the module
@@ -130,7 +138,7 @@ def bake(module: nn.Module, param_name: str, handle: RemovableHandle | None) -> 
     """
     apply_mask(module, param_name)
     del module._buffers[mask_buffer_name(param_name)]
-    if handle is not None:
+    for handle in handles:
         handle.remove()
 
 

@@ -30,7 +30,7 @@ from prunet.masks import baked_copy
 from prunet.models import create_model
 from prunet.neurons import remove_dead_neurons
 from prunet.pruner import DEFAULT_TYPES, LayerSummary, Pruner, find_targets, matches
-from prunet.regularize import dropout_feeds, set_dropout
+from prunet.regularize import DropoutAdjuster
 from prunet.schedule import round_criterion
 from prunet.train import EpochRecord, Normalization, evaluate, fit
 
@@ -40,7 +40,7 @@ Log = Callable[[str], None]
 def load_data(recipe: Recipe) -> DatasetSplits:
     """The recipe's dataset, split into train / validation / test (train optionally subset)."""
     d = recipe.data
-    data = load_dataset(d.dataset, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed)
+    data = load_dataset(d.dataset, data_dir=d.data_dir, val_size=d.val_size, seed=d.split_seed)
     if d.train_subset is not None and d.train_subset < len(data.train):
         n = d.train_subset
         data.train = Split(data.train.images[:n], data.train.labels[:n])
@@ -61,8 +61,20 @@ def format_layer_table(rows: list[LayerSummary]) -> str:
 class RunFolder:
     """The files of one run; every write is whole (JSON lines appended, others replaced)."""
 
-    def __init__(self, path: Path):
+    # What a run writes; an earlier run's files are removed only with overwrite=True.
+    OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "*.safetensors", "report*", "layers.csv",
+               "sensitivity.*")
+
+    def __init__(self, path: Path, overwrite: bool = False):
         self.path = path
+        earlier = sorted({p for pattern in self.OUTPUTS for p in path.glob(pattern)}) if path.is_dir() else []
+        if earlier and not overwrite:
+            raise ConfigError(
+                f"run folder {path} already holds a run ({earlier[0].name}, ...); pass --overwrite to replace it, "
+                f"or --run-dir / a new recipe name to keep it"
+            )
+        for p in earlier:
+            p.unlink()
         path.mkdir(parents=True, exist_ok=True)
         self.metrics = path / "metrics.jsonl"
         self.metrics.write_text("")
@@ -85,6 +97,7 @@ def run(
     *,
     run_dir: str | Path | None = None,
     from_checkpoint: str | Path | None = None,
+    overwrite: bool = False,
     log: Log = print,
 ) -> dict[str, Any]:
     """Run a recipe: dense training (or a checkpoint), then each prune + retrain round.
@@ -93,6 +106,7 @@ def run(
         recipe: a validated recipe.
         run_dir: the run folder; default ``<recipe.output_dir>/<recipe.name>``.
         from_checkpoint: skip dense training and start from this checkpoint.
+        overwrite: replace an earlier run in the run folder (otherwise that is an error).
         log: where progress lines go.
 
     Returns:
@@ -105,16 +119,18 @@ def run(
     # earlier run's folder is touched.
     data = load_data(recipe)
     norm = Normalization(data.mean, data.std)
-    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name}
+    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name,
+            "split": split_identity(recipe)}
     pruner: Pruner | None = None
     if from_checkpoint:
         model, pruner, ckpt_meta = load_model(from_checkpoint)
-        meta.update(model=ckpt_meta["model"], model_kwargs=ckpt_meta.get("model_kwargs", {}))
+        check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)
     else:
         torch.manual_seed(recipe.seed)
         model = create_model(recipe.model.name, **recipe.model.kwargs())
-    check_rounds(recipe, model)
-    folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name)
+    check_model_fits_data(recipe, model, data, norm)
+    check_rounds(recipe, pruner.targets if pruner else find_targets(model, None, None, DEFAULT_TYPES))
+    folder = RunFolder(Path(run_dir) if run_dir else Path(recipe.output_dir) / recipe.name, overwrite=overwrite)
     folder.write_yaml("config.yaml", recipe.to_dict())
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
 
@@ -127,8 +143,6 @@ def run(
 
     # 1. Dense training (or a given checkpoint).
     if from_checkpoint:
-        if meta["model"] != recipe.model.name:
-            log(f"note: checkpoint holds {meta['model']}, recipe names {recipe.model.name}")
         log(f"dense: loaded {from_checkpoint}")
     else:
         log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
@@ -139,19 +153,23 @@ def run(
     log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
     folder.log_metrics("dense", **dense)
 
+    if not recipe.prune.rounds:
+        summary = {"recipe": recipe.name, "model": meta["model"], "dataset": data.name, "dense": dense,
+                   "parameters": sum(p.numel() for p in model.parameters()),
+                   "seconds": time.perf_counter() - started}
+        folder.write_json("summary.json", summary)
+        log(f"run folder: {folder.path}")
+        return summary
+
     # 2. Prune -> retrain rounds.
     pruner = pruner or Pruner(model)
-    prunable = [t.layer for t in pruner.targets]
-    feeds = dropout_feeds(model, prunable)
-    modules = dict(model.named_modules())
-    original_dropout = {d: modules[d].p for d in feeds}
+    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])
     dense_weights = {r.layer: r.weights for r in pruner.summary()}
     rounds: list[dict[str, Any]] = []
     accepted_state = {k: v.clone() for k, v in model.state_dict().items()}
     stopped = None
     for i, rnd in enumerate(recipe.prune.rounds, start=1):
-        result = _run_round(i, rnd, model, pruner, data, norm, recipe, feeds, original_dropout, dense_weights,
-                            on_epoch, log)
+        result = _run_round(i, rnd, model, pruner, data, norm, recipe, dropout, dense_weights, on_epoch, log)
         drop = dense["val_acc"] - result["val_acc"]
         limit = recipe.prune.max_accuracy_drop
         if limit is not None and drop > limit:
@@ -159,7 +177,7 @@ def run(
             rounds.append(result)
             folder.log_metrics("round", **result)
             stopped = f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
-            log(f"stop: {stopped}; keeping round {i - 1}")
+            log(f"stop: {stopped}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
             model.load_state_dict(accepted_state)
             break
         result["accepted"] = True
@@ -169,8 +187,7 @@ def run(
         save_checkpoint(folder.path / f"round{i}.safetensors", model, {**meta, "phase": f"round{i}"})
 
     # 3. The final model.
-    for d, p in original_dropout.items():
-        modules[d].p = p  # a checkpoint's model is rebuilt with the original ratios
+    dropout.restore()  # a checkpoint's model is rebuilt with the original ratios
     save_checkpoint(folder.path / "final.safetensors", model, {**meta, "phase": "final"})
     final = _accuracies(model, data, norm, recipe)
     layers = [dataclasses.asdict(r) for r in pruner.summary()]
@@ -197,14 +214,13 @@ def run(
         "stopped": stopped,
         "seconds": time.perf_counter() - started,
     }
-    if recipe.prune.remove_dead_neurons and recipe.prune.rounds:
+    if recipe.prune.remove_dead_neurons:
         summary["neurons"] = _shrink(model, data, norm, folder, meta, log)
     folder.write_json("summary.json", summary)
-    if recipe.prune.rounds:
-        from prunet.analysis.report import write_report  # report.py imports this module
+    from prunet.analysis.report import write_report  # report.py imports this module
 
-        _, html = write_report(folder.path, data=data, progress=False)
-        log(f"report: {html}")
+    _, html = write_report(folder.path, data=data, progress=False)
+    log(f"report: {html}")
     log(
         f"final: {summary['compression']:.1f}x fewer weights ({kept:,} of {total:,}); "
         f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
@@ -214,9 +230,45 @@ def run(
     return summary
 
 
-def check_rounds(recipe: Recipe, model: nn.Module) -> None:
-    """Every layer name, group or glob in the rounds must name a prunable layer of ``model``."""
-    targets = find_targets(model, None, None, DEFAULT_TYPES)
+def split_identity(recipe: Recipe) -> dict[str, Any]:
+    """What fixes the train / validation split; stored in checkpoints so a later run can check it."""
+    return {"dataset": recipe.data.dataset, "val_size": recipe.data.val_size, "split_seed": recipe.data.split_seed}
+
+
+def check_checkpoint_fits(recipe: Recipe, meta: dict[str, Any], path: str | Path) -> None:
+    """A ``--from`` checkpoint must hold the recipe's model, trained on the recipe's training split.
+
+    A different split would put the checkpoint's training images into this run's
+    validation split, which then chooses epochs and thresholds on data the model has seen.
+    """
+    if meta.get("model") != recipe.model.name or meta.get("model_kwargs", {}) != recipe.model.kwargs():
+        raise ConfigError(
+            f"model: {path} holds {meta.get('model')} {meta.get('model_kwargs', {})}, the recipe asks for "
+            f"{recipe.model.name} {recipe.model.kwargs()}"
+        )
+    split = meta.get("split")
+    if split is not None and split != split_identity(recipe):
+        raise ConfigError(f"data: {path} was trained with split {split}, the recipe's is {split_identity(recipe)}")
+
+
+def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits, norm: Normalization) -> None:
+    """One validation batch through the model: input size and class count must fit the data."""
+    x, _ = next(batches(data.val, 2, shuffle=False, mean=norm.mean, std=norm.std))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model.name: {recipe.model.name} does not take {data.name} images of shape {tuple(x.shape[1:])} "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    if out.shape[-1] != len(data.classes):
+        raise ConfigError(f"model.num_classes: the model has {out.shape[-1]} outputs, {data.name} has "
+                          f"{len(data.classes)} classes")
+
+
+def check_rounds(recipe: Recipe, targets: list) -> None:
+    """Every layer name, group or glob in the rounds must name one of the prunable ``targets``."""
     layers = ", ".join(t.layer for t in targets)
     for i, rnd in enumerate(recipe.prune.rounds):
         setting = rnd.quality if rnd.criterion == "threshold" else rnd.sparsity
@@ -239,8 +291,7 @@ def _run_round(
     data: DatasetSplits,
     norm: Normalization,
     recipe: Recipe,
-    feeds: dict[str, str],
-    original_dropout: dict[str, float],
+    dropout: DropoutAdjuster,
     dense_weights: dict[str, int],
     on_epoch: Callable[[EpochRecord], None],
     log: Log,
@@ -250,9 +301,7 @@ def _run_round(
     pruner.prune(round_criterion(rnd), layers=rnd.prune)
     _, pruned_val = evaluate(model, data.val, norm, recipe.data.eval_batch_size)
     kept = {r.layer: r.kept for r in pruner.summary()}
-    dropout = {}
-    if recipe.prune.adjust_dropout and feeds:
-        dropout = set_dropout(model, original_dropout, feeds, kept, dense_weights)
+    ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
     trainable = None
     if not any(k in ("all", "*") for k in rnd.train):
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
@@ -260,7 +309,7 @@ def _run_round(
     cfg = _retrain_config(recipe, rnd)
     log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}); val before retraining {pruned_val:.2f}%; "
         f"retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
-        + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in dropout.items())}" if dropout else ""))
+        + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
     fit(model, data.train, data.val, cfg, norm, seed=recipe.seed + i, pruner=pruner, trainable=trainable,
         phase=f"round{i}", on_epoch=on_epoch, batch_size=recipe.data.batch_size,
         eval_batch_size=recipe.data.eval_batch_size)
@@ -279,7 +328,7 @@ def _run_round(
         "lr": cfg.lr,
         "val_acc_pruned": pruned_val,
         **acc,
-        "dropout": dropout,
+        "dropout": ratios,
         "layers": [dataclasses.asdict(r) for r in rows],
         "weights": total,
         "weights_kept": kept_total,
@@ -300,6 +349,8 @@ def _shrink(
     save_checkpoint(folder.path / "final_shrunk.safetensors", small, {**meta, "phase": "final_shrunk"})
     nonzero = sum(int((p != 0).sum()) for p in small.parameters())
     log("neurons: dead neurons removed\n" + report.table())
+    if report.max_abs_diff is not None and report.max_abs_diff > 1e-5:
+        log(f"WARNING: the shrunken model's outputs differ by {report.max_abs_diff:.2e} (> 1e-5)")
     log(f"neurons: shrunken model has {report.params_after:,} parameters ({nonzero:,} non-zero); "
         f"largest output difference {report.max_abs_diff:.2e}")
     return {

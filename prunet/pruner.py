@@ -189,6 +189,7 @@ class Pruner:
 
     Args:
         model: any ``nn.Module``.
+        criterion: the default criterion of :meth:`prune`.
         include: regex patterns on parameter names to prune; default: the
             ``weight`` of every Linear and Conv layer (biases are not pruned, as in the paper).
         exclude: regex patterns on parameter names to leave alone (applied after include).
@@ -197,11 +198,15 @@ class Pruner:
     The masks live on the model as buffers (``fc1.weight_mask``), so
     ``model.state_dict()`` holds them. To resume, build the model, wrap it in a
     ``Pruner`` and ``load_state_dict``: the masks come back with the weights.
+    Enforcement lives in hooks, which ``copy.deepcopy`` does not copy: a copy of
+    a pruned model keeps its masks and is enforced again once wrapped in a new
+    ``Pruner`` (which finds and keeps the masks).
     """
 
     def __init__(
         self,
         model: nn.Module,
+        criterion: Criterion | None = None,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
         types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
@@ -210,28 +215,35 @@ class Pruner:
         self.targets: list[Target] = find_targets(model, include, exclude, types)
         if not self.targets:
             raise ValueError("no prunable parameters found (check include/exclude patterns)")
+        self.criterion = criterion
         self._handles = {t.param: M.attach_mask(t.module, t.attr) for t in self.targets}
+        self._optimizers: list[torch.optim.Optimizer] = []
         self._optimizer_handles: list = []
 
     # --- pruning -----------------------------------------------------------------------------
 
     def prune(
         self,
-        criterion: Criterion,
+        criterion: Criterion | None = None,
         layers: Iterable[str] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> dict[str, LayerSummary]:
         """Compute new masks with ``criterion`` and apply them.
 
         Args:
-            criterion: e.g. ``Threshold(1.0)``, ``Sparsity({"fc1": 0.9})``, ``GlobalMagnitude(0.9)``.
+            criterion: e.g. ``Threshold(1.0)``, ``Sparsity({"fc1": 0.9})``, ``GlobalMagnitude(0.9)``;
+                default the one given to the constructor.
             layers: restrict to these layers (names, groups such as ``fc``/``conv``,
                 globs); default all targets.
-            optimizer: its state is zeroed at the pruned entries.
+            optimizer: its state is zeroed at the pruned entries (so is the state of
+                every optimizer given to :meth:`attach`).
 
         Returns:
             The summary after pruning, by layer name.
         """
+        criterion = criterion or self.criterion
+        if criterion is None:
+            raise ValueError("prune() needs a criterion: pass one here or to Pruner(model, criterion)")
         unknown = [k for k in criterion.keys() if not any(matches(t, k) for t in self.targets)]
         if unknown:
             names = ", ".join(t.layer for t in self.targets)
@@ -242,6 +254,8 @@ class Pruner:
             if t.param in new:
                 # AND with the current mask: a criterion can only remove connections.
                 M.set_mask(t.module, t.attr, new[t.param] & t.mask.bool(), optimizer)
+                for opt in self._optimizers:
+                    M.mask_optimizer_state(opt, t.weight, t.mask)
         return {s.layer: s for s in self.summary()}
 
     def select(self, layers: Iterable[str] | None) -> list[Target]:
@@ -259,16 +273,29 @@ class Pruner:
     # --- enforcement -------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Enforce the masks after every ``optimizer.step()`` and clean its state now."""
+        """Enforce the masks after every ``optimizer.step()`` and keep its state clean.
+
+        Its state is masked now, after every later :meth:`prune`, and after
+        ``optimizer.load_state_dict`` (an old momentum buffer must not revive a pruned weight).
+        """
+        self.clean_optimizer(optimizer)
+        self._optimizers.append(optimizer)
+        self._optimizer_handles += [
+            optimizer.register_step_post_hook(lambda *_: self.enforce()),
+            optimizer.register_load_state_dict_post_hook(self.clean_optimizer),
+        ]
+
+    def clean_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero ``optimizer``'s per-weight state (momentum, Adam moments) at every pruned entry."""
         for t in self.targets:
             M.mask_optimizer_state(optimizer, t.weight, t.mask)
-        self._optimizer_handles.append(optimizer.register_step_post_hook(lambda *_: self.enforce()))
 
     def detach_optimizers(self) -> None:
         """Remove the step hooks installed by :meth:`attach`."""
         for h in self._optimizer_handles:
             h.remove()
         self._optimizer_handles.clear()
+        self._optimizers.clear()
 
     def enforce(self) -> None:
         """Zero every pruned weight now (call after ``optimizer.step()`` if not attached)."""
@@ -302,7 +329,7 @@ class Pruner:
         """
         self.detach_optimizers()
         for t in self.targets:
-            M.bake(t.module, t.attr, self._handles.pop(t.param, None))
+            M.bake(t.module, t.attr, self._handles.pop(t.param, ()))
         self.targets = []
         return self.model
 

@@ -73,6 +73,36 @@ def dropout_feeds(model: nn.Module, prunable: Iterable[str]) -> dict[str, str]:
     return out
 
 
+class DropoutAdjuster:
+    """Remembers a model's original dropout ratios and sets the paper's adjusted ones.
+
+    Create it before any retraining (the ratios it finds are taken as ``D_o``);
+    then, after each pruning step, :meth:`adjust` with the layers' kept and dense
+    connection counts. :meth:`restore` puts the originals back.
+
+    Args:
+        model: the network.
+        prunable: names of the prunable layers.
+        feeds: dropout name -> layer name; found by :func:`dropout_feeds` when None.
+    """
+
+    def __init__(self, model: nn.Module, prunable: Iterable[str], feeds: Mapping[str, str] | None = None):
+        self.model = model
+        self.feeds = dict(feeds) if feeds is not None else dropout_feeds(model, prunable)
+        modules = dict(model.named_modules())
+        self.original = {d: modules[d].p for d in self.feeds}
+
+    def adjust(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> dict[str, float]:
+        """Set every mapped dropout to ``D_o * sqrt(kept / dense)``; returns dropout name -> ratio."""
+        return set_dropout(self.model, self.original, self.feeds, kept, dense)
+
+    def restore(self) -> None:
+        """Put the original ratios back (e.g. before saving a model that is rebuilt from its recipe)."""
+        modules = dict(self.model.named_modules())
+        for d, p in self.original.items():
+            modules[d].p = p
+
+
 def set_dropout(
     model: nn.Module,
     original: Mapping[str, float],

@@ -134,8 +134,9 @@ def test_train_then_run_from_its_checkpoint(tmp_path, capsys, fast_data):
     dense_dir, pruned_dir = tmp_path / "dense", tmp_path / "pruned"
     assert main(["train", str(recipe), "--set", "train.epochs=1", "--run-dir", str(dense_dir)]) == 0
     summary = json.loads((dense_dir / "summary.json").read_text())
-    assert summary["rounds"] == [] and summary["weights_kept"] == summary["weights"]
-    assert not list(dense_dir.glob("round*.safetensors"))
+    assert "rounds" not in summary and summary["parameters"] == 266_610
+    assert (dense_dir / "dense.safetensors").is_file()
+    assert not list(dense_dir.glob("round*.safetensors")) and not (dense_dir / "final.safetensors").exists()
 
     assert main(["run", str(recipe), "--from", str(dense_dir / "dense.safetensors"),
                  "--set", "prune.rounds=[{criterion: sparsity, sparsity: 0.5, epochs: 1}]",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
-from prunet.config import load_recipe, recipe_from_dict
+from prunet.config import ConfigError, load_recipe, recipe_from_dict
 from prunet.data import DataError
 from prunet.pipeline import run
 from prunet.schedule import round_criterion
@@ -265,3 +265,55 @@ def test_round_criterion_objects():
         ]}}
     ).prune.rounds
     assert [round_criterion(r) for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]
+
+
+# --- guarding earlier runs and mismatched inputs ------------------------------------------------
+
+
+def test_second_run_into_a_used_folder_needs_overwrite(base_run, fast_data, tmp_path):
+    data, folder, _ = base_run
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_recipe(copy.deepcopy(data), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_removes_the_earlier_runs_files(tiny_recipe, fast_data, tmp_path):
+    folder = tmp_path / "again"
+    run_recipe(copy.deepcopy(tiny_recipe), folder)
+    assert (folder / "round2.safetensors").exists()
+    (folder / "sensitivity.csv").write_text("from the earlier dense model\n")
+    (folder / "notes.txt").write_text("the user's own file\n")
+    tiny_recipe["prune"]["rounds"] = tiny_recipe["prune"]["rounds"][:1]
+    run_recipe(tiny_recipe, folder, overwrite=True)
+    assert (folder / "round1.safetensors").exists() and not (folder / "round2.safetensors").exists()
+    assert not (folder / "sensitivity.csv").exists()
+    assert (folder / "notes.txt").read_text() == "the user's own file\n"
+
+
+def test_from_checkpoint_of_another_model_is_refused(base_run, fast_data, tmp_path):
+    data, base_folder, _ = base_run
+    other = copy.deepcopy(data)
+    other["model"] = {"name": "lenet_5"}
+    other["prune"]["rounds"] = [{"criterion": "sparsity", "sparsity": 0.5, "epochs": 0}]
+    with pytest.raises(ConfigError, match="lenet_300_100"):
+        run_recipe(other, tmp_path / "x", from_checkpoint=base_folder / "dense.safetensors")
+    assert not (tmp_path / "x").exists()
+
+
+def test_from_checkpoint_with_another_split_is_refused(base_run, fast_data, tmp_path):
+    data, base_folder, _ = base_run
+    other = copy.deepcopy(data)
+    other["data"]["split_seed"] = 1  # its validation images were the checkpoint's training images
+    with pytest.raises(ConfigError, match="split"):
+        run_recipe(other, tmp_path / "x", from_checkpoint=base_folder / "dense.safetensors")
+
+
+def test_model_that_does_not_fit_the_data_fails_before_training(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["model"]["num_classes"] = 5
+    with pytest.raises(ConfigError, match="model.num_classes: the model has 5 outputs"):
+        run_recipe(tiny_recipe, tmp_path / "x")
+    tiny_recipe["model"] = {"name": "alexnet", "num_classes": 10}
+    with pytest.raises(ConfigError, match="model.name: alexnet does not take"):
+        run_recipe(tiny_recipe, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -476,3 +478,62 @@ def test_baked_model_equals_a_hand_masked_copy(lenet, mnist_batch):
             p.copy_(src * mask if mask is not None else src)
     x, _ = mnist_batch(32)
     assert torch.equal(pruner.bake()(x), reference(x))
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_criterion_given_to_the_constructor(lenet):
+    pruner = Pruner(lenet(), Sparsity(0.5))
+    rows = pruner.prune()
+    assert rows["fc1"].kept == 235_200 // 2
+    with pytest.raises(ValueError, match="needs a criterion"):
+        Pruner(lenet()).prune()
+
+
+def test_reloading_old_optimizer_state_does_not_revive_pruned_weights(lenet, mnist_batch):
+    model = lenet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = mnist_batch()
+    _step(model, opt, x, y)
+    dense_state = copy.deepcopy(opt.state_dict())  # momentum everywhere
+    pruner = Pruner(model)
+    pruner.attach(opt)
+    pruner.prune(Sparsity(0.9))
+    opt.load_state_dict(dense_state)
+    buf = opt.state[model.fc1.weight]["momentum_buffer"]
+    assert torch.count_nonzero(buf[model.fc1.weight_mask == 0]) == 0
+    pruner.bake()  # no more enforcement: only clean state keeps the weights at zero
+    pruned = model.fc1.weight == 0
+    for _ in range(3):
+        opt.zero_grad()
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        model.fc1.weight.grad[pruned] = 0  # freeze the pattern by hand, as a fine-tuning user might
+        opt.step()
+    assert torch.count_nonzero(model.fc1.weight[pruned]) == 0
+
+
+def test_prune_cleans_the_state_of_attached_optimizers(lenet, mnist_batch):
+    model = lenet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner = Pruner(model)
+    pruner.attach(opt)
+    _step(model, opt, *mnist_batch())
+    pruner.prune(Sparsity(0.8))  # no optimizer= here: the attached one is cleaned anyway
+    pruned = model.fc2.weight_mask == 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.count_nonzero(opt.state[model.fc2.weight][key][pruned]) == 0
+
+
+def test_loading_dense_weights_keeps_pruned_weights_at_zero(lenet):
+    model = lenet()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = Pruner(model)
+    pruner.prune(Sparsity(0.5))
+    model.load_state_dict(dense, strict=False)  # weights only: the masks stay
+    assert torch.count_nonzero(model.fc1.weight[model.fc1.weight_mask == 0]) == 0
+    assert pruner.summary()[0].kept == 235_200 // 2

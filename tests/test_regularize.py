@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from prunet.models import create_model
 from prunet.regularize import (
+    DropoutAdjuster,
     adjusted_dropout,
     decayed_parameters,
     dropout_feeds,
@@ -141,3 +142,16 @@ def test_set_dropout_uses_the_original_ratio_every_round():
     for kept in (4, 2, 2):
         set_dropout(model, {"drop": 0.5}, feeds, {"fc2": kept}, {"fc2": 8})
     assert model.drop.p == pytest.approx(0.5 * math.sqrt(2 / 8))
+
+
+def test_dropout_adjuster_always_scales_the_original_ratio():
+    """An iterative ladder adjusts the same model again and again: D_o stays the dense ratio."""
+    model = create_model("alexnet", dropout=0.5)
+    adjuster = DropoutAdjuster(model, ["fc6", "fc7", "fc8"])
+    dense = {"fc7": 16_777_216, "fc8": 4_096_000}
+    adjuster.adjust({"fc7": dense["fc7"] // 4, "fc8": dense["fc8"]}, dense)
+    used = adjuster.adjust({"fc7": dense["fc7"] // 4, "fc8": dense["fc8"] // 16}, dense)
+    assert used == {"drop6": pytest.approx(0.25), "drop7": pytest.approx(0.125)}
+    assert (model.drop6.p, model.drop7.p) == (pytest.approx(0.25), pytest.approx(0.125))
+    adjuster.restore()
+    assert (model.drop6.p, model.drop7.p) == (0.5, 0.5)

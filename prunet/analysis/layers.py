@@ -360,4 +360,3 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence]
         writer.writerow(columns)
         writer.writerows(rows)
     return path
-    return path

@@ -49,7 +49,7 @@ from prunet.config import Recipe, TrainConfig
 from prunet.data import DatasetSplits
 from prunet.models import create_model
 from prunet.pruner import Criterion, GlobalMagnitude, Pruner, Sparsity
-from prunet.regularize import dropout_feeds, set_dropout
+from prunet.regularize import DropoutAdjuster
 from prunet.train import Normalization, evaluate, fit
 
 Log = Callable[[str], None]
@@ -338,25 +338,26 @@ def tradeoff_study(
         # One-shot: each fraction pruned from the dense model, then retrained.
         for target in ladder:
             for reg in ("l1", "l2"):
-                model, pruner = _pruned_copy(recipe, dense[reg], criterion, target)
+                model, pruner, dropout = _pruned_copy(recipe, dense[reg], criterion, target)
                 rows.append(point(model, pruner, f"{reg}_noretrain", reg, target, 0))
-                _retrain(model, pruner, recipe, data, norm, dense[reg], retrain_epochs, seed=recipe.seed + 1)
+                _retrain(model, pruner, dropout, recipe, data, norm, dense[reg], retrain_epochs, seed=recipe.seed + 1)
                 rows.append(point(model, pruner, f"{reg}_retrain", reg, target, retrain_epochs))
                 bar.update()
 
         # Iterative: the L2 model walks up the ladder, pruning its survivors further each step.
-        model, pruner = _pruned_copy(recipe, dense["l2"], criterion, None)
+        model, pruner, dropout = _pruned_copy(recipe, dense["l2"], criterion, None)
         for k, target in enumerate(ladder):
             pruner.prune(prune_criterion(criterion, target))
             # The first step's seed equals the one-shot seed: both start identical there.
-            _retrain(model, pruner, recipe, data, norm, dense["l2"], retrain_epochs, seed=recipe.seed + 1 + k)
+            _retrain(model, pruner, dropout, recipe, data, norm, dense["l2"], retrain_epochs,
+                     seed=recipe.seed + 1 + k)
             rows.append(point(model, pruner, "l2_iterative", "l2", target, (k + 1) * retrain_epochs))
             bar.update()
 
         # One-shot to the last fraction with the ladder's whole retraining budget.
         total = len(ladder) * retrain_epochs
-        model, pruner = _pruned_copy(recipe, dense["l2"], criterion, ladder[-1])
-        _retrain(model, pruner, recipe, data, norm, dense["l2"], total, seed=recipe.seed + 1)
+        model, pruner, dropout = _pruned_copy(recipe, dense["l2"], criterion, ladder[-1])
+        _retrain(model, pruner, dropout, recipe, data, norm, dense["l2"], total, seed=recipe.seed + 1)
         rows.append(point(model, pruner, "oneshot_equal_epochs", "l2", ladder[-1], total))
         bar.update()
     return rows
@@ -371,20 +372,25 @@ def pruned_fraction(pruner: Pruner) -> float:
 
 def _pruned_copy(
     recipe: Recipe, dense: DenseModel, criterion: str, fraction: float | None
-) -> tuple[nn.Module, Pruner]:
-    """A fresh model holding the dense weights, with a pruner, pruned to ``fraction`` (None: not pruned)."""
+) -> tuple[nn.Module, Pruner, DropoutAdjuster]:
+    """A fresh model holding the dense weights, its pruner and dropout adjuster, pruned to ``fraction``.
+
+    ``fraction`` None leaves it unpruned.
+    """
     # A new model each time: masks, hooks and dropout ratios never leak between points.
     model = create_model(recipe.model.name, **recipe.model.kwargs())
     model.load_state_dict(dense.state)
     pruner = Pruner(model)
+    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the original ratios, D_o
     if fraction is not None:
         pruner.prune(prune_criterion(criterion, fraction))
-    return model, pruner
+    return model, pruner, dropout
 
 
 def _retrain(
     model: nn.Module,
     pruner: Pruner,
+    dropout: DropoutAdjuster,
     recipe: Recipe,
     data: DatasetSplits,
     norm: Normalization,
@@ -395,12 +401,7 @@ def _retrain(
     """Retrain the survivors with the dense model's regulariser at the recipe's pruning learning rate."""
     if recipe.prune.adjust_dropout:
         rows = pruner.summary()
-        feeds = dropout_feeds(model, [r.layer for r in rows])
-        if feeds:
-            # The model is rebuilt from the recipe for every point, so its ratios are the originals.
-            modules = dict(model.named_modules())
-            set_dropout(model, {d: modules[d].p for d in feeds}, feeds,
-                        {r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
+        dropout.adjust({r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
     cfg = _retrain_config(recipe.train, recipe, dense, epochs)
     fit(model, data.train, data.val, cfg, norm, seed=seed, pruner=pruner, phase=f"retrain_{dense.regularizer}",
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
