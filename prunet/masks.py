@@ -14,10 +14,11 @@ Three mechanisms keep pruned entries exactly zero:
   by the mask, so masked entries get exactly zero gradient (also under
   gradient accumulation), and
   momentum / Adam moments that start at zero stay at zero;
-* after each optimizer step (a step post-hook, or :func:`enforce` by hand) the
-  weight is multiplied by the mask again, which catches anything that moves a
-  weight without a gradient (decoupled weight decay of a non-zero weight, a
-  user writing into ``.data``).
+* after each optimizer step (a step post-hook, or ``Pruner.enforce`` by hand)
+  the weight can be multiplied by the mask again, which catches an optimizer
+  that moves a weight without a gradient (LBFGS, a custom one). The pruner
+  skips this for torch's first-order optimizers, which provably leave such a
+  weight at zero (``Pruner.attach``).
 
 When a mask is set, the optimizer's per-parameter state of the same shape
 (momentum buffers, Adam moments) is zeroed where the mask is zero, so the

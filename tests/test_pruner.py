@@ -537,3 +537,43 @@ def test_loading_dense_weights_keeps_pruned_weights_at_zero(lenet):
     model.load_state_dict(dense, strict=False)  # weights only: the masks stay
     assert torch.count_nonzero(model.fc1.weight[model.fc1.weight_mask == 0]) == 0
     assert pruner.summary()[0].kept == 235_200 // 2
+
+
+class _Jitter(torch.optim.Optimizer):
+    """Moves every entry, gradient or not: the case the per-step multiply exists for."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(0.01)
+
+
+def test_an_optimizer_that_moves_zero_gradient_weights_is_enforced_every_step(lenet, mnist_batch):
+    model = lenet()
+    opt = _Jitter(model.parameters())
+    pruner = Pruner(model)
+    pruner.attach(opt)
+    pruner.prune(Sparsity(0.7))
+    for _ in range(5):
+        _step(model, opt, *mnist_batch())
+    for t in pruner.targets:
+        assert torch.count_nonzero(t.weight[t.mask == 0]) == 0
+
+
+def test_first_order_optimizers_skip_the_per_step_multiply(lenet, mnist_batch):
+    """Masked gradients and clean state alone keep SGD with momentum and weight decay exact."""
+    model = lenet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    _step(model, opt, *mnist_batch())
+    pruner = Pruner(model)
+    pruner.attach(opt)
+    assert not any(opt._optimizer_step_post_hooks)  # no multiply after step
+    pruner.prune(Sparsity(0.7))
+    for i in range(20):
+        _step(model, opt, *mnist_batch(seed=i))
+    for t in pruner.targets:
+        assert torch.count_nonzero(t.weight[t.mask == 0]) == 0
