@@ -51,11 +51,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     os.close(fd)
     try:
         save_file(state, tmp, metadata={_META_KEY: json.dumps(meta)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -32,7 +32,7 @@ from prunet.neurons import remove_dead_neurons
 from prunet.pruner import DEFAULT_TYPES, LayerSummary, Pruner, find_targets, matches
 from prunet.regularize import DropoutAdjuster
 from prunet.schedule import round_criterion
-from prunet.train import EpochRecord, Normalization, evaluate, fit
+from prunet.train import EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
 
@@ -149,7 +149,7 @@ def run(
         fit(model, data.train, data.val, recipe.train, norm, seed=recipe.seed, phase="dense", on_epoch=on_epoch,
             batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
     save_checkpoint(folder.path / "dense.safetensors", model, {**meta, "phase": "dense"})
-    dense = _accuracies(model, data, norm, recipe)
+    dense = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
     log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
     folder.log_metrics("dense", **dense)
 
@@ -189,7 +189,7 @@ def run(
     # 3. The final model.
     dropout.restore()  # a checkpoint's model is rebuilt with the original ratios
     save_checkpoint(folder.path / "final.safetensors", model, {**meta, "phase": "final"})
-    final = _accuracies(model, data, norm, recipe)
+    final = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
     layers = [dataclasses.asdict(r) for r in pruner.summary()]
     total = sum(r["weights"] for r in layers)
     kept = sum(r["kept"] for r in layers)
@@ -313,7 +313,7 @@ def _run_round(
     fit(model, data.train, data.val, cfg, norm, seed=recipe.seed + i, pruner=pruner, trainable=trainable,
         phase=f"round{i}", on_epoch=on_epoch, batch_size=recipe.data.batch_size,
         eval_batch_size=recipe.data.eval_batch_size)
-    acc = _accuracies(model, data, norm, recipe)
+    acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
     rows = pruner.summary()
     log(format_layer_table(rows))
     log(f"round {i}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
@@ -375,9 +375,3 @@ def _retrain_config(recipe: Recipe, rnd: RoundConfig) -> TrainConfig:
         regularization=p.regularization or recipe.train.regularization,
         reg_strength=p.reg_strength if p.reg_strength is not None else recipe.train.reg_strength,
     )
-
-
-def _accuracies(model: nn.Module, data: DatasetSplits, norm: Normalization, recipe: Recipe) -> dict[str, float]:
-    val_loss, val_acc = evaluate(model, data.val, norm, recipe.data.eval_batch_size)
-    test_loss, test_acc = evaluate(model, data.test, norm, recipe.data.eval_batch_size)
-    return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}

@@ -83,6 +83,14 @@ def evaluate(model: nn.Module, split: Split, norm: Normalization, batch_size: in
     return loss_sum / n, 100.0 * correct / n
 
 
+def evaluate_splits(model: nn.Module, val: Split, test: Split, norm: Normalization,
+                    batch_size: int = 1000) -> dict[str, float]:
+    """Loss and accuracy on the validation split (which chooses) and the test split (only reported)."""
+    val_loss, val_acc = evaluate(model, val, norm, batch_size)
+    test_loss, test_acc = evaluate(model, test, norm, batch_size)
+    return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
+
+
 def fit(
     model: nn.Module,
     train: Split,

@@ -50,7 +50,7 @@ from prunet.data import DatasetSplits
 from prunet.models import create_model
 from prunet.pruner import Criterion, GlobalMagnitude, Pruner, Sparsity
 from prunet.regularize import DropoutAdjuster
-from prunet.train import Normalization, evaluate, fit
+from prunet.train import Normalization, evaluate_splits, fit
 
 Log = Callable[[str], None]
 
@@ -191,7 +191,8 @@ def train_dense(
     model = create_model(recipe.model.name, **recipe.model.kwargs())
     fit(model, data.train, data.val, cfg, norm, seed=recipe.seed, phase=f"dense_{regularizer}",
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
-    val_acc, test_acc = _accuracies(model, data, norm, recipe)
+    acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
+    val_acc, test_acc = acc["val_acc"], acc["test_acc"]
     seconds = time.perf_counter() - start
     log(f"dense {regularizer} ({strength:g}), {cfg.epochs} epochs: val {val_acc:.2f}%  test {test_acc:.2f}%  "
         f"({seconds:.0f}s)")
@@ -324,7 +325,8 @@ def tradeoff_study(
     }
 
     def point(model: nn.Module, pruner: Pruner, curve: str, reg: str, target: float, epochs: int) -> TradeoffRow:
-        val_acc, test_acc = _accuracies(model, data, norm, recipe)
+        acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
+        val_acc, test_acc = acc["val_acc"], acc["test_acc"]
         d = dense[reg]
         row = TradeoffRow(network, curve, reg, target, pruned_fraction(pruner), val_acc, test_acc,
                           d.val_acc, d.test_acc, epochs)
@@ -417,11 +419,6 @@ def _retrain_config(train: TrainConfig, recipe: Recipe, dense: DenseModel, epoch
         reg_strength=dense.strength,
     )
 
-
-def _accuracies(model: nn.Module, data: DatasetSplits, norm: Normalization, recipe: Recipe) -> tuple[float, float]:
-    _, val_acc = evaluate(model, data.val, norm, recipe.data.eval_batch_size)
-    _, test_acc = evaluate(model, data.test, norm, recipe.data.eval_batch_size)
-    return val_acc, test_acc
 
 
 # --- tables ---------------------------------------------------------------------------------
