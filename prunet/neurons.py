@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from prunet.pruner import DEFAULT_TYPES
+
 __all__ = [
     "DeadNeurons",
     "LayerNeurons",
@@ -214,7 +216,7 @@ def _leaves(module: nn.Sequential, prefix: str = "") -> Iterator[tuple[str, nn.M
 
 def _is_layer(module: nn.Module) -> bool:
     """A layer made of neurons: Linear, or a (not transposed) Conv."""
-    return isinstance(module, (nn.Linear, *_CONVS))
+    return isinstance(module, DEFAULT_TYPES)
 
 
 def _width(module: nn.Module) -> int:

@@ -13,6 +13,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from prunet.pruner import DEFAULT_TYPES
+
 
 def l1_penalty(params: Iterable[torch.Tensor], strength: float) -> torch.Tensor:
     """``strength * sum |w|``: gradient ``strength * sign(w)`` (0 at w = 0)."""
@@ -65,7 +67,7 @@ def dropout_feeds(model: nn.Module, prunable: Iterable[str]) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             pending.append(name)
-        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or name in prunable:
+        elif isinstance(module, DEFAULT_TYPES) or name in prunable:
             # The dropout feeds this layer, pruned or not; map it only when it is pruned.
             if name in prunable:
                 out.update({d: name for d in pending})

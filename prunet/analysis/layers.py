@@ -26,8 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-# The layers whose weights the paper prunes: fully connected and convolutional.
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from prunet.pruner import DEFAULT_TYPES, layer_kind
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ``[(name, module), ...]``; the order is taken to be the order of execution,
         which holds for the registry models and for most feed-forward networks.
     """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DEFAULT_TYPES)]
 
 
 @contextlib.contextmanager
@@ -228,7 +227,7 @@ def layer_table(
         rows.append(
             LayerRow(
                 name=name,
-                kind="fc" if isinstance(module, nn.Linear) else "conv",
+                kind=layer_kind(module),
                 shape=tuple(module.weight.shape),
                 weights=weights,
                 kept=kept,
