@@ -25,6 +25,11 @@ def _recipe(args: argparse.Namespace, path: str | Path | None = None):
     return load_recipe(path or args.recipe, overrides)
 
 
+def _dense_only(recipe):
+    """The recipe without pruning rounds: dense training alone."""
+    return dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[]))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from prunet.models import create_model, get_model_info, list_models
 
@@ -41,8 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from prunet.pipeline import run
 
     recipe = _recipe(args)
-    recipe = dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[]))
-    run(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
+    run(_dense_only(recipe), run_dir=args.run_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -80,7 +84,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         checkpoint = out / "dense.safetensors"
         if not checkpoint.is_file():
             print(f"no {checkpoint}: training the dense model first")
-            run(dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[])), run_dir=out)
+            run(_dense_only(recipe), run_dir=out)
     else:
         checkpoint = target
         if not checkpoint.is_file():

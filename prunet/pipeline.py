@@ -24,14 +24,14 @@ import torch.nn as nn
 import yaml
 
 from prunet.checkpoint import load_model, save_checkpoint
-from prunet.config import ConfigError, Recipe, RoundConfig, TrainConfig
+from prunet.config import ConfigError, Recipe, RoundConfig
 from prunet.data import DatasetSplits, Split, batches, load_dataset
 from prunet.masks import baked_copy
 from prunet.models import create_model
 from prunet.neurons import remove_dead_neurons
 from prunet.pruner import DEFAULT_TYPES, LayerSummary, Pruner, find_targets, matches
 from prunet.regularize import DropoutAdjuster
-from prunet.schedule import round_criterion
+from prunet.schedule import retrain_config, round_criterion
 from prunet.train import EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -306,7 +306,7 @@ def _run_round(
     if not any(k in ("all", "*") for k in rnd.train):
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
         trainable = [p for m in modules.values() for p in m.parameters()]
-    cfg = _retrain_config(recipe, rnd)
+    cfg = retrain_config(recipe, rnd.epochs, rnd.lr_fraction)
     log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}); val before retraining {pruned_val:.2f}%; "
         f"retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
         + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
@@ -362,16 +362,3 @@ def _shrink(
         "boundaries": report.boundaries,
         "layers": report.rows(),
     }
-
-
-def _retrain_config(recipe: Recipe, rnd: RoundConfig) -> TrainConfig:
-    p = recipe.prune
-    fraction = rnd.lr_fraction if rnd.lr_fraction is not None else p.lr_fraction
-    return dataclasses.replace(
-        recipe.train,
-        epochs=rnd.epochs,
-        lr=recipe.train.lr * fraction,
-        lr_schedule=p.lr_schedule,
-        regularization=p.regularization or recipe.train.regularization,
-        reg_strength=p.reg_strength if p.reg_strength is not None else recipe.train.reg_strength,
-    )

@@ -45,11 +45,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from prunet.analysis.layers import write_csv
-from prunet.config import Recipe, TrainConfig
+from prunet.config import Recipe
 from prunet.data import DatasetSplits
 from prunet.models import create_model
 from prunet.pruner import Criterion, GlobalMagnitude, Pruner, Sparsity
 from prunet.regularize import DropoutAdjuster
+from prunet.schedule import retrain_config
 from prunet.train import Normalization, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -404,20 +405,10 @@ def _retrain(
     if recipe.prune.adjust_dropout:
         rows = pruner.summary()
         dropout.adjust({r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
-    cfg = _retrain_config(recipe.train, recipe, dense, epochs)
+    cfg = retrain_config(recipe, epochs, regularization=dense.regularizer, reg_strength=dense.strength)
     fit(model, data.train, data.val, cfg, norm, seed=seed, pruner=pruner, phase=f"retrain_{dense.regularizer}",
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
 
-
-def _retrain_config(train: TrainConfig, recipe: Recipe, dense: DenseModel, epochs: int) -> TrainConfig:
-    return dataclasses.replace(
-        train,
-        epochs=epochs,
-        lr=train.lr * recipe.prune.lr_fraction,
-        lr_schedule=recipe.prune.lr_schedule,
-        regularization=dense.regularizer,
-        reg_strength=dense.strength,
-    )
 
 
 
