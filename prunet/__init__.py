@@ -14,18 +14,34 @@ Example:
 
 __version__ = "0.1.0"
 
-from prunet.criteria import compression_to_keep_fraction, global_sparsity_masks, sparsity_mask, threshold_mask
+from prunet.criteria import (
+    CRITERIA,
+    Criterion,
+    GlobalMagnitude,
+    Sparsity,
+    Threshold,
+    compression_to_keep_fraction,
+    global_sparsity_masks,
+    sparsity_mask,
+    threshold_mask,
+)
+from prunet.layers import LayerRow, find_layers, format_table
 from prunet.models import create_model, list_models
-from prunet.pruner import GlobalMagnitude, Pruner, Sparsity, Threshold
+from prunet.pruner import Pruner
 
 __all__ = [
     "__version__",
+    "CRITERIA",
+    "Criterion",
     "GlobalMagnitude",
+    "LayerRow",
     "Pruner",
     "Sparsity",
     "Threshold",
     "compression_to_keep_fraction",
     "create_model",
+    "find_layers",
+    "format_table",
     "global_sparsity_masks",
     "list_models",
     "sparsity_mask",

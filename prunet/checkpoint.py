@@ -9,19 +9,18 @@ shapes in the file itself. Nothing is unpickled on load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from prunet.masks import MASK_SUFFIX
+from prunet.files import atomic_path
+from prunet.masks import MASK_SUFFIX, masked_params
 from prunet.models import create_model
-from prunet.pruner import Pruner, masked_state_keys
+from prunet.pruner import Pruner
 
 _META_KEY = "prunet"
 
@@ -43,26 +42,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
             :func:`load_model` rebuild it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Masks are 0/1 in the weight's dtype in memory (fast to multiply); store them as bool.
     state = {k: v.bool() if k.endswith(MASK_SUFFIX) else v for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={_META_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,8 +57,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY, "{}")
         meta = json.loads(raw)
@@ -99,7 +82,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, An
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     resize_to_state(model, state)
-    masked = masked_state_keys(state)
+    masked = masked_params(state)
     pruner = Pruner(model, include=[f"^{k}$".replace(".", r"\.") for k in masked]) if masked else None
     load_state(model, state, path)
     if pruner is not None:

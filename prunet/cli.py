@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from prunet import __version__
+from prunet.analysis.report import write_report
+from prunet.analysis.sensitivity import (
+    format_sensitivity_table,
+    plot_sensitivity,
+    propose_qualities,
+    sensitivity,
+    write_sensitivity_csv,
+)
+from prunet.analysis.tradeoff import (
+    DEFAULT_FRACTIONS,
+    check_study_args,
+    format_tradeoff_table,
+    plot_tradeoff,
+    tradeoff_study,
+    write_tradeoff_csv,
+)
+from prunet.checkpoint import CheckpointError, load_model
+from prunet.config import ConfigError, load_recipe, parse_override
+from prunet.data import DataError, load_data
+from prunet.files import write_text
+from prunet.models import create_model, get_model_info, list_models
+from prunet.pipeline import run
+from prunet.runfolder import SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
+from prunet.train import Normalization
 
 
 class UsageError(ValueError):
@@ -17,22 +40,13 @@ class UsageError(ValueError):
 
 def _recipe(args: argparse.Namespace, path: str | Path | None = None):
     """The recipe named on the command line, with ``--set`` and ``--data-dir`` applied."""
-    from prunet.config import load_recipe, parse_override
-
     overrides = dict(parse_override(s) for s in args.set or [])
     if getattr(args, "data_dir", None):
         overrides["data.data_dir"] = args.data_dir
     return load_recipe(path or args.recipe, overrides)
 
 
-def _dense_only(recipe):
-    """The recipe without pruning rounds: dense training alone."""
-    return dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, rounds=[]))
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    from prunet.models import create_model, get_model_info, list_models
-
     print(f"{'name':<16} {'parameters':>12}  {'input':<12} description")
     for name in list_models():
         info = get_model_info(name)
@@ -43,16 +57,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from prunet.pipeline import run
-
     recipe = _recipe(args)
-    run(_dense_only(recipe), run_dir=args.run_dir, overwrite=args.overwrite)
+    run(recipe.dense_only(), run_dir=args.run_dir, overwrite=args.overwrite)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from prunet.pipeline import run
-
     recipe = _recipe(args)
     if not recipe.prune.rounds:
         raise UsageError(f"{args.recipe} has no prune.rounds; use 'prunet train' for dense training only")
@@ -63,13 +73,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from prunet.analysis.sensitivity import (
-        format_sensitivity_table, plot_sensitivity, propose_qualities, sensitivity, write_sensitivity_csv,
-    )
-    from prunet.checkpoint import load_model
-    from prunet.pipeline import load_data, run
-    from prunet.train import Normalization
-
     # Arguments first: nothing is trained or written for a bad one.
     try:
         values = [float(v) for v in args.values.split(",")] if args.values else None
@@ -84,7 +87,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         checkpoint = out / "dense.safetensors"
         if not checkpoint.is_file():
             print(f"no {checkpoint}: training the dense model first")
-            run(_dense_only(recipe), run_dir=out)
+            run(recipe.dense_only(), run_dir=out)
     else:
         checkpoint = target
         if not checkpoint.is_file():
@@ -95,15 +98,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
         recipe = _recipe(args, source)
     model, _, _ = load_model(checkpoint)
-    data = load_data(recipe)
+    data = load_data(recipe.data)
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
                            batch_size=recipe.data.eval_batch_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    csv_path = write_sensitivity_csv(rows, out / "sensitivity.csv")
-    png_path = plot_sensitivity(rows, out / "sensitivity.png")
+    folder = RunFolder(out)
+    csv_path = write_sensitivity_csv(rows, folder.record(SENSITIVITY_CSV))
+    png_path = plot_sensitivity(rows, folder.record(SENSITIVITY_PNG))
     print(f"{checkpoint}: validation accuracy (fraction of the layer pruned), each layer pruned alone")
     print(format_sensitivity_table(rows))
     proposal = ", ".join(f"{k}: {v:g}" for k, v in propose_qualities(rows, args.max_drop).items()) or "none"
@@ -113,8 +117,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prunet.analysis.report import write_report
-
     if args.sram_mib is not None and not args.sram_mib > 0:
         raise UsageError(f"--sram-mib takes a size in MiB > 0, got {args.sram_mib}")
     sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
@@ -124,15 +126,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tradeoff(args: argparse.Namespace) -> int:
-    from prunet.analysis.tradeoff import (
-        DEFAULT_FRACTIONS,
-        check_study_args,
-        format_tradeoff_table,
-        plot_tradeoff,
-        tradeoff_study,
-        write_tradeoff_csv,
-    )
-
     recipe = _recipe(args)
     try:
         fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else list(DEFAULT_FRACTIONS)
@@ -150,7 +143,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     png_path = plot_tradeoff(rows, args.plot or out / "tradeoff.png", f"{recipe.model.name}, {recipe.data.dataset}")
     tables = ("## Validation accuracy loss, points (accuracy %)\n\n" + format_tradeoff_table(rows, "val")
               + "\n## Test accuracy loss, points (accuracy %), reported only\n\n" + format_tradeoff_table(rows, "test"))
-    (out / "tradeoff.md").write_text(tables)
+    write_text(out / "tradeoff.md", tables)
     print(tables)
     print(f"wrote {csv_path}, {png_path}, {out / 'tradeoff.md'}")
     return 0
@@ -227,11 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from prunet.analysis.report import ReportError
-    from prunet.checkpoint import CheckpointError
-    from prunet.config import ConfigError
-    from prunet.data import DataError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -239,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ReportError, UsageError) as e:
+    except (ConfigError, DataError, CheckpointError, RunError, UsageError) as e:
         print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,11 +18,13 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from prunet.criteria import CRITERIA, Criterion
+from prunet.data import DATASETS
+from prunet.models import list_models
+
 REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
-CRITERIA = ("threshold", "sparsity", "global")
-DATASETS = ("fashion-mnist", "mnist")
 
 
 class _Loader(yaml.SafeLoader):
@@ -50,8 +52,6 @@ class ModelConfig:
     """Dropout ratio for models that have dropout layers; None keeps the model's default."""
 
     def validate(self, where: str) -> None:
-        from prunet.models import list_models
-
         _choice(where + ".name", self.name, list_models())
         _range(where + ".num_classes", self.num_classes, 2, None)
         if self.dropout is not None:
@@ -142,18 +142,34 @@ class RoundConfig:
     lr_fraction: Optional[float] = None
     """Retraining learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
 
+    @property
+    def setting_field(self) -> str:
+        """The field holding this round's setting: ``quality`` or ``sparsity`` (per its criterion)."""
+        return CRITERIA[self.criterion].setting_field
+
+    @property
+    def setting(self) -> Union[float, dict[str, float], None]:
+        """This round's quality or sparsity, whichever its criterion reads."""
+        return getattr(self, self.setting_field)
+
+    def make_criterion(self) -> Criterion:
+        """The criterion object this round describes, e.g. ``Threshold({"fc": 1.0})``."""
+        return CRITERIA[self.criterion](self.setting)
+
+    def layer_keys(self) -> dict[str, list[str]]:
+        """Field name -> the layer names, groups or globs it names (checked against a model)."""
+        setting = self.setting
+        return {self.setting_field: list(setting) if isinstance(setting, dict) else [],
+                "prune": list(self.prune), "train": list(self.train)}
+
     def validate(self, where: str) -> None:
         _choice(where + ".criterion", self.criterion, CRITERIA)
-        if self.criterion == "threshold":
-            if self.quality is None:
-                raise ConfigError(f"{where}.quality: required with criterion 'threshold'")
-            _each(where + ".quality", self.quality, 0.0, None)
-        else:
-            if self.sparsity is None:
-                raise ConfigError(f"{where}.sparsity: required with criterion '{self.criterion}'")
-            if self.criterion == "global" and isinstance(self.sparsity, dict):
-                raise ConfigError(f"{where}.sparsity: criterion 'global' takes one number, got a mapping")
-            _each(where + ".sparsity", self.sparsity, 0.0, 1.0)
+        cls, name = CRITERIA[self.criterion], self.setting_field
+        if self.setting is None:
+            raise ConfigError(f"{where}.{name}: required with criterion '{self.criterion}'")
+        if not cls.per_layer and isinstance(self.setting, dict):
+            raise ConfigError(f"{where}.{name}: criterion '{self.criterion}' takes one number, got a mapping")
+        _each(f"{where}.{name}", self.setting, cls.setting_min, cls.setting_max)
         _range(where + ".epochs", self.epochs, 0, None)
         if self.lr_fraction is not None:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
@@ -222,6 +238,37 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def retrain_config(
+        self,
+        epochs: int,
+        lr_fraction: float | None = None,
+        regularization: str | None = None,
+        reg_strength: float | None = None,
+    ) -> TrainConfig:
+        """The training settings of a retraining phase: the dense ones at a fraction of the learning rate.
+
+        Args:
+            epochs: retraining epochs.
+            lr_fraction, regularization, reg_strength: override ``prune.lr_fraction``,
+                ``prune.regularization`` and ``prune.reg_strength`` (each falls back to
+                the dense phase's value when the recipe leaves it unset).
+        """
+        p, train = self.prune, self.train
+        fraction = lr_fraction if lr_fraction is not None else p.lr_fraction
+        strength = reg_strength if reg_strength is not None else p.reg_strength
+        return dataclasses.replace(
+            train,
+            epochs=epochs,
+            lr=train.lr * fraction,
+            lr_schedule=p.lr_schedule,
+            regularization=regularization or p.regularization or train.regularization,
+            reg_strength=strength if strength is not None else train.reg_strength,
+        )
+
+    def dense_only(self) -> "Recipe":
+        """This recipe without pruning rounds: dense training alone."""
+        return dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[]))
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -4,7 +4,7 @@ Every criterion looks only at the surviving weights (the previous mask) and its
 result is AND-ed with the previous mask, so a pruned connection never returns.
 None of them touches a module or an optimizer.
 
-Three are provided:
+Three rules are provided:
 
 * :func:`threshold_mask`: Han et al.'s rule. Keep ``|w| >= quality * std(w)``,
   the standard deviation taken over the layer's surviving weights, recomputed
@@ -12,14 +12,23 @@ Three are provided:
 * :func:`sparsity_mask`: keep the largest-magnitude weights of a layer so that
   a target fraction of the whole layer is pruned.
 * :func:`global_sparsity_masks`: one magnitude cut across several layers.
+
+Each has a :class:`Criterion`, the object ``Pruner.prune`` takes
+(:class:`Threshold`, :class:`Sparsity`, :class:`GlobalMagnitude`), and
+:data:`CRITERIA` maps the names recipes use to them: recipes, schedules, the
+sensitivity analysis and the trade-off study all look criteria up there, so a
+new criterion is one class and one entry.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping
 
 import torch
+
+from prunet.layers import Layer, Setting, resolve
 
 
 def threshold_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, quality: float) -> torch.Tensor:
@@ -155,3 +164,132 @@ def _keep_top(scores: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tens
     out = torch.zeros_like(prev)
     out[order[:keep]] = True
     return out
+
+
+# --------------------------------------------------------------------------- criterion objects
+
+
+class Criterion:
+    """A rule that turns weights and previous masks into new masks, layer by layer.
+
+    A per-layer criterion names its setting (:attr:`setting`) and its rule, a
+    pure function ``(weight, previous mask, value) -> mask``. A custom
+    criterion may instead override :meth:`masks` alone.
+
+    Class attributes (what a recipe needs to know to build and check one):
+        name: the name recipes use, the key in :data:`CRITERIA`.
+        setting_field: the recipe field holding the setting (``quality`` or ``sparsity``).
+        setting_min, setting_max: the allowed range of each value (``None``: no upper bound).
+        per_layer: True when the setting may differ per layer (a mapping) and the
+            criterion prunes each layer alone by its :attr:`rule` (the
+            sensitivity analysis needs that).
+    """
+
+    name: ClassVar[str] = "custom"
+    setting_field: ClassVar[str] = "setting"
+    setting_min: ClassVar[float] = 0.0
+    setting_max: ClassVar[float | None] = None
+    per_layer: ClassVar[bool] = True
+    rule: ClassVar[Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None] = None
+
+    @property
+    def setting(self) -> Setting | None:
+        """The per-layer setting; None for a custom criterion that overrides :meth:`masks`."""
+        return None
+
+    def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        """param name -> new boolean mask for the layers this criterion prunes."""
+        out = {}
+        for layer in layers:
+            value = resolve(self.setting, layer)
+            if value is not None:
+                out[layer.param] = type(self).rule(layer.weight.detach(), layer.mask, value)
+        return out
+
+    def keys(self) -> list[str]:
+        """The layer names, groups or globs a per-layer setting names (empty for a scalar)."""
+        return list(self.setting) if isinstance(self.setting, Mapping) else []
+
+    @classmethod
+    def check_value(cls, value: float) -> None:
+        """Raise ``ValueError`` when one value of the setting is out of :attr:`setting_min`..:attr:`setting_max`."""
+        hi = cls.setting_max
+        if not (math.isfinite(value) and value >= cls.setting_min and (hi is None or value <= hi)):
+            allowed = f"in [{cls.setting_min:g}, {hi:g}]" if hi is not None else f"a finite number >= {cls.setting_min:g}"
+            raise ValueError(f"a {cls.setting_field} must be {allowed}, got {value}")
+
+
+@dataclass
+class Threshold(Criterion):
+    """Han et al.: prune weights below ``quality × std`` of the layer's surviving weights.
+
+    Args:
+        quality: one value for every layer, or a mapping from layer name, group
+            (``fc``, ``conv``) or glob to a value. Layers not named are left alone.
+    """
+
+    quality: Setting
+    name: ClassVar[str] = "threshold"
+    setting_field: ClassVar[str] = "quality"
+    rule = staticmethod(threshold_mask)
+
+    @property
+    def setting(self) -> Setting:
+        return self.quality
+
+
+@dataclass
+class Sparsity(Criterion):
+    """Prune each layer to a target sparsity (fraction of its weights removed), by magnitude."""
+
+    sparsity: Setting
+    name: ClassVar[str] = "sparsity"
+    setting_field: ClassVar[str] = "sparsity"
+    setting_max: ClassVar[float | None] = 1.0
+    rule = staticmethod(sparsity_mask)
+
+    @property
+    def setting(self) -> Setting:
+        return self.sparsity
+
+
+@dataclass
+class GlobalMagnitude(Criterion):
+    """One magnitude cut across all targeted layers, to a total ``sparsity``."""
+
+    sparsity: float
+    name: ClassVar[str] = "global"
+    setting_field: ClassVar[str] = "sparsity"
+    setting_max: ClassVar[float | None] = 1.0
+    per_layer: ClassVar[bool] = False
+
+    @property
+    def setting(self) -> Setting:
+        return self.sparsity
+
+    def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        if not layers:
+            return {}
+        weights = {l.param: l.weight.detach() for l in layers}
+        prev = {l.param: l.mask for l in layers}
+        return global_sparsity_masks(weights, prev, self.sparsity)
+
+
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity, GlobalMagnitude)}
+"""Criterion name (as recipes spell it) -> class. A new criterion is one entry here."""
+
+
+def criterion_class(name: str) -> type[Criterion]:
+    """The criterion class registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the known ones.
+    """
+    if name not in CRITERIA:
+        raise ValueError(f"criterion: {name!r} is not one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def make_criterion(name: str, setting: Setting) -> Criterion:
+    """The criterion ``name`` with its setting, e.g. ``make_criterion("threshold", {"fc": 1.0})``."""
+    return criterion_class(name)(setting)

@@ -27,7 +27,8 @@ state can never revive a pruned connection either.
 
 from __future__ import annotations
 
-from typing import Iterable
+import copy
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -155,10 +156,13 @@ def baked_copy(model: nn.Module) -> nn.Module:
     The original keeps its masks and hooks (``deepcopy`` does not copy tensor hooks,
     so the copy is a plain model). Use it to export or analyse without ending pruning.
     """
-    import copy
-
     plain = copy.deepcopy(model)
     for module in plain.modules():
         for name in [b for b in module._buffers if b.endswith(MASK_SUFFIX)]:
             getattr(module, name[: -len(MASK_SUFFIX)]).mul_(module._buffers.pop(name))
     return plain
+
+
+def masked_params(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Parameter names that have a mask in a state dict (``fc1.weight_mask`` -> ``fc1.weight``)."""
+    return [k[: -len(MASK_SUFFIX)] for k in state if k.endswith(MASK_SUFFIX)]

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from prunet.pruner import DEFAULT_TYPES
+from prunet.layers import is_prunable
 
 __all__ = [
     "DeadNeurons",
@@ -204,19 +204,19 @@ class _Plan:
     boundaries: tuple[str, ...]
 
 
-def _leaves(module: nn.Sequential, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Non-Sequential modules in forward order, nested Sequentials flattened."""
+def _in_forward_order(module: nn.Sequential, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The steps of a Sequential in the order data flows through them, nested Sequentials flattened.
+
+    Not a layer walker (``prunet.layers.find_layers`` is the one): it yields every
+    step, layers and what lies between them, because the steps in between decide
+    whether two layers can be shrunk together.
+    """
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name
         if isinstance(child, nn.Sequential):
-            yield from _leaves(child, full)
+            yield from _in_forward_order(child, full)
         else:
             yield full, child
-
-
-def _is_layer(module: nn.Module) -> bool:
-    """A layer made of neurons: Linear, or a (not transposed) Conv."""
-    return isinstance(module, DEFAULT_TYPES)
 
 
 def _width(module: nn.Module) -> int:
@@ -303,8 +303,8 @@ def _plan(model: nn.Module) -> _Plan:
     boundaries: list[str] = []
     previous: tuple[str, nn.Module] | None = None
     between: list[tuple[str, nn.Module]] = []
-    for name, module in _leaves(model):
-        if not _is_layer(module):
+    for name, module in _in_forward_order(model):
+        if not is_prunable(module):
             between.append((name, module))
             continue
         layers.append(name)
@@ -455,7 +455,7 @@ def _slice_param(
         masks[key] = masks[key].index_select(dim, index.to(masks[key].device))
 
 
-def _shrink(
+def _shrink_link(
     model: nn.Module, link: _Link, remove: list[int], no_input: list[int], masks: dict[str, Tensor] | None
 ) -> None:
     """Remove neurons ``remove`` of ``link.src`` (rows there, columns of ``link.dst``), folding constants first."""
@@ -576,7 +576,7 @@ def remove_dead_neurons(
         for link in plan.links:
             remove, no_input = removals[link.src]
             if remove:
-                _shrink(new, link, remove, no_input, new_masks)
+                _shrink_link(new, link, remove, no_input, new_masks)
                 rows[link.src].removed_no_input += len(no_input)
                 rows[link.src].removed_no_output += len(remove) - len(no_input)
 

@@ -12,20 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Union
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from prunet import masks as M
-from prunet.criteria import global_sparsity_masks, sparsity_mask, threshold_mask
-
-Setting = Union[float, Mapping[str, float]]
-
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from prunet.criteria import Criterion
+from prunet.layers import PRUNABLE_TYPES, Layer, LayerRow, check_names, find_layers, rows_of, select, totals
 
 # Optimizers whose update of an entry is exactly zero when its gradient, its state and the
 # weight itself are zero (weight decay of a zero weight is zero). Not LBFGS: its direction
@@ -34,162 +28,6 @@ ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
     torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
 )
-
-
-def layer_kind(module: nn.Module) -> str:
-    """The layer group a module belongs to: ``"fc"`` for Linear, ``"conv"`` for convolutions."""
-    if isinstance(module, nn.Linear):
-        return "fc"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv"
-    return type(module).__name__.lower()
-
-
-@dataclass
-class Target:
-    """One prunable parameter.
-
-    Attributes:
-        layer: the owning module's name, e.g. ``"fc1"`` (what tables and recipes name).
-        param: the full parameter name, e.g. ``"fc1.weight"`` (the mask is ``fc1.weight_mask``).
-        module: the owning module.
-        attr: the attribute on the module, e.g. ``"weight"``.
-        kind: ``"fc"`` or ``"conv"`` (layer group).
-    """
-
-    layer: str
-    param: str
-    module: nn.Module
-    attr: str
-    kind: str
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """The live 0/1 mask buffer (the weight's dtype)."""
-        return M.get_mask(self.module, self.attr)
-
-
-@dataclass
-class LayerSummary:
-    """What remains of one layer: the paper's table row (weights, kept, kept %)."""
-
-    layer: str
-    kind: str
-    shape: tuple[int, ...]
-    weights: int
-    kept: int
-
-    @property
-    def kept_frac(self) -> float:
-        return self.kept / self.weights if self.weights else 1.0
-
-
-def matches(target: Target, key: str) -> bool:
-    """Whether a recipe key names this target: layer or parameter name, group, ``all``, or a glob."""
-    if key in ("all", "*", target.layer, target.param, target.kind):
-        return True
-    return fnmatch.fnmatchcase(target.layer, key) or fnmatch.fnmatchcase(target.param, key)
-
-
-def resolve(setting: Setting | None, target: Target) -> float | None:
-    """The value of a per-layer setting for one target (None: the layer is not pruned).
-
-    A scalar applies to every layer. In a mapping, an exact layer or parameter
-    name wins over a group (``fc``, ``conv``), which wins over a glob or ``all``.
-    """
-    if setting is None:
-        return None
-    if not isinstance(setting, Mapping):
-        return float(setting)
-    for key in (target.layer, target.param):
-        if key in setting:
-            return float(setting[key])
-    if target.kind in setting:
-        return float(setting[target.kind])
-    for key, value in setting.items():
-        if matches(target, key):
-            return float(value)
-    return None
-
-
-class Criterion:
-    """A rule that turns weights and previous masks into new masks, layer by layer.
-
-    A per-layer criterion names its setting (``setting``) and its rule, a pure
-    function ``(weight, previous mask, value) -> mask`` from :mod:`prunet.criteria`.
-    A custom criterion may instead override :meth:`masks` alone.
-    """
-
-    rule: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-    @property
-    def setting(self) -> Setting | None:
-        """The per-layer setting; None for a custom criterion that overrides :meth:`masks`."""
-        return None
-
-    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
-        """param name -> new boolean mask for the targets this criterion prunes."""
-        out = {}
-        for t in targets:
-            value = resolve(self.setting, t)
-            if value is not None:
-                out[t.param] = type(self).rule(t.weight.detach(), t.mask, value)
-        return out
-
-    def keys(self) -> list[str]:
-        """The layer names, groups or globs a per-layer setting names (empty for a scalar)."""
-        return list(self.setting) if isinstance(self.setting, Mapping) else []
-
-
-@dataclass
-class Threshold(Criterion):
-    """Han et al.: prune weights below ``quality × std`` of the layer's surviving weights.
-
-    Args:
-        quality: one value for every layer, or a mapping from layer name, group
-            (``fc``, ``conv``) or glob to a value. Layers not named are left alone.
-    """
-
-    quality: Setting
-    rule = threshold_mask
-
-    @property
-    def setting(self) -> Setting:
-        return self.quality
-
-
-@dataclass
-class Sparsity(Criterion):
-    """Prune each layer to a target sparsity (fraction of its weights removed), by magnitude."""
-
-    sparsity: Setting
-    rule = sparsity_mask
-
-    @property
-    def setting(self) -> Setting:
-        return self.sparsity
-
-
-@dataclass
-class GlobalMagnitude(Criterion):
-    """One magnitude cut across all targeted layers, to a total ``sparsity``."""
-
-    sparsity: float
-
-    @property
-    def setting(self) -> Setting:
-        return self.sparsity
-
-    def masks(self, targets: list[Target]) -> dict[str, torch.Tensor]:
-        if not targets:
-            return {}
-        weights = {t.param: t.weight.detach() for t in targets}
-        prev = {t.param: t.mask for t in targets}
-        return global_sparsity_masks(weights, prev, self.sparsity)
 
 
 class Pruner:
@@ -217,10 +55,10 @@ class Pruner:
         criterion: Criterion | None = None,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
-        types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+        types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
     ):
         self.model = model
-        self.targets: list[Target] = find_targets(model, include, exclude, types)
+        self.targets: list[Layer] = find_layers(model, include, exclude, types)
         if not self.targets:
             raise ValueError("no prunable parameters found (check include/exclude patterns)")
         self.criterion = criterion
@@ -235,7 +73,7 @@ class Pruner:
         criterion: Criterion | None = None,
         layers: Iterable[str] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-    ) -> dict[str, LayerSummary]:
+    ) -> dict[str, LayerRow]:
         """Compute new masks with ``criterion`` and apply them.
 
         Args:
@@ -252,10 +90,7 @@ class Pruner:
         criterion = criterion or self.criterion
         if criterion is None:
             raise ValueError("prune() needs a criterion: pass one here or to Pruner(model, criterion)")
-        unknown = [k for k in criterion.keys() if not any(matches(t, k) for t in self.targets)]
-        if unknown:
-            names = ", ".join(t.layer for t in self.targets)
-            raise ValueError(f"{unknown} names no prunable layer; layers are: {names} (groups: fc, conv, all)")
+        check_names(self.targets, criterion.keys(), self._model_name)
         selected = self.select(layers)
         new = criterion.masks(selected)
         for t in selected:
@@ -266,17 +101,17 @@ class Pruner:
                     M.mask_optimizer_state(opt, t.weight, t.mask)
         return {s.layer: s for s in self.summary()}
 
-    def select(self, layers: Iterable[str] | None) -> list[Target]:
-        """Targets named by ``layers`` (names, groups, globs); all when None."""
-        if layers is None:
-            return list(self.targets)
-        keys = list(layers)
-        chosen = [t for t in self.targets if any(matches(t, k) for k in keys)]
-        unknown = [k for k in keys if not any(matches(t, k) for t in self.targets)]
-        if unknown:
-            names = ", ".join(t.layer for t in self.targets)
-            raise ValueError(f"no prunable layer matches {unknown}; layers are: {names} (groups: fc, conv, all)")
-        return chosen
+    def select(self, layers: Iterable[str] | None) -> list[Layer]:
+        """The targets named by ``layers`` (names, groups, globs); all when None.
+
+        Raises:
+            prunet.layers.LayerNameError: a name that names no target.
+        """
+        return select(self.targets, layers, self._model_name)
+
+    @property
+    def _model_name(self) -> str:
+        return type(self.model).__name__
 
     # --- enforcement -------------------------------------------------------------------------
 
@@ -329,18 +164,13 @@ class Pruner:
         """param name -> live 0/1 mask (the weight's dtype; 1 kept, 0 pruned)."""
         return {t.param: t.mask for t in self.targets}
 
-    def summary(self) -> list[LayerSummary]:
-        """One row per pruned layer: shape, weights, kept."""
-        return [
-            LayerSummary(t.layer, t.kind, tuple(t.weight.shape), t.weight.numel(), int(t.mask.count_nonzero()))
-            for t in self.targets
-        ]
+    def summary(self) -> list[LayerRow]:
+        """One row per pruned layer: shape, weights, kept (``prunet.layers.format_table`` prints them)."""
+        return rows_of(self.targets)
 
     def compression(self) -> float:
-        """Prunable weights / kept prunable weights."""
-        rows = self.summary()
-        kept = sum(r.kept for r in rows)
-        return sum(r.weights for r in rows) / kept if kept else float("inf")
+        """Prunable weights / kept prunable weights (inf when nothing is kept)."""
+        return totals(self.summary()).compression
 
     def bake(self) -> nn.Module:
         """Multiply masks in, drop buffers and hooks; returns the (same) plain model.
@@ -352,30 +182,3 @@ class Pruner:
             M.bake(t.module, t.attr, self._handles.pop(t.param, ()))
         self.targets = []
         return self.model
-
-
-def find_targets(
-    model: nn.Module,
-    include: Iterable[str] | None,
-    exclude: Iterable[str] | None,
-    types: tuple[type[nn.Module], ...],
-) -> list[Target]:
-    inc = [re.compile(p) for p in include] if include is not None else None
-    exc = [re.compile(p) for p in (exclude or [])]
-    targets = []
-    for layer, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            full = f"{layer}.{attr}" if layer else attr
-            if inc is None:
-                wanted = isinstance(module, types) and attr == "weight"
-            else:
-                wanted = any(p.search(full) for p in inc)
-            if wanted and not any(p.search(full) for p in exc):
-                targets.append(Target(layer, full, module, attr, layer_kind(module)))
-    return targets
-
-
-def masked_state_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Parameter names that have a mask in a state dict (``fc1.weight_mask`` -> ``fc1.weight``)."""
-    return [k[: -len(M.MASK_SUFFIX)] for k in state if k.endswith(M.MASK_SUFFIX)]
-

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from prunet.pruner import DEFAULT_TYPES
+from prunet.layers import find_layers
 
 
 def l1_penalty(params: Iterable[torch.Tensor], strength: float) -> torch.Tensor:
@@ -62,13 +62,14 @@ def dropout_feeds(model: nn.Module, prunable: Iterable[str]) -> dict[str, str]:
         dropout module name -> layer name, e.g. ``{"drop6": "fc7", "drop7": "fc8"}``.
     """
     prunable = set(prunable)
+    # Every layer a dropout can feed, pruned or not: a dropout feeding an unpruned layer is not scaled.
+    layers = {l.layer for l in find_layers(model)} | prunable
     pending: list[str] = []
     out: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             pending.append(name)
-        elif isinstance(module, DEFAULT_TYPES) or name in prunable:
-            # The dropout feeds this layer, pruned or not; map it only when it is pruned.
+        elif name in layers:
             if name in prunable:
                 out.update({d: name for d in pending})
             pending = []

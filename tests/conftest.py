@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import prunet.data.datasets
 from prunet.data import DatasetSplits, Split, load_dataset
 from prunet.models import create_model
 
@@ -75,14 +76,17 @@ def cached_load_dataset(name, data_dir=None, val_size=5000, seed=0, download=Tru
     return dataclasses.replace(_LOADED[key])
 
 
+def use_data_cache(mp: pytest.MonkeyPatch) -> None:
+    """Make ``prunet.data.load_data`` (the pipeline, the report, the CLI) read each dataset once per session."""
+    mp.setattr(prunet.data.datasets, "load_dataset", cached_load_dataset)
+
+
 @pytest.fixture
 def fast_data(monkeypatch):
-    """Make ``prunet.pipeline`` read the dataset once per session instead of once per run."""
+    """Every run in the test reads the dataset from the session's cache."""
     if not REAL_FASHION.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    import prunet.pipeline
-
-    monkeypatch.setattr(prunet.pipeline, "load_dataset", cached_load_dataset)
+    use_data_cache(monkeypatch)
 
 
 @pytest.fixture(scope="session")

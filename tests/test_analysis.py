@@ -1,4 +1,4 @@
-"""Tests for prunet.analysis: FLOPs against the paper, Act%, kept, energy, tables, plots."""
+"""Tests for prunet.analysis: FLOPs against the paper, Act%, kept, energy, the table CSV, plots."""
 
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ import torch.nn.functional as F
 
 from prunet.analysis import (
     EnergyCosts,
-    LayerRow,
     activation_fractions,
     estimate_energy,
-    format_table_markdown,
-    human_count,
     layer_table,
     plot_weight_histogram,
-    prunable_layers,
-    table_totals,
     write_table_csv,
 )
+from prunet.layers import LayerRow, find_layers, format_table, totals
 from prunet.models import create_model, get_model_info
 
 # ---------------------------------------------------------------- paper values
@@ -101,16 +97,16 @@ def _dense_rows(name: str) -> tuple[LayerRow, ...]:
 @pytest.mark.parametrize("name", sorted(PAPER_FLOPS))
 def test_flops_match_paper(name):
     rows = _dense_rows(name)
-    assert [r.name for r in rows] == list(PAPER_FLOPS[name])
+    assert [r.layer for r in rows] == list(PAPER_FLOPS[name])
     paper = PAPER_FLOPS[name]
-    mismatches = {r.name: (r.flops, paper[r.name]) for r in rows if not matches_paper(r.flops, paper[r.name])}
+    mismatches = {r.layer: (r.flops, paper[r.layer]) for r in rows if not matches_paper(r.flops, paper[r.layer])}
     assert not mismatches
     if name in PAPER_TOTAL_FLOPS:
-        assert matches_paper(table_totals(rows)["flops"], PAPER_TOTAL_FLOPS[name])
+        assert matches_paper(totals(rows).flops, PAPER_TOTAL_FLOPS[name])
 
 
 def test_exact_flops_by_hand():
-    rows = {r.name: r for r in _dense_rows("alexnet")}
+    rows = {r.layer: r for r in _dense_rows("alexnet")}
     assert rows["conv1"].flops == 2 * (3 * 11 * 11) * 96 * 55 * 55
     assert rows["conv2"].flops == 2 * (48 * 5 * 5) * 256 * 27 * 27  # groups=2 halves Cin per filter
     assert rows["fc6"].flops == 2 * 9216 * 4096
@@ -122,7 +118,7 @@ def test_alexnet_total_flops():
     # The paper prints 1.5B, but its own rows add up to 1449M (211+448+299+224+150+75+34+8)
     # and the exact total is 1,448,813,632 = 1.4B at that precision; 1.5B looks like
     # double rounding (1.449 -> 1.45 -> 1.5). We test the arithmetic, not the typo.
-    total = table_totals(_dense_rows("alexnet"))["flops"]
+    total = totals(_dense_rows("alexnet")).flops
     assert total == 1_448_813_632
     assert matches_paper(total, "1449M") and matches_paper(total, "1.4B")
     assert sum(int(v[:-1]) for v in PAPER_FLOPS["alexnet"].values()) == 1449
@@ -138,20 +134,12 @@ def test_flops_count_each_example_once():
 # ---------------------------------------------------------------- layers and kept
 
 
-def test_prunable_layers_finds_linear_and_conv_in_order():
-    model = nn.Sequential(
-        nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Sequential(nn.Conv3d(1, 1, 1), nn.Conv2d(1, 1, 1)), nn.Linear(2, 2)
-    )
-    assert [n for n, _ in prunable_layers(model)] == ["0", "2.0", "2.1", "3"]
-    assert [n for n, _ in prunable_layers(create_model("lenet_5"))] == ["conv1", "conv2", "fc1", "fc2"]
-
-
 def test_kept_from_masks_equals_kept_from_zeros():
     torch.manual_seed(0)
     model = create_model("lenet_300_100")
     masks = {}
     with torch.no_grad():
-        for name, module in prunable_layers(model):
+        for name, module in ((l.layer, l.module) for l in find_layers(model)):
             mask = torch.rand_like(module.weight) > 0.7
             module.weight.mul_(mask)  # prunet's convention: pruned weights are exactly zero
             masks[f"{name}.weight"] = mask
@@ -247,80 +235,33 @@ def test_flops_kept_frac_is_weights_times_previous_act():
 
 def test_table_totals():
     rows = layer_table(Tiny(), TINY_X[:1], masks={"fc1.weight": torch.tensor([[1, 1], [1, 0], [0, 0]])})
-    totals = table_totals(rows)
-    assert totals["weights"] == 6 + 12 + 4 and totals["kept"] == 3 + 12 + 4
-    assert totals["kept_frac"] == pytest.approx(19 / 22)
-    assert totals["compression"] == pytest.approx(22 / 19)
-    assert totals["flops"] == 12 + 24 + 8
-    assert totals["flops_kept"] == pytest.approx(12 * 0.5 + 24 + 8)
-    assert totals["flops_kept_frac"] == pytest.approx(38 / 44)
-
-
-# ---------------------------------------------------------------- human_count and tables
-
-
-@pytest.mark.parametrize(
-    "n, text",
-    [
-        (0, "0"),
-        (1, "1"),
-        (12.5, "13"),  # half up, never finer than units
-        (12.4, "12"),
-        (500, "500"),
-        (999, "999"),
-        (999.5, "1K"),  # the unit is chosen after rounding
-        (1000, "1K"),
-        (1499, "1.5K"),
-        (1005, "1.01K"),
-        (30_000, "30K"),
-        (235_200, "235K"),
-        (470_400, "470K"),
-        (999_499, "999K"),
-        (999_500, "1M"),
-        (3_200_000, "3.2M"),
-        (4_600_000, "4.6M"),
-        (61_000_000, "61M"),
-        (205_520_896, "206M"),
-        (924_844_032, "925M"),
-        (1_448_813_632, "1.45B"),
-        (3_699_376_128, "3.7B"),
-        (30_940_528_640, "30.9B"),
-        (138_357_544_000, "138B"),
-        (999_500_000_000, "1T"),
-        (1e12, "1T"),
-        (2.5e15, "2500T"),
-        (470_400.0, "470K"),
-    ],
-)
-def test_human_count(n, text):
-    assert human_count(n) == text
-
-
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf")])
-def test_human_count_rejects(bad):
-    with pytest.raises(ValueError):
-        human_count(bad)
+    t = totals(rows)
+    assert t.weights == 6 + 12 + 4 and t.kept == 3 + 12 + 4
+    assert t.kept_frac == pytest.approx(19 / 22)
+    assert t.compression == pytest.approx(22 / 19)
+    assert t.flops == 12 + 24 + 8
+    assert t.flops_kept == pytest.approx(12 * 0.5 + 24 + 8)
+    assert t.flops_kept_frac == pytest.approx(38 / 44)
 
 
 def _pruned_lenet_rows():
     torch.manual_seed(0)
     model = create_model("lenet_300_100")
-    masks = {f"{n}.weight": torch.rand_like(m.weight) > 0.9 for n, m in prunable_layers(model)}
+    masks = {l.param: torch.rand_like(l.weight) > 0.9 for l in find_layers(model)}
     return layer_table(model, torch.zeros(1, 1, 28, 28), masks=masks, activation_data=torch.randn(8, 1, 28, 28))
 
 
 def test_markdown_table():
     rows = _pruned_lenet_rows()
-    totals = table_totals(rows)
-    text = format_table_markdown(rows, totals)
+    t = totals(rows)
+    text = format_table(rows, markdown=True)
     lines = text.strip().splitlines()
     assert lines[0] == "| Layer | Weights | FLOP | Act% | Weights% | FLOP% | Kept |"
     assert len(lines) == 2 + len(rows) + 1
     assert lines[2].startswith("| fc1 | 235K | 470K | ")
     assert lines[-1].startswith("| Total | 266K | 532K | ")
-    assert f"({totals['compression']:.1f}×)" in lines[-1]
-    assert 9.0 < totals["compression"] < 11.0
-    assert format_table_markdown(rows) == text
+    assert lines[-1].endswith(f"({t.compression:.1f}×) |")
+    assert 9.0 < t.compression < 11.0
 
 
 def test_csv_has_raw_numbers(tmp_path):
@@ -339,7 +280,7 @@ def test_csv_has_raw_numbers(tmp_path):
 
 
 def _row(name, weights, kept, flops, flops_kept_frac):
-    return LayerRow(name, "fc", (weights,), weights, kept, kept / weights, flops, None, flops_kept_frac)
+    return LayerRow(name, "fc", (weights,), weights, kept, flops, None, flops_kept_frac)
 
 
 # 150 weights, 35 kept; 2400 dense FLOPs, 300 after pruning.

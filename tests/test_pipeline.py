@@ -15,12 +15,13 @@ import torch
 from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
 from prunet.config import ConfigError, load_recipe, recipe_from_dict
 from prunet.data import DataError
+from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.pipeline import run
-from prunet.schedule import round_criterion
-from prunet.pruner import GlobalMagnitude, Sparsity, Threshold
+from prunet.runfolder import RunError, RunFolder
+from prunet.criteria import GlobalMagnitude, Sparsity, Threshold
 from prunet.train import Normalization, evaluate
 
-from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset
+from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
 
 pytestmark = pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
 
@@ -35,12 +36,10 @@ def run_recipe(data: dict, run_dir, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """(recipe dict, run folder, summary) of the tiny recipe, run once for this module."""
-    import prunet.pipeline
-
     folder = tmp_path_factory.mktemp("base") / "tiny"
     data = copy.deepcopy(TINY_RECIPE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prunet.pipeline, "load_dataset", cached_load_dataset)
+        use_data_cache(mp)
         summary = run_recipe(data, folder)
     return data, folder, summary
 
@@ -264,7 +263,7 @@ def test_round_criterion_objects():
             {"criterion": "global", "sparsity": 0.9},
         ]}}
     ).prune.rounds
-    assert [round_criterion(r) for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]
+    assert [r.make_criterion() for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]
 
 
 # --- guarding earlier runs and mismatched inputs ------------------------------------------------
@@ -273,22 +272,29 @@ def test_round_criterion_objects():
 def test_second_run_into_a_used_folder_needs_overwrite(base_run, fast_data, tmp_path):
     data, folder, _ = base_run
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    with pytest.raises(ConfigError, match="--overwrite"):
+    with pytest.raises(RunError, match="--overwrite"):
         run_recipe(copy.deepcopy(data), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
-def test_overwrite_removes_the_earlier_runs_files(tiny_recipe, fast_data, tmp_path):
+def test_overwrite_removes_the_earlier_runs_files_and_only_those(tiny_recipe, fast_data, tmp_path):
     folder = tmp_path / "again"
     run_recipe(copy.deepcopy(tiny_recipe), folder)
     assert (folder / "round2.safetensors").exists()
-    (folder / "sensitivity.csv").write_text("from the earlier dense model\n")
-    (folder / "notes.txt").write_text("the user's own file\n")
+    # A sensitivity table of the earlier dense model, written by prunet into the run folder.
+    write_sensitivity_csv([SensitivityRow("fc1", "fc", "threshold", 0.5, 0.6, 80.0, 1.0)],
+                          RunFolder(folder).record("sensitivity.csv"))
+    # The user's own files, named like prunet's.
+    for name in ("notes.txt", "report_notes.txt", "my_export.safetensors"):
+        (folder / name).write_text("the user's own file\n")
+    (folder / "report_archive").mkdir()
     tiny_recipe["prune"]["rounds"] = tiny_recipe["prune"]["rounds"][:1]
     run_recipe(tiny_recipe, folder, overwrite=True)
     assert (folder / "round1.safetensors").exists() and not (folder / "round2.safetensors").exists()
     assert not (folder / "sensitivity.csv").exists()
-    assert (folder / "notes.txt").read_text() == "the user's own file\n"
+    for name in ("notes.txt", "report_notes.txt", "my_export.safetensors"):
+        assert (folder / name).read_text() == "the user's own file\n"
+    assert (folder / "report_archive").is_dir()
 
 
 def test_from_checkpoint_of_another_model_is_refused(base_run, fast_data, tmp_path):

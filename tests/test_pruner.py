@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from prunet import GlobalMagnitude, Pruner, Sparsity, Threshold
 from prunet.checkpoint import load_model, save_checkpoint
 from prunet.models import create_model
-from prunet.pruner import Criterion, resolve
+from prunet.criteria import Criterion
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2),
@@ -128,31 +128,6 @@ def test_pruner_on_a_custom_module():
     x = torch.randn(4, 1, 28, 28)
     expected = model(x).detach()
     assert torch.equal(pruner.bake()(x).detach(), expected)
-
-
-# --- resolving per-layer settings -------------------------------------------------------------
-
-
-def targets_by_layer(model) -> dict:
-    return {t.layer: t for t in Pruner(model).targets}
-
-
-def test_resolve_precedence_exact_over_group_over_glob():
-    t = targets_by_layer(create_model("lenet_5"))
-    # The glob comes first in the mapping and still loses to the group and the exact name.
-    setting = {"fc*": 0.1, "all": 0.2, "fc": 0.3, "fc2": 0.4}
-    assert resolve(setting, t["fc2"]) == 0.4
-    assert resolve(setting, t["fc1"]) == 0.3
-    assert resolve(setting, t["conv1"]) == 0.2
-    assert resolve({"fc1.weight": 0.7, "fc": 0.3}, t["fc1"]) == 0.7
-    assert resolve({"conv?": 0.5}, t["conv2"]) == 0.5
-
-
-def test_resolve_scalar_none_and_unnamed():
-    t = targets_by_layer(create_model("lenet_5"))
-    assert resolve(0.25, t["conv1"]) == 0.25
-    assert resolve(None, t["conv1"]) is None
-    assert resolve({"fc": 1.0}, t["conv1"]) is None
 
 
 def test_only_named_layers_are_pruned(lenet):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-import prunet.pipeline
-from prunet.analysis.layers import CSV_COLUMNS
-from prunet.analysis.report import MissingRunFileError, ReportError, load_run_recipe, write_report
+from prunet.analysis.report import ReportError, write_report
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
+from prunet.analysis.tables import CSV_COLUMNS
 from prunet.config import recipe_from_dict
-from prunet.data import DataError, find_data_dir
-from prunet.pipeline import load_data, run
-from tests.conftest import cached_load_dataset
+from prunet.data import DataError, find_data_dir, load_data
+from prunet.pipeline import run
+from prunet.runfolder import MissingRunFileError, Run, RunError
+from conftest import use_data_cache
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ RECIPE_NAME = "tiny<&>"
 def read_data_once():
     """The run and every report read Fashion-MNIST through the pipeline: decompress it once per session."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prunet.pipeline, "load_dataset", cached_load_dataset)
+        use_data_cache(mp)
         yield
 
 
@@ -59,7 +59,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def data(tiny_run):
-    return load_data(load_run_recipe(tiny_run[0]))
+    return load_data(Run(tiny_run[0]).recipe.data)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_run_without_rounds(tiny_run, data, tmp_path):
 def test_missing_summary_is_named(tiny_run, tmp_path):
     run_dir = _copy(tiny_run[0], tmp_path)
     (run_dir / "summary.json").unlink()
-    with pytest.raises(ReportError, match="summary.json") as info:
+    with pytest.raises(RunError, match="summary.json") as info:
         write_report(run_dir, progress=False)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
 
@@ -219,7 +219,7 @@ def test_missing_summary_is_named(tiny_run, tmp_path):
 def test_corrupt_files_are_named(tiny_run, tmp_path, name, content, message):
     run_dir = _copy(tiny_run[0], tmp_path)
     (run_dir / name).write_text(content)
-    with pytest.raises(ReportError, match=re.escape(message)):
+    with pytest.raises(RunError, match=re.escape(message)):
         write_report(run_dir, progress=False)
 
 

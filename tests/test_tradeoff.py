@@ -24,7 +24,7 @@ from prunet.analysis.tradeoff import (
 from prunet.config import recipe_from_dict
 from prunet.data import Split
 from prunet.models import create_model
-from prunet.pruner import GlobalMagnitude, Pruner, Sparsity
+from prunet import GlobalMagnitude, Pruner, Sparsity
 from prunet.train import Normalization, evaluate
 
 FRACTIONS = (0.5, 0.9)

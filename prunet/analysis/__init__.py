@@ -1,89 +1,50 @@
-"""Analysis of pruned networks: per-layer tables, FLOPs, energy, plots.
+"""Analysis of pruned networks: per-layer tables, FLOPs, energy, sensitivity, trade-off, report.
 
-``layer_table`` gives the paper's Tables 2-5 (weights, FLOPs, Act%, Weights%,
-FLOP% per layer); ``estimate_energy`` turns a table into picojoules per
-inference; ``plot_weight_histogram`` draws Figure 7.
+The parts are loaded when first used, so ``import prunet.analysis.tables`` (or
+any one part) loads no training, data or checkpoint code:
+
+* :mod:`~prunet.analysis.tables`: ``layer_table`` (the paper's Tables 2-5:
+  weights, FLOPs, Act%, Weights%, FLOP% per layer), ``write_table_csv``;
+* :mod:`~prunet.analysis.energy`: ``estimate_energy`` (picojoules per inference);
+* :mod:`~prunet.analysis.plots`: ``plot_weight_histogram`` (Figure 7);
+* :mod:`~prunet.analysis.sensitivity`: each layer pruned alone (Figure 6);
+* :mod:`~prunet.analysis.tradeoff`: accuracy loss vs. parameters pruned (Figure 5);
+* :mod:`~prunet.analysis.report`: the report of a run folder.
+
+The names below are also reachable here (``prunet.analysis.layer_table``). The
+sensitivity sweep itself is not: a function named ``sensitivity`` here would
+hide the submodule of that name; call it from there.
 """
 
-from prunet.analysis.energy import (
-    DEFAULT_SRAM_BYTES,
-    EnergyBreakdown,
-    EnergyCosts,
-    EnergyEstimate,
-    estimate_energy,
-)
-from prunet.analysis.layers import (
-    CSV_COLUMNS,
-    LayerRow,
-    activation_fractions,
-    count_flops,
-    format_table_markdown,
-    human_count,
-    layer_table,
-    prunable_layers,
-    table_totals,
-    write_table_csv,
-)
-from prunet.analysis.plots import plot_weight_histogram
+from __future__ import annotations
 
-__all__ = [
-    "CSV_COLUMNS",
-    "DEFAULT_SRAM_BYTES",
-    "EnergyBreakdown",
-    "EnergyCosts",
-    "EnergyEstimate",
-    "LayerRow",
-    "activation_fractions",
-    "count_flops",
-    "estimate_energy",
-    "format_table_markdown",
-    "human_count",
-    "layer_table",
-    "plot_weight_histogram",
-    "prunable_layers",
-    "table_totals",
-    "write_table_csv",
-]
+import importlib
+from typing import Any
 
-# Figure 5: accuracy loss vs. parameters pruned (L1/L2, with/without retraining, iterative).
-from prunet.analysis.tradeoff import (  # noqa: E402
-    TradeoffRow,
-    format_tradeoff_table,
-    plot_tradeoff,
-    read_tradeoff_csv,
-    tradeoff_study,
-    write_tradeoff_csv,
-)
+# name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["CSV_COLUMNS", "activation_fractions", "count_flops", "layer_table", "write_csv",
+                     "write_table_csv"], "prunet.analysis.tables"),
+    **dict.fromkeys(["LayerRow", "Totals", "format_table", "human_count", "totals"], "prunet.layers"),
+    **dict.fromkeys(["DEFAULT_SRAM_BYTES", "EnergyBreakdown", "EnergyCosts", "EnergyEstimate", "estimate_energy"],
+                    "prunet.analysis.energy"),
+    "plot_weight_histogram": "prunet.analysis.plots",
+    **dict.fromkeys(["TradeoffRow", "format_tradeoff_table", "plot_tradeoff", "read_tradeoff_csv", "tradeoff_study",
+                     "write_tradeoff_csv"], "prunet.analysis.tradeoff"),
+    **dict.fromkeys(["SensitivityRow", "format_sensitivity_table", "plot_sensitivity", "propose_qualities",
+                     "read_sensitivity_csv", "write_sensitivity_csv"], "prunet.analysis.sensitivity"),
+    **dict.fromkeys(["ReportError", "write_report"], "prunet.analysis.report"),
+}
 
-__all__ += [
-    "TradeoffRow",
-    "format_tradeoff_table",
-    "plot_tradeoff",
-    "read_tradeoff_csv",
-    "tradeoff_study",
-    "write_tradeoff_csv",
-]
+__all__ = sorted(_EXPORTS)
 
-# Figure 6: each layer pruned alone, no retraining; and the report of a run folder. The sweep
-# itself is not re-exported: a function named `sensitivity` here would hide the submodule of that
-# name (`import prunet.analysis.sensitivity as s` would give the function); call it from there.
-from prunet.analysis.sensitivity import (  # noqa: E402
-    SensitivityRow,
-    format_sensitivity_table,
-    plot_sensitivity,
-    propose_qualities,
-    read_sensitivity_csv,
-    write_sensitivity_csv,
-)
-from prunet.analysis.report import ReportError, write_report  # noqa: E402
 
-__all__ += [
-    "ReportError",
-    "SensitivityRow",
-    "format_sensitivity_table",
-    "plot_sensitivity",
-    "propose_qualities",
-    "read_sensitivity_csv",
-    "write_report",
-    "write_sensitivity_csv",
-]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunet.analysis' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from prunet.analysis.layers import LayerRow
+from prunet.layers import LayerRow, totals
 
 # 4 MiB: the order of the on-chip SRAM of a mobile SoC of the paper's time. LeNets
 # fit, AlexNet (244 MB of float weights) and VGG-16 (553 MB) do not.
@@ -168,7 +168,7 @@ def estimate_energy(
     * Biases, activation reads/writes, pooling and normalisation are ignored.
 
     Args:
-        rows: from :func:`~prunet.analysis.layers.layer_table`.
+        rows: from :func:`~prunet.analysis.tables.layer_table`.
         sram_bytes: on-chip SRAM available for weights (default 4 MiB).
         costs: per-operation energies.
         index_bits: bits of sparse index stored per kept weight.
@@ -178,10 +178,8 @@ def estimate_energy(
     """
     if index_bits < 0:
         raise ValueError(f"index_bits must be >= 0, got {index_bits}")
-    dense_macs = sum(r.flops for r in rows) / 2
-    pruned_macs = sum(r.flops_kept for r in rows) / 2
-    kept = sum(r.kept for r in rows)
-    dense = _breakdown(dense_macs, sum(r.weights for r in rows), sram_bytes, costs)
-    pruned = _breakdown(pruned_macs, kept + kept * index_bits / 32, sram_bytes, costs)
+    t = totals(rows)
+    dense = _breakdown(t.flops / 2, t.weights, sram_bytes, costs)
+    pruned = _breakdown(t.flops_kept / 2, t.kept + t.kept * index_bits / 32, sram_bytes, costs)
     return EnergyEstimate(dense=dense, pruned=pruned, costs=costs, sram_bytes=sram_bytes, index_bits=index_bits)
 

@@ -6,6 +6,15 @@ from pathlib import Path
 
 import torch
 
+from prunet.files import atomic_path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure to ``path`` as a whole file (parent folders created); returns the path."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return Path(path)
+
 
 def plot_weight_histogram(
     before: torch.Tensor, after: torch.Tensor, path: str | Path, layer_name: str, bins: int = 100
@@ -51,5 +60,4 @@ def plot_weight_histogram(
     for ax in (ax_before, ax_after):
         ax.set_xlabel("weight value")
         ax.set_ylabel("count")
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)

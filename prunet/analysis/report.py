@@ -11,6 +11,11 @@ and ``sensitivity.csv`` when the sensitivity analysis was run) and writes:
   request;
 * ``layers.csv``: the final model's per-layer table (raw numbers).
 
+It reads the folder through :class:`prunet.runfolder.Run` and writes through
+:class:`prunet.runfolder.RunFolder`, so every file is written whole and
+recorded as the run's; the document model and its two renderers are
+:mod:`prunet.analysis.document`'s.
+
 The report is built from tables first (summary, rounds, layers, energy) and the
 figures are drawn from those tables, never from training state.
 
@@ -21,38 +26,39 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from prunet.analysis import document as D
 from prunet.analysis.energy import DEFAULT_SRAM_BYTES, estimate_energy
-from prunet.analysis.layers import LayerRow, format_table_markdown, layer_table, table_totals, write_table_csv
-from prunet.analysis.plots import plot_weight_histogram
+from prunet.analysis.plots import plot_weight_histogram, save_figure
 from prunet.analysis.sensitivity import (
     format_sensitivity_table,
     plot_sensitivity,
     propose_qualities,
     read_sensitivity_csv,
 )
-from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
-from prunet.config import ConfigError, Recipe, recipe_from_dict
-from prunet.data import DatasetSplits, Split, batches
-
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-LAYERS_CSV = "layers.csv"
-SENSITIVITY_CSV = "sensitivity.csv"
-SENSITIVITY_PNG = "sensitivity.png"
-ROUNDS_PNG = "report_rounds.png"
+from prunet.analysis.tables import layer_table, write_table_csv
+from prunet.data import DatasetSplits, Split, batches, load_data
+from prunet.layers import LayerRow, Totals, format_table, totals
+from prunet.runfolder import (
+    DENSE,
+    FINAL,
+    LAYERS_CSV,
+    REPORT_HTML,
+    REPORT_MD,
+    ROUNDS_PNG,
+    SENSITIVITY_CSV,
+    SENSITIVITY_PNG,
+    Run,
+    RunError,
+    RunFolder,
+)
 
 # Act% is a fraction of non-zero activations; a couple of thousand images pin it
 # to well under a percent and keep the report fast even for conv nets.
@@ -61,69 +67,8 @@ ACTIVATION_EXAMPLES = 2000
 PROPOSAL_DROPS = (0.5, 1.0)
 
 
-class ReportError(ValueError):
-    """A run folder that is missing, incomplete or corrupt; the message names the file."""
-
-
-class MissingRunFileError(ReportError, FileNotFoundError):
-    """A file the report needs is not in the run folder (also a ``FileNotFoundError``)."""
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _require(run_dir: Path, name: str, made_by: str = "prunet run") -> Path:
-    path = run_dir / name
-    if not path.is_file():
-        raise MissingRunFileError(f"run folder {run_dir} has no {name} (written by '{made_by}')")
-    return path
-
-
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = _require(run_dir, "summary.json")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReportError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(summary, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(summary).__name__}")
-    for key in ("model", "dense", "final", "rounds"):
-        if key not in summary:
-            raise ReportError(f"{path} lacks '{key}'; is it a prunet run summary?")
-    return summary
-
-
-def load_run_recipe(run_dir: str | Path) -> Recipe:
-    """The recipe a run folder was made with, from its ``config.yaml``.
-
-    Args:
-        run_dir: a folder written by ``prunet run``.
-
-    Returns:
-        The validated :class:`~prunet.config.Recipe`.
-
-    Raises:
-        MissingRunFileError: no ``config.yaml``.
-        ReportError: the file is not valid YAML or not a valid recipe.
-    """
-    path = _require(Path(run_dir), "config.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ReportError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a recipe mapping, got {type(data).__name__}")
-    try:
-        return recipe_from_dict(data)
-    except ConfigError as e:
-        raise ReportError(f"{path}: {e}") from None
-
-
-def _load(path: Path):
-    try:
-        return load_model(path)
-    except CheckpointError as e:
-        raise ReportError(str(e)) from None
+class ReportError(RunError):
+    """What the report cannot show: a corrupt sensitivity table, a histogram layer that is not a layer."""
 
 
 def _activation_batches(data: DatasetSplits, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,147 +76,6 @@ def _activation_batches(data: DatasetSplits, n: int) -> list[tuple[torch.Tensor,
     split = data.val if len(data.val) else data.test
     subset = Split(split.images[:n], split.labels[:n])
     return list(batches(subset, 500, shuffle=False, mean=data.mean, std=data.std))
-
-
-# --------------------------------------------------------------------------- document model
-
-
-@dataclass
-class _Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class _Para:
-    text: str  # `code` spans allowed
-
-
-@dataclass
-class _Bullets:
-    items: list[str]
-
-
-@dataclass
-class _Table:
-    header: list[str]
-    rows: list[list[str]]
-    align: str  # one "l" or "r" per column
-
-    @classmethod
-    def from_markdown(cls, text: str) -> "_Table":
-        """A table from a Markdown pipe table (its alignment row gives ``align``)."""
-        lines = [ln.strip() for ln in text.strip().splitlines()]
-        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-        align = "".join("r" if c.endswith(":") and not c.startswith(":") else "l" for c in cells[1])
-        return cls(cells[0], cells[2:], align)
-
-
-@dataclass
-class _Image:
-    path: Path
-    alt: str
-
-
-@dataclass
-class _Pre:
-    text: str
-
-
-_Block = Union[_Heading, _Para, _Bullets, _Table, _Image, _Pre]
-
-
-def _render_markdown(title: str, blocks: Sequence[_Block]) -> str:
-    out = [f"# {title}", ""]
-    for b in blocks:
-        if isinstance(b, _Heading):
-            out += ["#" * b.level + " " + b.text, ""]
-        elif isinstance(b, _Para):
-            out += [b.text, ""]
-        elif isinstance(b, _Bullets):
-            out += [f"- {item}" for item in b.items] + [""]
-        elif isinstance(b, _Table):
-
-            def row(cells: Sequence[str]) -> str:
-                return "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
-
-            out.append(row(b.header))
-            out.append("|" + "|".join("--:" if a == "r" else ":--" for a in b.align) + "|")
-            out += [row(r) for r in b.rows] + [""]
-        elif isinstance(b, _Image):
-            out += [f"![{b.alt}]({b.path.name})", ""]
-        elif isinstance(b, _Pre):
-            out += ["```", b.text.rstrip("\n"), "```", ""]
-    return "\n".join(out)
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
-       max-width: 1100px; margin: 0 auto; padding: 1.5em 2em 3em; line-height: 1.45; }
-h1 { font-size: 1.6em; border-bottom: 2px solid #d0d7de; padding-bottom: .3em; }
-h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
-h3 { font-size: 1.05em; margin-top: 1.3em; }
-table { border-collapse: collapse; margin: .6em 0 1em; font-size: .92em; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #d0d7de; padding: .25em .5em; }
-div.wide { overflow-x: auto; }
-th { background: #f3f5f7; }
-td.r, th.r { text-align: right; white-space: nowrap; }
-td.l, th.l { text-align: left; }
-tr:nth-child(even) td { background: #fafbfc; }
-tr:last-child td { font-weight: 600; }
-table.plain tr:last-child td { font-weight: normal; }
-img { max-width: 100%; height: auto; display: block; margin: .5em 0 1em; }
-pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: .8em; overflow-x: auto; font-size: .85em; }
-code { background: #f0f2f4; padding: .1em .3em; border-radius: 3px; font-size: .9em; }
-"""
-
-# Nothing may be fetched: images are data: URIs and the style is inline.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-def _html_inline(text: str) -> str:
-    escaped = html.escape(text)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-
-
-def _render_html(title: str, blocks: Sequence[_Block], total_rows: set[int]) -> str:
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{e(title)}</h1>",
-    ]
-    for i, b in enumerate(blocks):
-        if isinstance(b, _Heading):
-            out.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, _Para):
-            out.append(f"<p>{_html_inline(b.text)}</p>")
-        elif isinstance(b, _Bullets):
-            out.append("<ul>" + "".join(f"<li>{_html_inline(item)}</li>" for item in b.items) + "</ul>")
-        elif isinstance(b, _Table):
-            cls = "" if i in total_rows else ' class="plain"'  # bold last row only for tables with a Total
-            head = "".join(f'<th class="{a}">{e(c)}</th>' for c, a in zip(b.header, b.align))
-            body = "".join(
-                "<tr>" + "".join(f'<td class="{a}">{e(c)}</td>' for c, a in zip(r, b.align)) + "</tr>" for r in b.rows
-            )
-            # The wrapper scrolls a table wider than the page (a long sensitivity sweep) instead of the page.
-            table = f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            out.append(f'<div class="wide">{table}</div>')
-        elif isinstance(b, _Image):
-            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            out.append(f'<img alt="{e(b.alt)}" src="data:image/png;base64,{data}">')
-        elif isinstance(b, _Pre):
-            out.append(f"<pre>{e(b.text)}</pre>")
-    out += ["</body>", "</html>", ""]
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -357,14 +161,13 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path) -> Path:
     # Below the axes: inside, it would cover the curves whatever corner it took.
     fig.legend(lines + lines2, labels + labels2, fontsize=8, loc="outside lower center", ncol=4)
     ax.set_title("accuracy and compression per round" + (" (shaded: rejected)" if rejected else ""), fontsize=10)
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def _summary_section(summary: Mapping[str, Any], totals: Mapping[str, float], run_dir: Path) -> list[_Block]:
+def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> list[D.Block]:
     dense, final = summary["dense"], summary["final"]
     weights, kept = summary.get("weights"), summary.get("weights_kept")
     params, params_kept = summary.get("parameters"), summary.get("parameters_kept")
@@ -384,7 +187,7 @@ def _summary_section(summary: Mapping[str, Any], totals: Mapping[str, float], ru
     if isinstance(params, int) and isinstance(params_kept, int):
         ratio = _times(summary.get("parameter_compression"))
         rows.append(["Parameters (biases included)", f"{params_kept:,} of {params:,} kept ({ratio})"])
-    rows.append(["FLOPs per example", f"{totals['flops']:,} dense → {100 * totals['flops_kept_frac']:.1f}% kept"])
+    rows.append(["FLOPs per example", f"{t.flops:,} dense → {100 * t.flops_kept_frac:.1f}% kept"])
     n_rounds = len(summary["rounds"])
     accepted = sum(1 for r in summary["rounds"] if r.get("accepted", True))
     rows.append(["Rounds", f"{accepted} of {n_rounds} accepted"])
@@ -397,10 +200,10 @@ def _summary_section(summary: Mapping[str, Any], totals: Mapping[str, float], ru
         f"{summary['model']} on {summary.get('dataset', '?')}: {_times(compression)} fewer weights, "
         f"test accuracy {_acc(dense.get('test_acc'))} → {_acc(final.get('test_acc'))}."
     )
-    return [_Heading("Summary"), _Para(headline), _Table(["Quantity", "Value"], rows, "ll")]
+    return [D.Heading("Summary"), D.Para(headline), D.Table(["Quantity", "Value"], rows, "ll")]
 
 
-def _rounds_section(summary: Mapping[str, Any], run_dir: Path) -> list[_Block]:
+def _rounds_section(summary: Mapping[str, Any], folder: RunFolder) -> list[D.Block]:
     dense = summary["dense"]
     weights = summary.get("weights")
     header = ["Round", "Criterion", "Setting", "Pruned", "Trained", "Epochs", "Kept weights", "Compression",
@@ -416,121 +219,119 @@ def _rounds_section(summary: Mapping[str, Any], run_dir: Path) -> list[_Block]:
             _acc(r.get("val_acc_pruned")), _acc(r.get("val_acc")), _acc(r.get("test_acc")),
             {True: "yes", False: "no"}.get(r.get("accepted"), ""),
         ])  # fmt: skip
-    blocks: list[_Block] = [
-        _Heading("Rounds"),
-        _Para("Each round prunes the named layers, then retrains the named ones with the pruned connections "
+    blocks: list[D.Block] = [
+        D.Heading("Rounds"),
+        D.Para("Each round prunes the named layers, then retrains the named ones with the pruned connections "
               "held at zero. “Val pruned” is validation accuracy right after pruning, before retraining."),
-        _Table(header, rows, "llllllrrrrrl"),
+        D.Table(header, rows, "llllllrrrrrl"),
     ]
     if summary["rounds"]:
-        blocks.append(_Image(plot_rounds(summary, run_dir / ROUNDS_PNG), "accuracy and compression per round"))
+        blocks.append(D.Image(plot_rounds(summary, folder.record(ROUNDS_PNG)), "accuracy and compression per round"))
     return blocks
 
 
 def _layers_section(
     final_rows: Sequence[LayerRow], dense_rows: Sequence[LayerRow] | None, n_act: int
-) -> list[_Block]:
-    blocks: list[_Block] = [
-        _Heading("Layers"),
-        _Para("In the form of the paper's Tables 2–5. Weights% is the fraction of a layer's weights kept; Act% the "
+) -> list[D.Block]:
+    blocks: list[D.Block] = [
+        D.Heading("Layers"),
+        D.Para("In the form of the paper's Tables 2–5. Weights% is the fraction of a layer's weights kept; Act% the "
               "fraction of its outputs that are non-zero where the next layer reads them, measured on "
               f"{n_act:,} validation images; FLOP% = Weights% × the previous layer's Act%, the work left "
               f"when zero weights and zero inputs are skipped. Raw numbers: `{LAYERS_CSV}`."),
-        _Heading("Final model", 3),
-        _Table.from_markdown(format_table_markdown(final_rows)),
+        D.Heading("Final model", 3),
+        D.Table.from_markdown(format_table(final_rows, markdown=True)),
     ]
     if dense_rows is not None:
-        blocks += [_Heading("Dense model, for comparison", 3), _Table.from_markdown(format_table_markdown(dense_rows))]
+        blocks += [D.Heading("Dense model, for comparison", 3), D.Table.from_markdown(format_table(dense_rows, markdown=True))]
     return blocks
 
 
 def _histogram_section(
-    run_dir: Path, final_rows: Sequence[LayerRow], final_state: Mapping[str, torch.Tensor], layer: str | None
-) -> list[_Block]:
-    names = [r.name for r in final_rows]
+    run: Run, folder: RunFolder, final_rows: Sequence[LayerRow], final_state: Mapping[str, torch.Tensor],
+    layer: str | None,
+) -> list[D.Block]:
+    names = [r.layer for r in final_rows]
     if layer is None:
-        layer = max(final_rows, key=lambda r: r.weights).name
+        layer = max(final_rows, key=lambda r: r.weights).layer
     elif layer not in names:
         raise ReportError(f"histogram layer {layer!r} is not a layer of the model; layers are: {', '.join(names)}")
-    blocks: list[_Block] = [_Heading("Weight distribution")]
-    dense_path = run_dir / "dense.safetensors"
-    if not dense_path.is_file():
-        return blocks + [_Para(f"No `dense.safetensors` in the run folder: no before/after histogram of {layer}.")]
-    try:
-        dense_state, _ = read_checkpoint(dense_path)
-    except CheckpointError as e:
-        raise ReportError(str(e)) from None
+    blocks: list[D.Block] = [D.Heading("Weight distribution")]
+    if not run.has(DENSE):
+        return blocks + [D.Para(f"No `{DENSE}` in the run folder: no before/after histogram of {layer}.")]
+    dense_state = run.read_state(DENSE)
     key = f"{layer}.weight"
     if key not in dense_state:
-        return blocks + [_Para(f"`dense.safetensors` has no `{key}`: no histogram.")]
-    png = run_dir / f"report_weights_{_safe_file_part(layer)}.png"
+        return blocks + [D.Para(f"`{DENSE}` has no `{key}`: no histogram.")]
+    png = folder.record(f"report_weights_{_safe_file_part(layer)}.png")
     plot_weight_histogram(dense_state[key], final_state[key], png, layer)
     return blocks + [
-        _Para(f"The paper's Figure 7 for {layer}, the largest layer unless chosen: its weights before pruning, and "
+        D.Para(f"The paper's Figure 7 for {layer}, the largest layer unless chosen: its weights before pruning, and "
               "its surviving weights after pruning and retraining. Magnitude pruning cuts the band around zero; "
               "retraining spreads the survivors into it."),
-        _Image(png, f"weight histogram of {layer}"),
+        D.Image(png, f"weight histogram of {layer}"),
     ]
 
 
-def _sensitivity_section(run_dir: Path) -> list[_Block]:
-    blocks: list[_Block] = [_Heading("Sensitivity")]
+def _sensitivity_section(run: Run, folder: RunFolder) -> list[D.Block]:
+    run_dir = run.path
+    blocks: list[D.Block] = [D.Heading("Sensitivity")]
     csv_path = run_dir / SENSITIVITY_CSV
     if not csv_path.is_file():
         return blocks + [
-            _Para("Not run. The paper's Figure 6 prunes each layer alone, without retraining, over a range of "
+            D.Para("Not run. The paper's Figure 6 prunes each layer alone, without retraining, over a range of "
                   "thresholds, and shows how sensitive each layer is; its thresholds were chosen from it. To run "
                   f"it on this run's dense model (it writes `{SENSITIVITY_CSV}` and `{SENSITIVITY_PNG}` here, and "
                   "the next report includes them):"),
-            _Pre(f"prunet sensitivity {run_dir / 'dense.safetensors'}\nprunet report {run_dir}"),
+            D.Pre(f"prunet sensitivity {run_dir / DENSE}\nprunet report {run_dir}"),
         ]
     try:
         rows = read_sensitivity_csv(csv_path)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ReportError(f"{csv_path} is unreadable or corrupt ({e})") from None
     if not rows:
-        return blocks + [_Para(f"`{SENSITIVITY_CSV}` is empty.")]
+        return blocks + [D.Para(f"`{SENSITIVITY_CSV}` is empty.")]
     png = run_dir / SENSITIVITY_PNG
     if not png.is_file():
-        plot_sensitivity(rows, png)  # figures come from the table, so a missing one can be redrawn
+        plot_sensitivity(rows, folder.record(SENSITIVITY_PNG))  # figures come from the table: redraw a missing one
     label = "quality" if rows[0].criterion == "threshold" else "sparsity"
     blocks += [
-        _Para(f"Each layer pruned alone by {rows[0].criterion}, no retraining; columns are the {label} values "
+        D.Para(f"Each layer pruned alone by {rows[0].criterion}, no retraining; columns are the {label} values "
               f"({label[0]}=…). Cells: validation accuracy (%) and, in brackets, the fraction of the layer pruned."),
-        _Table.from_markdown(format_sensitivity_table(rows)),
-        _Image(png, "sensitivity of each layer to pruning"),
+        D.Table.from_markdown(format_sensitivity_table(rows)),
+        D.Image(png, "sensitivity of each layer to pruning"),
     ]
     proposals = {drop: propose_qualities(rows, drop) for drop in PROPOSAL_DROPS}
     layers = list(dict.fromkeys(r.layer for r in rows))
     table = [[layer] + [_setting(proposals[d].get(layer, "not pruned")) for d in PROPOSAL_DROPS] for layer in layers]
     blocks += [
-        _Para(f"Largest {label} per layer whose accuracy drop stays within a budget (scanning upwards, stopping at "
+        D.Para(f"Largest {label} per layer whose accuracy drop stays within a budget (scanning upwards, stopping at "
               "the first setting over it):"),
-        _Table(["Layer"] + [f"drop ≤ {d:g} points" for d in PROPOSAL_DROPS], table, "l" + "r" * len(PROPOSAL_DROPS)),
+        D.Table(["Layer"] + [f"drop ≤ {d:g} points" for d in PROPOSAL_DROPS], table, "l" + "r" * len(PROPOSAL_DROPS)),
     ]
     return blocks
 
 
-def _energy_section(final_rows: Sequence[LayerRow], sram_bytes: int) -> list[_Block]:
+def _energy_section(final_rows: Sequence[LayerRow], sram_bytes: int) -> list[D.Block]:
     est = estimate_energy(final_rows, sram_bytes=sram_bytes)
     return [
-        _Heading("Energy"),
-        _Para(f"Estimated energy per inference: {est.ratio:.1f}× less for the pruned model. The paper's argument: "
+        D.Heading("Energy"),
+        D.Para(f"Estimated energy per inference: {est.ratio:.1f}× less for the pruned model. The paper's argument: "
               "a DRAM read costs over a hundred times an SRAM read or a multiply-add, so weights that move on chip "
               "and multiply-adds that are skipped both count. A model of weight traffic and arithmetic, "
               "not of a chip:"),
-        _Pre(est.describe()),
+        D.Pre(est.describe()),
     ]
 
 
-def _neurons_section(neurons: Mapping[str, Any]) -> list[_Block]:
-    blocks: list[_Block] = [_Heading("Neuron removal")]
+def _neurons_section(neurons: Mapping[str, Any]) -> list[D.Block]:
+    blocks: list[D.Block] = [D.Heading("Neuron removal")]
     before, after = neurons.get("params_before"), neurons.get("params_after")
     if isinstance(before, int) and isinstance(after, int):
         ratio = f" ({before / after:.2f}× fewer)" if after else ""
         nonzero = neurons.get("params_nonzero_after")
         nonzero = f", {nonzero:,} of them non-zero" if isinstance(nonzero, int) else ""
-        blocks.append(_Para("Neurons left with no inputs or no outputs were removed and their layers shrunk "
+        blocks.append(D.Para("Neurons left with no inputs or no outputs were removed and their layers shrunk "
                             f"(`final_shrunk.safetensors`): parameters {before:,} → {after:,}{ratio}{nonzero}."))
     layers = [r for r in neurons.get("layers") or [] if isinstance(r, Mapping)]
     if layers:
@@ -541,13 +342,13 @@ def _neurons_section(neurons: Mapping[str, Any]) -> list[_Block]:
         header = ["Layer" if k == "name" else k.replace("_", " ") for k in keys]
         rows = [[_cell(r.get(k)) for k in keys] for r in layers]
         align = "".join("r" if _numeric([r.get(k) for r in layers]) else "l" for k in keys)
-        blocks.append(_Table(header, rows, align))
+        blocks.append(D.Table(header, rows, align))
     if isinstance(neurons.get("max_abs_diff"), (int, float)):
-        blocks.append(_Para(f"Largest output difference between the masked and the shrunken model: "
+        blocks.append(D.Para(f"Largest output difference between the masked and the shrunken model: "
                             f"{neurons['max_abs_diff']:.3g}."))  # fmt: skip
     boundaries = neurons.get("boundaries")
     if boundaries:
-        blocks += [_Para("Left alone at these boundaries:"), _Bullets([str(b) for b in boundaries])]
+        blocks += [D.Para("Left alone at these boundaries:"), D.Bullets([str(b) for b in boundaries])]
     return blocks
 
 
@@ -571,7 +372,7 @@ def _cell(value: Any) -> str:
 
 
 def write_report(
-    run_dir: str | Path,
+    run_dir: str | Path | Run,
     data: DatasetSplits | None = None,
     sram_bytes: int | None = None,
     progress: bool = True,
@@ -584,9 +385,10 @@ def write_report(
     Args:
         run_dir: a folder written by ``prunet run`` (``summary.json``,
             ``config.yaml``, ``final.safetensors``; ``dense.safetensors`` and
-            ``sensitivity.csv`` are used when present).
-        data: the run's dataset, for Act%; default: loaded from ``config.yaml``.
-            Pass it when you have it (``pipeline.run`` does) to skip reading it again.
+            ``sensitivity.csv`` are used when present), or its :class:`~prunet.runfolder.Run`.
+        data: the run's dataset, for Act%; default: the dataset its ``config.yaml``
+            names, loaded with :func:`prunet.data.load_data`. Pass it when you have it
+            (``pipeline.run`` does) to skip reading it again.
         sram_bytes: on-chip SRAM for the energy estimate; default
             :data:`~prunet.analysis.energy.DEFAULT_SRAM_BYTES` (4 MiB).
         progress: show a progress bar over the report's steps.
@@ -598,26 +400,25 @@ def write_report(
         ``(md_path, html_path)``.
 
     Raises:
-        MissingRunFileError: the folder or a required file is missing (the message names it).
-        ReportError: a corrupt file, or a ``histogram_layer`` that is not a layer.
+        prunet.runfolder.MissingRunFileError: the folder or a required file is missing (the message names it).
+        prunet.runfolder.RunError: a corrupt file; :class:`ReportError`: a ``histogram_layer`` that is not a layer.
         prunet.data.DataError: the run's dataset cannot be found (pass ``data``).
 
     Example:
         >>> md, html = write_report("runs/lenet_300_100", sram_bytes=2 * 2**20)
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MissingRunFileError(f"run folder {run_dir} does not exist")
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    folder = RunFolder.open(run.path)
     if activation_examples < 1:
         raise ValueError(f"activation_examples must be >= 1, got {activation_examples}")
     steps = tqdm(total=6, desc="report", disable=None if progress else True, leave=False)
     with steps:
         steps.set_postfix_str("reading the run")
-        summary = _read_summary(run_dir)
+        summary = run.summary
         # Every run file is read before the dataset, so a broken folder fails fast.
-        model, pruner, _ = _load(_require(run_dir, "final.safetensors"))
+        model, pruner, _ = run.load(FINAL)
         if data is None:
-            data = _load_data(load_run_recipe(run_dir))
+            data = load_data(run.recipe.data)
         steps.update()
 
         steps.set_postfix_str("layer tables")
@@ -625,57 +426,39 @@ def write_report(
         example = act[0][0][:1]  # (1, C, H, W): the model's real input size fixes conv FLOPs
         n_act = sum(len(y) for _, y in act)
         final_rows = layer_table(model, example, masks=pruner.masks if pruner else None, activation_data=act)
-        write_table_csv(final_rows, run_dir / LAYERS_CSV)
+        write_table_csv(final_rows, folder.record(LAYERS_CSV))
         dense_rows = None
-        dense_path = run_dir / "dense.safetensors"
-        if dense_path.is_file():  # the comparison costs one more pass over the activation images
-            dense_model, _, _ = _load(dense_path)
+        if run.has(DENSE):  # the comparison costs one more pass over the activation images
+            dense_model, _, _ = run.load(DENSE)
             dense_rows = layer_table(dense_model, example, activation_data=act)
             del dense_model
         steps.update()
 
-        blocks: list[_Block] = []
-        blocks += _summary_section(summary, table_totals(final_rows), run_dir)
+        blocks: list[D.Block] = []
+        blocks += _summary_section(summary, totals(final_rows), run.path)
         steps.set_postfix_str("rounds")
-        blocks += _rounds_section(summary, run_dir)
+        blocks += _rounds_section(summary, folder)
         steps.update()
         blocks += _layers_section(final_rows, dense_rows, n_act)
         steps.set_postfix_str("histogram")
-        blocks += _histogram_section(run_dir, final_rows, model.state_dict(), histogram_layer)
+        blocks += _histogram_section(run, folder, final_rows, model.state_dict(), histogram_layer)
         steps.update()
         steps.set_postfix_str("sensitivity")
-        blocks += _sensitivity_section(run_dir)
+        blocks += _sensitivity_section(run, folder)
         steps.update()
         blocks += _energy_section(final_rows, DEFAULT_SRAM_BYTES if sram_bytes is None else sram_bytes)
         if isinstance(summary.get("neurons"), Mapping):
             blocks += _neurons_section(summary["neurons"])
-        blocks += _files_section(run_dir)
+        blocks += _files_section(run)
 
         steps.set_postfix_str("writing")
-        title = f"Pruning report: {summary.get('recipe') or run_dir.name}"
-        md_path, html_path = run_dir / REPORT_MD, run_dir / REPORT_HTML
-        _write_text(md_path, _render_markdown(title, blocks))
-        total_tables = {i for i, b in enumerate(blocks)
-                        if isinstance(b, _Table) and b.rows and b.rows[-1][0] == "Total"}  # fmt: skip
-        _write_text(html_path, _render_html(title, blocks, total_tables))
+        title = f"Pruning report: {summary.get('recipe') or run.path.name}"
+        md_path = folder.write_text(REPORT_MD, D.render_markdown(title, blocks))
+        html_path = folder.write_text(REPORT_HTML, D.render_html(title, blocks))
         steps.update()
     return md_path, html_path
 
 
-def _load_data(recipe: Recipe) -> DatasetSplits:
-    from prunet.pipeline import load_data  # imported here: pipeline.run calls write_report, so not at module level
-
-    return load_data(recipe)
-
-
-def _files_section(run_dir: Path) -> list[_Block]:
-    names = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
-    names = [n for n in names if n not in (REPORT_MD, REPORT_HTML)] + [REPORT_MD, REPORT_HTML]
-    return [_Heading("Files"), _Para("In the run folder:"), _Bullets([f"`{n}`" for n in names])]
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write under a temporary name and rename, so a reader never sees half a report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def _files_section(run: Run) -> list[D.Block]:
+    names = [n for n in run.files() if n not in (REPORT_MD, REPORT_HTML)] + [REPORT_MD, REPORT_HTML]
+    return [D.Heading("Files"), D.Para("In the run folder:"), D.Bullets([f"`{n}`" for n in names])]

@@ -31,18 +31,20 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from prunet import masks as M
-from prunet.analysis.layers import prunable_layers, write_csv
-from prunet.criteria import sparsity_mask, threshold_mask
+from prunet.analysis.plots import save_figure
+from prunet.analysis.tables import write_csv
+from prunet.criteria import CRITERIA as ALL_CRITERIA
 from prunet.data import Split
-from prunet.pruner import Target, layer_kind, matches
+from prunet.layers import find_layers, select
 from prunet.train import Normalization, evaluate
 
 # The paper's quality parameter: 0 prunes nothing, 1 cuts below one standard
 # deviation (about 60% of a Gaussian layer), 2 about 95%.
 DEFAULT_QUALITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-CRITERIA = ("threshold", "sparsity")
+# The criteria that prune one layer alone by a per-layer rule (a global cut has no per-layer sweep).
+CRITERIA: tuple[str, ...] = tuple(name for name, c in ALL_CRITERIA.items() if c.per_layer)
+DEFAULT_SETTINGS: dict[str, tuple[float, ...]] = {"threshold": DEFAULT_QUALITIES, "sparsity": DEFAULT_SPARSITIES}
 
 CSV_COLUMNS = ["layer", "kind", "criterion", "setting", "kept_frac", "pruned_frac", "val_acc", "acc_drop"]
 
@@ -85,7 +87,9 @@ class SensitivityRow:
 def default_settings(criterion: str) -> tuple[float, ...]:
     """The settings swept when none are given: qualities 0..2 or sparsities 0..0.95."""
     _check_criterion(criterion)
-    return DEFAULT_QUALITIES if criterion == "threshold" else DEFAULT_SPARSITIES
+    if criterion not in DEFAULT_SETTINGS:
+        raise ValueError(f"qualities: criterion {criterion!r} has no default sweep; give the settings")
+    return DEFAULT_SETTINGS[criterion]
 
 
 def sensitivity(
@@ -131,12 +135,19 @@ def sensitivity(
     settings = sorted(float(s) for s in (default_settings(criterion) if qualities is None else qualities))
     if not settings:
         raise ValueError("qualities: give at least one setting")
+    cls = ALL_CRITERIA[criterion]
     for s in settings:
-        if criterion == "threshold" and not (math.isfinite(s) and s >= 0):
-            raise ValueError(f"qualities: a quality must be a finite number >= 0, got {s}")
-        if criterion == "sparsity" and not 0.0 <= s <= 1.0:
-            raise ValueError(f"qualities: a sparsity must be in [0, 1], got {s}")
-    chosen = _select(model, layers)
+        try:
+            cls.check_value(s)
+        except ValueError as e:
+            raise ValueError(f"qualities: {e}") from None
+    candidates = find_layers(model)
+    if not candidates:
+        raise ValueError("the model has no Linear or Conv layer to analyse")
+    try:
+        chosen = select(candidates, layers, type(model).__name__)
+    except ValueError as e:
+        raise ValueError(f"layers: {e}") from None
 
     _, base_acc = evaluate(model, val_split, norm, batch_size)
     rows: list[SensitivityRow] = []
@@ -147,20 +158,19 @@ def sensitivity(
         leave=False,
     )
     with bar:
-        for name, module in chosen:
-            weight = module.weight
-            survivors = M.get_mask(module, "weight")
-            survivors = (weight != 0) if survivors is None else survivors.to(torch.bool)
+        for layer in chosen:
+            weight = layer.weight
+            survivors = (weight != 0) if layer.mask is None else layer.mask.to(torch.bool)
             saved = weight.detach().clone()
             try:
                 for s in settings:
-                    bar.set_postfix(layer=name, setting=f"{s:g}")
-                    mask = _mask(criterion, saved, survivors, s)
+                    bar.set_postfix(layer=layer.layer, setting=f"{s:g}")
+                    mask = cls.rule(saved, survivors, s)
                     with torch.no_grad():
                         weight.copy_(saved).mul_(mask)
                     _, acc = evaluate(model, val_split, norm, batch_size)
                     kept = int(mask.sum()) / mask.numel()
-                    rows.append(SensitivityRow(name, layer_kind(module), criterion, s, kept, acc, base_acc - acc))
+                    rows.append(SensitivityRow(layer.layer, layer.kind, criterion, s, kept, acc, base_acc - acc))
                     bar.update()
             finally:
                 with torch.no_grad():
@@ -168,31 +178,9 @@ def sensitivity(
     return rows
 
 
-def _mask(criterion: str, weight: torch.Tensor, survivors: torch.Tensor, setting: float) -> torch.Tensor:
-    if criterion == "threshold":
-        return threshold_mask(weight, survivors, setting)
-    return sparsity_mask(weight, survivors, setting)
-
-
 def _check_criterion(criterion: str) -> None:
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
-
-
-def _select(model: nn.Module, layers: Iterable[str] | None) -> list[tuple[str, nn.Module]]:
-    """The prunable layers named by ``layers``, with the same name/group/glob rules as ``Pruner.select``."""
-    candidates = prunable_layers(model)
-    if not candidates:
-        raise ValueError("the model has no Linear or Conv layer to analyse")
-    if layers is None:
-        return candidates
-    keys = [layers] if isinstance(layers, str) else list(layers)
-    targets = {name: Target(name, f"{name}.weight", m, "weight", layer_kind(m)) for name, m in candidates}
-    unknown = [k for k in keys if not any(matches(t, k) for t in targets.values())]
-    if unknown:
-        names = ", ".join(targets)
-        raise ValueError(f"layers: no prunable layer matches {unknown}; layers are: {names} (groups: fc, conv, all)")
-    return [(name, m) for name, m in candidates if any(matches(targets[name], k) for k in keys)]
 
 
 def _by_layer(rows: Sequence[SensitivityRow]) -> dict[str, list[SensitivityRow]]:
@@ -348,5 +336,4 @@ def plot_sensitivity(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2 if len(groups) > 6 else 1)
     axes[0].set_ylabel("validation accuracy (%)")
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90)

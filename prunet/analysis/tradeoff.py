@@ -44,13 +44,16 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from prunet.analysis.layers import write_csv
+from prunet.analysis.plots import save_figure
+from prunet.analysis.tables import write_csv
 from prunet.config import Recipe
-from prunet.data import DatasetSplits
+from prunet.criteria import CRITERIA as ALL_CRITERIA
+from prunet.criteria import Criterion
+from prunet.data import DatasetSplits, load_data
+from prunet.layers import totals
 from prunet.models import create_model
-from prunet.pruner import Criterion, GlobalMagnitude, Pruner, Sparsity
+from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
-from prunet.schedule import retrain_config
 from prunet.train import Normalization, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -73,7 +76,8 @@ CURVES: tuple[str, ...] = (
     "l2_iterative",
     "oneshot_equal_epochs",
 )
-CRITERIA = ("sparsity", "global")
+# The criteria whose setting is the fraction of weights pruned: they reach a fraction exactly.
+CRITERIA: tuple[str, ...] = tuple(name for name, c in ALL_CRITERIA.items() if c.setting_field == "sparsity")
 
 CSV_COLUMNS = [
     "network",
@@ -170,7 +174,7 @@ def train_dense(
 
     Args:
         recipe: gives the model, optimizer, learning rate and schedule, seed.
-        data: the splits (:func:`prunet.pipeline.load_data`).
+        data: the splits (:func:`prunet.data.load_data`).
         regularizer: ``"l1"`` or ``"l2"``.
         strength: its coefficient (L1: ``strength * sum|w|`` added to the loss;
             L2: weight decay).
@@ -208,11 +212,9 @@ def prune_criterion(criterion: str, fraction: float) -> Criterion:
             weights; ``"global"``: one magnitude cut over all layers.
         fraction: in [0, 1].
     """
-    if criterion == "sparsity":
-        return Sparsity(fraction)
-    if criterion == "global":
-        return GlobalMagnitude(fraction)
-    raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
+    return ALL_CRITERIA[criterion](fraction)
 
 
 def check_study_args(
@@ -312,9 +314,7 @@ def tradeoff_study(
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     if data is None:
-        from prunet.pipeline import load_data  # the pipeline imports heavier modules; load on demand
-
-        data = load_data(recipe)
+        data = load_data(recipe.data)
     norm = Normalization(data.mean, data.std)
     network = recipe.model.name
     log(f"tradeoff: {network} on {data.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}); "
@@ -368,9 +368,7 @@ def tradeoff_study(
 
 def pruned_fraction(pruner: Pruner) -> float:
     """Fraction of the pruner's prunable weights that are pruned: ``1 - kept / weights``."""
-    rows = pruner.summary()
-    total = sum(r.weights for r in rows)
-    return 1.0 - sum(r.kept for r in rows) / total if total else 0.0
+    return totals(pruner.summary()).pruned_frac
 
 
 def _pruned_copy(
@@ -405,7 +403,7 @@ def _retrain(
     if recipe.prune.adjust_dropout:
         rows = pruner.summary()
         dropout.adjust({r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
-    cfg = retrain_config(recipe, epochs, regularization=dense.regularizer, reg_strength=dense.strength)
+    cfg = recipe.retrain_config(epochs, regularization=dense.regularizer, reg_strength=dense.strength)
     fit(model, data.train, data.val, cfg, norm, seed=seed, pruner=pruner, phase=f"retrain_{dense.regularizer}",
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
 
@@ -560,5 +558,4 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], path: str | Path, title: str | No
     for ax in (ax_all, ax_zoom):
         ax.legend(fontsize=8, loc="lower left", handlelength=3.5)  # long enough to show dashed vs solid
     fig.suptitle(title or rows[0].network)
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90)

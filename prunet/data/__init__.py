@@ -6,6 +6,7 @@ from prunet.data.datasets import (
     Split,
     batches,
     find_data_dir,
+    load_data,
     load_dataset,
     num_batches,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "Split",
     "batches",
     "find_data_dir",
+    "load_data",
     "load_dataset",
     "num_batches",
     "read_idx",

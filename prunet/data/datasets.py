@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import math
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from prunet.data.idx import DataError, read_idx
+from prunet.files import atomic_path
 
 __all__ = [
     "DATASETS",
@@ -262,6 +262,26 @@ def load_dataset(
     )
 
 
+def load_data(cfg) -> DatasetSplits:
+    """The dataset a recipe's ``data`` section names, split into train / validation / test.
+
+    Args:
+        cfg: a :class:`prunet.config.DataConfig` (``dataset``, ``data_dir``,
+            ``val_size``, ``split_seed``, ``train_subset``).
+
+    Returns:
+        The splits; the training split cut to its first ``train_subset`` images when that is set.
+
+    Raises:
+        DataError: as :func:`load_dataset`.
+    """
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.split_seed)
+    if cfg.train_subset is not None and cfg.train_subset < len(data.train):
+        n = cfg.train_subset
+        data.train = Split(data.train.images[:n], data.train.labels[:n])
+    return data
+
+
 def batches(
     split: Split,
     batch_size: int,
@@ -403,14 +423,8 @@ def _download(info: DatasetInfo, folder: Path) -> Path:
 
 
 def _fetch_checked(url: str, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-        read_idx(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest) as tmp:
+        with tmp.open("wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        read_idx(tmp)  # a corrupt download raises here and never takes the real name

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prunet.files import write_bytes
+
 __all__ = ["DataError", "read_idx", "write_idx"]
 
 
@@ -133,7 +135,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     if path.name.endswith(".gz"):
         # mtime=0 so the same array always gives the same bytes.
         data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
+    write_bytes(path, data)
 
 
 def _code_for(dtype: np.dtype) -> int | None:

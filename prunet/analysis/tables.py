@@ -1,15 +1,18 @@
-"""Per-layer tables in the form of the paper's Tables 2-5.
+"""Per-layer tables in the form of the paper's Tables 2-5, measured on a model.
 
-One :class:`LayerRow` per weight layer: its weights and FLOPs, how many weights
-are kept, and how many of its output activations are non-zero. Han et al.
-estimate the FLOPs left after pruning as ``Weights% x Act%`` of the layer
-before: a multiply-add is skipped when either its weight or its input is zero.
+:func:`layer_table` gives one :class:`~prunet.layers.LayerRow` per weight layer
+with what only a forward pass can tell: its FLOPs, and how many of its output
+activations are non-zero. Han et al. estimate the FLOPs left after pruning as
+``Weights% x Act%`` of the layer before: a multiply-add is skipped when either
+its weight or its input is zero. The row type, its totals and its formatting
+belong to :mod:`prunet.layers`; the CSV files of every analysis table are
+written here (:func:`write_csv`).
 
 Example:
     >>> from prunet.models import create_model
     >>> model = create_model("lenet_300_100")
     >>> rows = layer_table(model, torch.zeros(1, 1, 28, 28))
-    >>> [(r.name, r.flops) for r in rows]
+    >>> [(r.layer, r.flops) for r in rows]
     [('fc1', 470400), ('fc2', 60000), ('fc3', 2000)]
 """
 
@@ -17,63 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
-from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+import io
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from prunet.pruner import DEFAULT_TYPES, layer_kind
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One row of a per-layer table.
-
-    Attributes:
-        name: module name from ``named_modules`` (``"conv1"``, ``"features.0"``).
-        kind: ``"conv"`` or ``"fc"``.
-        shape: weight shape, e.g. ``(300, 784)``.
-        weights: number of weights (bias excluded, as in the paper).
-        kept: weights that survive pruning.
-        kept_frac: ``kept / weights`` (the paper's Weights%).
-        flops: dense FLOPs for one example, a multiply-add counted as 2.
-        act_frac: fraction of non-zero outputs as seen by the next weight layer
-            (the paper's Act%); 1.0 for the last layer; None without data.
-        flops_kept_frac: ``kept_frac`` times the previous layer's ``act_frac``
-            (the paper's FLOP%); the network input counts as dense.
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    weights: int
-    kept: int
-    kept_frac: float
-    flops: int
-    act_frac: float | None
-    flops_kept_frac: float
-
-    @property
-    def flops_kept(self) -> float:
-        """FLOPs left after pruning: ``flops * flops_kept_frac``."""
-        return self.flops * self.flops_kept_frac
-
-
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Linear and Conv1d/2d/3d modules of ``model``, in ``named_modules`` order.
-
-    Args:
-        model: any ``nn.Module``.
-
-    Returns:
-        ``[(name, module), ...]``; the order is taken to be the order of execution,
-        which holds for the registry models and for most feed-forward networks.
-    """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DEFAULT_TYPES)]
+from prunet.files import write_text
+from prunet.layers import LayerRow, find_layers
 
 
 @contextlib.contextmanager
@@ -113,7 +68,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     Returns:
         ``{layer name: FLOPs for one example}``; 0 for a layer the pass did not run.
     """
-    layers = prunable_layers(model)
+    layers = [(l.layer, l.module) for l in find_layers(model)]
     flops = {name: 0 for name, _ in layers}
     batch = example_input.shape[0]
 
@@ -158,7 +113,7 @@ def activation_fractions(model: nn.Module, activation_data: torch.Tensor | Itera
         1.0 for the last layer (its output is the result, not an input);
         None for a layer whose successor never ran.
     """
-    layers = prunable_layers(model)
+    layers = [(l.layer, l.module) for l in find_layers(model)]
     nonzero = {name: 0 for name, _ in layers}
     total = {name: 0 for name, _ in layers}
 
@@ -214,24 +169,24 @@ def layer_table(
             counts only what pruning weights saves.
 
     Returns:
-        The rows, in :func:`prunable_layers` order.
+        The rows, in :func:`prunet.layers.find_layers` order.
     """
     flops = count_flops(model, example_input)
     acts = activation_fractions(model, activation_data) if activation_data is not None else {}
     rows: list[LayerRow] = []
     previous_act = 1.0  # the network input is dense
-    for name, module in prunable_layers(model):
+    for layer in find_layers(model):
+        name, module = layer.layer, layer.module
         weights = module.weight.numel()
         kept = _kept(name, module, masks)
         act = acts.get(name)
         rows.append(
             LayerRow(
-                name=name,
-                kind=layer_kind(module),
+                layer=name,
+                kind=layer.kind,
                 shape=tuple(module.weight.shape),
                 weights=weights,
                 kept=kept,
-                kept_frac=kept / weights,
                 flops=flops[name],
                 act_frac=act,
                 flops_kept_frac=kept / weights * previous_act,
@@ -239,91 +194,6 @@ def layer_table(
         )
         previous_act = 1.0 if act is None else act
     return rows
-
-
-def table_totals(rows: Sequence[LayerRow]) -> dict[str, float]:
-    """Whole-network totals of a layer table.
-
-    Returns:
-        ``weights``, ``kept``, ``kept_frac``, ``compression`` (weights / kept;
-        inf when nothing is kept), ``flops``, ``flops_kept`` and ``flops_kept_frac``.
-    """
-    weights = sum(r.weights for r in rows)
-    kept = sum(r.kept for r in rows)
-    flops = sum(r.flops for r in rows)
-    flops_kept = sum(r.flops_kept for r in rows)
-    return {
-        "weights": weights,
-        "kept": kept,
-        "kept_frac": kept / weights if weights else 0.0,
-        "compression": weights / kept if kept else math.inf,
-        "flops": flops,
-        "flops_kept": flops_kept,
-        "flops_kept_frac": flops_kept / flops if flops else 0.0,
-    }
-
-
-_UNITS = [(10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")]
-
-
-def human_count(n: float) -> str:
-    """A count as the paper prints it: ``235K``, ``3.7B``, ``1.45B``.
-
-    Three significant digits (never finer than units), trailing zeros dropped,
-    rounded half up; the unit is chosen after rounding, so 999,500 is ``1M``.
-
-    Args:
-        n: a non-negative count (floats allowed, e.g. FLOPs kept).
-
-    Returns:
-        The short string; numbers under 1000 print as integers (``500``).
-    """
-    if not math.isfinite(n) or n < 0:
-        raise ValueError(f"human_count expects a finite non-negative number, got {n!r}")
-    d = Decimal(n) if isinstance(n, int) else Decimal(repr(float(n)))
-    if d == 0:
-        return "0"
-    quantum = Decimal(1).scaleb(max(d.adjusted() - 2, 0))  # 3 significant digits, at least units
-    d = d.quantize(quantum, rounding=ROUND_HALF_UP)
-    for factor, suffix in _UNITS:
-        if d >= factor:
-            return f"{(d / factor).normalize():f}{suffix}"
-    return f"{d.normalize():f}"
-
-
-def _pct(frac: float | None) -> str:
-    """``84%``; one decimal below 10% so that small fractions do not print as 0%."""
-    if frac is None:
-        return "–"
-    pct = 100 * frac
-    return f"{pct:.0f}%" if pct >= 10 or pct == 0 else f"{pct:.1f}%"
-
-
-def format_table_markdown(rows: Sequence[LayerRow], totals: Mapping[str, float] | None = None) -> str:
-    """The table as Markdown, columns as in the paper: Layer, Weights, FLOP, Act%, Weights%, FLOP%, Kept.
-
-    Args:
-        rows: from :func:`layer_table`.
-        totals: from :func:`table_totals`; computed from ``rows`` when None.
-
-    Returns:
-        Markdown text ending in a Total row whose Kept cell carries the compression, e.g. ``6.7M (9.0×)``.
-    """
-    totals = table_totals(rows) if totals is None else totals
-    lines = [
-        "| Layer | Weights | FLOP | Act% | Weights% | FLOP% | Kept |",
-        "|:--|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in rows:
-        cells = [r.name, human_count(r.weights), human_count(r.flops), _pct(r.act_frac),
-                 _pct(r.kept_frac), _pct(r.flops_kept_frac), human_count(r.kept)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    compression = f"{totals['compression']:.1f}×"
-    total_cells = ["Total", human_count(totals["weights"]), human_count(totals["flops"]), "",
-                   _pct(totals["kept_frac"]), _pct(totals["flops_kept_frac"]),
-                   f"{human_count(totals['kept'])} ({compression})"]  # fmt: skip
-    lines.append("| " + " | ".join(total_cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 CSV_COLUMNS = ["layer", "kind", "shape", "weights", "flops", "act_frac", "kept_frac", "flops_kept_frac", "kept"]
@@ -341,21 +211,19 @@ def write_table_csv(rows: Sequence[LayerRow], path: str | Path) -> Path:
         an empty ``act_frac`` where none was measured.
     """
     return write_csv(path, CSV_COLUMNS, (
-        [r.name, r.kind, "x".join(map(str, r.shape)), r.weights, r.flops, "" if r.act_frac is None else r.act_frac,
+        [r.layer, r.kind, "x".join(map(str, r.shape)), r.weights, r.flops, "" if r.act_frac is None else r.act_frac,
          r.kept_frac, r.flops_kept_frac, r.kept]
         for r in rows
     ))
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """Write a header and rows to ``path`` (parent folders created); returns the path.
+    """Write a header and rows to ``path`` whole (parent folders created); returns the path.
 
     The one CSV writer of the analysis tables, so every table file is written alike.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())

@@ -1,0 +1,64 @@
+"""What a run checks before it touches anything: the inputs must fit each other.
+
+Each check raises :class:`~prunet.config.ConfigError` with one line naming the
+recipe field at fault, so ``prunet run`` fails before it trains or writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from prunet.config import ConfigError, Recipe
+from prunet.data import DatasetSplits, batches
+from prunet.layers import Layer, LayerNameError, check_names
+
+
+def split_identity(recipe: Recipe) -> dict[str, Any]:
+    """What fixes the train / validation split; stored in checkpoints so a later run can check it."""
+    return {"dataset": recipe.data.dataset, "val_size": recipe.data.val_size, "split_seed": recipe.data.split_seed}
+
+
+def check_checkpoint_fits(recipe: Recipe, meta: dict[str, Any], path: str | Path) -> None:
+    """A ``--from`` checkpoint must hold the recipe's model, trained on the recipe's training split.
+
+    A different split would put the checkpoint's training images into this run's
+    validation split, which then chooses epochs and thresholds on data the model has seen.
+    """
+    if meta.get("model") != recipe.model.name or meta.get("model_kwargs", {}) != recipe.model.kwargs():
+        raise ConfigError(
+            f"model: {path} holds {meta.get('model')} {meta.get('model_kwargs', {})}, the recipe asks for "
+            f"{recipe.model.name} {recipe.model.kwargs()}"
+        )
+    split = meta.get("split")
+    if split is not None and split != split_identity(recipe):
+        raise ConfigError(f"data: {path} was trained with split {split}, the recipe's is {split_identity(recipe)}")
+
+
+def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits) -> None:
+    """One validation batch through the model: input size and class count must fit the data."""
+    x, _ = next(batches(data.val, 2, shuffle=False, mean=data.mean, std=data.std))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model.name: {recipe.model.name} does not take {data.name} images of shape {tuple(x.shape[1:])} "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    if out.shape[-1] != len(data.classes):
+        raise ConfigError(f"model.num_classes: the model has {out.shape[-1]} outputs, {data.name} has "
+                          f"{len(data.classes)} classes")
+
+
+def check_rounds(recipe: Recipe, layers: Sequence[Layer]) -> None:
+    """Every layer name, group or glob in the rounds must name one of the model's prunable ``layers``."""
+    for i, rnd in enumerate(recipe.prune.rounds):
+        for field, keys in rnd.layer_keys().items():
+            try:
+                check_names(layers, keys, recipe.model.name)
+            except LayerNameError as e:
+                raise ConfigError(f"prune.rounds[{i}].{field}: {e}") from None

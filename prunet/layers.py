@@ -1,0 +1,387 @@
+"""The one vocabulary for layers: which are prunable, how a recipe names them, one row per layer.
+
+Everything in prunet that speaks of layers goes through this module:
+
+* :data:`PRUNABLE_TYPES` and :func:`layer_kind`: Linear and Conv layers, in the
+  groups ``fc`` and ``conv``;
+* :func:`find_layers`: the prunable parameters of any ``nn.Module``, in
+  ``named_modules`` order (the order of execution for the registry models and
+  most feed-forward networks);
+* :func:`matches`, :func:`resolve`, :func:`select`: how a layer name, a parameter
+  name, a group (``fc``, ``conv``, ``all``) or a glob names layers, with one
+  error for a name that names none (:class:`LayerNameError`);
+* :class:`LayerRow`, :func:`totals`, :func:`format_table`: one row per layer
+  (weights, kept and, where measured, the paper's FLOP and Act% columns), the
+  whole-network totals and compression, and one formatter for the console and
+  for Markdown.
+
+Example:
+    >>> model = create_model("lenet_300_100")
+    >>> [l.layer for l in select(find_layers(model), ["fc?"])]
+    ['fc1', 'fc2', 'fc3']
+    >>> print(format_table(rows_of(find_layers(model))))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from prunet import masks as M
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Module types whose ``weight`` is pruned by default (biases are not, as in the paper)."""
+
+GROUPS: tuple[str, ...] = ("fc", "conv", "all")
+"""Names that select layers by group rather than by name."""
+
+Setting = Union[float, Mapping[str, float]]
+"""A per-layer setting: one number for every layer, or layer name / group / glob -> number."""
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The layer group a module belongs to: ``"fc"`` for Linear, ``"conv"`` for convolutions."""
+    if isinstance(module, nn.Linear):
+        return "fc"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return type(module).__name__.lower()
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer whose weight is pruned by default (:data:`PRUNABLE_TYPES`)."""
+    return isinstance(module, PRUNABLE_TYPES)
+
+
+@dataclass
+class Layer:
+    """One prunable parameter of a model, as recipes, tables and masks name it.
+
+    Attributes:
+        layer: the owning module's name, e.g. ``"fc1"`` (what tables and recipes name).
+        param: the full parameter name, e.g. ``"fc1.weight"`` (its mask is ``fc1.weight_mask``).
+        module: the owning module.
+        attr: the attribute on the module, e.g. ``"weight"``.
+        kind: ``"fc"`` or ``"conv"`` (the layer group).
+    """
+
+    layer: str
+    param: str
+    module: nn.Module
+    attr: str
+    kind: str
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The live 0/1 mask buffer (the weight's dtype), or None when the parameter has none."""
+        return M.get_mask(self.module, self.attr)
+
+    def kept(self) -> int:
+        """Surviving weights: the mask's ones, or every weight when there is no mask."""
+        mask = self.mask
+        return self.weight.numel() if mask is None else int(mask.count_nonzero())
+
+
+def find_layers(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+) -> list[Layer]:
+    """The prunable parameters of ``model``, in ``named_modules`` order.
+
+    Args:
+        model: any ``nn.Module``.
+        include: regex patterns on full parameter names to take; default the
+            ``weight`` of every module of one of ``types``.
+        exclude: regex patterns on full parameter names to leave out (after include).
+        types: the module types taken when ``include`` is None.
+
+    Returns:
+        One :class:`Layer` per parameter.
+    """
+    inc = [re.compile(p) for p in include] if include is not None else None
+    exc = [re.compile(p) for p in (exclude or [])]
+    found = []
+    for name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            full = f"{name}.{attr}" if name else attr
+            if inc is None:
+                wanted = isinstance(module, types) and attr == "weight"
+            else:
+                wanted = any(p.search(full) for p in inc)
+            if wanted and not any(p.search(full) for p in exc):
+                found.append(Layer(name, full, module, attr, layer_kind(module)))
+    return found
+
+
+# --------------------------------------------------------------------------- naming layers
+
+
+class LayerNameError(ValueError):
+    """A layer name, group or glob that names no layer of the model; the message lists the layers."""
+
+
+def matches(layer: Layer, key: str) -> bool:
+    """Whether a recipe key names this layer: layer or parameter name, group, ``all``, or a glob."""
+    if key in ("all", "*", layer.layer, layer.param, layer.kind):
+        return True
+    return fnmatch.fnmatchcase(layer.layer, key) or fnmatch.fnmatchcase(layer.param, key)
+
+
+def resolve(setting: Setting | None, layer: Layer) -> float | None:
+    """The value of a per-layer setting for one layer (None: the layer is not named).
+
+    A scalar applies to every layer. In a mapping, an exact layer or parameter
+    name wins over a group (``fc``, ``conv``), which wins over a glob or ``all``.
+
+    >>> resolve({"fc": 0.5, "fc3": 0.3}, Layer("fc3", "fc3.weight", nn.Linear(1, 1), "weight", "fc"))
+    0.3
+    """
+    if setting is None:
+        return None
+    if not isinstance(setting, Mapping):
+        return float(setting)
+    for key in (layer.layer, layer.param):
+        if key in setting:
+            return float(setting[key])
+    if layer.kind in setting:
+        return float(setting[layer.kind])
+    for key, value in setting.items():
+        if matches(layer, key):
+            return float(value)
+    return None
+
+
+def check_names(layers: Sequence[Layer], keys: Iterable[str], model: str = "the model") -> None:
+    """Raise :class:`LayerNameError` for the first key that names none of ``layers``.
+
+    Args:
+        layers: the model's prunable layers (:func:`find_layers`).
+        keys: layer names, parameter names, groups or globs.
+        model: how the message names the model, e.g. ``"lenet_300_100"``.
+    """
+    for key in keys:
+        if not any(matches(layer, key) for layer in layers):
+            names = ", ".join(dict.fromkeys(layer.layer for layer in layers)) or "none"
+            raise LayerNameError(f"{key!r} names no layer of {model}; layers: {names} (groups: {', '.join(GROUPS)})")
+
+
+def select(layers: Sequence[Layer], keys: Iterable[str] | None, model: str = "the model") -> list[Layer]:
+    """The layers named by ``keys`` (names, groups, globs), in model order; all when ``keys`` is None.
+
+    Raises:
+        LayerNameError: a key names no layer.
+    """
+    if keys is None:
+        return list(layers)
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    check_names(layers, keys, model)
+    return [layer for layer in layers if any(matches(layer, k) for k in keys)]
+
+
+# --------------------------------------------------------------------------- rows and totals
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer's row: what remains of it and, where measured, what it costs (the paper's Tables 1-5).
+
+    Attributes:
+        layer: module name, e.g. ``"fc1"`` or ``"features.0"``.
+        kind: ``"fc"`` or ``"conv"``.
+        shape: weight shape, e.g. ``(300, 784)``.
+        weights: number of weights (bias excluded, as in the paper).
+        kept: weights that survive pruning.
+        flops: dense FLOPs for one example, a multiply-add counted as 2; None when not measured.
+        act_frac: fraction of non-zero outputs as the next weight layer sees them
+            (the paper's Act%); 1.0 for the last layer; None when not measured.
+        flops_kept_frac: ``kept_frac`` times the previous layer's ``act_frac``
+            (the paper's FLOP%); None when FLOPs were not measured.
+    """
+
+    layer: str
+    kind: str
+    shape: tuple[int, ...]
+    weights: int
+    kept: int
+    flops: int | None = None
+    act_frac: float | None = None
+    flops_kept_frac: float | None = None
+
+    @property
+    def kept_frac(self) -> float:
+        """``kept / weights`` (the paper's Weights%); 1.0 for a layer without weights."""
+        return self.kept / self.weights if self.weights else 1.0
+
+    @property
+    def flops_kept(self) -> float | None:
+        """FLOPs left after pruning: ``flops * flops_kept_frac``."""
+        if self.flops is None or self.flops_kept_frac is None:
+            return None
+        return self.flops * self.flops_kept_frac
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as plain data (for JSON): the measured fields only, shape as a list."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        data["shape"] = list(self.shape)
+        return data
+
+
+def rows_of(layers: Iterable[Layer]) -> list[LayerRow]:
+    """One :class:`LayerRow` (weights and kept) per layer; kept counts the mask, or all weights without one."""
+    return [LayerRow(l.layer, l.kind, tuple(l.weight.shape), l.weight.numel(), l.kept()) for l in layers]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Whole-network totals of a table.
+
+    Attributes:
+        weights, kept: summed over the rows.
+        flops, flops_kept: summed where measured (0 when no row has FLOPs).
+    """
+
+    weights: int
+    kept: int
+    flops: int
+    flops_kept: float
+
+    @property
+    def kept_frac(self) -> float:
+        return self.kept / self.weights if self.weights else 0.0
+
+    @property
+    def compression(self) -> float:
+        """``weights / kept``: how many times fewer weights; inf when nothing is kept."""
+        return self.weights / self.kept if self.kept else math.inf
+
+    @property
+    def pruned_frac(self) -> float:
+        """``1 - kept / weights``; 0 for no weights."""
+        return 1.0 - self.kept_frac if self.weights else 0.0
+
+    @property
+    def flops_kept_frac(self) -> float:
+        return self.flops_kept / self.flops if self.flops else 0.0
+
+    def compression_or_none(self) -> float | None:
+        """:attr:`compression`, None instead of inf (JSON has no infinity)."""
+        return self.compression if self.kept else None
+
+
+def totals(rows: Iterable[LayerRow]) -> Totals:
+    """The totals of ``rows``: weights, kept, FLOPs and what remains of them."""
+    rows = list(rows)
+    return Totals(
+        weights=sum(r.weights for r in rows),
+        kept=sum(r.kept for r in rows),
+        flops=sum(r.flops or 0 for r in rows),
+        flops_kept=sum(r.flops_kept or 0.0 for r in rows),
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+_UNITS = [(10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")]
+
+
+def human_count(n: float) -> str:
+    """A count as the paper prints it: ``235K``, ``3.7B``, ``1.45B``.
+
+    Three significant digits (never finer than units), trailing zeros dropped,
+    rounded half up; the unit is chosen after rounding, so 999,500 is ``1M``.
+
+    Args:
+        n: a non-negative count (floats allowed, e.g. FLOPs kept).
+
+    Returns:
+        The short string; numbers under 1000 print as integers (``500``).
+    """
+    if not math.isfinite(n) or n < 0:
+        raise ValueError(f"human_count expects a finite non-negative number, got {n!r}")
+    d = Decimal(n) if isinstance(n, int) else Decimal(repr(float(n)))
+    if d == 0:
+        return "0"
+    quantum = Decimal(1).scaleb(max(d.adjusted() - 2, 0))  # 3 significant digits, at least units
+    d = d.quantize(quantum, rounding=ROUND_HALF_UP)
+    for factor, suffix in _UNITS:
+        if d >= factor:
+            return f"{(d / factor).normalize():f}{suffix}"
+    return f"{d.normalize():f}"
+
+
+def short_pct(frac: float | None) -> str:
+    """``84%``; one decimal below 10% so that small fractions do not print as 0%; ``–`` for None."""
+    if frac is None:
+        return "–"
+    pct = 100 * frac
+    return f"{pct:.0f}%" if pct >= 10 or pct == 0 else f"{pct:.1f}%"
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[LayerRow], str]
+    total: Callable[[Totals], str]
+    numeric: bool = True
+
+
+def _columns(rows: Sequence[LayerRow], markdown: bool) -> list[_Column]:
+    """The table's columns: the FLOP ones only when the rows have FLOPs; counts short in Markdown."""
+    count = human_count if markdown else (lambda n: f"{n:,}")
+    pct = short_pct if markdown else (lambda f: f"{100 * f:.2f}%")
+    compression = "{:.1f}×" if markdown else "{:.1f}x"
+    measured = any(r.flops is not None for r in rows)
+    cols = [_Column("Layer", lambda r: r.layer, lambda t: "Total", numeric=False),
+            _Column("Weights", lambda r: count(r.weights), lambda t: count(t.weights))]
+    if measured:
+        cols += [_Column("FLOP", lambda r: count(r.flops or 0), lambda t: count(t.flops)),
+                 _Column("Act%", lambda r: short_pct(r.act_frac), lambda t: "")]
+    cols.append(_Column("Weights%", lambda r: pct(r.kept_frac), lambda t: pct(t.kept_frac)))
+    if measured:
+        cols.append(_Column("FLOP%", lambda r: short_pct(r.flops_kept_frac), lambda t: short_pct(t.flops_kept_frac)))
+    cols.append(_Column("Kept", lambda r: count(r.kept),
+                        lambda t: f"{count(t.kept)} ({compression.format(t.compression)})"))
+    return cols
+
+
+def format_table(rows: Sequence[LayerRow], markdown: bool = False) -> str:
+    """The per-layer table: Layer, Weights, [FLOP, Act%], Weights%, [FLOP%], Kept, and a Total row.
+
+    The FLOP columns appear when the rows have FLOPs (:func:`prunet.analysis.tables.layer_table`).
+    The Total row's Kept cell carries the compression, e.g. ``16,546 (16.1x)``.
+
+    Args:
+        rows: e.g. ``Pruner.summary()`` or ``layer_table(...)``.
+        markdown: a Markdown pipe table with counts as the paper prints them
+            (``235K``, ``8%``); otherwise aligned plain text with exact counts.
+
+    Returns:
+        The table; Markdown ends in a newline.
+    """
+    cols = _columns(rows, markdown)
+    t = totals(rows)
+    body = [[c.cell(r) for c in cols] for r in rows] + [[c.total(t) for c in cols]]
+    header = [c.header for c in cols]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("--:" if c.numeric else ":--" for c in cols) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    return "\n".join(
+        "  ".join(x.rjust(w) if c.numeric else x.ljust(w) for x, w, c in zip(line, widths, cols)).rstrip()
+        for line in [header, *body]
+    )

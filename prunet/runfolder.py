@@ -1,0 +1,257 @@
+"""The files of a run: one folder, known names, every file written whole, and a view to read it.
+
+A run folder (``runs/<recipe name>`` by default) holds what ``prunet run`` and
+the commands after it write:
+
+* ``config.yaml``: the recipe as run; ``metrics.jsonl``: one JSON object per
+  epoch, per dense evaluation and per round; ``summary.json``: the results;
+* ``dense.safetensors``, ``round<k>.safetensors``, ``final.safetensors``,
+  ``final_shrunk.safetensors``: checkpoints;
+* ``report.md``, ``report.html``, ``layers.csv``, ``report_*.png``: the report;
+  ``sensitivity.csv`` and ``sensitivity.png``: the sensitivity analysis.
+
+:class:`RunFolder` writes them. Every file is written whole
+(:func:`prunet.files.atomic_path`) and its name is recorded in the folder's
+manifest (``.prunet-files``), so ``--overwrite`` removes exactly the files prunet
+wrote there and nothing else: a user's own file in the folder is never touched.
+:class:`Run` reads a finished run (recipe, summary, checkpoints, metrics) for
+the report and ``prunet report``.
+
+Example:
+    >>> folder = RunFolder.create("runs/lenet", overwrite=True)
+    >>> folder.write_json(SUMMARY, {"compression": 16.1})
+    >>> Run("runs/lenet").summary["compression"]
+    16.1
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+import yaml
+
+from prunet.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from prunet.config import ConfigError, Recipe, recipe_from_dict
+from prunet.files import write_text
+from prunet.pruner import Pruner
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+DENSE = "dense.safetensors"
+FINAL = "final.safetensors"
+SHRUNK = "final_shrunk.safetensors"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+LAYERS_CSV = "layers.csv"
+ROUNDS_PNG = "report_rounds.png"
+SENSITIVITY_CSV = "sensitivity.csv"
+SENSITIVITY_PNG = "sensitivity.png"
+MANIFEST = ".prunet-files"
+
+# What a folder written before the manifest existed holds; only these names are replaced there.
+_LEGACY = re.compile(
+    r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors"
+    r"|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv|sensitivity\.(csv|png))"
+)
+
+
+def round_checkpoint(i: int) -> str:
+    """The checkpoint name of round ``i`` (1-based): ``round<i>.safetensors``."""
+    return f"round{i}.safetensors"
+
+
+class RunError(ValueError):
+    """A run folder that is missing, incomplete, corrupt or taken; the message names the file."""
+
+
+class MissingRunFileError(RunError, FileNotFoundError):
+    """A file a command needs is not in the run folder (also a ``FileNotFoundError``)."""
+
+
+class RunFolder:
+    """Writes the files of one run, each whole, and records their names.
+
+    Use :meth:`create` to start a run (it refuses a folder that holds one unless
+    ``overwrite``) and :meth:`open` to add files to an existing one (the report,
+    the sensitivity analysis).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
+        """A folder for a new run, emptied of an earlier run's files (``overwrite``) or new.
+
+        Raises:
+            RunError: the folder holds a run and ``overwrite`` is False.
+        """
+        folder = cls(path)
+        earlier = folder.written() if folder.path.is_dir() else []
+        if earlier and not overwrite:
+            raise RunError(
+                f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to replace it, "
+                f"or --run-dir / a new recipe name to keep it"
+            )
+        for name in earlier:
+            target = folder.path / name
+            if target.is_file() and not target.is_symlink():
+                target.unlink()
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder._save_manifest([])
+        folder.write_text(METRICS, "")
+        return folder
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunFolder":
+        """An existing run folder, to add files to.
+
+        Raises:
+            MissingRunFileError: no such folder.
+        """
+        folder = cls(path)
+        if not folder.path.is_dir():
+            raise MissingRunFileError(f"run folder {folder.path} does not exist")
+        return folder
+
+    def written(self) -> list[str]:
+        """The names of the files prunet wrote here (the manifest; for an older folder, prunet's names)."""
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            try:
+                names = json.loads(manifest.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise RunError(f"{manifest} is unreadable or corrupt ({e}); remove the run folder by hand") from None
+            return [n for n in names if isinstance(n, str) and (self.path / n).is_file()]
+        return sorted(p.name for p in self.path.iterdir() if p.is_file() and _LEGACY.fullmatch(p.name))
+
+    def _save_manifest(self, names: list[str]) -> None:
+        write_text(self.path / MANIFEST, json.dumps(names) + "\n")
+
+    def record(self, name: str) -> Path:
+        """Record ``name`` as a file of this run and return its path, for a writer that writes whole files.
+
+        The writers of :mod:`prunet.checkpoint`, :mod:`prunet.analysis` and
+        :mod:`prunet.files` all do (through :func:`prunet.files.atomic_path`).
+        """
+        if Path(name).name != name or name in ("", ".", "..", MANIFEST):
+            raise ValueError(f"{name!r} is not a file name in the run folder")
+        names = self.written() if (self.path / MANIFEST).is_file() else []
+        if name not in names:
+            self._save_manifest(names + [name])
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        return write_text(self.record(name), text)
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2) + "\n")
+
+    def write_yaml(self, name: str, data: Any) -> Path:
+        return self.write_text(name, yaml.safe_dump(data, sort_keys=False))
+
+    def save_checkpoint(self, name: str, model: nn.Module, meta: dict[str, Any]) -> Path:
+        """Save ``model`` as checkpoint ``name`` (:func:`prunet.checkpoint.save_checkpoint`, itself atomic)."""
+        return save_checkpoint(self.record(name), model, meta)
+
+    def log_metrics(self, event: str, **fields: Any) -> None:
+        """Append one JSON line to ``metrics.jsonl``."""
+        with (self.path / METRICS).open("a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+
+class Run:
+    """A read-only view of a run folder: its recipe, summary, checkpoints and metrics.
+
+    Files are read when first asked for; a missing or corrupt one is a
+    :class:`RunError` naming it.
+
+    Args:
+        path: a folder written by ``prunet run``.
+
+    Raises:
+        MissingRunFileError: the folder does not exist.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MissingRunFileError(f"run folder {self.path} does not exist")
+
+    def require(self, name: str, made_by: str = "prunet run") -> Path:
+        """The path of ``name`` in the folder; :class:`MissingRunFileError` when it is not there."""
+        path = self.path / name
+        if not path.is_file():
+            raise MissingRunFileError(f"run folder {self.path} has no {name} (written by '{made_by}')")
+        return path
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    @cached_property
+    def recipe(self) -> Recipe:
+        """The recipe the run was made with, from ``config.yaml``."""
+        path = self.require(CONFIG)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RunError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{path}: expected a recipe mapping, got {type(data).__name__}")
+        try:
+            return recipe_from_dict(data)
+        except ConfigError as e:
+            raise RunError(f"{path}: {e}") from None
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """``summary.json`` of a run with pruning rounds."""
+        path = self.require(SUMMARY)
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RunError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(summary, dict):
+            raise RunError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+        for key in ("model", "dense", "final", "rounds"):
+            if key not in summary:
+                raise RunError(f"{path} lacks '{key}'; is it a prunet run summary?")
+        return summary
+
+    def load(self, name: str) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
+        """Rebuild the model of checkpoint ``name`` (:func:`prunet.checkpoint.load_model`)."""
+        try:
+            return load_model(self.require(name))
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
+
+    def read_state(self, name: str) -> dict[str, Any]:
+        """The state dict of checkpoint ``name``, without building a model."""
+        try:
+            state, _ = read_checkpoint(self.require(name))
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
+        return state
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``, in order."""
+        path = self.require(METRICS)
+        records = []
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise RunError(f"{path}, line {i}: not a JSON object") from None
+        return records
+
+    def files(self) -> list[str]:
+        """The names of the files in the folder (hidden ones, such as temporary files, left out)."""
+        return sorted(p.name for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
