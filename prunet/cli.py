@@ -9,6 +9,7 @@ from typing import Sequence
 
 from prunet import __version__
 from prunet.analysis.report import write_report
+from prunet.analysis.sensitivity import CRITERIA as SENSITIVITY_CRITERIA
 from prunet.analysis.sensitivity import (
     format_sensitivity_table,
     plot_sensitivity,
@@ -16,6 +17,7 @@ from prunet.analysis.sensitivity import (
     sensitivity,
     write_sensitivity_csv,
 )
+from prunet.analysis.tradeoff import CRITERIA as TRADEOFF_CRITERIA
 from prunet.analysis.tradeoff import (
     DEFAULT_FRACTIONS,
     check_study_args,
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-epochs", type=int, help="dense training epochs (default: the recipe's train.epochs)")
     p.add_argument("--l1", type=float, default=2e-5, help="L1 strength, penalty strength*sum|w| (default 2e-5)")
     p.add_argument("--l2", type=float, help="L2 weight decay (default: the recipe's train.reg_strength)")
-    p.add_argument("--criterion", choices=("sparsity", "global"), default="sparsity",
+    p.add_argument("--criterion", choices=TRADEOFF_CRITERIA, default="sparsity",
                    help="sparsity: every layer pruned to the fraction (default); global: one cut over all layers")
     p.add_argument("--plot", metavar="PNG", help="where to write the figure (default <run-dir>/tradeoff.png)")
     p.set_defaults(func=cmd_tradeoff)
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or the checkpoint's folder)")
     p.add_argument("--recipe", help="with a CHECKPOINT: the recipe whose data to use (default: config.yaml beside it)")
     p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
-    p.add_argument("--criterion", choices=["threshold", "sparsity"], default="threshold",
+    p.add_argument("--criterion", choices=SENSITIVITY_CRITERIA, default="threshold",
                    help="sweep the quality parameter (the paper) or per-layer sparsity")
     p.add_argument("--values", metavar="V,V,...",
                    help="settings to sweep (default: quality 0,0.25,...,2 or sparsity 0,0.1,...,0.9,0.95)")

@@ -215,7 +215,8 @@ class Criterion:
         """Raise ``ValueError`` when one value of the setting is out of :attr:`setting_min`..:attr:`setting_max`."""
         hi = cls.setting_max
         if not (math.isfinite(value) and value >= cls.setting_min and (hi is None or value <= hi)):
-            allowed = f"in [{cls.setting_min:g}, {hi:g}]" if hi is not None else f"a finite number >= {cls.setting_min:g}"
+            lo = cls.setting_min
+            allowed = f"in [{lo:g}, {hi:g}]" if hi is not None else f"a finite number >= {lo:g}"
             raise ValueError(f"a {cls.setting_field} must be {allowed}, got {value}")
 
 
@@ -270,8 +271,8 @@ class GlobalMagnitude(Criterion):
     def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
         if not layers:
             return {}
-        weights = {l.param: l.weight.detach() for l in layers}
-        prev = {l.param: l.mask for l in layers}
+        weights = {layer.param: layer.weight.detach() for layer in layers}
+        prev = {layer.param: layer.mask for layer in layers}
         return global_sparsity_masks(weights, prev, self.sparsity)
 
 

@@ -17,7 +17,7 @@ Everything in prunet that speaks of layers goes through this module:
 
 Example:
     >>> model = create_model("lenet_300_100")
-    >>> [l.layer for l in select(find_layers(model), ["fc?"])]
+    >>> [layer.layer for layer in select(find_layers(model), ["fc?"])]
     ['fc1', 'fc2', 'fc3']
     >>> print(format_table(rows_of(find_layers(model))))
 """
@@ -242,7 +242,8 @@ class LayerRow:
 
 def rows_of(layers: Iterable[Layer]) -> list[LayerRow]:
     """One :class:`LayerRow` (weights and kept) per layer; kept counts the mask, or all weights without one."""
-    return [LayerRow(l.layer, l.kind, tuple(l.weight.shape), l.weight.numel(), l.kept()) for l in layers]
+    return [LayerRow(layer.layer, layer.kind, tuple(layer.weight.shape), layer.weight.numel(), layer.kept())
+            for layer in layers]
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def dropout_feeds(model: nn.Module, prunable: Iterable[str]) -> dict[str, str]:
     """
     prunable = set(prunable)
     # Every layer a dropout can feed, pruned or not: a dropout feeding an unpruned layer is not scaled.
-    layers = {l.layer for l in find_layers(model)} | prunable
+    layers = {layer.layer for layer in find_layers(model)} | prunable
     pending: list[str] = []
     out: dict[str, str] = {}
     for name, module in model.named_modules():

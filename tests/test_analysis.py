@@ -139,7 +139,7 @@ def test_kept_from_masks_equals_kept_from_zeros():
     model = create_model("lenet_300_100")
     masks = {}
     with torch.no_grad():
-        for name, module in ((l.layer, l.module) for l in find_layers(model)):
+        for name, module in ((layer.layer, layer.module) for layer in find_layers(model)):
             mask = torch.rand_like(module.weight) > 0.7
             module.weight.mul_(mask)  # prunet's convention: pruned weights are exactly zero
             masks[f"{name}.weight"] = mask
@@ -247,7 +247,7 @@ def test_table_totals():
 def _pruned_lenet_rows():
     torch.manual_seed(0)
     model = create_model("lenet_300_100")
-    masks = {l.param: torch.rand_like(l.weight) > 0.9 for l in find_layers(model)}
+    masks = {layer.param: torch.rand_like(layer.weight) > 0.9 for layer in find_layers(model)}
     return layer_table(model, torch.zeros(1, 1, 28, 28), masks=masks, activation_data=torch.randn(8, 1, 28, 28))
 
 

@@ -98,7 +98,10 @@ def test_no_import_hides_inside_a_function():
     assert [n for name in MODULES for n in imports_of(name)[1]] == []
 
 
-@pytest.mark.parametrize("name", ["prunet.analysis.tables", "prunet.criteria", "prunet.layers", "prunet.analysis.energy"])
+LIGHT = ["prunet.analysis.tables", "prunet.criteria", "prunet.layers", "prunet.analysis.energy"]
+
+
+@pytest.mark.parametrize("name", LIGHT)
 def test_light_modules_load_no_training_data_checkpoint_or_recipe_code(name):
     code = f"import sys, {name}; print(' '.join(m for m in sys.modules if m.startswith('prunet')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -211,10 +211,6 @@ def test_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
-
-
 # --- overrides (--set) ------------------------------------------------------------------------
 
 

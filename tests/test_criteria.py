@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
+from prunet import Pruner
+from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import (
+    CRITERIA,
+    Criterion,
+    GlobalMagnitude,
+    Sparsity,
+    Threshold,
     compression_to_keep_fraction,
     global_sparsity_masks,
     keep_count,
+    make_criterion,
     sparsity_mask,
     threshold_mask,
 )
+from prunet.models import create_model
 
 
 def t(*values) -> torch.Tensor:
@@ -258,3 +269,55 @@ def test_compression_errors(args, match):
 def test_compression_out_of_reach_names_the_maximum():
     with pytest.raises(ValueError, match=r"2\.00x at most"):
         compression_to_keep_fraction(3, 10, 10)
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+@dataclass
+class AbsoluteFloor(Criterion):
+    """A criterion a user might add: prune ``|w| < floor`` (an absolute, not a relative, threshold)."""
+
+    quality: float
+    name: ClassVar[str] = "floor"
+    setting_field: ClassVar[str] = "quality"
+    setting_max: ClassVar[float | None] = 1.0
+    rule = staticmethod(lambda w, prev, floor: prev.bool() & (w.abs() >= floor))
+
+    @property
+    def setting(self):
+        return self.quality
+
+
+def test_recipe_names_build_the_registered_criteria():
+    rounds = recipe_from_dict({"prune": {"rounds": [
+        {"criterion": "threshold", "quality": {"fc": 1.0}},
+        {"criterion": "sparsity", "sparsity": 0.5},
+        {"criterion": "global", "sparsity": 0.9},
+    ]}}).prune.rounds  # fmt: skip
+    assert [r.make_criterion() for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]
+    assert make_criterion("sparsity", {"fc1": 0.2}) == Sparsity({"fc1": 0.2})
+    with pytest.raises(ValueError, match="'magic' is not one of threshold, sparsity, global"):
+        make_criterion("magic", 0.5)
+
+
+def test_a_new_criterion_is_one_registry_entry(monkeypatch):
+    monkeypatch.setitem(CRITERIA, AbsoluteFloor.name, AbsoluteFloor)
+    rnd = recipe_from_dict({"prune": {"rounds": [{"criterion": "floor", "quality": 0.05}]}}).prune.rounds[0]
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    expected = {layer.param: int((layer.weight.abs() >= 0.05).sum()) for layer in Pruner(model).targets}
+    rows = Pruner(model).prune(rnd.make_criterion())
+    assert {r.layer + ".weight": r.kept for r in rows.values()} == expected
+    # Its range is checked like the built-in ones', naming the field.
+    message = r"prune\.rounds\[0\]\.quality: 2\.0 is out of range; allowed in \[0\.0, 1\.0\]"
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({"prune": {"rounds": [{"criterion": "floor", "quality": 2.0}]}})
+
+
+def test_check_value_names_the_setting_and_range():
+    Threshold.check_value(3.0)
+    with pytest.raises(ValueError, match=r"a quality must be a finite number >= 0, got -1"):
+        Threshold.check_value(-1)
+    with pytest.raises(ValueError, match=r"a sparsity must be in \[0, 1\], got 1\.5"):
+        Sparsity.check_value(1.5)

@@ -124,10 +124,6 @@ def test_idx_missing_file_is_data_error(tmp_path):
         read_idx(tmp_path / "nothing-here")
 
 
-def test_data_error_is_value_error():
-    assert issubclass(DataError, ValueError)
-
-
 # --- finding the data ----------------------------------------------------------
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import torch.nn as nn
 
 from prunet import Pruner, Sparsity
 from prunet.layers import (
-    Layer,
     LayerNameError,
     LayerRow,
     check_names,
@@ -32,17 +30,19 @@ def test_find_layers_finds_linear_and_conv_weights_in_order():
         nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Sequential(nn.Conv3d(1, 1, 1), nn.Conv2d(1, 1, 1)), nn.Linear(2, 2)
     )
     found = find_layers(model)
-    assert [(l.layer, l.param, l.kind) for l in found] == [
-        ("0", "0.weight", "conv"), ("2.0", "2.0.weight", "conv"), ("2.1", "2.1.weight", "conv"), ("3", "3.weight", "fc"),
+    assert [(layer.layer, layer.param, layer.kind) for layer in found] == [
+        ("0", "0.weight", "conv"), ("2.0", "2.0.weight", "conv"),
+        ("2.1", "2.1.weight", "conv"), ("3", "3.weight", "fc"),
     ]
-    assert all(l.weight is l.module.weight for l in found)
-    assert [l.layer for l in find_layers(create_model("lenet_5"))] == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(layer.weight is layer.module.weight for layer in found)
+    assert [layer.layer for layer in find_layers(create_model("lenet_5"))] == ["conv1", "conv2", "fc1", "fc2"]
 
 
 def test_find_layers_include_and_exclude_patterns():
     model = create_model("lenet_5")
-    assert [l.param for l in find_layers(model, include=[r"bias$"])] == ["conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias"]
-    assert [l.param for l in find_layers(model, exclude=["^conv"])] == ["fc1.weight", "fc2.weight"]
+    biases = ["conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias"]
+    assert [layer.param for layer in find_layers(model, include=[r"bias$"])] == biases
+    assert [layer.param for layer in find_layers(model, exclude=["^conv"])] == ["fc1.weight", "fc2.weight"]
 
 
 # --- naming layers ----------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def test_find_layers_include_and_exclude_patterns():
     ],
 )
 def test_select_by_name_group_glob(keys, expected):
-    assert [l.layer for l in select(find_layers(create_model("lenet_5")), keys)] == expected
+    assert [layer.layer for layer in select(find_layers(create_model("lenet_5")), keys)] == expected
 
 
 def test_a_name_that_names_no_layer_is_one_clear_error():
@@ -87,7 +87,7 @@ def test_pruner_and_recipes_share_the_error(lenet):
 
 
 def targets_by_layer(model) -> dict:
-    return {l.layer: l for l in find_layers(model)}
+    return {layer.layer: layer for layer in find_layers(model)}
 
 
 def test_resolve_precedence_exact_over_group_over_glob():

@@ -68,14 +68,6 @@ def test_description_states_the_true_parameter_count(name):
     assert f"({EXPECTED[name][0]:,} parameters)" in info.description
 
 
-def test_creation_is_seeded():
-    torch.manual_seed(3)
-    a = create_model("lenet_5")
-    torch.manual_seed(3)
-    b = create_model("lenet_5")
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-
-
 @pytest.mark.parametrize("name, dropouts", [("alexnet", 2), ("vgg16", 2), ("lenet_300_100", 0), ("lenet_5", 0)])
 def test_dropout_argument(name, dropouts):
     with torch.device("meta"):

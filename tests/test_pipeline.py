@@ -18,7 +18,6 @@ from prunet.data import DataError
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.pipeline import run
 from prunet.runfolder import RunError, RunFolder
-from prunet.criteria import GlobalMagnitude, Sparsity, Threshold
 from prunet.train import Normalization, evaluate
 
 from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
@@ -250,20 +249,6 @@ def test_from_pruned_checkpoint_continues_pruning(base_run, fast_data, tmp_path)
     for k in before:
         assert not bool(((after[k] != 0) & (before[k] == 0)).any()), k
     assert summary["weights_kept"] < sum(int(m.sum()) for m in before.values())
-
-
-# --- round criteria ---------------------------------------------------------------------------
-
-
-def test_round_criterion_objects():
-    rounds = recipe_from_dict(
-        {"prune": {"rounds": [
-            {"criterion": "threshold", "quality": {"fc": 1.0}},
-            {"criterion": "sparsity", "sparsity": 0.5},
-            {"criterion": "global", "sparsity": 0.9},
-        ]}}
-    ).prune.rounds
-    assert [r.make_criterion() for r in rounds] == [Threshold({"fc": 1.0}), Sparsity(0.5), GlobalMagnitude(0.9)]
 
 
 # --- guarding earlier runs and mismatched inputs ------------------------------------------------

@@ -89,10 +89,6 @@ def test_adjusted_dropout_by_hand(original, kept, dense, expected):
     assert adjusted_dropout(original, kept, dense) == pytest.approx(expected)
 
 
-def test_adjusted_dropout_is_eq2():
-    assert adjusted_dropout(0.5, 37, 4096) == 0.5 * math.sqrt(37 / 4096)
-
-
 @pytest.mark.parametrize("kept, dense", [(5, 0), (-1, 10), (11, 10), (0, -3)])
 def test_adjusted_dropout_errors(kept, dense):
     with pytest.raises(ValueError, match=r"kept .* dense"):
@@ -146,7 +142,8 @@ def test_set_dropout_uses_the_original_ratio_every_round():
 
 def test_dropout_adjuster_always_scales_the_original_ratio():
     """An iterative ladder adjusts the same model again and again: D_o stays the dense ratio."""
-    model = create_model("alexnet", dropout=0.5)
+    with torch.device("meta"):  # shapes and dropout modules only: no 60M weights to initialise
+        model = create_model("alexnet", dropout=0.5)
     adjuster = DropoutAdjuster(model, ["fc6", "fc7", "fc8"])
     dense = {"fc7": 16_777_216, "fc8": 4_096_000}
     adjuster.adjust({"fc7": dense["fc7"] // 4, "fc8": dense["fc8"]}, dense)

@@ -17,6 +17,7 @@ from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.analysis.tables import CSV_COLUMNS
 from prunet.config import recipe_from_dict
 from prunet.data import DataError, find_data_dir, load_data
+from prunet.layers import human_count
 from prunet.pipeline import run
 from prunet.runfolder import MissingRunFileError, Run, RunError
 from conftest import use_data_cache
@@ -83,8 +84,15 @@ def test_report_files_written(tiny_run, report):
     run_dir, summary = tiny_run
     md, html = report
     assert md == run_dir / "report.md" and html == run_dir / "report.html"
-    assert md.stat().st_size > 1000 and html.stat().st_size > 1000
     text = md.read_text()
+    # The final model's layer table: each layer's weights and kept count, as the paper prints them.
+    for r in summary["layers"]:
+        row = rf"^\| {r['layer']} \| {human_count(r['weights'])} \| [^\n]* \| {re.escape(human_count(r['kept']))} \|$"
+        assert re.search(row, text, re.M), r["layer"]
+    # The Files section names every file of the run, the report last.
+    listed = re.findall(r"^- `([^`]+)`$", text, re.M)
+    assert listed[-2:] == ["report.md", "report.html"]
+    assert set(listed) == {p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
     for heading in ("## Summary", "## Rounds", "## Layers", "## Weight distribution", "## Sensitivity", "## Energy"):
         assert heading in text
     # Rendered exactly when the pipeline removed dead neurons after the last round.

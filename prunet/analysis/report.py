@@ -243,7 +243,8 @@ def _layers_section(
         D.Table.from_markdown(format_table(final_rows, markdown=True)),
     ]
     if dense_rows is not None:
-        blocks += [D.Heading("Dense model, for comparison", 3), D.Table.from_markdown(format_table(dense_rows, markdown=True))]
+        blocks += [D.Heading("Dense model, for comparison", 3),
+                   D.Table.from_markdown(format_table(dense_rows, markdown=True))]
     return blocks
 
 

@@ -68,7 +68,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     Returns:
         ``{layer name: FLOPs for one example}``; 0 for a layer the pass did not run.
     """
-    layers = [(l.layer, l.module) for l in find_layers(model)]
+    layers = [(layer.layer, layer.module) for layer in find_layers(model)]
     flops = {name: 0 for name, _ in layers}
     batch = example_input.shape[0]
 
@@ -113,7 +113,7 @@ def activation_fractions(model: nn.Module, activation_data: torch.Tensor | Itera
         1.0 for the last layer (its output is the result, not an input);
         None for a layer whose successor never ran.
     """
-    layers = [(l.layer, l.module) for l in find_layers(model)]
+    layers = [(layer.layer, layer.module) for layer in find_layers(model)]
     nonzero = {name: 0 for name, _ in layers}
     total = {name: 0 for name, _ in layers}
 

@@ -1,0 +1,105 @@
+"""Tests for prunet.runfolder: a run's files, what --overwrite may remove, and the read view."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prunet import runfolder as F
+from prunet.models import create_model
+from prunet.runfolder import MissingRunFileError, Run, RunError, RunFolder
+
+
+def a_run(path):
+    """A folder holding a small run: config, a checkpoint, metrics, a summary."""
+    folder = RunFolder.create(path)
+    folder.write_yaml(F.CONFIG, {"name": "x", "model": {"name": "lenet_300_100"}})
+    torch.manual_seed(0)
+    folder.save_checkpoint(F.DENSE, create_model("lenet_300_100"), {"model": "lenet_300_100"})
+    folder.log_metrics("dense", val_acc=90.0)
+    folder.log_metrics("round", round=1, val_acc=89.5)
+    folder.write_json(F.SUMMARY, {"model": "lenet_300_100", "dense": {}, "final": {}, "rounds": []})
+    return folder
+
+
+def test_the_manifest_names_what_was_written(tmp_path):
+    folder = a_run(tmp_path / "run")
+    assert folder.written() == [F.METRICS, F.CONFIG, F.DENSE, F.SUMMARY]
+
+
+def test_a_folder_holding_a_run_is_not_reused_without_overwrite(tmp_path):
+    a_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(RunError, match=r"already holds a run .*--overwrite"):
+        RunFolder.create(tmp_path / "run")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    a_run(tmp_path / "run")
+    mine = dict.fromkeys(["notes.txt", "report_notes.txt", "my_export.safetensors", "round9.safetensors"], "mine")
+    for name, text in mine.items():
+        (tmp_path / "run" / name).write_text(text)
+    (tmp_path / "run" / "report_archive").mkdir()
+    folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    left = {p.name for p in folder.path.iterdir()}
+    assert left == set(mine) | {"report_archive", F.MANIFEST, F.METRICS}
+    assert folder.written() == [F.METRICS]
+    assert (folder.path / F.METRICS).read_text() == ""
+
+
+def test_a_folder_from_before_the_manifest_is_recognised_by_prunets_names(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("summary.json", "round3.safetensors", "report_weights_fc1.png", "notes.txt", "report_notes.txt"):
+        (old / name).write_text("x")
+    with pytest.raises(RunError, match="already holds a run"):
+        RunFolder.create(old)
+    RunFolder.create(old, overwrite=True)
+    assert {p.name for p in old.iterdir()} == {"notes.txt", "report_notes.txt", F.MANIFEST, F.METRICS}
+
+
+def test_a_folder_with_only_user_files_is_free(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    RunFolder.create(tmp_path / "mine")  # no error, nothing removed
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "sub/file.txt", "", ".", "..", F.MANIFEST])
+def test_only_plain_names_in_the_folder_are_written(tmp_path, name):
+    with pytest.raises(ValueError, match="is not a file name in the run folder"):
+        RunFolder.create(tmp_path / "run").record(name)
+
+
+def test_run_view_reads_what_the_folder_wrote(tmp_path):
+    a_run(tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert run.recipe.name == "x" and run.recipe.model.name == "lenet_300_100"
+    assert run.summary["model"] == "lenet_300_100"
+    assert [m["event"] for m in run.metrics()] == ["dense", "round"]
+    model, pruner, meta = run.load(F.DENSE)
+    assert pruner is None and meta == {"model": "lenet_300_100"}
+    torch.manual_seed(0)
+    assert torch.equal(model.fc1.weight, create_model("lenet_300_100").fc1.weight)
+    assert run.files() == sorted([F.CONFIG, F.DENSE, F.METRICS, F.SUMMARY])  # the manifest is hidden
+
+
+def test_run_view_names_the_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(MissingRunFileError, match="does not exist"):
+        Run(tmp_path / "nowhere")
+    a_run(tmp_path / "run")
+    run = Run(tmp_path / "run")
+    with pytest.raises(MissingRunFileError, match=r"has no final\.safetensors"):
+        run.load(F.FINAL)
+    (tmp_path / "run" / F.METRICS).write_text('{"event": "dense"}\nnot json\n')
+    with pytest.raises(RunError, match=r"metrics\.jsonl, line 2"):
+        run.metrics()
+    (tmp_path / "run" / F.SUMMARY).write_text(json.dumps({"model": "x"}))
+    with pytest.raises(RunError, match="lacks 'dense'"):
+        Run(tmp_path / "run").summary
+    (tmp_path / "run" / F.CONFIG).write_text("train: {lr: -1}\n")
+    with pytest.raises(RunError, match=r"config\.yaml: train\.lr"):
+        Run(tmp_path / "run").recipe
