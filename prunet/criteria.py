@@ -178,7 +178,8 @@ class Criterion:
 
     Class attributes (what a recipe needs to know to build and check one):
         name: the name recipes use, the key in :data:`CRITERIA`.
-        setting_field: the recipe field holding the setting (``quality`` or ``sparsity``).
+        setting_field: the field holding the setting, on the criterion and in a
+            recipe round (``quality`` or ``sparsity``); None for a custom criterion.
         setting_min, setting_max: the allowed range of each value (``None``: no upper bound).
         per_layer: True when the setting may differ per layer (a mapping) and the
             criterion prunes each layer alone by its :attr:`rule` (the
@@ -186,7 +187,7 @@ class Criterion:
     """
 
     name: ClassVar[str] = "custom"
-    setting_field: ClassVar[str] = "setting"
+    setting_field: ClassVar[str | None] = None
     setting_min: ClassVar[float] = 0.0
     setting_max: ClassVar[float | None] = None
     per_layer: ClassVar[bool] = True
@@ -194,8 +195,8 @@ class Criterion:
 
     @property
     def setting(self) -> Setting | None:
-        """The per-layer setting; None for a custom criterion that overrides :meth:`masks`."""
-        return None
+        """The per-layer setting (the :attr:`setting_field`); None for a custom criterion."""
+        return getattr(self, self.setting_field) if self.setting_field else None
 
     def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
         """param name -> new boolean mask for the layers this criterion prunes."""
@@ -234,10 +235,6 @@ class Threshold(Criterion):
     setting_field: ClassVar[str] = "quality"
     rule = staticmethod(threshold_mask)
 
-    @property
-    def setting(self) -> Setting:
-        return self.quality
-
 
 @dataclass
 class Sparsity(Criterion):
@@ -249,10 +246,6 @@ class Sparsity(Criterion):
     setting_max: ClassVar[float | None] = 1.0
     rule = staticmethod(sparsity_mask)
 
-    @property
-    def setting(self) -> Setting:
-        return self.sparsity
-
 
 @dataclass
 class GlobalMagnitude(Criterion):
@@ -263,10 +256,6 @@ class GlobalMagnitude(Criterion):
     setting_field: ClassVar[str] = "sparsity"
     setting_max: ClassVar[float | None] = 1.0
     per_layer: ClassVar[bool] = False
-
-    @property
-    def setting(self) -> Setting:
-        return self.sparsity
 
     def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
         if not layers:

@@ -284,10 +284,6 @@ class AbsoluteFloor(Criterion):
     setting_max: ClassVar[float | None] = 1.0
     rule = staticmethod(lambda w, prev, floor: prev.bool() & (w.abs() >= floor))
 
-    @property
-    def setting(self):
-        return self.quality
-
 
 def test_recipe_names_build_the_registered_criteria():
     rounds = recipe_from_dict({"prune": {"rounds": [
