@@ -184,6 +184,7 @@ class Criterion:
         per_layer: True when the setting may differ per layer (a mapping) and the
             criterion prunes each layer alone by its :attr:`rule` (the
             sensitivity analysis needs that).
+        sweep: the settings the sensitivity analysis tries when none are given.
     """
 
     name: ClassVar[str] = "custom"
@@ -191,6 +192,7 @@ class Criterion:
     setting_min: ClassVar[float] = 0.0
     setting_max: ClassVar[float | None] = None
     per_layer: ClassVar[bool] = True
+    sweep: ClassVar[tuple[float, ...]] = ()
     rule: ClassVar[Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None] = None
 
     @property
@@ -233,6 +235,8 @@ class Threshold(Criterion):
     quality: Setting
     name: ClassVar[str] = "threshold"
     setting_field: ClassVar[str] = "quality"
+    # 0 prunes nothing, 1 cuts below one standard deviation (about 60% of a Gaussian layer), 2 about 95%.
+    sweep: ClassVar[tuple[float, ...]] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
     rule = staticmethod(threshold_mask)
 
 
@@ -244,6 +248,7 @@ class Sparsity(Criterion):
     name: ClassVar[str] = "sparsity"
     setting_field: ClassVar[str] = "sparsity"
     setting_max: ClassVar[float | None] = 1.0
+    sweep: ClassVar[tuple[float, ...]] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     rule = staticmethod(sparsity_mask)
 
 

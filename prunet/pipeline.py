@@ -113,9 +113,9 @@ def run(
     folder.save_checkpoint(F.FINAL, model, {**meta, "phase": "final"})
     final = ctx.evaluate(model)
     summary = _summary(recipe, data, model, pruner, dense, final, rounds, stopped)
+    summary["seconds"] = time.perf_counter() - started  # pruning time: neuron removal and the report excluded
     if recipe.prune.remove_dead_neurons:
         summary["neurons"] = _remove_neurons(ctx, model, meta)
-    summary["seconds"] = time.perf_counter() - started
     folder.write_json(F.SUMMARY, summary)
     _, html = write_report(folder.path, data=data, progress=False)
     log(f"report: {html}")

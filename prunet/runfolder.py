@@ -26,11 +26,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 import torch.nn as nn
 import yaml
@@ -59,6 +66,11 @@ _LEGACY = re.compile(
     r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors"
     r"|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv|sensitivity\.(csv|png))"
 )
+
+
+def _plain_name(name: str) -> bool:
+    """A file name directly in the folder: no separator, not ``.``/``..``, not the manifest."""
+    return bool(name) and Path(name).name == name and "/" not in name and name not in (".", "..", MANIFEST)
 
 
 def round_checkpoint(i: int) -> str:
@@ -93,18 +105,19 @@ class RunFolder:
             RunError: the folder holds a run and ``overwrite`` is False.
         """
         folder = cls(path)
-        earlier = folder.written() if folder.path.is_dir() else []
-        if earlier and not overwrite:
-            raise RunError(
-                f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to replace it, "
-                f"or --run-dir / a new recipe name to keep it"
-            )
-        for name in earlier:
-            target = folder.path / name
-            if target.is_file() and not target.is_symlink():
-                target.unlink()
         folder.path.mkdir(parents=True, exist_ok=True)
-        folder._save_manifest([])
+        with folder._locked():
+            earlier = folder.written()
+            if earlier and not overwrite:
+                raise RunError(
+                    f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to replace "
+                    f"it, or --run-dir / a new recipe name to keep it"
+                )
+            for name in earlier:
+                target = folder.path / name
+                if target.is_file() and not target.is_symlink():
+                    target.unlink()
+            folder._save_manifest([])
         folder.write_text(METRICS, "")
         return folder
 
@@ -121,18 +134,45 @@ class RunFolder:
         return folder
 
     def written(self) -> list[str]:
-        """The names of the files prunet wrote here (the manifest; for an older folder, prunet's names)."""
+        """The files prunet wrote here that are still there, in the order they were first written."""
+        return [n for n in self._recorded() if (self.path / n).is_file()]
+
+    def _recorded(self) -> list[str]:
+        """Every name in the manifest; for a folder from before the manifest, the files named as prunet names them."""
         manifest = self.path / MANIFEST
-        if manifest.is_file():
-            try:
-                names = json.loads(manifest.read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise RunError(f"{manifest} is unreadable or corrupt ({e}); remove the run folder by hand") from None
-            return [n for n in names if isinstance(n, str) and (self.path / n).is_file()]
-        return sorted(p.name for p in self.path.iterdir() if p.is_file() and _LEGACY.fullmatch(p.name))
+        if not manifest.is_file():
+            if not self.path.is_dir():
+                return []
+            return sorted(p.name for p in self.path.iterdir() if p.is_file() and _LEGACY.fullmatch(p.name))
+        try:
+            names = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            names = e
+        if not isinstance(names, list) or not all(isinstance(n, str) and _plain_name(n) for n in names):
+            raise RunError(f"{manifest} is corrupt (it must list the run's file names); delete it and prunet will "
+                           f"recognise the run's files by their names") from None
+        return names
 
     def _save_manifest(self, names: list[str]) -> None:
         write_text(self.path / MANIFEST, json.dumps(names) + "\n")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder while the manifest is read and rewritten.
+
+        Several commands may add files to one folder at once (a run saving a
+        checkpoint while ``prunet report`` writes); the lock keeps one from
+        dropping the other's name. On systems without ``fcntl`` there is no lock.
+        """
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def record(self, name: str) -> Path:
         """Record ``name`` as a file of this run and return its path, for a writer that writes whole files.
@@ -140,11 +180,13 @@ class RunFolder:
         The writers of :mod:`prunet.checkpoint`, :mod:`prunet.analysis` and
         :mod:`prunet.files` all do (through :func:`prunet.files.atomic_path`).
         """
-        if Path(name).name != name or name in ("", ".", "..", MANIFEST):
+        if not _plain_name(name):
             raise ValueError(f"{name!r} is not a file name in the run folder")
-        names = self.written() if (self.path / MANIFEST).is_file() else []
-        if name not in names:
-            self._save_manifest(names + [name])
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            names = self._recorded()  # an older folder's files are kept on record, not forgotten
+            if name not in names:
+                self._save_manifest(names + [name])
         return self.path / name
 
     def write_text(self, name: str, text: str) -> Path:

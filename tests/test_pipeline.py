@@ -308,3 +308,16 @@ def test_model_that_does_not_fit_the_data_fails_before_training(tiny_recipe, fas
     with pytest.raises(ConfigError, match="model.name: alexnet does not take"):
         run_recipe(tiny_recipe, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_recipe_seed_fixes_the_initial_model(tiny_recipe, fast_data, tmp_path):
+    """Same recipe, same seed: the same dense model, bit for bit; another seed, another one."""
+    tiny_recipe["train"]["epochs"] = 0
+    tiny_recipe["prune"]["rounds"] = []
+    states = []
+    for seed, folder in ((0, "a"), (0, "b"), (1, "c")):
+        tiny_recipe["seed"] = seed
+        run_recipe(copy.deepcopy(tiny_recipe), tmp_path / folder)
+        states.append(read_checkpoint(tmp_path / folder / "dense.safetensors")[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["fc1.weight"], states[2]["fc1.weight"])

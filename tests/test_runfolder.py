@@ -103,3 +103,38 @@ def test_run_view_names_the_missing_or_corrupt_file(tmp_path):
     (tmp_path / "run" / F.CONFIG).write_text("train: {lr: -1}\n")
     with pytest.raises(RunError, match=r"config\.yaml: train\.lr"):
         Run(tmp_path / "run").recipe
+
+
+@pytest.mark.parametrize("manifest", ['["/tmp/victim.txt"]', '["../victim.txt"]', '"config.yaml"', "5", "{not json"])
+def test_a_corrupt_manifest_deletes_nothing(tmp_path, manifest):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("c", "o", "config.yaml"):
+        (folder / name).write_text("x")
+    (folder / F.MANIFEST).write_text(manifest)
+    with pytest.raises(RunError, match=r"\.prunet-files is corrupt .* delete it"):
+        RunFolder.create(folder, overwrite=True)
+    assert victim.read_text() == "keep me"
+    assert {p.name for p in folder.iterdir()} == {"c", "o", "config.yaml", F.MANIFEST}
+
+
+def test_writing_into_an_older_folder_keeps_its_files_on_record(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.yaml", "round3.safetensors", "final_shrunk.safetensors"):
+        (old / name).write_text("x")
+    RunFolder.open(old).write_text(F.REPORT_MD, "# report")  # e.g. `prunet report` on the old run
+    assert set(RunFolder(old).written()) == {"config.yaml", "round3.safetensors", "final_shrunk.safetensors",
+                                             F.REPORT_MD}
+    RunFolder.create(old, overwrite=True)
+    assert {p.name for p in old.iterdir()} == {F.MANIFEST, F.METRICS}
+
+
+def test_a_name_recorded_before_its_file_exists_stays_recorded(tmp_path):
+    folder = RunFolder.create(tmp_path / "run")
+    target = folder.record("round2.safetensors")  # a checkpoint about to be written...
+    RunFolder(tmp_path / "run").record(F.SENSITIVITY_CSV)  # ...while another command adds a file
+    target.write_text("checkpoint")
+    assert "round2.safetensors" in folder.written()

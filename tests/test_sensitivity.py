@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import prunet.analysis.sensitivity as sens
 from prunet import Pruner, Threshold
 from prunet.analysis.sensitivity import (
-    DEFAULT_QUALITIES,
     SensitivityRow,
     format_sensitivity_table,
     plot_sensitivity,
@@ -99,7 +98,7 @@ def test_table_has_one_row_per_layer_and_setting(trained):
 def test_default_settings_and_unsorted_input(trained):
     model, val = trained
     rows = sensitivity(model, val, NORM, layers=["fc2"], progress=False)
-    assert [r.setting for r in rows] == list(DEFAULT_QUALITIES)
+    assert [r.setting for r in rows] == list(Threshold.sweep)
     rows = sensitivity(model, val, NORM, qualities=[1.0, 0.0, 0.5], layers=["fc2"], progress=False)
     assert [r.setting for r in rows] == [0.0, 0.5, 1.0]
 

@@ -97,6 +97,22 @@ def test_pruned_weights_stay_zero_through_fit(lenet, fashion):
         assert not torch.equal(t.weight.detach(), before[t.param])  # survivors were retrained
 
 
+def test_fit_detaches_the_optimizers_it_attached(lenet, fashion, monkeypatch):
+    """Each round's fit builds an optimizer; one left attached would keep being masked by every later prune."""
+    model = lenet()
+    pruner = Pruner(model)
+    pruner.prune(Threshold(0.5))
+    attached = []
+    monkeypatch.setattr(pruner, "attach", lambda opt, *a, **k: (attached.append(opt), Pruner.attach(pruner, opt)))
+    fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, epochs=1), norm_of(fashion), pruner=pruner)
+    (opt,) = attached
+    momentum = opt.state[model.fc1.weight]["momentum_buffer"].clone()
+    pruner.prune(Threshold(1.0))  # prunes more: an attached optimizer's state would be zeroed there
+    newly_pruned = (model.fc1.weight_mask == 0) & (momentum != 0)
+    assert newly_pruned.any()
+    assert torch.equal(opt.state[model.fc1.weight]["momentum_buffer"], momentum)
+
+
 def test_l1_regularization_shrinks_weights(lenet, fashion):
     plain, _ = train(lenet, fashion, dataclasses.replace(CFG, regularization="none"))
     l1, records = train(lenet, fashion, dataclasses.replace(CFG, regularization="l1", reg_strength=1e-3))

@@ -42,6 +42,7 @@ from prunet.analysis.sensitivity import (
     plot_sensitivity,
     propose_qualities,
     read_sensitivity_csv,
+    setting_label,
 )
 from prunet.analysis.tables import layer_table, write_table_csv
 from prunet.data import DatasetSplits, Split, batches, load_data
@@ -67,8 +68,10 @@ ACTIVATION_EXAMPLES = 2000
 PROPOSAL_DROPS = (0.5, 1.0)
 
 
-class ReportError(RunError):
-    """What the report cannot show: a corrupt sensitivity table, a histogram layer that is not a layer."""
+ReportError = RunError
+"""What the report cannot read or show: a missing or corrupt run file, a histogram layer that is not a layer.
+
+The same class as :class:`prunet.runfolder.RunError` (the name code written against 0.1 catches)."""
 
 
 def _activation_batches(data: DatasetSplits, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -295,7 +298,7 @@ def _sensitivity_section(run: Run, folder: RunFolder) -> list[D.Block]:
     png = run_dir / SENSITIVITY_PNG
     if not png.is_file():
         plot_sensitivity(rows, folder.record(SENSITIVITY_PNG))  # figures come from the table: redraw a missing one
-    label = "quality" if rows[0].criterion == "threshold" else "sparsity"
+    label = setting_label(rows[0].criterion)
     blocks += [
         D.Para(f"Each layer pruned alone by {rows[0].criterion}, no retraining; columns are the {label} values "
               f"({label[0]}=…). Cells: validation accuracy (%) and, in brackets, the fraction of the layer pruned."),

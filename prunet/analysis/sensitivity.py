@@ -38,13 +38,8 @@ from prunet.data import Split
 from prunet.layers import find_layers, select
 from prunet.train import Normalization, evaluate
 
-# The paper's quality parameter: 0 prunes nothing, 1 cuts below one standard
-# deviation (about 60% of a Gaussian layer), 2 about 95%.
-DEFAULT_QUALITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # The criteria that prune one layer alone by a per-layer rule (a global cut has no per-layer sweep).
 CRITERIA: tuple[str, ...] = tuple(name for name, c in ALL_CRITERIA.items() if c.per_layer)
-DEFAULT_SETTINGS: dict[str, tuple[float, ...]] = {"threshold": DEFAULT_QUALITIES, "sparsity": DEFAULT_SPARSITIES}
 
 CSV_COLUMNS = ["layer", "kind", "criterion", "setting", "kept_frac", "pruned_frac", "val_acc", "acc_drop"]
 
@@ -85,11 +80,11 @@ class SensitivityRow:
 
 
 def default_settings(criterion: str) -> tuple[float, ...]:
-    """The settings swept when none are given: qualities 0..2 or sparsities 0..0.95."""
+    """The settings swept when none are given (the criterion's ``sweep``): qualities 0..2 or sparsities 0..0.95."""
     _check_criterion(criterion)
-    if criterion not in DEFAULT_SETTINGS:
+    if not ALL_CRITERIA[criterion].sweep:
         raise ValueError(f"qualities: criterion {criterion!r} has no default sweep; give the settings")
-    return DEFAULT_SETTINGS[criterion]
+    return ALL_CRITERIA[criterion].sweep
 
 
 def sensitivity(
@@ -101,6 +96,7 @@ def sensitivity(
     layers: Iterable[str] | None = None,
     batch_size: int = 1000,
     progress: bool = True,
+    model_name: str | None = None,
 ) -> list[SensitivityRow]:
     """Prune each layer alone at each setting, without retraining, and measure validation accuracy.
 
@@ -124,6 +120,7 @@ def sensitivity(
             default every Linear and Conv layer.
         batch_size: evaluation batch size.
         progress: show a tqdm bar over (layer, setting) pairs.
+        model_name: how errors name the model (e.g. its registry name); default its class name.
 
     Returns:
         One row per (layer, setting), layers in forward order, settings ascending.
@@ -145,7 +142,7 @@ def sensitivity(
     if not candidates:
         raise ValueError("the model has no Linear or Conv layer to analyse")
     try:
-        chosen = select(candidates, layers, type(model).__name__)
+        chosen = select(candidates, layers, model_name or type(model).__name__)
     except ValueError as e:
         raise ValueError(f"layers: {e}") from None
 
@@ -176,6 +173,12 @@ def sensitivity(
                 with torch.no_grad():
                     weight.copy_(saved)
     return rows
+
+
+def setting_label(criterion: str) -> str:
+    """What a criterion's setting is called: ``quality`` (threshold) or ``sparsity``."""
+    cls = ALL_CRITERIA.get(criterion)
+    return cls.setting_field if cls is not None and cls.setting_field else "setting"
 
 
 def _check_criterion(criterion: str) -> None:
@@ -283,7 +286,7 @@ def format_sensitivity_table(rows: Sequence[SensitivityRow]) -> str:
         return ""
     groups = _by_layer(rows)
     settings = sorted({r.setting for r in rows})
-    symbol = "q" if rows[0].criterion == "threshold" else "s"  # short headers keep the table narrow
+    symbol = setting_label(rows[0].criterion)[0]  # q= or s=: short headers keep the table narrow
     lines = [
         "| Layer | unpruned | " + " | ".join(f"{symbol}={s:g}" for s in settings) + " |",
         "|:--|--:|" + "--:|" * len(settings),
