@@ -43,6 +43,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_masks.py
+	$(BIN)/python benchmarks/bench_sparse.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -28,11 +28,13 @@ from prunet.analysis.tradeoff import (
 )
 from prunet.checkpoint import CheckpointError, load_model
 from prunet.config import ConfigError, load_recipe, parse_override
-from prunet.data import DataError, load_data
+from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import run
 from prunet.runfolder import SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
+from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
+from prunet.sparse.compact import VALUE_DTYPES
 from prunet.train import Normalization
 
 
@@ -104,7 +106,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
-                           batch_size=recipe.data.eval_batch_size)
+                           batch_size=recipe.data.eval_batch_size, model_name=recipe.model.name)
     except ValueError as e:
         raise UsageError(str(e)) from None
     folder = RunFolder(out)
@@ -115,6 +117,29 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     proposal = ", ".join(f"{k}: {v:g}" for k, v in propose_qualities(rows, args.max_drop).items()) or "none"
     print(f"largest {args.criterion} setting per layer within {args.max_drop:g} points: {proposal}")
     print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype)
+    print(f"wrote {done.path} ({done.format}{', shrunk' if done.shrunk else ''}): {done.bytes:,} bytes, "
+          f"{done.ratio:.1f}x smaller than the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise UsageError(f"--batch-sizes takes integers separated by commas, got {args.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
+    model = load(args.file, sparse=args.sparse)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
+    result = measure(model, data.test, Normalization(data.mean, data.std), sizes)
+    print(f"{args.file}: test accuracy {result.accuracy:.2f}% on {result.examples:,} {data.name} test images")
+    print("latency: " + ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in result.latency_ms.items()))
+    print("layers: " + ", ".join(f"{name} {path}" for name, path in result.plan.items()))
     return 0
 
 
@@ -213,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
     p.set_defaults(func=cmd_sensitivity)
 
+    p = sub.add_parser("export", help="write a pruned model as a compact file, a dense safetensors file or ONNX")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder (its final.safetensors) or a checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--format", choices=FORMATS, default="prunet",
+                   help="prunet: survivors and relative indices (default); safetensors: baked, dense; onnx")
+    p.add_argument("--shrink", action="store_true", help="remove dead neurons first (layers physically smaller)")
+    p.add_argument("--dtype", choices=list(VALUE_DTYPES), default="float32",
+                   help="with --format prunet: the survivors' value type (default float32)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="test accuracy and latency of an exported file or a checkpoint")
+    p.add_argument("file", metavar="FILE", help="a file from 'prunet export', or a checkpoint")
+    p.add_argument("--dataset", choices=list(DATASETS), default="fashion-mnist", help="default fashion-mnist")
+    p.add_argument("--data-dir", help="folder with the dataset's four IDX files")
+    p.add_argument("--sparse", action="store_true", help="run pruned layers with sparse kernels where faster")
+    p.add_argument("--batch-sizes", default="1,64", metavar="B,B,...", help="batch sizes to time (default 1,64)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'prunet run'")
     p.add_argument("--layer", help="layer whose weights are histogrammed (default: the largest)")
@@ -229,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError, UsageError) as e:
+    except (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError) as e:
         print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

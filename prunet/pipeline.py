@@ -28,6 +28,7 @@ from prunet.models import create_model
 from prunet.neurons import remove_dead_neurons
 from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
+from prunet.sparse import export
 from prunet.train import EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -116,6 +117,7 @@ def run(
     summary["seconds"] = time.perf_counter() - started  # pruning time: neuron removal and the report excluded
     if recipe.prune.remove_dead_neurons:
         summary["neurons"] = _remove_neurons(ctx, model, meta)
+    summary["compact"] = _write_compact(ctx)
     folder.write_json(F.SUMMARY, summary)
     _, html = write_report(folder.path, data=data, progress=False)
     log(f"report: {html}")
@@ -267,6 +269,16 @@ def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, An
         "boundaries": report.boundaries,
         "layers": report.rows(),
     }
+
+
+def _write_compact(ctx: _Context) -> dict[str, Any]:
+    """The final model as a compact file (survivors and relative indices), sized against the dense checkpoint."""
+    done = export(ctx.folder.path / F.FINAL, ctx.folder.record(F.COMPACT))
+    dense_file = (ctx.folder.path / F.DENSE).stat().st_size
+    ctx.log(f"compact: {F.COMPACT} {done.bytes:,} bytes, {dense_file / done.bytes:.1f}x smaller than {F.DENSE} "
+            f"({dense_file:,} bytes)")
+    return {"file": F.COMPACT, "bytes": done.bytes, "dense_file_bytes": dense_file,
+            "ratio_to_dense_file": dense_file / done.bytes}
 
 
 def _parameters(model: nn.Module) -> int:

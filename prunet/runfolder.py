@@ -6,7 +6,7 @@ the commands after it write:
 * ``config.yaml``: the recipe as run; ``metrics.jsonl``: one JSON object per
   epoch, per dense evaluation and per round; ``summary.json``: the results;
 * ``dense.safetensors``, ``round<k>.safetensors``, ``final.safetensors``,
-  ``final_shrunk.safetensors``: checkpoints;
+  ``final_shrunk.safetensors``: checkpoints; ``final.prunet``: the final model's compact file;
 * ``report.md``, ``report.html``, ``layers.csv``, ``report_*.png``: the report;
   ``sensitivity.csv`` and ``sensitivity.png``: the sensitivity analysis.
 
@@ -53,6 +53,7 @@ SUMMARY = "summary.json"
 DENSE = "dense.safetensors"
 FINAL = "final.safetensors"
 SHRUNK = "final_shrunk.safetensors"
+COMPACT = "final.prunet"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 LAYERS_CSV = "layers.csv"
@@ -63,7 +64,7 @@ MANIFEST = ".prunet-files"
 
 # What a folder written before the manifest existed holds; only these names are replaced there.
 _LEGACY = re.compile(
-    r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors"
+    r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors|final\.prunet"
     r"|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv|sensitivity\.(csv|png))"
 )
 

@@ -18,6 +18,7 @@ from prunet.data import DataError
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.pipeline import run
 from prunet.runfolder import RunError, RunFolder
+from prunet.sparse import load
 from prunet.train import Normalization, evaluate
 
 from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
@@ -58,7 +59,7 @@ def read_metrics(folder) -> list[dict]:
 def test_run_folder_holds_every_artifact(base_run):
     _, folder, _ = base_run
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "dense.safetensors", "round1.safetensors",
-                 "round2.safetensors", "final.safetensors", "final_shrunk.safetensors"):
+                 "round2.safetensors", "final.safetensors", "final_shrunk.safetensors", "final.prunet"):
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.tmp"))
 
@@ -321,3 +322,14 @@ def test_the_recipe_seed_fixes_the_initial_model(tiny_recipe, fast_data, tmp_pat
         states.append(read_checkpoint(tmp_path / folder / "dense.safetensors")[0])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not torch.equal(states[0]["fc1.weight"], states[2]["fc1.weight"])
+
+
+def test_the_compact_file_is_the_final_model_and_smaller(base_run):
+    _, folder, summary = base_run
+    final, _, _ = load_model(folder / "final.safetensors")
+    compact = load(folder / "final.prunet")
+    x = torch.randn(16, 1, 28, 28)
+    assert (compact(x) - final.eval()(x)).abs().max() <= 1e-6
+    assert summary["compact"]["bytes"] == (folder / "final.prunet").stat().st_size
+    assert summary["compact"]["dense_file_bytes"] == (folder / "dense.safetensors").stat().st_size
+    assert summary["compact"]["ratio_to_dense_file"] > 2  # the tiny recipe prunes two rounds of quality 1

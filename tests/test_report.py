@@ -124,6 +124,7 @@ def test_report_states_the_summary_numbers(tiny_run, report):
         text = path.read_text()
         assert f"{summary['compression']:.1f}×" in text
         assert f"{summary['final']['test_acc']:.2f}%" in text
+        assert f"`final.prunet` {summary['compact']['bytes']:,} bytes" in text
         assert f"{summary['dense']['val_acc']:.2f}%" in text
         for r in summary["rounds"]:
             assert f"{r['val_acc_pruned']:.2f}%" in text  # the per-round table

@@ -191,6 +191,12 @@ def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> li
         ratio = _times(summary.get("parameter_compression"))
         rows.append(["Parameters (biases included)", f"{params_kept:,} of {params:,} kept ({ratio})"])
     rows.append(["FLOPs per example", f"{t.flops:,} dense → {100 * t.flops_kept_frac:.1f}% kept"])
+    compact = summary.get("compact")
+    if isinstance(compact, Mapping) and isinstance(compact.get("bytes"), int):
+        dense_bytes = compact.get("dense_file_bytes")
+        versus = (f", {dense_bytes / compact['bytes']:.1f}× smaller than `{DENSE}` ({dense_bytes:,} bytes)"
+                  if isinstance(dense_bytes, int) else "")
+        rows.append(["Compact file", f"`{compact.get('file')}` {compact['bytes']:,} bytes{versus}"])
     n_rounds = len(summary["rounds"])
     accepted = sum(1 for r in summary["rounds"] if r.get("accepted", True))
     rows.append(["Rounds", f"{accepted} of {n_rounds} accepted"])

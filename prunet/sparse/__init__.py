@@ -1,0 +1,46 @@
+"""Pruned models that are really smaller and faster: the compact file, export, loading, sparse inference.
+
+* :func:`export`: a run folder or checkpoint -> a compact file (survivors and
+  bit-packed relative indices), a baked dense safetensors file, or ONNX;
+* :func:`load`: any of prunet's files -> a plain model with the pruned model's
+  outputs; ``sparse=True`` runs pruned layers with sparse kernels where they are faster;
+* :mod:`~prunet.sparse.compact` (the file format), :mod:`~prunet.sparse.codec`
+  (relative indices), :mod:`~prunet.sparse.modules` (the sparse layers).
+"""
+
+from prunet.sparse.compact import (
+    VERSION,
+    CompactFileError,
+    read_compact,
+    read_header,
+    write_compact,
+)
+from prunet.sparse.export import (
+    FORMATS,
+    Exported,
+    ExportError,
+    Measurement,
+    export,
+    load,
+    measure,
+)
+from prunet.sparse.modules import SparseConv2d, SparseLinear, plan, sparsify
+
+__all__ = [
+    "FORMATS",
+    "VERSION",
+    "CompactFileError",
+    "ExportError",
+    "Exported",
+    "Measurement",
+    "SparseConv2d",
+    "SparseLinear",
+    "export",
+    "load",
+    "measure",
+    "plan",
+    "read_compact",
+    "read_header",
+    "sparsify",
+    "write_compact",
+]

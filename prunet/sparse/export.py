@@ -1,0 +1,281 @@
+"""Export a pruned model (compact, dense safetensors, ONNX) and load it back.
+
+:func:`export` takes a run folder (its ``final.safetensors``) or a checkpoint,
+multiplies the masks in, optionally removes dead neurons (``shrink``) and
+writes one of three files:
+
+* ``prunet``: the compact file of :mod:`prunet.sparse.compact` (survivors and relative indices);
+* ``safetensors``: a plain prunet checkpoint of the baked model, dense, no masks;
+* ``onnx``: the baked model through ``torch.onnx.export`` (needs ``pip install prunet[onnx]``).
+
+:func:`load` reads a compact file or a prunet checkpoint back into a plain
+model whose outputs equal the pruned model's; ``sparse=True`` gives its pruned
+layers sparse kernels (:mod:`prunet.sparse.modules`).
+
+Example:
+    >>> export("runs/lenet300_fashion", "lenet.prunet")
+    >>> model = load("lenet.prunet")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from prunet.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_state,
+    resize_to_state,
+    save_checkpoint,
+)
+from prunet.data import Split, batches
+from prunet.files import atomic_path
+from prunet.layers import find_layers
+from prunet.masks import MASK_SUFFIX, baked_copy
+from prunet.models import create_model, get_model_info
+from prunet.neurons import remove_dead_neurons
+from prunet.sparse.compact import CompactFileError, read_compact, write_compact
+from prunet.sparse.modules import median_seconds, plan, sparsify
+from prunet.train import Normalization, evaluate
+
+FORMATS = ("prunet", "safetensors", "onnx")
+FINAL = "final.safetensors"
+
+
+class ExportError(ValueError):
+    """Something export or load cannot do: a missing source, a bad option, ONNX not installed."""
+
+
+@dataclass
+class Exported:
+    """What :func:`export` wrote.
+
+    Attributes:
+        path: the file.
+        format: one of :data:`FORMATS`.
+        bytes: its size.
+        source: the checkpoint it was made from.
+        shrunk: whether dead neurons were removed first.
+        dense_bytes: the model's tensors at float32 before pruning (masks not counted),
+            the size a dense float32 file of it holds.
+    """
+
+    path: Path
+    format: str
+    bytes: int
+    source: Path
+    shrunk: bool
+    dense_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller the file is than the dense float32 tensors."""
+        return self.dense_bytes / self.bytes
+
+
+def source_checkpoint(source: str | Path) -> Path:
+    """A run folder's ``final.safetensors``, or the checkpoint itself."""
+    source = Path(source)
+    if source.is_dir():
+        source = source / FINAL
+    if not source.is_file():
+        raise ExportError(f"{source} does not exist (give a run folder with {FINAL}, or a checkpoint)")
+    return source
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    format: str = "prunet",
+    shrink: bool = False,
+    value_dtype: str = "float32",
+) -> Exported:
+    """Write the pruned model of ``source`` as ``out``.
+
+    Args:
+        source: a run folder (its ``final.safetensors`` is used) or a checkpoint.
+        out: the file to write (replaced whole).
+        format: ``prunet`` (compact), ``safetensors`` (baked, dense) or ``onnx``.
+        shrink: remove dead neurons first, so layers are physically smaller
+            (needs an ``nn.Sequential`` model, as the registry models are).
+        value_dtype: with ``prunet``: ``float32``, ``float16`` or ``bfloat16`` values.
+
+    Returns:
+        What was written.
+
+    Raises:
+        ExportError: a bad source or option; prunet.checkpoint.CheckpointError: a corrupt checkpoint.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
+    ckpt = source_checkpoint(source)
+    model, pruner, meta = load_model(ckpt)
+    dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
+    keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}
+    plain = baked_copy(model).eval()
+    if shrink:
+        if not isinstance(plain, nn.Sequential):
+            raise ExportError(f"--shrink: dead-neuron removal needs an nn.Sequential model, {ckpt} holds "
+                              f"{type(plain).__name__}")
+        plain, _ = remove_dead_neurons(plain)
+        keep = {}  # shapes changed; the zeros of the baked weights are the pruned entries
+    meta = {**meta, "exported_from": str(ckpt), "shrunk": shrink}
+    out = Path(out)
+    if format == "prunet":
+        state = plain.state_dict()
+        if not keep:
+            keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(plain)}
+        write_compact(out, state, {k: v for k, v in keep.items() if _sparse_pays(state[k], v)}, meta, value_dtype)
+    elif format == "safetensors":
+        save_checkpoint(out, plain, meta)
+    else:
+        _export_onnx(plain, meta, out)
+    return Exported(out, format, out.stat().st_size, ckpt, shrink, dense_bytes)
+
+
+def _sparse_pays(weight: torch.Tensor, keep: torch.Tensor) -> bool:
+    """Whether survivors plus relative indices (about 8 bits each, at worst) take less room than the dense tensor."""
+    survivors = int(keep.sum())
+    return survivors * (weight.element_size() * 8 + 8) < weight.numel() * weight.element_size() * 8
+
+
+def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it; a clear message when it is missing)
+    except ImportError:
+        raise ExportError("--format onnx needs the onnx package: pip install 'prunet[onnx]'") from None
+    name = meta.get("model")
+    if not name:
+        raise ExportError("--format onnx: the checkpoint names no registry model, so its input shape is unknown")
+    example = torch.zeros(1, *get_model_info(name).input_shape)
+    with atomic_path(out) as tmp:
+        torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+def file_kind(path: str | Path) -> str:
+    """``compact``, ``checkpoint`` or ``foreign``, from a safetensors file's metadata."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CompactFileError(f"{path} is not a prunet file: unreadable or truncated ({str(e).splitlines()[0]})") \
+            from None
+    if "prunet_compact" in keys:
+        return "compact"
+    if "prunet" in keys:
+        return "checkpoint"
+    return "foreign"
+
+
+def load(
+    path: str | Path,
+    sparse: bool = False,
+    model: nn.Module | None = None,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """A plain model from a compact file or a prunet checkpoint, in eval mode.
+
+    Args:
+        path: a file written by :func:`export` or a prunet checkpoint (masks are multiplied in).
+        sparse: run the pruned layers with sparse kernels where they are faster (see
+            :func:`prunet.sparse.modules.sparsify`; the model's repr says which).
+        model: the model to load into, for a file whose model is not in the registry.
+        example_input: with ``sparse``, the batch the kernels are chosen for; default one
+            example of the registry model's input size (batch 1).
+
+    Returns:
+        The model; its outputs equal the pruned model's.
+
+    Raises:
+        CompactFileError: a missing, truncated, corrupt, foreign or newer file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompactFileError(f"{path} does not exist")
+    plain, meta = _load_plain(path, model)
+    plain.eval()
+    if not sparse:
+        return plain
+    if example_input is None:
+        if not meta.get("model"):
+            raise ExportError("load(sparse=True) of a model outside the registry needs example_input")
+        example_input = torch.zeros(1, *get_model_info(meta["model"]).input_shape)
+    return sparsify(plain, example_input)
+
+
+def _load_plain(path: Path, model: nn.Module | None) -> tuple[nn.Module, dict[str, Any]]:
+    kind = file_kind(path)
+    if kind == "foreign":
+        raise CompactFileError(f"{path} is a safetensors file but not one prunet wrote (no prunet header)")
+    if kind == "checkpoint":
+        if model is not None:
+            raise ExportError("load(model=...) is for compact files; a checkpoint rebuilds its own model")
+        try:
+            loaded, pruner, meta = load_model(path)
+        except CheckpointError as e:
+            raise CompactFileError(str(e)) from None
+        return (pruner.bake() if pruner is not None else loaded), meta
+    state, header = read_compact(path)
+    meta = header.get("meta") or {}
+    plain = model if model is not None else _registry_model(path, meta)
+    resize_to_state(plain, state)
+    try:
+        load_state(plain, state, path)
+    except CheckpointError as e:
+        raise CompactFileError(str(e)) from None
+    return plain, meta
+
+
+def _registry_model(path: Path, meta: dict[str, Any]) -> nn.Module:
+    name = meta.get("model")
+    if not name:
+        raise CompactFileError(f"{path} names no registry model; pass the model: load(path, model=...)")
+    try:
+        return create_model(name, **meta.get("model_kwargs", {}))
+    except (ValueError, TypeError) as e:
+        raise CompactFileError(f"{path}: {e}") from None
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` found: accuracy on a split and the latency of a forward pass.
+
+    Attributes:
+        accuracy: percent correct.
+        examples: how many were evaluated.
+        latency_ms: batch size -> median milliseconds per forward pass.
+        plan: layer -> ``sparse`` or ``dense`` (the path each weight layer runs).
+    """
+
+    accuracy: float
+    examples: int
+    latency_ms: dict[int, float]
+    plan: dict[str, str]
+
+
+@torch.no_grad()
+def measure(model: nn.Module, split: Split, norm: Normalization, batch_sizes: Sequence[int] = (1, 64),
+            repeats: int = 20) -> Measurement:
+    """Accuracy of ``model`` on ``split`` and its median forward latency at each batch size.
+
+    Args:
+        model: a loaded model (:func:`load`).
+        split: the images, e.g. the test split; latency is timed on its first images.
+        norm: the dataset's normalisation.
+        batch_sizes: the batch sizes to time.
+        repeats: forward passes timed per batch size.
+    """
+    _, accuracy = evaluate(model, split, norm)
+    latency = {}
+    for b in batch_sizes:
+        x, _ = next(batches(Split(split.images[:b], split.labels[:b]), b, shuffle=False, mean=norm.mean,
+                            std=norm.std))
+        latency[b] = 1000 * median_seconds(lambda: model(x), repeats)
+    return Measurement(accuracy, len(split), latency, plan(model))
