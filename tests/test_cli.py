@@ -8,18 +8,22 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import prunet.cli as cli_module
+from prunet import Pruner, Sparsity
+from prunet.checkpoint import save_checkpoint
 from prunet.cli import main
-from prunet.models import list_models
+from prunet.models import create_model, list_models
 
-from conftest import TINY_RECIPE
+from conftest import REAL_FASHION, TINY_RECIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,3 +149,31 @@ def test_train_then_run_from_its_checkpoint(tmp_path, capsys, fast_data):
     assert summary["dense"]["test_acc"] == json.loads((dense_dir / "summary.json").read_text())["dense"]["test_acc"]
     assert summary["weights_kept"] == 266_200 // 2
     assert "run folder: " + str(pruned_dir) in capsys.readouterr().out
+
+
+def test_export_then_eval_the_compact_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    Pruner(model).prune(Sparsity(0.9))
+    save_checkpoint(tmp_path / "final.safetensors", model, {"model": "lenet_300_100", "model_kwargs": {}})
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "m.prunet")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'm.prunet'} (prunet)" in out and "smaller than the dense float32 tensors" in out
+    if not REAL_FASHION.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    assert main(["eval", str(tmp_path / "m.prunet"), "--batch-sizes", "1,8", "--sparse"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"test accuracy \d+\.\d\d% on 10,000 fashion-mnist test images", out)
+    assert "batch 1 " in out and "batch 8 " in out and re.search(r"layers: fc1 (dense|sparse CSR)", out)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "nowhere.prunet"], "does not exist"),
+    (["export", "nowhere", "-o", "x.prunet"], "does not exist"),
+    (["eval", "m.prunet", "--batch-sizes", "0"], "--batch-sizes takes integers >= 1"),
+])  # fmt: skip
+def test_export_and_eval_errors_are_one_line(tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1

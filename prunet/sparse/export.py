@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -154,7 +155,10 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
     if not name:
         raise ExportError("--format onnx: the checkpoint names no registry model, so its input shape is unknown")
     example = torch.zeros(1, *get_model_info(name).input_shape)
-    with atomic_path(out) as tmp:
+    # The TorchScript exporter: the newer torch.export one needs onnxscript as well, and these
+    # feed-forward models need nothing it adds. Its deprecation notice is not the user's business.
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
