@@ -14,6 +14,9 @@ Example:
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import Any
+
 from prunet.criteria import (
     CRITERIA,
     Criterion,
@@ -46,4 +49,16 @@ __all__ = [
     "list_models",
     "sparsity_mask",
     "threshold_mask",
+    "export",
+    "load",
 ]
+
+# Loaded on first use: the sparse package brings checkpoints, data and training with it, which
+# `import prunet.layers` or `import prunet.criteria` must not load.
+_LAZY = {"export": "prunet.sparse", "load": "prunet.sparse"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prunet' has no attribute {name!r}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+import prunet
 from prunet import Pruner, Sparsity
 from prunet.checkpoint import save_checkpoint
 from prunet.masks import set_mask
@@ -197,7 +198,7 @@ def test_export_then_load_equals_the_pruned_model(tmp_path, name, sparsity):
     save_checkpoint(tmp_path / "final.safetensors", model, {"model": name, "model_kwargs": {}})
     done = export(tmp_path, tmp_path / "m.prunet")
     x = torch.randn(1, *get_model_info(name).input_shape)
-    assert (load(done.path)(x) - model(x)).abs().max() <= 1e-6
+    assert (prunet.load(done.path)(x) - model(x)).abs().max() <= 1e-6
     assert done.bytes < done.dense_bytes / 2
 
 
