@@ -147,7 +147,10 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     layer is then timed dense and sparse on a random input of that shape (the
     batch of ``example_input``), caches cold, and replaced only when the sparse
     one takes less than ``margin`` of the dense time: a layer too close to call
-    stays dense, so the sparse model is not slower than the dense one.
+    stays dense. Last, the whole model is timed both ways on ``example_input``;
+    if the sparse one is not faster there (a layer can time differently alone
+    than between its neighbours), every layer goes back to dense, so the result
+    is never slower than the dense model.
 
     Args:
         model: a plain model (masks multiplied in), e.g. from :func:`prunet.sparse.load`.
@@ -173,6 +176,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     finally:
         for h in handles:
             h.remove()
+    swapped = []
     for layer in layers:
         twin = sparse_twin(layer.module) if layer.layer in shapes else None  # not run by the example: left alone
         if twin is None:
@@ -181,7 +185,15 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
         dense = median_seconds(lambda: layer.module(x), repeats, cold=True)
         sparse = median_seconds(lambda: twin(x), repeats, cold=True)
         if sparse < margin * dense:
-            model.set_submodule(layer.layer, twin)
+            swapped.append((layer, twin))
+    if not swapped:
+        return model
+    dense_model = median_seconds(lambda: model(example_input), repeats, cold=True)
+    for layer, twin in swapped:
+        model.set_submodule(layer.layer, twin)
+    if median_seconds(lambda: model(example_input), repeats, cold=True) >= dense_model:
+        for layer, _ in swapped:
+            model.set_submodule(layer.layer, layer.module)
     return model
 
 
