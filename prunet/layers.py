@@ -110,13 +110,17 @@ def find_layers(
         types: the module types taken when ``include`` is None.
 
     Returns:
-        One :class:`Layer` per parameter.
+        One :class:`Layer` per parameter; a parameter that two modules share appears
+        once, under the first module that holds it.
     """
     inc = [re.compile(p) for p in include] if include is not None else None
     exc = [re.compile(p) for p in (exclude or [])]
-    found = []
+    found, seen = [], set()
     for name, module in model.named_modules():
-        for attr, _ in module.named_parameters(recurse=False):
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # a parameter shared by two modules is one layer, with one mask: its first owner's
+            seen.add(id(param))
             full = f"{name}.{attr}" if name else attr
             if inc is None:
                 wanted = isinstance(module, types) and attr == "weight"

@@ -3,38 +3,55 @@
 A pruned parameter keeps its identity (no re-parametrisation, so optimizers
 that already hold it keep working). Next to it lives a 0/1 buffer
 ``<param>_mask`` on the same module, in the parameter's dtype (multiplying by a
-boolean tensor costs several times more: it is converted on every use), so masks are part of ``state_dict`` under
-stable names (``fc1.weight_mask``), move with ``model.to(device)`` and are
-broadcast like any buffer under DDP.
+boolean tensor costs several times more: it is converted on every use), so
+masks are part of ``state_dict`` under stable names (``fc1.weight_mask``), move
+with ``model.to(device)`` and are broadcast like any buffer under DDP. The
+parameter knows where its mask lives (an attribute; its class and identity are
+unchanged, so optimizers keep their fast paths), through ``copy.deepcopy``,
+``pickle`` and ``torch.save(model)`` too.
 
-Three mechanisms keep pruned entries exactly zero:
+Enforcement does not depend on what the user's loop calls, or in which order.
+PyTorch's global optimizer step hooks run for every ``step()`` of every
+``torch.optim`` optimizer, told about prunet or not:
 
-* the weight is multiplied by its mask whenever the mask changes;
-* a hook that runs when a gradient is accumulated into ``.grad`` multiplies it
-  by the mask, so masked entries get exactly zero gradient (also under
-  gradient accumulation), and
-  momentum / Adam moments that start at zero stay at zero;
-* after each optimizer step (a step post-hook, or ``Pruner.enforce`` by hand)
-  the weight can be multiplied by the mask again, which catches an optimizer
-  that moves a weight without a gradient (LBFGS, a custom one). The pruner
-  skips this for torch's first-order optimizers, which provably leave such a
-  weight at zero (``Pruner.attach``).
+* before the step, every masked gradient is multiplied by its mask (so a
+  gradient changed after ``backward()``, by noise or by assignment, cannot move
+  a pruned weight), and per-weight optimizer state (momentum, Adam moments) is
+  zeroed where the mask is 0 whenever the optimizer has not yet seen the mask
+  (the first step after pruning, after ``load_state_dict``);
+* after the step, pruned weights are set to exactly zero (``masked_fill``,
+  which also clears a NaN) for any optimizer that is not exactly one of
+  :data:`ZERO_PRESERVING` (a subclass may change ``step``; LBFGS mixes entries)
+  and for weights below float32, where an update of zeros can be 0/0.
 
-When a mask is set, the optimizer's per-parameter state of the same shape
-(momentum buffers, Adam moments) is zeroed where the mask is zero, so the
-state can never revive a pruned connection either.
+A hook on each parameter also masks its gradient as soon as it is accumulated,
+so gradients the user reads after ``backward()`` (for clipping, logging) are
+already masked, and notes the gradient's version; the step masks again only a
+gradient that changed since (noise added, a new tensor assigned), which keeps
+the common step free of a second multiply.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping
+import weakref
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 MASK_SUFFIX = "_mask"
+
+# Optimizers whose update of an entry is exactly zero when its gradient, its state and the
+# weight itself are zero (weight decay of a zero weight is zero). Exact types only: a subclass
+# may do anything in its step. Not LBFGS: its direction mixes all entries.
+ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+)
+_EXACT_FLOATS = (torch.float32, torch.float64)
 
 
 def mask_buffer_name(param_name: str) -> str:
@@ -47,8 +64,66 @@ def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
     return getattr(module, mask_buffer_name(param_name), None)
 
 
+def _own(param: torch.Tensor, module: nn.Module, buffer_name: str) -> None:
+    param._prunet_owner = (module, buffer_name)
+    param._prunet_version = getattr(param, "_prunet_version", 0) + 1
+
+
+def _mask_grad(p: torch.Tensor) -> None:
+    """Mask a gradient the moment it is accumulated (a module-level function: picklable, unlike a closure)."""
+    mask = mask_of(p)
+    if mask is not None:  # None once baked: a stale hook does nothing
+        p.grad.mul_(mask)
+        p._prunet_grad = (id(p.grad), p.grad._version)  # what the step need not mask again
+
+
+def mask_of(param: torch.Tensor) -> torch.Tensor | None:
+    """The live mask of a parameter, or None when it has none (or it was baked)."""
+    owner = getattr(param, "_prunet_owner", None)
+    if owner is None:
+        return None
+    module, name = owner
+    return module._buffers.get(name)
+
+
+class _Reapply:
+    """After ``load_state_dict``, apply the (loaded) mask to the (loaded) weight; and survive a deep copy.
+
+    ``copy.deepcopy`` of a module gives it new parameter objects without their
+    ``_prunet_owner`` attribute (``Parameter.__deepcopy__`` copies the data only),
+    but copies this hook with the module, after its parameters. Copying the hook
+    tells the copied parameter where its copied mask lives, so the copy's steps
+    enforce it. (``pickle`` and ``torch.save(model)`` keep the attribute themselves.)
+    """
+
+    def __init__(self, module: nn.Module, param_name: str):
+        self.module = weakref.ref(module)
+        self.param_name = param_name
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        if mask_buffer_name(self.param_name) in module._buffers:
+            apply_mask(module, self.param_name)
+            _changed(getattr(module, self.param_name))
+
+    def __deepcopy__(self, memo: dict) -> "_Reapply":
+        module = self.module()
+        twin = memo.get(id(module)) if module is not None else None
+        param = module._parameters.get(self.param_name) if module is not None else None
+        copied = memo.get(id(param)) if param is not None else None
+        if twin is not None and copied is not None:
+            _own(copied, twin, mask_buffer_name(self.param_name))
+        return _Reapply(twin if twin is not None else module, self.param_name)
+
+    def __getstate__(self) -> dict:
+        return {"param_name": self.param_name}  # a weak reference does not pickle
+
+    def __setstate__(self, state: dict) -> None:
+        self.param_name = state["param_name"]
+        self.module = lambda: None
+
+
 def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = None) -> list[RemovableHandle]:
-    """Give ``module.<param_name>`` a mask buffer and a gradient-masking hook.
+    """Give ``module.<param_name>`` a mask buffer; from then on every optimizer step enforces it.
 
     Args:
         module: the module owning the parameter.
@@ -58,8 +133,8 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
             checkpoint) is kept when ``mask`` is None.
 
     Returns:
-        The hooks' handles (gradient masking; re-applying the mask after
-        ``load_state_dict``, so loading weights never revives a pruned one);
+        The hooks' handles (gradient masking on accumulation; re-applying the mask
+        after ``load_state_dict``, so loading weights never revives a pruned one);
         :func:`bake` removes them.
     """
     param = getattr(module, param_name)
@@ -75,20 +150,10 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
         module._buffers[name] = mask
     else:
         module.register_buffer(name, mask)
-
-    def mask_grad(p: torch.Tensor) -> None:
-        # Runs once the gradient is accumulated into p.grad, so masking in place is
-        # allowed and allocates nothing. The buffer is read at call time:
-        # load_state_dict and set_mask replace its values.
-        mask = module._buffers.get(name)
-        if mask is not None:  # None once baked: a second Pruner's stale hook does nothing
-            p.grad.mul_(mask)
-
-    def reapply(mod: nn.Module, incompatible_keys) -> None:
-        if name in mod._buffers:
-            apply_mask(mod, param_name)
-
-    handles = [param.register_post_accumulate_grad_hook(mask_grad), module.register_load_state_dict_post_hook(reapply)]
+    _own(param, module, name)
+    _install_global_hooks()
+    handles = [param.register_post_accumulate_grad_hook(_mask_grad),
+               module.register_load_state_dict_post_hook(_Reapply(module, param_name))]
     apply_mask(module, param_name)
     return handles
 
@@ -98,10 +163,13 @@ def set_mask(
 ) -> None:
     """Replace the mask of an attached parameter and zero what it removes.
 
+    Every optimizer's state for the parameter is zeroed where the mask is zero
+    before its next step (``optimizer``, when given, at once).
+
     Args:
         module, param_name: an attached parameter (see :func:`attach_mask`).
         mask: the new mask, the parameter's shape.
-        optimizer: when given, its state for this parameter is zeroed where the mask is zero.
+        optimizer: an optimizer whose state to clean now.
     """
     buf = get_mask(module, param_name)
     if buf is None:
@@ -110,14 +178,19 @@ def set_mask(
     _check_shape(param, mask, param_name)
     buf.copy_(mask.to(dtype=torch.bool))  # through bool: any non-zero means kept
     apply_mask(module, param_name)
+    _changed(param)
     if optimizer is not None:
         mask_optimizer_state(optimizer, param, buf)
 
 
+def _changed(param: torch.Tensor) -> None:
+    param._prunet_version = getattr(param, "_prunet_version", 0) + 1
+
+
 @torch.no_grad()
 def apply_mask(module: nn.Module, param_name: str) -> None:
-    """Multiply ``module.<param_name>`` by its mask, in place (identity is kept)."""
-    getattr(module, param_name).mul_(get_mask(module, param_name))
+    """Set the pruned entries of ``module.<param_name>`` to exactly zero, in place (identity is kept)."""
+    getattr(module, param_name).masked_fill_(get_mask(module, param_name) == 0, 0)
 
 
 @torch.no_grad()
@@ -126,22 +199,109 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, 
     state = optimizer.state.get(param)
     if not state:
         return
+    pruned = mask == 0
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.mul_(mask)
+            value.masked_fill_(pruned, 0)
+
+
+# --------------------------------------------------------------------------- global enforcement
+
+# What each optimizer last saw of each masked parameter: (mask version, ids of its state tensors).
+_SEEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, tuple]]" = weakref.WeakKeyDictionary()
+# Optimizers whose pruned weights are zeroed after every step whatever their type (Pruner.attach(..., True)).
+ALWAYS_ENFORCE: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_HOOKS: list[RemovableHandle] = []
+
+
+def _install_global_hooks() -> None:
+    if not _HOOKS:
+        _HOOKS.append(register_optimizer_step_pre_hook(_before_step))
+        _HOOKS.append(register_optimizer_step_post_hook(_after_step))
+
+
+def _masked_params(optimizer: torch.optim.Optimizer) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            mask = mask_of(p)
+            if mask is not None:
+                yield p, mask
+
+
+# Optimizers whose step now running must be followed by zeroing the pruned weights: not exactly
+# a ZERO_PRESERVING type, asked to (ALWAYS_ENFORCE), a weight below float32 (an update of zeros
+# can be 0/0 there), or a step called with a closure (its gradients are computed inside the
+# step, after the pre-step masking).
+_ZERO_AFTER: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+@torch.no_grad()
+def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # torch passes step's own arguments, the optimizer first: step(self, closure=None).
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
+    after = closure or type(optimizer) not in ZERO_PRESERVING or optimizer in ALWAYS_ENFORCE
+    seen = _SEEN.get(optimizer)
+    if seen is None:
+        seen = _SEEN[optimizer] = {}
+    state = optimizer.state
+    grads, masks = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = getattr(p, "_prunet_owner", None)
+            if owner is None:
+                continue
+            mask = owner[0]._buffers.get(owner[1])
+            if mask is None:
+                continue
+            # The state dict of a parameter is new after load_state_dict; the version, after a new mask.
+            after = after or p.dtype not in _EXACT_FLOATS
+            key = (p._prunet_version, id(state[p]) if p in state else None)
+            if seen.get(id(p)) != key:
+                mask_optimizer_state(optimizer, p, mask)
+                seen[id(p)] = key
+            grad = p.grad
+            if grad is not None and getattr(p, "_prunet_grad", None) != (id(grad), grad._version):
+                grads.append(grad)  # changed (or never masked) since backward accumulated it
+                masks.append(mask)
+    if grads:
+        torch._foreach_mul_(grads, masks)  # one fused multiply for the gradients that need it
+    if after and seen:
+        _ZERO_AFTER.add(optimizer)
+    else:
+        _ZERO_AFTER.discard(optimizer)
+
+
+@torch.no_grad()
+def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # Not discarded here: a subclass's step that calls super().step() runs these hooks twice,
+    # nested, and the outer post-step (after the subclass's own changes) must zero again.
+    if optimizer not in _ZERO_AFTER:
+        return  # the common case: a torch first-order optimizer on float32 weights leaves zeros zero
+    for p, mask in _masked_params(optimizer):
+        p.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN
+        mask_optimizer_state(optimizer, p, mask)
+
+
+# --------------------------------------------------------------------------- ending pruning
 
 
 @torch.no_grad()
 def bake(module: nn.Module, param_name: str, handles: Iterable[RemovableHandle] = ()) -> None:
-    """Multiply the mask in for good and remove the buffer and the hook.
+    """Multiply the mask in for good and remove the buffer and the hooks.
 
     The result is a plain parameter whose pruned entries are zero: the module
     computes exactly what it computed with the mask attached.
     """
     apply_mask(module, param_name)
     del module._buffers[mask_buffer_name(param_name)]
+    _unmask(getattr(module, param_name))
     for handle in handles:
         handle.remove()
+
+
+def _unmask(param: torch.Tensor) -> None:
+    for attr in ("_prunet_owner", "_prunet_version", "_prunet_grad"):
+        param.__dict__.pop(attr, None)
 
 
 def _check_shape(param: torch.Tensor, mask: torch.Tensor, param_name: str) -> None:
@@ -153,13 +313,18 @@ def _check_shape(param: torch.Tensor, mask: torch.Tensor, param_name: str) -> No
 def baked_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every mask multiplied in and the mask buffers dropped.
 
-    The original keeps its masks and hooks (``deepcopy`` does not copy tensor hooks,
-    so the copy is a plain model). Use it to export or analyse without ending pruning.
+    The original keeps its masks and hooks. Use it to export or analyse without ending pruning.
     """
     plain = copy.deepcopy(model)
     for module in plain.modules():
         for name in [b for b in module._buffers if b.endswith(MASK_SUFFIX)]:
-            getattr(module, name[: -len(MASK_SUFFIX)]).mul_(module._buffers.pop(name))
+            param = getattr(module, name[: -len(MASK_SUFFIX)])
+            param.masked_fill_(module._buffers.pop(name) == 0, 0)
+            _unmask(param)
+    for module in plain.modules():
+        hooks = module._load_state_dict_post_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, _Reapply)]:
+            del hooks[key]
     return plain
 
 

@@ -20,14 +20,9 @@ import torch.nn as nn
 from prunet import masks as M
 from prunet.criteria import Criterion
 from prunet.layers import PRUNABLE_TYPES, Layer, LayerRow, check_names, find_layers, rows_of, select, totals
+from prunet.masks import ZERO_PRESERVING
 
-# Optimizers whose update of an entry is exactly zero when its gradient, its state and the
-# weight itself are zero (weight decay of a zero weight is zero). Not LBFGS: its direction
-# mixes all entries.
-ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
-    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
-)
+__all__ = ["Pruner", "ZERO_PRESERVING"]
 
 
 class Pruner:
@@ -44,9 +39,9 @@ class Pruner:
     The masks live on the model as buffers (``fc1.weight_mask``), so
     ``model.state_dict()`` holds them. To resume, build the model, wrap it in a
     ``Pruner`` and ``load_state_dict``: the masks come back with the weights.
-    Enforcement lives in hooks, which ``copy.deepcopy`` does not copy: a copy of
-    a pruned model keeps its masks and is enforced again once wrapped in a new
-    ``Pruner`` (which finds and keeps the masks).
+    Every ``torch.optim`` optimizer's step enforces them (see :mod:`prunet.masks`),
+    whether or not it was given to :meth:`prune` or :meth:`attach`; so does the
+    step of a ``copy.deepcopy``, an unpickled or a ``torch.load``-ed copy of the model.
     """
 
     def __init__(
@@ -116,26 +111,25 @@ class Pruner:
     # --- enforcement -------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer, enforce_each_step: bool | None = None) -> None:
-        """Keep ``optimizer`` from ever moving a pruned weight.
+        """Clean ``optimizer``'s state now and after every later :meth:`prune` (optional).
 
-        Its state is masked now, after every later :meth:`prune`, and after
-        ``optimizer.load_state_dict`` (an old momentum buffer must not revive a pruned weight).
+        Masks hold without it: every optimizer step masks the gradients, cleans
+        state the optimizer has not seen masked, and zeroes pruned weights after
+        any optimizer not exactly one of :data:`ZERO_PRESERVING` (:mod:`prunet.masks`).
 
         Args:
             optimizer: the optimizer training the model.
-            enforce_each_step: multiply the masks into the weights after every
-                ``step()``. Default (None): only for optimizers outside
-                :data:`ZERO_PRESERVING`. Those compute a zero update from a zero
-                gradient, zero state and a zero weight, so with gradients masked
-                and state clean the multiply would change nothing; skipping it is
-                what keeps a masked step close to a dense one in cost (``make bench``).
+            enforce_each_step: zero the pruned weights after every ``step()`` even
+                for a :data:`ZERO_PRESERVING` optimizer. Default (None): only where
+                needed; those compute a zero update from a zero gradient, zero state
+                and a zero weight, so skipping it keeps a masked step close to a dense
+                one in cost (``make bench``).
         """
         self.clean_optimizer(optimizer)
         self._optimizers.append(optimizer)
-        if enforce_each_step is None:
-            enforce_each_step = not isinstance(optimizer, ZERO_PRESERVING)
         if enforce_each_step:
-            self._optimizer_handles.append(optimizer.register_step_post_hook(lambda *_: self.enforce()))
+            M.ALWAYS_ENFORCE.add(optimizer)
+        # Loading an old state is cleaned at once (the next step would clean it too).
         self._optimizer_handles.append(optimizer.register_load_state_dict_post_hook(self.clean_optimizer))
 
     def clean_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -144,18 +138,18 @@ class Pruner:
             M.mask_optimizer_state(optimizer, t.weight, t.mask)
 
     def detach_optimizers(self) -> None:
-        """Remove the step hooks installed by :meth:`attach`."""
-        for h in self._optimizer_handles:
-            h.remove()
-        self._optimizer_handles.clear()
+        """Forget the optimizers given to :meth:`attach` (their steps still enforce the masks)."""
+        for optimizer in self._optimizers:
+            M.ALWAYS_ENFORCE.discard(optimizer)
+        for handle in self._optimizer_handles:
+            handle.remove()
         self._optimizers.clear()
+        self._optimizer_handles.clear()
 
     def enforce(self) -> None:
-        """Zero every pruned weight now (call after ``optimizer.step()`` if not attached)."""
-        # One fused multiply over all weights: this runs after every step, where
-        # per-tensor Python overhead is most of its cost.
-        with torch.no_grad():
-            torch._foreach_mul_([t.weight for t in self.targets], [t.mask for t in self.targets])
+        """Set every pruned weight to exactly zero now (after an update made without a ``torch.optim`` step)."""
+        for t in self.targets:
+            M.apply_mask(t.module, t.attr)
 
     # --- results -----------------------------------------------------------------------------
 
