@@ -19,7 +19,12 @@ import torch.nn as nn
 from prunet import runfolder as F
 from prunet.analysis.report import write_report
 from prunet.checkpoint import load_model
-from prunet.checks import check_checkpoint_fits, check_model_fits_data, check_rounds, split_identity
+from prunet.checks import (
+    check_checkpoint_fits,
+    check_model_fits_data,
+    check_rounds,
+    split_identity,
+)
 from prunet.config import Recipe, RoundConfig
 from prunet.data import DatasetSplits, batches, load_data
 from prunet.layers import find_layers, format_table, totals
@@ -60,13 +65,36 @@ def run(
     # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
     # earlier run's folder is touched.
     data = load_data(recipe.data)
-    norm = Normalization(data.mean, data.std)
     meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name,
             "split": split_identity(recipe)}
     model, pruner = _starting_model(recipe, from_checkpoint)
     check_model_fits_data(recipe, model, data)
     check_rounds(recipe, pruner.targets if pruner else find_layers(model))
     folder = F.RunFolder.create(run_dir or Path(recipe.output_dir) / recipe.name, overwrite=overwrite)
+    try:
+        summary = _execute(recipe, data, meta, model, pruner, folder, from_checkpoint, log, started)
+    except BaseException:
+        # An earlier run this one replaces is put back; nothing of it is lost.
+        log(f"run stopped: {folder.abandon()}")
+        raise
+    folder.commit()
+    log(f"run folder: {folder.path}")
+    return summary
+
+
+def _execute(
+    recipe: Recipe,
+    data: DatasetSplits,
+    meta: dict[str, Any],
+    model: nn.Module,
+    pruner: Pruner | None,
+    folder: F.RunFolder,
+    from_checkpoint: str | Path | None,
+    log: Log,
+    started: float,
+) -> dict[str, Any]:
+    """The run itself, in a folder :func:`run` has made: dense phase, rounds, final model, report."""
+    norm = Normalization(data.mean, data.std)
     folder.write_yaml(F.CONFIG, recipe.to_dict())
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
     ctx = _Context(recipe, data, norm, folder, log)
@@ -85,7 +113,6 @@ def run(
         summary = {"recipe": recipe.name, "model": meta["model"], "dataset": data.name, "dense": dense,
                    "parameters": _parameters(model), "seconds": time.perf_counter() - started}
         folder.write_json(F.SUMMARY, summary)
-        log(f"run folder: {folder.path}")
         return summary
 
     # 2. Prune -> retrain rounds, each kept only while validation accuracy stays within the budget.
@@ -126,7 +153,6 @@ def run(
         f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
         f"change {summary['accuracy_change_test']:+.2f})"
     )
-    log(f"run folder: {folder.path}")
     return summary
 
 

@@ -42,7 +42,12 @@ except ImportError:  # not on Windows
 import torch.nn as nn
 import yaml
 
-from prunet.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from prunet.checkpoint import (
+    CheckpointError,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from prunet.config import ConfigError, Recipe, recipe_from_dict
 from prunet.files import write_text
 from prunet.pruner import Pruner
@@ -61,12 +66,26 @@ ROUNDS_PNG = "report_rounds.png"
 SENSITIVITY_CSV = "sensitivity.csv"
 SENSITIVITY_PNG = "sensitivity.png"
 MANIFEST = ".prunet-files"
+PREVIOUS = ".prunet-previous"  # an earlier run's files, moved aside while a new run replaces them
+LOCK = ".prunet-lock"  # held (flock) by the run writing the folder
 
 # What a folder written before the manifest existed holds; only these names are replaced there.
 _LEGACY = re.compile(
     r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors|final\.prunet"
     r"|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv|sensitivity\.(csv|png))"
 )
+
+
+def _names_in(aside: Path) -> list[str]:
+    """The names a moved-aside run recorded (its manifest), checked like any manifest's."""
+    try:
+        names = json.loads((aside / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) and _plain_name(n) for n in names):
+        raise RunError(f"{aside / MANIFEST} is missing or corrupt; the earlier run's files are in {aside}: move "
+                       f"them back by hand")
+    return names
 
 
 def _plain_name(name: str) -> bool:
@@ -90,37 +109,118 @@ class MissingRunFileError(RunError, FileNotFoundError):
 class RunFolder:
     """Writes the files of one run, each whole, and records their names.
 
-    Use :meth:`create` to start a run (it refuses a folder that holds one unless
-    ``overwrite``) and :meth:`open` to add files to an existing one (the report,
-    the sensitivity analysis).
+    Use :meth:`create` to start a run and :meth:`open` to add files to an existing
+    one (the report, the sensitivity analysis). A run that :meth:`create` started
+    ends with :meth:`commit` (it finished) or :meth:`abandon` (it failed or was
+    interrupted): an earlier run it replaces is moved aside into ``.prunet-previous``
+    and deleted only at :meth:`commit`, put back at :meth:`abandon`, and put back by
+    the next :meth:`create` if the process was killed in between. While it runs,
+    the folder is locked: a second run into it is refused.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._run_lock: int | None = None
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
-        """A folder for a new run, emptied of an earlier run's files (``overwrite``) or new.
+        """A folder for a new run: new, or holding an earlier run that ``overwrite`` lets it replace.
 
         Raises:
-            RunError: the folder holds a run and ``overwrite`` is False.
+            RunError: the folder holds a run and ``overwrite`` is False; another run is writing it;
+                it cannot be made (a file in its place, no permission, a full disk).
         """
         folder = cls(path)
-        folder.path.mkdir(parents=True, exist_ok=True)
-        with folder._locked():
-            earlier = folder.written()
-            if earlier and not overwrite:
-                raise RunError(
-                    f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to replace "
-                    f"it, or --run-dir / a new recipe name to keep it"
-                )
-            for name in earlier:
-                target = folder.path / name
-                if target.is_file() and not target.is_symlink():
-                    target.unlink()
-            folder._save_manifest([])
-        folder.write_text(METRICS, "")
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make run folder {folder.path}: {e.strerror or e}") from None
+        folder._lock_run()
+        try:
+            with folder._locked():
+                folder._put_back_previous()  # a run killed mid-way left the one before it aside
+                earlier = folder.written()
+                if earlier and not overwrite:
+                    raise RunError(
+                        f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to "
+                        f"replace it, or --run-dir / a new recipe name to keep it"
+                    )
+                if earlier:
+                    aside = folder.path / PREVIOUS
+                    aside.mkdir(exist_ok=True)
+                    for name in earlier:
+                        os.replace(folder.path / name, aside / name)
+                    write_text(aside / MANIFEST, json.dumps(earlier) + "\n")
+                folder._save_manifest([])
+            folder.write_text(METRICS, "")
+        except OSError as e:
+            folder._unlock_run()
+            raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
+        except BaseException:
+            folder._unlock_run()
+            raise
         return folder
+
+    def commit(self) -> None:
+        """The run finished: delete the earlier run moved aside, and unlock the folder."""
+        aside = self.path / PREVIOUS
+        if aside.is_dir():
+            for name in _names_in(aside):
+                (aside / name).unlink(missing_ok=True)
+            (aside / MANIFEST).unlink(missing_ok=True)
+            aside.rmdir()
+        self._unlock_run()
+
+    def abandon(self) -> str:
+        """The run failed: put an earlier run back (this run's files go), or keep this run's files.
+
+        Returns:
+            What happened, for the log.
+        """
+        try:
+            with self._locked():
+                if (self.path / PREVIOUS).is_dir():
+                    self._put_back_previous()
+                    return f"the earlier run in {self.path} is back in place"
+                return f"the files this run finished writing are in {self.path}"
+        finally:
+            self._unlock_run()
+
+    def _put_back_previous(self) -> None:
+        """Replace this (unfinished) run's files by the earlier run's from ``.prunet-previous``."""
+        aside = self.path / PREVIOUS
+        if not aside.is_dir():
+            return
+        for name in self.written():
+            (self.path / name).unlink()
+        names = _names_in(aside)
+        for name in names:
+            if (aside / name).is_file():
+                os.replace(aside / name, self.path / name)
+        self._save_manifest(names)
+        (aside / MANIFEST).unlink(missing_ok=True)
+        if not any(aside.iterdir()):  # anything else there is not ours: left alone
+            aside.rmdir()
+
+    def _lock_run(self) -> None:
+        if fcntl is None:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"run folder {self.path} is being written by another prunet run (pid {holder}); "
+                           f"wait for it, or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._run_lock = fd
+
+    def _unlock_run(self) -> None:
+        if self._run_lock is not None:
+            os.close(self._run_lock)  # closing releases the lock
+            self._run_lock = None
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
+from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
 
+import prunet.pipeline
+from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
 from prunet.config import ConfigError, load_recipe, recipe_from_dict
 from prunet.data import DataError
-from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.pipeline import run
 from prunet.runfolder import RunError, RunFolder
 from prunet.sparse import load
 from prunet.train import Normalization, evaluate
-
-from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
 
 pytestmark = pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
 
@@ -333,3 +334,25 @@ def test_the_compact_file_is_the_final_model_and_smaller(base_run):
     assert summary["compact"]["bytes"] == (folder / "final.prunet").stat().st_size
     assert summary["compact"]["dense_file_bytes"] == (folder / "dense.safetensors").stat().st_size
     assert summary["compact"]["ratio_to_dense_file"] > 2  # the tiny recipe prunes two rounds of quality 1
+
+
+def test_an_interrupted_overwrite_leaves_the_earlier_run_intact(base_run, fast_data, tmp_path, monkeypatch):
+    data, base_folder, _ = base_run
+    folder = tmp_path / "run"
+    shutil.copytree(base_folder, folder)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".prunet-lock"}
+    real_fit = prunet.pipeline.fit
+
+    def fit_then_ctrl_c(*args, phase, **kwargs):
+        if phase == "round1":
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM) in the middle of the new run
+        return real_fit(*args, phase=phase, **kwargs)
+
+    monkeypatch.setattr(prunet.pipeline, "fit", fit_then_ctrl_c)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe_from_dict(copy.deepcopy(data)), run_dir=folder, overwrite=True, log=lines.append)
+    assert lines[-1].startswith("run stopped: the earlier run") and "back in place" in lines[-1]
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".prunet-lock"}
+    assert after == before

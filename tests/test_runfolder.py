@@ -21,6 +21,7 @@ def a_run(path):
     folder.log_metrics("dense", val_acc=90.0)
     folder.log_metrics("round", round=1, val_acc=89.5)
     folder.write_json(F.SUMMARY, {"model": "lenet_300_100", "dense": {}, "final": {}, "rounds": []})
+    folder.commit()
     return folder
 
 
@@ -44,8 +45,9 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
         (tmp_path / "run" / name).write_text(text)
     (tmp_path / "run" / "report_archive").mkdir()
     folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    folder.commit()
     left = {p.name for p in folder.path.iterdir()}
-    assert left == set(mine) | {"report_archive", F.MANIFEST, F.METRICS}
+    assert left == set(mine) | {"report_archive", F.MANIFEST, F.METRICS, F.LOCK}
     assert folder.written() == [F.METRICS]
     assert (folder.path / F.METRICS).read_text() == ""
 
@@ -57,14 +59,14 @@ def test_a_folder_from_before_the_manifest_is_recognised_by_prunets_names(tmp_pa
         (old / name).write_text("x")
     with pytest.raises(RunError, match="already holds a run"):
         RunFolder.create(old)
-    RunFolder.create(old, overwrite=True)
-    assert {p.name for p in old.iterdir()} == {"notes.txt", "report_notes.txt", F.MANIFEST, F.METRICS}
+    RunFolder.create(old, overwrite=True).commit()
+    assert {p.name for p in old.iterdir()} == {"notes.txt", "report_notes.txt", F.MANIFEST, F.METRICS, F.LOCK}
 
 
 def test_a_folder_with_only_user_files_is_free(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    RunFolder.create(tmp_path / "mine")  # no error, nothing removed
+    RunFolder.create(tmp_path / "mine").commit()  # no error, nothing removed
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
 
 
@@ -117,7 +119,7 @@ def test_a_corrupt_manifest_deletes_nothing(tmp_path, manifest):
     with pytest.raises(RunError, match=r"\.prunet-files is corrupt .* delete it"):
         RunFolder.create(folder, overwrite=True)
     assert victim.read_text() == "keep me"
-    assert {p.name for p in folder.iterdir()} == {"c", "o", "config.yaml", F.MANIFEST}
+    assert {p.name for p in folder.iterdir()} - {F.LOCK} == {"c", "o", "config.yaml", F.MANIFEST}
 
 
 def test_writing_into_an_older_folder_keeps_its_files_on_record(tmp_path):
@@ -128,8 +130,8 @@ def test_writing_into_an_older_folder_keeps_its_files_on_record(tmp_path):
     RunFolder.open(old).write_text(F.REPORT_MD, "# report")  # e.g. `prunet report` on the old run
     assert set(RunFolder(old).written()) == {"config.yaml", "round3.safetensors", "final_shrunk.safetensors",
                                              F.REPORT_MD}
-    RunFolder.create(old, overwrite=True)
-    assert {p.name for p in old.iterdir()} == {F.MANIFEST, F.METRICS}
+    RunFolder.create(old, overwrite=True).commit()
+    assert {p.name for p in old.iterdir()} == {F.MANIFEST, F.METRICS, F.LOCK}
 
 
 def test_a_name_recorded_before_its_file_exists_stays_recorded(tmp_path):
@@ -138,3 +140,42 @@ def test_a_name_recorded_before_its_file_exists_stays_recorded(tmp_path):
     RunFolder(tmp_path / "run").record(F.SENSITIVITY_CSV)  # ...while another command adds a file
     target.write_text("checkpoint")
     assert "round2.safetensors" in folder.written()
+
+
+
+def test_a_failed_replacement_puts_the_earlier_run_back(tmp_path):
+    a_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
+    folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    folder.write_text(F.CONFIG, "name: new\n")  # the new run got this far...
+    folder.write_text("round1.safetensors", "partial")
+    assert "put back" not in folder.abandon() and (tmp_path / "run" / F.CONFIG).exists()  # ...then failed
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
+    assert after == before
+    assert RunFolder(tmp_path / "run").written() == [F.METRICS, F.CONFIG, F.DENSE, F.SUMMARY]
+
+
+def test_a_killed_replacement_is_undone_by_the_next_run(tmp_path):
+    a_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
+    folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    folder.write_text("round1.safetensors", "partial")
+    folder._unlock_run()  # as if the process were killed: no commit, no abandon
+    with pytest.raises(RunError, match="already holds a run"):  # the earlier run is back, and protected
+        RunFolder.create(tmp_path / "run")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
+    assert after == before and not (tmp_path / "run" / F.PREVIOUS).exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    folder = RunFolder.create(tmp_path / "run")
+    with pytest.raises(RunError, match=r"being written by another prunet run \(pid \d+\)"):
+        RunFolder.create(tmp_path / "run", overwrite=True)
+    folder.commit()
+    RunFolder.create(tmp_path / "run", overwrite=True).commit()  # free again
+
+
+def test_a_file_where_the_folder_should_be_is_one_clear_error(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(RunError, match="cannot make run folder"):
+        RunFolder.create(tmp_path / "run")
