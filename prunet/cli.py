@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -270,14 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (a scheduler stopping the job, `kill`) behaves like Ctrl-C: the run folder is put right.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError) as e:
         print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunet: interrupted; checkpoints written so far are complete", file=sys.stderr)
+        print("prunet: interrupted; checkpoints written so far are complete, an overwritten run is back in "
+              "place", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -226,8 +226,8 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def validate(self) -> "Recipe":
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(f"name: must be a plain name (not '.' or '..', no '/' or '\\'), got {self.name!r}")
         if self.threads is not None:
             _range("threads", self.threads, 1, None)
         self.model.validate("model")
@@ -283,9 +283,11 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a recipe?") from None
     try:
         data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as e:
@@ -309,7 +311,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set takes FIELD=VALUE (e.g. train.epochs=3), got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.load(value, Loader=_Loader)
+    try:
+        return key.strip(), yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key.strip()}: {value!r} is not a valid YAML value") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -34,7 +34,7 @@ from prunet.neurons import remove_dead_neurons
 from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
 from prunet.sparse import export
-from prunet.train import EpochRecord, Normalization, evaluate, evaluate_splits, fit
+from prunet.train import DivergedError, EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
 
@@ -123,13 +123,20 @@ def _execute(
     accepted_state = _copy_state(model)
     stopped = None
     for i, rnd in enumerate(recipe.prune.rounds, start=1):
-        result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights)
-        drop, limit = dense["val_acc"] - result["val_acc"], recipe.prune.max_accuracy_drop
-        result["accepted"] = limit is None or drop <= limit
+        try:
+            result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights)
+        except DivergedError as e:  # keep the last good round, say why the ladder stopped
+            result = {"round": i, "criterion": rnd.criterion, "setting": rnd.setting, "error": str(e)}
+            stop = f"round {i}: {e}"
+        else:
+            drop, limit = dense["val_acc"] - result["val_acc"], recipe.prune.max_accuracy_drop
+            stop = None if limit is None or drop <= limit else \
+                f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
+        result["accepted"] = stop is None
         rounds.append(result)
         folder.log_metrics("round", **result)
-        if not result["accepted"]:
-            stopped = f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
+        if stop is not None:
+            stopped = stop
             log(f"stop: {stopped}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
             model.load_state_dict(accepted_state)
             break
@@ -148,8 +155,10 @@ def _execute(
     folder.write_json(F.SUMMARY, summary)
     _, html = write_report(folder.path, data=data, progress=False)
     log(f"report: {html}")
+    compression = summary["compression"]
     log(
-        f"final: {summary['compression']:.1f}x fewer weights ({summary['weights_kept']:,} of {summary['weights']:,}); "
+        f"final: {f'{compression:.1f}x fewer weights' if compression else 'every weight pruned'} "
+        f"({summary['weights_kept']:,} of {summary['weights']:,}); "
         f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
         f"change {summary['accuracy_change_test']:+.2f})"
     )

@@ -9,6 +9,7 @@ and gradients of pruned weights are masked by the pruner's hooks.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -18,11 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunet.config import TrainConfig
+from prunet.config import ConfigError, TrainConfig
 from prunet.data import Split, batches, num_batches
 from prunet.pruner import Pruner
 from prunet.regularize import decayed_parameters, l1_penalty
 from prunet.schedule import lr_at
+
+
+class DivergedError(ConfigError):
+    """The training loss became NaN or infinite (a learning rate too high, most often)."""
 
 
 @dataclass
@@ -155,11 +160,15 @@ def fit(
             for x, y in bar:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
+                value = loss.item()
+                if not math.isfinite(value):  # before the step: the weights are still the last finite ones
+                    raise DivergedError(f"train.lr: the training loss became {value} in {phase} epoch {epoch + 1} "
+                                        f"at lr {lr:.3g}; lower the learning rate")
                 objective = loss + l1_penalty(l1_params, cfg.reg_strength) if l1_params else loss
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
-                optimizer.step()  # the pruner's post-step hook re-applies the masks here
-                loss_sum += loss.item() * len(y)
+                optimizer.step()  # prunet's global step hooks enforce the masks here
+                loss_sum += value * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")

@@ -177,3 +177,16 @@ def test_export_and_eval_errors_are_one_line(tmp_path, capsys, monkeypatch, args
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_sigterm_is_handled_like_ctrl_c(monkeypatch, capsys):
+    import signal
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have stopped the command")
+
+    monkeypatch.setattr(cli_module, "cmd_models", terminated)
+    assert main(["models"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not cli_module._interrupt  # restored afterwards

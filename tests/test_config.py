@@ -252,3 +252,21 @@ def test_overrides_applied_and_validated(tmp_path):
         load_recipe(path, {"train.lr": -1})
     with pytest.raises(ConfigError, match=r"name is not a section"):
         load_recipe(path, {"name.x": 1})
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\\\x", ""])
+def test_a_run_name_is_a_plain_name(name):
+    with pytest.raises(ConfigError, match=r"^name: must be a plain name"):
+        recipe_from_dict({"name": name})
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 9\)"):
+        load_recipe(path)
+
+
+def test_an_override_that_is_not_yaml_is_one_line():
+    with pytest.raises(ConfigError, match=r"--set train\.lr: '\[1' is not a valid YAML value"):
+        parse_override("train.lr=[1")

@@ -356,3 +356,29 @@ def test_an_interrupted_overwrite_leaves_the_earlier_run_intact(base_run, fast_d
     assert lines[-1].startswith("run stopped: the earlier run") and "back in place" in lines[-1]
     after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".prunet-lock"}
     assert after == before
+
+
+def test_a_round_that_prunes_everything_finishes_with_a_report(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["prune"]["rounds"] = [{"criterion": "sparsity", "sparsity": 1.0, "epochs": 1}]
+    tiny_recipe["prune"]["max_accuracy_drop"] = None
+    summary = run_recipe(tiny_recipe, tmp_path / "all")
+    assert summary["weights_kept"] == 0 and summary["compression"] is None
+    assert "every weight pruned" in summary["_log"][-2]
+    assert (tmp_path / "all" / "report.html").is_file()
+
+
+def test_a_diverging_round_stops_the_ladder_and_keeps_the_last_good_round(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["prune"]["rounds"][1]["lr_fraction"] = 1e8  # round 2 retrains at lr 5e6
+    summary = run_recipe(tiny_recipe, tmp_path / "nan")
+    assert [r["accepted"] for r in summary["rounds"]] == [True, False]
+    assert "round 2: train.lr: the training loss became nan" in summary["stopped"] or \
+        "round 2: train.lr: the training loss became inf" in summary["stopped"]
+    round1, _, _ = load_model(tmp_path / "nan" / "round1.safetensors")
+    final, _, _ = load_model(tmp_path / "nan" / "final.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(round1.state_dict().values(), final.state_dict().values()))
+
+
+def test_a_diverging_dense_phase_is_one_clear_error(tiny_recipe, fast_data, tmp_path):
+    tiny_recipe["train"]["lr"] = 1e8
+    with pytest.raises(ConfigError, match=r"^train\.lr: the training loss became (nan|inf) in dense epoch 1"):
+        run_recipe(tiny_recipe, tmp_path / "dense_nan")

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,8 +85,8 @@ class EnergyEstimate:
 
     @property
     def ratio(self) -> float:
-        """How many times less energy the pruned model uses (dense / pruned)."""
-        return self.dense.total_pj / self.pruned.total_pj
+        """How many times less energy the pruned model uses (dense / pruned); inf when it uses none."""
+        return self.dense.total_pj / self.pruned.total_pj if self.pruned.total_pj else math.inf
 
     def describe(self) -> str:
         """The assumptions and the numbers, as plain text for a report."""
