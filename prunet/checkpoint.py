@@ -79,10 +79,16 @@ def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, An
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no 'model' in its metadata)")
     try:
         model = create_model(name, **meta.get("model_kwargs", {}))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    except (ValueError, TypeError, RuntimeError, MemoryError, OverflowError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot build {name} {meta.get('model_kwargs', {})} "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     resize_to_state(model, state)
     masked = masked_params(state)
+    params = dict(model.named_parameters())
+    strays = [k for k in masked if k not in params]
+    if strays:
+        raise CheckpointError(f"{path} does not fit the model: masks for parameters {name} does not have "
+                              f"({', '.join(strays[:3])})")
     pruner = Pruner(model, include=[f"^{k}$".replace(".", r"\.") for k in masked]) if masked else None
     load_state(model, state, path)
     if pruner is not None:

@@ -28,6 +28,7 @@ from prunet.analysis.tradeoff import (
     write_tradeoff_csv,
 )
 from prunet.checkpoint import CheckpointError, load_model
+from prunet.checks import check_model_fits_data
 from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.files import write_text
@@ -104,6 +105,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         recipe = _recipe(args, source)
     model, _, _ = load_model(checkpoint)
     data = load_data(recipe.data)
+    check_model_fits_data(recipe, model, data)
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
@@ -277,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError) as e:
         print(f"prunet: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder, a file that vanished: the system's words, one line
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"prunet: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunet: interrupted; checkpoints written so far are complete, an overwritten run is back in "

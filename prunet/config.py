@@ -22,6 +22,7 @@ from prunet.criteria import CRITERIA, Criterion
 from prunet.data import DATASETS
 from prunet.models import list_models
 
+MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
 REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -53,7 +54,7 @@ class ModelConfig:
 
     def validate(self, where: str) -> None:
         _choice(where + ".name", self.name, list_models())
-        _range(where + ".num_classes", self.num_classes, 2, None)
+        _range(where + ".num_classes", self.num_classes, 2, MAX_CLASSES)
         if self.dropout is not None:
             _range(where + ".dropout", self.dropout, 0.0, 1.0, hi_open=True)
 

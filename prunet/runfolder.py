@@ -135,7 +135,10 @@ class RunFolder:
             folder.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot make run folder {folder.path}: {e.strerror or e}") from None
-        folder._lock_run()
+        try:
+            folder._lock_run()
+        except OSError as e:
+            raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
         try:
             with folder._locked():
                 folder._put_back_previous()  # a run killed mid-way left the one before it aside

@@ -176,3 +176,20 @@ def test_metadata_is_json_in_the_file(lenet, tmp_path):
         assert json.loads(f.metadata()["prunet"])["x"] == [1, 2]
     _, meta = read_checkpoint(path)
     assert meta["phase"] == "round2"
+
+
+def test_a_mask_for_a_parameter_the_model_lacks_is_a_checkpoint_error(tmp_path):
+    model = create_model("lenet_300_100")
+    state = {k: v for k, v in model.state_dict().items()}
+    state["fc9.weight_mask"] = torch.ones(3, 3, dtype=torch.bool)
+    save_file(state, str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps({"model": "lenet_300_100"})})
+    with pytest.raises(CheckpointError, match=r"masks for parameters lenet_300_100 does not have \(fc9\.weight\)"):
+        load_model(tmp_path / "c.safetensors")
+
+
+def test_a_model_too_big_to_build_is_a_checkpoint_error(tmp_path):
+    state = create_model("lenet_300_100").state_dict()
+    meta = {"model": "lenet_300_100", "model_kwargs": {"num_classes": 10**12}}
+    save_file(dict(state), str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"cannot build lenet_300_100"):
+        load_model(tmp_path / "c.safetensors")

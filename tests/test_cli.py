@@ -190,3 +190,26 @@ def test_sigterm_is_handled_like_ctrl_c(monkeypatch, capsys):
     assert main(["models"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not cli_module._interrupt  # restored afterwards
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "runs/tiny/final.safetensors")
+
+    monkeypatch.setattr(cli_module, "run", full)
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err == "prunet: error: runs/tiny/final.safetensors: No space left on device\n"
+
+
+def test_sensitivity_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(tmp_path, capsys, fast_data):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    save_checkpoint(tmp_path / "c.safetensors", create_model("lenet_300_100", num_classes=5),
+                    {"model": "lenet_300_100", "model_kwargs": {"num_classes": 5}})
+    assert main(["sensitivity", str(tmp_path / "c.safetensors"), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.num_classes: the model has 5 outputs, fashion-mnist has 10 classes" in err and err.count("\n") == 1

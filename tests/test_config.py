@@ -270,3 +270,8 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
 def test_an_override_that_is_not_yaml_is_one_line():
     with pytest.raises(ConfigError, match=r"--set train\.lr: '\[1' is not a valid YAML value"):
         parse_override("train.lr=[1")
+
+
+def test_an_absurd_class_count_is_refused_before_anything_is_built():
+    with pytest.raises(ConfigError, match=r"model\.num_classes: 1000000000000 is out of range"):
+        recipe_from_dict({"model": {"num_classes": 10**12}})
