@@ -247,10 +247,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     grads, masks = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            owner = getattr(p, "_prunet_owner", None)
-            if owner is None:
-                continue
-            mask = owner[0]._buffers.get(owner[1])
+            mask = mask_of(p)
             if mask is None:
                 continue
             # The state dict of a parameter is new after load_state_dict; the version, after a new mask.
