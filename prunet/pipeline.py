@@ -77,7 +77,7 @@ def run(
         # An earlier run this one replaces is put back; nothing of it is lost.
         log(f"run stopped: {folder.abandon()}")
         raise
-    folder.commit()
+    folder.commit()  # never raises for what it deletes; it always unlocks
     log(f"run folder: {folder.path}")
     return summary
 

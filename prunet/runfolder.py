@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -149,11 +150,7 @@ class RunFolder:
                         f"replace it, or --run-dir / a new recipe name to keep it"
                     )
                 if earlier:
-                    aside = folder.path / PREVIOUS
-                    aside.mkdir(exist_ok=True)
-                    for name in earlier:
-                        os.replace(folder.path / name, aside / name)
-                    write_text(aside / MANIFEST, json.dumps(earlier) + "\n")
+                    folder._move_aside(earlier)
                 folder._save_manifest([])
             folder.write_text(METRICS, "")
         except OSError as e:
@@ -164,15 +161,46 @@ class RunFolder:
             raise
         return folder
 
-    def commit(self) -> None:
-        """The run finished: delete the earlier run moved aside, and unlock the folder."""
+    def _move_aside(self, earlier: list[str]) -> None:
+        """Move the earlier run's files into ``.prunet-previous``, its manifest first.
+
+        The manifest is written before any file moves, so an interruption at any point
+        leaves a folder :meth:`_put_back_previous` can restore; a failure here (a full
+        disk) puts back what moved before it raises.
+        """
         aside = self.path / PREVIOUS
-        if aside.is_dir():
-            for name in _names_in(aside):
-                (aside / name).unlink(missing_ok=True)
-            (aside / MANIFEST).unlink(missing_ok=True)
-            aside.rmdir()
-        self._unlock_run()
+        aside.mkdir(exist_ok=True)
+        write_text(aside / MANIFEST, json.dumps(earlier) + "\n")
+        try:
+            for name in earlier:
+                os.replace(self.path / name, aside / name)
+        except BaseException:
+            self._put_back_previous()
+            raise
+
+    def commit(self) -> None:
+        """The run finished: delete the earlier run moved aside, and unlock the folder.
+
+        The aside folder is first renamed out of the way, so a crash while deleting it
+        can never be taken for an unfinished replacement. What is left in it that is
+        not the earlier run's (a file the user put there) stays.
+        """
+        aside = self.path / PREVIOUS
+        try:
+            if aside.is_dir():
+                discard = self.path / f".prunet-discard-{os.getpid()}-{time.monotonic_ns()}"
+                os.replace(aside, discard)
+                try:
+                    names = _names_in(discard)
+                except RunError:
+                    names = []
+                for name in names:
+                    (discard / name).unlink(missing_ok=True)
+                (discard / MANIFEST).unlink(missing_ok=True)
+                if not any(discard.iterdir()):
+                    discard.rmdir()
+        finally:
+            self._unlock_run()
 
     def abandon(self) -> str:
         """The run failed: put an earlier run back (this run's files go), or keep this run's files.
@@ -190,17 +218,24 @@ class RunFolder:
             self._unlock_run()
 
     def _put_back_previous(self) -> None:
-        """Replace this (unfinished) run's files by the earlier run's from ``.prunet-previous``."""
+        """Replace this (unfinished) run's files by the earlier run's from ``.prunet-previous``.
+
+        Safe to interrupt and to run again: the aside manifest is read (and checked)
+        before anything changes and removed last; a name both runs wrote is never
+        deleted, only replaced by the earlier run's file.
+        """
         aside = self.path / PREVIOUS
         if not aside.is_dir():
             return
-        for name in self.written():
-            (self.path / name).unlink()
         names = _names_in(aside)
+        current = self._recorded() if (self.path / MANIFEST).is_file() else []
+        for name in current:
+            if name not in names and (self.path / name).is_file():
+                (self.path / name).unlink()  # only the new run's own files
+        self._save_manifest(names)
         for name in names:
             if (aside / name).is_file():
                 os.replace(aside / name, self.path / name)
-        self._save_manifest(names)
         (aside / MANIFEST).unlink(missing_ok=True)
         if not any(aside.iterdir()):  # anything else there is not ours: left alone
             aside.rmdir()

@@ -149,7 +149,7 @@ def test_a_failed_replacement_puts_the_earlier_run_back(tmp_path):
     folder = RunFolder.create(tmp_path / "run", overwrite=True)
     folder.write_text(F.CONFIG, "name: new\n")  # the new run got this far...
     folder.write_text("round1.safetensors", "partial")
-    assert "put back" not in folder.abandon() and (tmp_path / "run" / F.CONFIG).exists()  # ...then failed
+    assert "back in place" in folder.abandon()  # ...then failed
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
     assert after == before
     assert RunFolder(tmp_path / "run").written() == [F.METRICS, F.CONFIG, F.DENSE, F.SUMMARY]
@@ -179,3 +179,43 @@ def test_a_file_where_the_folder_should_be_is_one_clear_error(tmp_path):
     (tmp_path / "run").write_text("not a folder")
     with pytest.raises(RunError, match="cannot make run folder"):
         RunFolder.create(tmp_path / "run")
+
+
+def visible(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("put_back", [True, False])
+def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path, monkeypatch, put_back):
+    a_run(tmp_path / "run")
+    before = visible(tmp_path / "run")
+    real_replace, calls = F.os.replace, []
+
+    def third_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill, when nothing gets to put files back)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", third_fails)
+    if not put_back:
+        monkeypatch.setattr(RunFolder, "_put_back_previous", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        RunFolder.create(tmp_path / "run", overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(RunError, match="already holds a run"):  # the next run finds the earlier one whole
+        RunFolder.create(tmp_path / "run")
+    assert visible(tmp_path / "run") == before
+
+
+def test_a_stray_file_among_the_earlier_runs_files_does_not_break_commit(tmp_path):
+    a_run(tmp_path / "run")
+    folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    (tmp_path / "run" / F.PREVIOUS / "mine.txt").write_text("mine")
+    folder.write_text(F.CONFIG, "name: new\n")
+    folder.commit()
+    assert (tmp_path / "run" / F.CONFIG).read_text() == "name: new\n"
+    assert not (tmp_path / "run" / F.PREVIOUS).exists()
+    kept = list((tmp_path / "run").glob(".prunet-discard-*/mine.txt"))
+    assert [p.read_text() for p in kept] == ["mine"]
+    RunFolder.create(tmp_path / "run", overwrite=True).commit()  # and the folder is usable
