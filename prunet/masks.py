@@ -26,9 +26,7 @@ PyTorch's global optimizer step hooks run for every ``step()`` of every
 
 A hook on each parameter also masks its gradient as soon as it is accumulated,
 so gradients the user reads after ``backward()`` (for clipping, logging) are
-already masked, and notes the gradient's version; the step masks again only a
-gradient that changed since (noise added, a new tensor assigned), which keeps
-the common step free of a second multiply.
+already masked.
 """
 
 from __future__ import annotations
@@ -74,7 +72,6 @@ def _mask_grad(p: torch.Tensor) -> None:
     mask = mask_of(p)
     if mask is not None:  # None once baked: a stale hook does nothing
         p.grad.mul_(mask)
-        p._prunet_grad = (id(p.grad), p.grad._version)  # what the step need not mask again
 
 
 def mask_of(param: torch.Tensor) -> torch.Tensor | None:
@@ -96,14 +93,16 @@ class _Reapply:
     enforce it. (``pickle`` and ``torch.save(model)`` keep the attribute themselves.)
     """
 
-    def __init__(self, module: nn.Module, param_name: str):
-        self.module = weakref.ref(module)
+    def __init__(self, module: nn.Module | None, param_name: str):
+        self.module = weakref.ref(module) if module is not None else _nothing
         self.param_name = param_name
 
     def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
-        if mask_buffer_name(self.param_name) in module._buffers:
+        name = mask_buffer_name(self.param_name)
+        if name in module._buffers:
+            # load_state_dict(assign=True) puts a new Parameter in place: it is told where its mask is.
+            _own(getattr(module, self.param_name), module, name)
             apply_mask(module, self.param_name)
-            _changed(getattr(module, self.param_name))
 
     def __deepcopy__(self, memo: dict) -> "_Reapply":
         module = self.module()
@@ -115,11 +114,18 @@ class _Reapply:
         return _Reapply(twin if twin is not None else module, self.param_name)
 
     def __getstate__(self) -> dict:
-        return {"param_name": self.param_name}  # a weak reference does not pickle
+        # The module itself, not the weak reference (which does not pickle); pickle's memo
+        # makes it the unpickled module.
+        return {"param_name": self.param_name, "module": self.module()}
 
     def __setstate__(self, state: dict) -> None:
         self.param_name = state["param_name"]
-        self.module = lambda: None
+        module = state.get("module")
+        self.module = weakref.ref(module) if module is not None else _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = None) -> list[RemovableHandle]:
@@ -250,18 +256,22 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             mask = mask_of(p)
             if mask is None:
                 continue
-            # The state dict of a parameter is new after load_state_dict; the version, after a new mask.
             after = after or p.dtype not in _EXACT_FLOATS
-            key = (p._prunet_version, id(state[p]) if p in state else None)
-            if seen.get(id(p)) != key:
+            # State is new after load_state_dict or an assignment; the version, after a new mask.
+            # Weak references, not ids: a freed tensor's id can be reused by its replacement.
+            tensors = [v for v in state[p].values() if torch.is_tensor(v)] if p in state else []
+            known = seen.get(id(p))
+            if known is None or known[0] != p._prunet_version or len(known[1]) != len(tensors) \
+                    or any(ref() is not t for ref, t in zip(known[1], tensors)):
                 mask_optimizer_state(optimizer, p, mask)
-                seen[id(p)] = key
-            grad = p.grad
-            if grad is not None and getattr(p, "_prunet_grad", None) != (id(grad), grad._version):
-                grads.append(grad)  # changed (or never masked) since backward accumulated it
+                seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
+            if p.grad is not None:
+                grads.append(p.grad)
                 masks.append(mask)
     if grads:
-        torch._foreach_mul_(grads, masks)  # one fused multiply for the gradients that need it
+        # Every step: a gradient can change after backward() in ways no counter shows
+        # (p.grad.data.add_, a mask changed in between), and one fused multiply is cheap.
+        torch._foreach_mul_(grads, masks)
     if after and seen:
         _ZERO_AFTER.add(optimizer)
     else:
@@ -297,7 +307,7 @@ def bake(module: nn.Module, param_name: str, handles: Iterable[RemovableHandle] 
 
 
 def _unmask(param: torch.Tensor) -> None:
-    for attr in ("_prunet_owner", "_prunet_version", "_prunet_grad"):
+    for attr in ("_prunet_owner", "_prunet_version"):
         param.__dict__.pop(attr, None)
 
 

@@ -213,3 +213,13 @@ def test_sensitivity_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(tmp_
     assert main(["sensitivity", str(tmp_path / "c.safetensors"), "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "model.num_classes: the model has 5 outputs, fashion-mnist has 10 classes" in err and err.count("\n") == 1
+
+
+def test_eval_of_a_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
+    if not REAL_FASHION.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    save_checkpoint(tmp_path / "c.safetensors", create_model("lenet_300_100", num_classes=5),
+                    {"model": "lenet_300_100", "model_kwargs": {"num_classes": 5}})
+    assert main(["eval", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "has 5 outputs, fashion-mnist has 10 classes" in err and err.count("\n") == 1

@@ -173,3 +173,46 @@ def test_a_shared_parameter_is_one_target_with_one_mask():
         model(torch.randn(8, 20)).pow(2).mean().backward()
         opt.step()
     assert_invariant(pruner)
+
+
+@pytest.mark.parametrize("case", ["prune_after_backward", "data_noise", "assign_then_clip", "state_replaced",
+                                  "load_assign"])
+def test_more_ways_a_loop_can_touch_gradients_and_state(case):
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, steps=2)
+    pruner = Pruner(model)
+    pruner.prune(Sparsity(0.5))
+    saved = {k: v.clone() for k, v in opt.state[model.fc1.weight].items()}
+    for i, (x, y) in enumerate(batches(20)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if case == "prune_after_backward" and i == 5:
+            pruner.prune(Sparsity(0.9))  # between backward and step
+        elif case == "data_noise":
+            for p in model.parameters():
+                p.grad.data.add_(torch.randn_like(p.grad) * 1e-2)  # .data: no version bump
+        elif case == "assign_then_clip":
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        elif case == "state_replaced" and i == 5:
+            opt.state[model.fc1.weight]["momentum_buffer"] = saved["momentum_buffer"].clone()  # pre-prune momentum
+        elif case == "load_assign" and i == 5:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            continue
+        opt.step()
+    for name in ("fc1", "fc2", "fc3"):
+        layer = getattr(model, name)
+        assert torch.count_nonzero(layer.weight.detach()[layer.weight_mask == 0]) == 0, name
+
+
+def test_a_copy_of_an_unpickled_model_is_enforced_too():
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    Pruner(model).prune(Sparsity(0.8))
+    twin = copy.deepcopy(pickle.loads(pickle.dumps(model)))
+    train(twin, torch.optim.Adam(twin.parameters(), lr=1e-2))
+    assert torch.count_nonzero(twin.fc1.weight.detach()[twin.fc1.weight_mask == 0]) == 0

@@ -298,3 +298,19 @@ def test_sparsify_keeps_outputs_and_says_which_path(tmp_path):
 def load_plain(model, tmp_path):
     save_checkpoint(tmp_path / "c.safetensors", model, {"model": "lenet_300_100", "model_kwargs": {}})
     return load(tmp_path / "c.safetensors")
+
+
+def test_a_changed_header_is_caught_by_the_checksum(tmp_path):
+    path = compact_file(tmp_path)
+    rewrite_header(path, lambda h: h["sparse"]["fc1.weight"].update(shape=[784, 300]))  # a plausible lie
+    with pytest.raises(CompactFileError, match="checksum does not match"):
+        load(path)
+
+
+def test_export_refuses_to_overwrite_its_source(tmp_path):
+    model, _ = pruned("lenet_300_100", 0.5)
+    save_checkpoint(tmp_path / "final.safetensors", model, {"model": "lenet_300_100", "model_kwargs": {}})
+    with pytest.raises(ExportError, match="that is the checkpoint being exported"):
+        export(tmp_path, tmp_path / "final.safetensors", format="safetensors")
+    with pytest.raises(ExportError, match="is a folder"):
+        export(tmp_path, tmp_path)

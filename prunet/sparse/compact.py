@@ -132,7 +132,8 @@ def write_compact(
         else:
             tensors[name] = tensor.detach().contiguous().cpu()
     header = {"format": FORMAT, "version": VERSION, "meta": dict(meta), "value_dtype": value_dtype,
-              "sparse": sparse, "plain": [n for n in state if n not in keep], "checksum": _checksum(tensors)}
+              "sparse": sparse, "plain": [n for n in state if n not in keep]}
+    header["checksum"] = _checksum(tensors, header)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header)})
     return Path(path)
@@ -175,7 +176,7 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CompactFileError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
-    if _checksum(tensors) != header.get("checksum"):
+    if _checksum(tensors, {k: v for k, v in header.items() if k != "checksum"}) != header.get("checksum"):
         raise CompactFileError(f"{path} is corrupt: its checksum does not match its contents")
     state: dict[str, torch.Tensor] = {}
     try:
@@ -184,7 +185,7 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             state[name] = decode(tensors[f"{name}.values"], tensors[f"{name}.index"], info)
         for name in header["plain"]:
             state[name] = tensors[name]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, MemoryError) as e:
         raise CompactFileError(f"{path} is corrupt: {e}") from None
     return state, header
 
@@ -195,10 +196,12 @@ def sparse_infos(header: Mapping[str, Any]) -> dict[str, SparseTensorInfo]:
             for name, s in header["sparse"].items()}
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
+    """SHA-256 of the header (without its checksum) and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name in sorted(tensors):
+        shape = tuple(tensors[name].shape)
         t = tensors[name].contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(f"{name}|{t.dtype}|{shape}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()

@@ -116,6 +116,10 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
     ckpt = source_checkpoint(source)
+    if Path(out).resolve() == ckpt.resolve():
+        raise ExportError(f"-o {out}: that is the checkpoint being exported; write to another file")
+    if Path(out).is_dir():
+        raise ExportError(f"-o {out} is a folder; give a file name")
     model, pruner, meta = load_model(ckpt)
     dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
     keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}

@@ -163,11 +163,11 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     """
     model.eval()
     layers = [layer for layer in find_layers(model) if int(torch.count_nonzero(layer.weight)) < layer.weight.numel()]
-    shapes: dict[str, torch.Size] = {}
+    shapes: dict[str, torch.Tensor] = {}  # each layer's first input: its shape, dtype and device
 
     def record(name: str):
         def hook(module: nn.Module, args) -> None:
-            shapes.setdefault(name, args[0].shape)
+            shapes.setdefault(name, args[0])
         return hook
 
     handles = [layer.module.register_forward_pre_hook(record(layer.layer)) for layer in layers]
@@ -181,7 +181,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
         twin = sparse_twin(layer.module) if layer.layer in shapes else None  # not run by the example: left alone
         if twin is None:
             continue
-        x = torch.randn(shapes[layer.layer])
+        seen = shapes[layer.layer]
+        x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
         dense = median_seconds(lambda: layer.module(x), repeats, cold=True)
         sparse = median_seconds(lambda: twin(x), repeats, cold=True)
         if sparse < margin * dense:
