@@ -38,20 +38,33 @@ def check_checkpoint_fits(recipe: Recipe, meta: dict[str, Any], path: str | Path
         raise ConfigError(f"data: {path} was trained with split {split}, the recipe's is {split_identity(recipe)}")
 
 
-def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits) -> None:
-    """One validation batch through the model: input size and class count must fit the data."""
-    x, _ = next(batches(data.val, 2, shuffle=False, mean=data.mean, std=data.std))
+def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str] | None:
+    """Two images through the model: ``(recipe field, what does not fit)``, or None when it fits.
+
+    The field is ``model.name`` (the model does not take the images) or
+    ``model.num_classes`` (its outputs are not the dataset's classes).
+    """
+    split = data.val if len(data.val) else data.test
+    x, _ = next(batches(split, 2, shuffle=False, mean=data.mean, std=data.std))
     try:
         with torch.no_grad():
             out = model.eval()(x)
     except RuntimeError as e:
-        raise ConfigError(
-            f"model.name: {recipe.model.name} does not take {data.name} images of shape {tuple(x.shape[1:])} "
-            f"({str(e).splitlines()[0]})"
-        ) from None
+        shape = tuple(x.shape[1:])
+        return "model.name", f"does not take {data.name} images of shape {shape} ({str(e).splitlines()[0]})"
     if out.shape[-1] != len(data.classes):
-        raise ConfigError(f"model.num_classes: the model has {out.shape[-1]} outputs, {data.name} has "
-                          f"{len(data.classes)} classes")
+        classes = len(data.classes)
+        return "model.num_classes", f"the model has {out.shape[-1]} outputs, {data.name} has {classes} classes"
+    return None
+
+
+def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits) -> None:
+    """The recipe's model must take the data's images and have one output per class."""
+    mismatch = model_data_mismatch(model, data)
+    if mismatch is not None:
+        field, problem = mismatch
+        subject = f"{recipe.model.name} " if field == "model.name" else ""
+        raise ConfigError(f"{field}: {subject}{problem}")
 
 
 def check_rounds(recipe: Recipe, layers: Sequence[Layer]) -> None:

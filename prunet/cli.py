@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from prunet import __version__
 from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import CRITERIA as SENSITIVITY_CRITERIA
@@ -30,9 +28,9 @@ from prunet.analysis.tradeoff import (
     write_tradeoff_csv,
 )
 from prunet.checkpoint import CheckpointError, load_model
-from prunet.checks import check_model_fits_data
+from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
-from prunet.data import DATASETS, DataError, batches, load_data, load_dataset
+from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import run
@@ -141,13 +139,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
     model = load(args.file, sparse=args.sparse)
     data = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
-    try:
-        with torch.no_grad():
-            out = model(next(batches(data.test, 2, shuffle=False, mean=data.mean, std=data.std))[0])
-    except RuntimeError as e:
-        raise UsageError(f"{args.file} does not take {data.name} images ({str(e).splitlines()[0]})") from None
-    if out.shape[-1] != len(data.classes):
-        raise UsageError(f"{args.file} has {out.shape[-1]} outputs, {data.name} has {len(data.classes)} classes")
+    mismatch = model_data_mismatch(model, data)
+    if mismatch is not None:
+        raise UsageError(f"{args.file}: {mismatch[1]}")
     result = measure(model, data.test, Normalization(data.mean, data.std), sizes)
     print(f"{args.file}: test accuracy {result.accuracy:.2f}% on {result.examples:,} {data.name} test images")
     print("latency: " + ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in result.latency_ms.items()))

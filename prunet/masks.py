@@ -251,23 +251,19 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         seen = _SEEN[optimizer] = {}
     state = optimizer.state
     grads, masks = [], []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            mask = mask_of(p)
-            if mask is None:
-                continue
-            after = after or p.dtype not in _EXACT_FLOATS
-            # State is new after load_state_dict or an assignment; the version, after a new mask.
-            # Weak references, not ids: a freed tensor's id can be reused by its replacement.
-            tensors = [v for v in state[p].values() if torch.is_tensor(v)] if p in state else []
-            known = seen.get(id(p))
-            if known is None or known[0] != p._prunet_version or len(known[1]) != len(tensors) \
-                    or any(ref() is not t for ref, t in zip(known[1], tensors)):
-                mask_optimizer_state(optimizer, p, mask)
-                seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
-            if p.grad is not None:
-                grads.append(p.grad)
-                masks.append(mask)
+    for p, mask in _masked_params(optimizer):
+        after = after or p.dtype not in _EXACT_FLOATS
+        # State is new after load_state_dict or an assignment; the version, after a new mask.
+        # Weak references, not ids: a freed tensor's id can be reused by its replacement.
+        tensors = [v for v in state[p].values() if torch.is_tensor(v)] if p in state else []
+        known = seen.get(id(p))
+        if known is None or known[0] != p._prunet_version or len(known[1]) != len(tensors) \
+                or any(ref() is not t for ref, t in zip(known[1], tensors)):
+            mask_optimizer_state(optimizer, p, mask)
+            seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
+        if p.grad is not None:
+            grads.append(p.grad)
+            masks.append(mask)
     if grads:
         # Every step: a gradient can change after backward() in ways no counter shows
         # (p.grad.data.add_, a mask changed in between), and one fused multiply is cheap.

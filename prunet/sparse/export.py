@@ -41,12 +41,12 @@ from prunet.layers import find_layers
 from prunet.masks import MASK_SUFFIX, baked_copy
 from prunet.models import create_model, get_model_info
 from prunet.neurons import remove_dead_neurons
+from prunet.runfolder import FINAL
 from prunet.sparse.compact import CompactFileError, read_compact, write_compact
 from prunet.sparse.modules import median_seconds, plan, sparsify
 from prunet.train import Normalization, evaluate
 
 FORMATS = ("prunet", "safetensors", "onnx")
-FINAL = "final.safetensors"
 
 
 class ExportError(ValueError):
