@@ -77,10 +77,25 @@ def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, An
     name = meta.get("model")
     if not name:
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no 'model' in its metadata)")
+    model, pruner = model_from_state(name, meta.get("model_kwargs", {}), state, path)
+    return model, pruner, meta
+
+
+def model_from_state(
+    name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], path: str | Path = "state"
+) -> tuple[nn.Module, Pruner | None]:
+    """Build registry model ``name`` with the shapes, weights and masks of ``state``.
+
+    Returns:
+        ``(model, pruner)``; ``pruner`` wraps the masked parameters, None when ``state`` has no masks.
+
+    Raises:
+        CheckpointError: the model cannot be built, or ``state`` does not fit it (``path`` names the source).
+    """
     try:
-        model = create_model(name, **meta.get("model_kwargs", {}))
+        model = create_model(name, **kwargs)
     except (ValueError, TypeError, RuntimeError, MemoryError, OverflowError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot build {name} {meta.get('model_kwargs', {})} "
+        raise CheckpointError(f"checkpoint {path}: cannot build {name} {kwargs} "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     resize_to_state(model, state)
     masked = masked_params(state)
@@ -93,7 +108,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, An
     load_state(model, state, path)
     if pruner is not None:
         pruner.enforce()
-    return model, pruner, meta
+    return model, pruner
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path = "state") -> None:

@@ -33,7 +33,7 @@ from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
-from prunet.pipeline import run
+from prunet.pipeline import resume, run
 from prunet.runfolder import SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
 from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
 from prunet.sparse.compact import VALUE_DTYPES
@@ -42,6 +42,10 @@ from prunet.train import Normalization
 
 class UsageError(ValueError):
     """Bad command-line input; printed as one line, exit code 2."""
+
+
+# What a user can cause: one line and exit code 2 (the traceback only with --debug).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError)
 
 
 def _recipe(args: argparse.Namespace, path: str | Path | None = None):
@@ -69,6 +73,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume:
+        given = [flag for flag, value in (("RECIPE", args.recipe), ("--set", args.set), ("--from", args.from_checkpoint),
+                                          ("--overwrite", args.overwrite), ("--run-dir", args.run_dir),
+                                          ("--data-dir", args.data_dir)) if value]
+        if given:
+            raise UsageError(f"--resume continues a run as it started (its recipe is in the run folder); "
+                             f"drop {', '.join(given)}")
+        resume(args.resume)
+        return 0
+    if not args.recipe:
+        raise UsageError("run: give a RECIPE, or --resume RUN_DIR to continue a stopped run")
     recipe = _recipe(args)
     if not recipe.prune.rounds:
         raise UsageError(f"{args.recipe} has no prune.rounds; use 'prunet train' for dense training only")
@@ -188,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn which connections matter, prune the rest, retrain (Han et al., NIPS 2015).",
     )
     parser.add_argument("--version", action="version", version=f"prunet {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--count", action="store_true", help="build each model and count its parameters")
     p.set_defaults(func=cmd_models)
 
-    def recipe_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    def recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        p.add_argument("recipe", nargs="?" if optional else None, help="YAML recipe (see recipes/)")
         p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
         p.add_argument("--run-dir", help="run folder (default: <output_dir>/<name> from the recipe)")
@@ -207,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="dense training, then the recipe's prune -> retrain rounds")
-    recipe_args(p)
+    recipe_args(p, optional=True)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run (Ctrl-C, a crash, kill -9) after the last epoch it finished")
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
@@ -280,10 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError) as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder, a file that vanished: the system's words, one line
+        if args.debug:
+            raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"prunet: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2

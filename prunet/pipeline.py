@@ -18,14 +18,14 @@ import torch.nn as nn
 
 from prunet import runfolder as F
 from prunet.analysis.report import write_report
-from prunet.checkpoint import load_model
+from prunet.checkpoint import CheckpointError, load_model, model_from_state
 from prunet.checks import (
     check_checkpoint_fits,
     check_model_fits_data,
     check_rounds,
     split_identity,
 )
-from prunet.config import Recipe, RoundConfig
+from prunet.config import ConfigError, Recipe, RoundConfig, recipe_from_dict
 from prunet.data import DatasetSplits, batches, load_data
 from prunet.layers import find_layers, format_table, totals
 from prunet.masks import baked_copy
@@ -49,10 +49,13 @@ def run(
 ) -> dict[str, Any]:
     """Run a recipe: dense training (or a checkpoint), then each prune + retrain round.
 
+    After every epoch and every phase the run saves a resume point in its folder;
+    :func:`resume` continues a run that was stopped (Ctrl-C, a crash, ``kill -9``).
+
     Args:
         recipe: a validated recipe.
         run_dir: the run folder; default ``<recipe.output_dir>/<recipe.name>``.
-        from_checkpoint: skip dense training and start from this checkpoint.
+        from_checkpoint: skip dense training and start from this dense checkpoint.
         overwrite: replace an earlier run in the run folder (otherwise that is an error).
         log: where progress lines go.
 
@@ -65,14 +68,46 @@ def run(
     # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
     # earlier run's folder is touched.
     data = load_data(recipe.data)
-    meta = {"model": recipe.model.name, "model_kwargs": recipe.model.kwargs(), "recipe": recipe.name,
-            "split": split_identity(recipe)}
     model, pruner = _starting_model(recipe, from_checkpoint)
     check_model_fits_data(recipe, model, data)
     check_rounds(recipe, pruner.targets if pruner else find_layers(model))
     folder = F.RunFolder.create(run_dir or Path(recipe.output_dir) / recipe.name, overwrite=overwrite)
+    state = _RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
+    return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=False))
+
+
+def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
+    """Continue a run that was stopped, from its last resume point, in its folder.
+
+    The run goes on with the recipe it started with, after the last epoch it
+    finished; its final masks, weights and metrics are bit-identical to those of
+    a run that was never stopped (same machine, same thread count).
+
+    Returns:
+        The summary also written to ``summary.json``.
+
+    Raises:
+        RunError: nothing to resume in ``run_dir``, or its resume point is damaged.
+    """
+    started = time.perf_counter()
+    folder = F.RunFolder.resume(run_dir)
     try:
-        summary = _execute(recipe, data, meta, model, pruner, folder, from_checkpoint, log, started)
+        saved = folder.load_progress()
+        state = _RunState.restore(saved, folder.path / F.PROGRESS)
+        if state.recipe.threads:
+            torch.set_num_threads(state.recipe.threads)
+        data = load_data(state.recipe.data)
+    except BaseException:
+        folder.abandon()
+        raise
+    log(f"resume: {folder.path} from {state.where()}")
+    return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True))
+
+
+def _guarded(folder: F.RunFolder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body`` in ``folder``: commit when it finishes, abandon (and say what is left) when it does not."""
+    try:
+        summary = body()
     except BaseException:
         # An earlier run this one replaces is put back; nothing of it is lost.
         log(f"run stopped: {folder.abandon()}")
@@ -82,47 +117,135 @@ def run(
     return summary
 
 
+class _RunState:
+    """Everything a run needs to go on from where it is: saved at each resume point, restored by :func:`resume`.
+
+    Attributes:
+        recipe, model, pruner: the run's recipe, its model (masks included) and pruner
+            (None until the first round, or for a dense checkpoint).
+        dense: the dense model's accuracies, once the dense phase is done.
+        rounds: the results of the finished rounds.
+        stopped: why the ladder stopped early, if it did.
+        accepted: the model state of the last accepted round (what a failing round falls back to).
+        open_round: the round being retrained: ``{"round", "val_acc_pruned", "dropout"}``.
+        fit: :func:`prunet.train.fit`'s state after its last finished epoch, in the phase ``fit_phase``.
+    """
+
+    def __init__(self, recipe: Recipe, model: nn.Module, pruner: Pruner | None, from_checkpoint: str | None):
+        self.recipe, self.model, self.pruner, self.from_checkpoint = recipe, model, pruner, from_checkpoint
+        self.dense: dict[str, float] | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self.stopped: str | None = None
+        self.accepted: dict[str, torch.Tensor] | None = None
+        self.open_round: dict[str, Any] | None = None
+        self.fit: dict[str, Any] | None = None
+        self.fit_phase: str | None = None
+        self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What every checkpoint of the run records about it."""
+        r = self.recipe
+        return {"model": r.model.name, "model_kwargs": r.model.kwargs(), "recipe": r.name, "split": split_identity(r)}
+
+    def where(self) -> str:
+        """Where the run stands, for the log."""
+        if self.fit is not None:
+            return f"{self.fit_phase} after epoch {self.fit['epoch']}"
+        if self.dense is None:
+            return "the start"
+        return f"after round {len(self.rounds)}" if self.rounds else "after the dense phase"
+
+    def resume_fit(self, phase: str) -> dict[str, Any] | None:
+        """The saved training state of ``phase``, if the run stopped inside it."""
+        return self.fit if self.fit_phase == phase else None
+
+    def save(self, folder: F.RunFolder, fit: dict[str, Any] | None = None, phase: str | None = None) -> None:
+        """Write a resume point: this state, with ``fit`` the training phase in progress (if any)."""
+        self.fit, self.fit_phase = fit, phase
+        folder.save_progress({
+            "recipe": self.recipe.to_dict(),
+            "from_checkpoint": self.from_checkpoint,
+            "model_state": self.model.state_dict(),
+            "dropout": {n: m.p for n, m in self.model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)},
+            "pruned": self.pruner is not None,
+            "dense": self.dense, "rounds": self.rounds, "stopped": self.stopped, "accepted": self.accepted,
+            "open_round": self.open_round, "fit": fit, "fit_phase": phase,
+        })
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any], path: Path) -> "_RunState":
+        """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks."""
+        try:
+            recipe = recipe_from_dict(saved["recipe"])
+            model, pruner = model_from_state(recipe.model.name, recipe.model.kwargs(), saved["model_state"], path)
+        except (KeyError, ConfigError, CheckpointError) as e:
+            raise F.RunError(f"{path} does not hold a run prunet can continue ({e}); start it again with "
+                             f"--overwrite") from None
+        state = cls(recipe, model, pruner if saved["pruned"] else None, saved["from_checkpoint"])
+        state.dense, state.rounds, state.stopped = saved["dense"], saved["rounds"], saved["stopped"]
+        state.accepted, state.open_round = saved["accepted"], saved["open_round"]
+        state.fit, state.fit_phase = saved["fit"], saved["fit_phase"]
+        state.dropout = saved["dropout"]
+        return state
+
+    def apply_dropout(self) -> None:
+        """Give a restored model the dropout ratios it had when saved (the paper's adjusted ones)."""
+        modules = dict(self.model.named_modules())
+        for name, p in self.dropout.items():
+            modules[name].p = p
+        self.dropout = {}
+
+
 def _execute(
-    recipe: Recipe,
+    state: _RunState,
     data: DatasetSplits,
-    meta: dict[str, Any],
-    model: nn.Module,
-    pruner: Pruner | None,
     folder: F.RunFolder,
-    from_checkpoint: str | Path | None,
     log: Log,
     started: float,
+    resumed: bool,
 ) -> dict[str, Any]:
     """The run itself, in a folder :func:`run` has made: dense phase, rounds, final model, report."""
+    recipe, model, meta = state.recipe, state.model, state.meta
     norm = Normalization(data.mean, data.std)
-    folder.write_yaml(F.CONFIG, recipe.to_dict())
+    if not resumed:
+        folder.write_yaml(F.CONFIG, recipe.to_dict())
+        state.save(folder)  # the start: a kill before the first epoch ends resumes from here
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
-    ctx = _Context(recipe, data, norm, folder, log)
+    ctx = _Context(recipe, data, norm, folder, log, state)
 
     # 1. Dense training (or a given checkpoint).
-    if from_checkpoint:
-        log(f"dense: loaded {from_checkpoint}")
-    else:
-        log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
-        ctx.fit(model, recipe.train, seed=recipe.seed, phase="dense")
-    folder.save_checkpoint(F.DENSE, model, {**meta, "phase": "dense"})
-    dense = ctx.evaluate(model)
+    if state.dense is None:
+        if state.from_checkpoint:
+            log(f"dense: loaded {state.from_checkpoint}")
+        else:
+            log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
+            ctx.fit(model, recipe.train, seed=recipe.seed, phase="dense")
+        folder.save_checkpoint(F.DENSE, model, {**meta, "phase": "dense"})
+        state.dense = ctx.evaluate(model)
+        folder.log_metrics("dense", **state.dense)
+    dense = state.dense
     log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
-    folder.log_metrics("dense", **dense)
     if not recipe.prune.rounds:
         summary = {"recipe": recipe.name, "model": meta["model"], "dataset": data.name, "dense": dense,
                    "parameters": _parameters(model), "seconds": time.perf_counter() - started}
         folder.write_json(F.SUMMARY, summary)
+        folder.forget(F.PROGRESS)
         return summary
 
     # 2. Prune -> retrain rounds, each kept only while validation accuracy stays within the budget.
-    pruner = pruner or Pruner(model)
-    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])
+    pruner = state.pruner = state.pruner or Pruner(model)
+    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the model's ratios are the originals
+    state.apply_dropout()  # a resumed run's adjusted ratios
     dense_weights = {r.layer: r.weights for r in pruner.summary()}
-    rounds: list[dict[str, Any]] = []
-    accepted_state = _copy_state(model)
-    stopped = None
+    if state.accepted is None:
+        state.accepted = _copy_state(model)
+        state.save(folder)
     for i, rnd in enumerate(recipe.prune.rounds, start=1):
+        if i <= len(state.rounds):
+            continue  # finished before the run was resumed
+        if state.stopped is not None:
+            break
         try:
             result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights)
         except DivergedError as e:  # keep the last good round, say why the ladder stopped
@@ -133,15 +256,19 @@ def _execute(
             stop = None if limit is None or drop <= limit else \
                 f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
         result["accepted"] = stop is None
-        rounds.append(result)
+        state.rounds.append(result)
+        state.open_round = None
         folder.log_metrics("round", **result)
         if stop is not None:
-            stopped = stop
-            log(f"stop: {stopped}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
-            model.load_state_dict(accepted_state)
+            state.stopped = stop
+            log(f"stop: {stop}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
+            model.load_state_dict(state.accepted)
+            state.save(folder)
             break
-        accepted_state = _copy_state(model)
+        state.accepted = _copy_state(model)
         folder.save_checkpoint(F.round_checkpoint(i), model, {**meta, "phase": f"round{i}"})
+        state.save(folder)
+    rounds, stopped = state.rounds, state.stopped
 
     # 3. The final model, its shrunken twin, the summary and the report.
     dropout.restore()  # a checkpoint's model is rebuilt with the original ratios
@@ -154,6 +281,7 @@ def _execute(
     summary["compact"] = _write_compact(ctx)
     folder.write_json(F.SUMMARY, summary)
     _, html = write_report(folder.path, data=data, progress=False)
+    folder.forget(F.PROGRESS)  # finished: nothing left to resume
     log(f"report: {html}")
     compression = summary["compression"]
     log(
@@ -166,10 +294,12 @@ def _execute(
 
 
 class _Context:
-    """What every phase of a run shares: the recipe, the data, the run folder, the log."""
+    """What every phase of a run shares: the recipe, the data, the run folder, the log, the run's state."""
 
-    def __init__(self, recipe: Recipe, data: DatasetSplits, norm: Normalization, folder: F.RunFolder, log: Log):
+    def __init__(self, recipe: Recipe, data: DatasetSplits, norm: Normalization, folder: F.RunFolder, log: Log,
+                 state: _RunState):
         self.recipe, self.data, self.norm, self.folder, self.log = recipe, data, norm, folder, log
+        self.state = state
 
     def on_epoch(self, rec: EpochRecord) -> None:
         self.folder.log_metrics("epoch", **rec.to_dict())
@@ -179,8 +309,13 @@ class _Context:
         )
 
     def fit(self, model: nn.Module, cfg, *, seed: int, phase: str, **kwargs) -> None:
+        """Train one phase, saving a resume point after each epoch; continue it if the run stopped inside it."""
         d = self.recipe.data
+        resume = self.state.resume_fit(phase)
+        if resume is not None:
+            self.log(f"  {phase}: continuing after epoch {resume['epoch']}")
         fit(model, self.data.train, self.data.val, cfg, self.norm, seed=seed, phase=phase, on_epoch=self.on_epoch,
+            on_checkpoint=lambda s: self.state.save(self.folder, s, phase), resume=resume,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, **kwargs)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -188,10 +323,18 @@ class _Context:
 
 
 def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple[nn.Module, Pruner | None]:
-    """The model to start from: a checkpoint (checked against the recipe) or a fresh, seeded one."""
+    """The model to start from: a dense checkpoint (checked against the recipe) or a fresh, seeded one.
+
+    A pruned checkpoint is refused: its accuracy is not the dense baseline every round is measured against.
+    """
     if from_checkpoint:
         model, pruner, ckpt_meta = load_model(from_checkpoint)
         check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)
+        if pruner is not None and totals(pruner.summary()).kept < totals(pruner.summary()).weights:
+            phase = ckpt_meta.get("phase")
+            raise CheckpointError(
+                f"--from {from_checkpoint} holds a pruned model{f' ({phase})' if phase else ''}, not a dense one: "
+                f"start from the run's {F.DENSE}, or continue a stopped run with 'prunet run --resume RUN_DIR'")
         return model, pruner
     torch.manual_seed(recipe.seed)
     return create_model(recipe.model.name, **recipe.model.kwargs()), None
@@ -208,11 +351,16 @@ def _run_round(
 ) -> dict[str, Any]:
     """One round: prune the named layers, adjust dropout, retrain the named layers."""
     start = time.perf_counter()
-    recipe = ctx.recipe
-    pruner.prune(rnd.make_criterion(), layers=rnd.prune)
-    _, pruned_val = evaluate(model, ctx.data.val, ctx.norm, recipe.data.eval_batch_size)
-    kept = {r.layer: r.kept for r in pruner.summary()}
-    ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
+    recipe, state = ctx.recipe, ctx.state
+    opened = state.open_round if state.open_round and state.open_round["round"] == i else None
+    if opened is None:
+        pruner.prune(rnd.make_criterion(), layers=rnd.prune)
+        _, pruned_val = evaluate(model, ctx.data.val, ctx.norm, recipe.data.eval_batch_size)
+        kept = {r.layer: r.kept for r in pruner.summary()}
+        ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
+        state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios}
+    else:  # resumed inside this round: pruned and adjusted already
+        pruned_val, ratios = opened["val_acc_pruned"], opened["dropout"]
     trainable = None
     if not any(k in ("all", "*") for k in rnd.train):
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}

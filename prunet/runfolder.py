@@ -8,7 +8,9 @@ the commands after it write:
 * ``dense.safetensors``, ``round<k>.safetensors``, ``final.safetensors``,
   ``final_shrunk.safetensors``: checkpoints; ``final.prunet``: the final model's compact file;
 * ``report.md``, ``report.html``, ``layers.csv``, ``report_*.png``: the report;
-  ``sensitivity.csv`` and ``sensitivity.png``: the sensitivity analysis.
+  ``sensitivity.csv`` and ``sensitivity.png``: the sensitivity analysis;
+* ``.prunet-progress.pt``: while a run is unfinished, its resume point (saved after
+  every epoch and phase, read by ``prunet run --resume``).
 
 :class:`RunFolder` writes them. Every file is written whole
 (:func:`prunet.files.atomic_path`) and its name is recorded in the folder's
@@ -40,6 +42,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None
 
+import torch
 import torch.nn as nn
 import yaml
 
@@ -50,7 +53,7 @@ from prunet.checkpoint import (
     save_checkpoint,
 )
 from prunet.config import ConfigError, Recipe, recipe_from_dict
-from prunet.files import write_text
+from prunet.files import atomic_path, write_text
 from prunet.pruner import Pruner
 
 CONFIG = "config.yaml"
@@ -69,6 +72,8 @@ SENSITIVITY_PNG = "sensitivity.png"
 MANIFEST = ".prunet-files"
 PREVIOUS = ".prunet-previous"  # an earlier run's files, moved aside while a new run replaces them
 LOCK = ".prunet-lock"  # held (flock) by the run writing the folder
+PROGRESS = ".prunet-progress.pt"  # an unfinished run's resume point; removed when the run finishes
+PROGRESS_FORMAT = 1
 
 # What a folder written before the manifest existed holds; only these names are replaced there.
 _LEGACY = re.compile(
@@ -122,6 +127,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._run_lock: int | None = None
+        self._resumed = False
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
@@ -144,6 +150,11 @@ class RunFolder:
             with folder._locked():
                 folder._put_back_previous()  # a run killed mid-way left the one before it aside
                 earlier = folder.written()
+                if earlier and not overwrite and PROGRESS in earlier:
+                    raise RunError(
+                        f"run folder {folder.path} holds an unfinished run; continue it with 'prunet run --resume "
+                        f"{folder.path}', or pass --overwrite to replace it"
+                    )
                 if earlier and not overwrite:
                     raise RunError(
                         f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to "
@@ -160,6 +171,65 @@ class RunFolder:
             folder._unlock_run()
             raise
         return folder
+
+    @classmethod
+    def resume(cls, path: str | Path) -> "RunFolder":
+        """The folder of an unfinished run, to continue it in place (``prunet run --resume``).
+
+        An earlier run it replaces stays aside until :meth:`commit`; :meth:`abandon`
+        keeps this run's progress for another resume.
+
+        Raises:
+            MissingRunFileError: no such folder.
+            RunError: nothing to resume there, or another run is writing it.
+        """
+        folder = cls.open(path)
+        try:
+            folder._lock_run()
+        except OSError as e:
+            raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
+        if not (folder.path / PROGRESS).is_file():
+            folder._unlock_run()
+            done = (folder.path / SUMMARY).is_file()
+            raise RunError(f"run folder {folder.path} has no unfinished run to resume"
+                           + (" (its run finished: summary.json)" if done else f" (no {PROGRESS})"))
+        folder._resumed = True
+        return folder
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        """Write the run's resume point whole (the previous one stays until the new one is complete)."""
+        progress = {"format": PROGRESS_FORMAT, "metrics_bytes": (self.path / METRICS).stat().st_size, **progress}
+        with atomic_path(self.record(PROGRESS)) as tmp:
+            torch.save(progress, tmp)
+
+    def load_progress(self) -> dict[str, Any]:
+        """The resume point :meth:`save_progress` wrote, with ``metrics.jsonl`` cut back to match it.
+
+        Read with ``torch.load(weights_only=True)``: tensors and plain values only, nothing executed.
+        """
+        path = self.path / PROGRESS
+        try:
+            progress = torch.load(path, weights_only=True)
+        except Exception as e:  # torch raises many kinds for a damaged file
+            raise RunError(f"{path} is unreadable or corrupt ({str(e).splitlines()[0] if str(e) else e!r}); "
+                           f"start the run again with --overwrite") from None
+        if not isinstance(progress, dict) or progress.get("format") != PROGRESS_FORMAT:
+            raise RunError(f"{path} is not a resume point this prunet can read (format "
+                           f"{progress.get('format') if isinstance(progress, dict) else '?'}, expected "
+                           f"{PROGRESS_FORMAT}); start the run again with --overwrite")
+        metrics = self.path / METRICS
+        size = metrics.stat().st_size if metrics.is_file() else -1
+        if size < progress["metrics_bytes"]:
+            raise RunError(f"{metrics} is shorter than when the resume point was saved; start the run again "
+                           f"with --overwrite")
+        os.truncate(metrics, progress["metrics_bytes"])  # lines logged after the resume point are redone
+        return progress
+
+    def forget(self, name: str) -> None:
+        """Delete file ``name`` of this run and its record."""
+        with self._locked():
+            (self.path / name).unlink(missing_ok=True)
+            self._save_manifest([n for n in self._recorded() if n != name])
 
     def _move_aside(self, earlier: list[str]) -> None:
         """Move the earlier run's files into ``.prunet-previous``, its manifest first.
@@ -208,12 +278,16 @@ class RunFolder:
         Returns:
             What happened, for the log.
         """
+        resume = f"; 'prunet run --resume {self.path}' continues it"
         try:
             with self._locked():
+                if self._resumed:  # the earlier run, if any, stays aside until the resumed run finishes
+                    return f"the progress so far is in {self.path}{resume}"
                 if (self.path / PREVIOUS).is_dir():
                     self._put_back_previous()
                     return f"the earlier run in {self.path} is back in place"
-                return f"the files this run finished writing are in {self.path}"
+                has = (self.path / PROGRESS).is_file()
+                return f"the files this run finished writing are in {self.path}{resume if has else ''}"
         finally:
             self._unlock_run()
 

@@ -110,6 +110,8 @@ def fit(
     trainable: list[nn.Parameter] | None = None,
     phase: str = "train",
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
 
@@ -125,6 +127,12 @@ def fit(
             off for the duration, restored after). Default: all.
         phase: a label for the records, e.g. ``"dense"`` or ``"round2"``.
         on_epoch: called with each epoch's record (logging, metrics files).
+        on_checkpoint: called after each epoch (after ``on_epoch``) with the state
+            that ``resume`` takes: save it, with the model's ``state_dict``, to be able to
+            continue after a crash. Its tensors are live; save them before the next step.
+        resume: a state from ``on_checkpoint``, with the model already holding the
+            weights saved beside it: training continues after that epoch, and ends
+            bit-identical to a run that was never stopped (same seed, same thread count).
 
     Returns:
         One record per epoch. With no epochs, nothing is trained.
@@ -140,10 +148,16 @@ def fit(
         pruner.attach(optimizer)
     l1_params = decayed_parameters(model) if cfg.regularization == "l1" else []
 
-    best_acc, best_state, records = -1.0, None, []
+    best_acc, best_state, records, first = -1.0, None, [], 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        generator.set_state(resume["generator"])
+        best_acc, best_state, first = resume["best_acc"], resume["best_state"], resume["epoch"]
+        records = [EpochRecord(**r) for r in resume["records"]]
     steps = num_batches(len(train), batch_size)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             lr = lr_at(epoch, cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.lr_step_epochs, cfg.lr_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -180,10 +194,15 @@ def fit(
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            if len(val) == 0:
-                continue  # nothing to choose by: keep the last epoch
-            if val_acc > best_acc:
+            # With no validation split there is nothing to choose by: the last epoch is kept.
+            if len(val) and val_acc > best_acc:
                 best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+            if on_checkpoint is not None:
+                on_checkpoint({
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "generator": generator.get_state(), "best_acc": best_acc, "best_state": best_state,
+                    "records": [r.to_dict() for r in records],
+                })
     finally:
         if pruner is not None:
             pruner.detach_optimizers()

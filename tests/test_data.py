@@ -291,6 +291,13 @@ def test_val_size_zero(tmp_path):
     assert (len(data.train), len(data.val)) == (50, 0)
 
 
+@pytest.mark.parametrize("part, n_train, n_test", [("train", 0, 20), ("t10k", 50, 0)])
+def test_a_split_with_no_images_is_refused_not_scored(tmp_path, part, n_train, n_test):
+    # An empty test set would be reported as 0.00% accuracy; an empty training set would train nothing.
+    with pytest.raises(DataError, match=f"{part}-images-idx3-ubyte.gz: holds no images"):
+        load_dataset("mnist", make_dataset(tmp_path / "d", n_train=n_train, n_test=n_test), val_size=0)
+
+
 def test_mismatched_counts(tmp_path):
     folder = make_dataset(tmp_path / "d", n_test=20)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(19, dtype=np.uint8))

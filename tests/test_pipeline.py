@@ -239,20 +239,6 @@ def test_from_dense_checkpoint_repeats_the_rounds(base_run, fast_data, tmp_path)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
 
 
-def test_from_pruned_checkpoint_continues_pruning(base_run, fast_data, tmp_path):
-    data, base_folder, _ = base_run
-    data = copy.deepcopy(data)
-    data["prune"]["rounds"] = [{"criterion": "threshold", "quality": 0.5, "epochs": 1}]
-    folder = tmp_path / "more"
-    summary = run_recipe(data, folder, from_checkpoint=base_folder / "round2.safetensors")
-    before = masks_of(base_folder / "round2.safetensors")
-    after = masks_of(folder / "final.safetensors")
-    assert set(after) == set(before)
-    for k in before:
-        assert not bool(((after[k] != 0) & (before[k] == 0)).any()), k
-    assert summary["weights_kept"] < sum(int(m.sum()) for m in before.values())
-
-
 # --- guarding earlier runs and mismatched inputs ------------------------------------------------
 
 

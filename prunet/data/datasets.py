@@ -392,7 +392,9 @@ def _load_split(folder: Path, info: DatasetInfo, part: str) -> Split:
         raise DataError(
             f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path.name}"
         )
-    if len(labels) and labels.max() >= len(info.classes):
+    if not len(images):  # accuracy on no images would read 0.00%
+        raise DataError(f"{image_path}: holds no images")
+    if labels.max() >= len(info.classes):
         raise DataError(
             f"{label_path}: label {labels.max()} out of range 0..{len(info.classes) - 1}"
         )
