@@ -75,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         given = [flag for flag, value in (("RECIPE", args.recipe), ("--set", args.set), ("--from", args.from_checkpoint),
+                                          ("--target", args.target is not None),
                                           ("--overwrite", args.overwrite), ("--run-dir", args.run_dir),
                                           ("--data-dir", args.data_dir)) if value]
         if given:
@@ -85,8 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UsageError("run: give a RECIPE, or --resume RUN_DIR to continue a stopped run")
     recipe = _recipe(args)
-    if not recipe.prune.rounds:
-        raise UsageError(f"{args.recipe} has no prune.rounds; use 'prunet train' for dense training only")
+    if args.target is not None:
+        recipe = recipe.target_ladder(args.target)
+        print(f"target {args.target:g}x: rounds to " + ", ".join(f"{r.target:g}x" for r in recipe.prune.rounds))
+    if not recipe.prune.rounds and recipe.prune.gradual is None:
+        raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual); use 'prunet train' for dense training only, "
+                         f"or --target N to prune to N times fewer weights")
     if args.from_checkpoint and not Path(args.from_checkpoint).is_file():
         raise UsageError(f"--from: checkpoint {args.from_checkpoint} does not exist")
     run(recipe, run_dir=args.run_dir, from_checkpoint=args.from_checkpoint, overwrite=args.overwrite)
@@ -224,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="dense training, then the recipe's prune -> retrain rounds")
     recipe_args(p, optional=True)
+    p.add_argument("--target", type=float, metavar="N",
+                   help="replace the recipe's rounds by a ladder that ends at N times fewer weights")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run (Ctrl-C, a crash, kill -9) after the last epoch it finished")
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from prunet.criteria import CRITERIA, Criterion
+from prunet.criteria import CRITERIA, Criterion, TargetThreshold
 from prunet.data import DATASETS
 from prunet.models import list_models
 
@@ -26,6 +26,8 @@ MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not 
 REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
+TARGET_CRITERIA = ("threshold", "global")  # the criteria a round's target compression can drive
+LADDER_STEP = 2.2  # a target ladder's compression grows about this much per round
 
 
 class _Loader(yaml.SafeLoader):
@@ -142,6 +144,10 @@ class RoundConfig:
     """Retraining epochs of this round (0: prune only)."""
     lr_fraction: Optional[float] = None
     """Retraining learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
+    target: Optional[float] = None
+    """The overall compression (weights / kept) after this round, instead of hand-picked settings.
+    With ``threshold`` the qualities are found for it (``quality`` then gives the relative
+    per-layer qualities, default 1); with ``global`` the sparsity is ``1 - 1/target``."""
 
     @property
     def setting_field(self) -> str:
@@ -155,6 +161,10 @@ class RoundConfig:
 
     def make_criterion(self) -> Criterion:
         """The criterion object this round describes, e.g. ``Threshold({"fc": 1.0})``."""
+        if self.target is not None and self.criterion == "threshold":
+            return TargetThreshold(self.target, 1.0 if self.quality is None else self.quality)
+        if self.target is not None:
+            return CRITERIA[self.criterion](1.0 - 1.0 / self.target)
         return CRITERIA[self.criterion](self.setting)
 
     def layer_keys(self) -> dict[str, list[str]]:
@@ -166,11 +176,24 @@ class RoundConfig:
     def validate(self, where: str) -> None:
         _choice(where + ".criterion", self.criterion, CRITERIA)
         cls, name = CRITERIA[self.criterion], self.setting_field
+        if self.target is not None:
+            if self.criterion not in TARGET_CRITERIA:
+                raise ConfigError(f"{where}.target: works with criterion {' or '.join(TARGET_CRITERIA)}, "
+                                  f"not '{self.criterion}'")
+            if self.criterion != "threshold" and self.setting is not None:
+                raise ConfigError(f"{where}: give {name} or target, not both")
+            _range(where + ".target", self.target, 1.0, None)
+            if self.setting is None:
+                self._check_rest(where)
+                return
         if self.setting is None:
-            raise ConfigError(f"{where}.{name}: required with criterion '{self.criterion}'")
+            raise ConfigError(f"{where}.{name}: required with criterion '{self.criterion}' (or give a target)")
         if not cls.per_layer and isinstance(self.setting, dict):
             raise ConfigError(f"{where}.{name}: criterion '{self.criterion}' takes one number, got a mapping")
         _each(f"{where}.{name}", self.setting, cls.setting_min, cls.setting_max)
+        self._check_rest(where)
+
+    def _check_rest(self, where: str) -> None:
         _range(where + ".epochs", self.epochs, 0, None)
         if self.lr_fraction is not None:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
@@ -180,9 +203,63 @@ class RoundConfig:
 
 
 @dataclass
+class GradualConfig:
+    """Gradual magnitude pruning (Zhu & Gupta 2017): sparsity rises on a cubic schedule while training.
+
+    ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3``: the masks are recomputed every
+    ``every_steps`` optimizer steps from the start of the phase until ``prune_epochs`` have
+    passed, then the phase fine-tunes with the masks fixed until ``epochs``.
+    """
+
+    final_sparsity: Optional[float] = None
+    """Fraction of the weights pruned at the end (``s_f``); or give ``target``."""
+    target: Optional[float] = None
+    """The compression at the end (weights / kept): ``s_f = 1 - 1/target``."""
+    initial_sparsity: float = 0.0
+    """``s_i``: the sparsity of the first update."""
+    epochs: int = 10
+    """Epochs of the whole phase: pruning, then fine-tuning."""
+    prune_epochs: Optional[float] = None
+    """Epochs over which the sparsity rises; None: three quarters of ``epochs``."""
+    every_steps: int = 100
+    """``Δt``: optimizer steps between mask updates."""
+    criterion: str = "sparsity"
+    """``sparsity`` (every layer to the same sparsity, as Zhu & Gupta) or ``global`` (one magnitude cut)."""
+    lr_fraction: Optional[float] = None
+    """Learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
+
+    @property
+    def sparsity(self) -> float:
+        """``s_f``."""
+        return self.final_sparsity if self.final_sparsity is not None else 1.0 - 1.0 / self.target
+
+    @property
+    def ramp_epochs(self) -> float:
+        return self.prune_epochs if self.prune_epochs is not None else 0.75 * self.epochs
+
+    def validate(self, where: str) -> None:
+        if (self.final_sparsity is None) == (self.target is None):
+            raise ConfigError(f"{where}: give final_sparsity or target (one of them)")
+        if self.final_sparsity is not None:
+            _range(where + ".final_sparsity", self.final_sparsity, 0.0, 1.0)
+        if self.target is not None:
+            _range(where + ".target", self.target, 1.0, None)
+        _range(where + ".initial_sparsity", self.initial_sparsity, 0.0, self.sparsity)
+        _range(where + ".epochs", self.epochs, 1, None)
+        if self.prune_epochs is not None:
+            _range(where + ".prune_epochs", self.prune_epochs, 0.0, float(self.epochs), lo_open=True)
+        _range(where + ".every_steps", self.every_steps, 1, None)
+        _choice(where + ".criterion", self.criterion, ("sparsity", "global"))
+        if self.lr_fraction is not None:
+            _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
+
+
+@dataclass
 class PruneConfig:
     rounds: list[RoundConfig] = field(default_factory=list)
     """Prune -> retrain rounds, in order (iterative pruning)."""
+    gradual: Optional[GradualConfig] = None
+    """Instead of rounds: one phase of gradual magnitude pruning (Zhu & Gupta's cubic schedule)."""
     lr_fraction: float = 0.1
     """Retraining learning rate as a fraction of ``train.lr`` (the paper: 1/10 LeNets, 1/100 AlexNet)."""
     lr_schedule: str = "cosine"
@@ -201,6 +278,10 @@ class PruneConfig:
     def validate(self, where: str) -> None:
         for i, r in enumerate(self.rounds):
             r.validate(f"{where}.rounds[{i}]")
+        if self.gradual is not None:
+            if self.rounds:
+                raise ConfigError(f"{where}: give rounds or gradual, not both")
+            self.gradual.validate(where + ".gradual")
         _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
         _choice(where + ".lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.regularization is not None:
@@ -270,6 +351,31 @@ class Recipe:
     def dense_only(self) -> "Recipe":
         """This recipe without pruning rounds: dense training alone."""
         return dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[]))
+
+    def target_ladder(self, target: float, step: float = LADDER_STEP) -> "Recipe":
+        """This recipe with its rounds replaced by a ladder of target rounds up to ``target``.
+
+        Each round multiplies the compression by about ``step`` (the last lands on
+        ``target``). The rounds take their criterion (``threshold`` or ``global``),
+        relative qualities, epochs and learning rate from the recipe's first round;
+        every round prunes and retrains all layers.
+
+        Raises:
+            ConfigError: ``target`` below 1, or a first round whose criterion cannot take a target.
+        """
+        if not (math.isfinite(target) and target >= 1):
+            raise ConfigError(f"--target: a compression >= 1, got {target}")
+        first = self.prune.rounds[0] if self.prune.rounds else RoundConfig()
+        criterion = first.criterion if first.criterion in TARGET_CRITERIA else "threshold"
+        template = dataclasses.replace(first, criterion=criterion, sparsity=None, target=None,
+                                       quality=first.quality if criterion == "threshold" else None,
+                                       prune=["all"], train=["all"])
+        n = max(1, math.ceil(math.log(target) / math.log(step) - 1e-9))
+        rounds = [dataclasses.replace(template, target=round(target ** (k / n), 4)) for k in range(1, n + 1)]
+        rounds[-1].target = target
+        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds))
+        recipe.validate()
+        return recipe
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

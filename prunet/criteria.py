@@ -53,12 +53,51 @@ def threshold_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, quality
     if quality < 0 or not math.isfinite(quality):
         raise ValueError(f"quality must be a finite number >= 0, got {quality}")
     prev = _prev_or_ones(weight, prev_mask)
-    survivors = weight[prev]
-    if survivors.numel() < 2:
+    n = int(prev.count_nonzero())
+    if n < 2:
         return prev.clone()
-    std = survivors.double().std(correction=0)
-    threshold = quality * std
-    return prev & (weight.double().abs() >= threshold)
+    return prev & at_least(weight, quality * survivor_std(weight, prev, n))
+
+
+def _threshold_with_std(weight: torch.Tensor, prev: torch.Tensor, quality: float, std: float) -> torch.Tensor:
+    """:func:`threshold_mask` for a layer whose survivors' ``std`` is known (at least two survivors)."""
+    return prev & at_least(weight, quality * std)
+
+
+def survivor_std(weight: torch.Tensor, prev: torch.Tensor, n: int | None = None) -> float:
+    """Population standard deviation of the surviving weights, in float64, a chunk at a time.
+
+    Two passes (the mean, then the squared deviations) over chunks of the
+    weight, so no copy of the whole weight is made.
+    """
+    n = int(prev.count_nonzero()) if n is None else n
+    total = sum(float(c.sum(dtype=torch.float64)) for c, _ in _survivor_chunks(weight, prev))
+    mean = total / n
+    squares = 0.0
+    for c, _ in _survivor_chunks(weight, prev):
+        d = c.float() - mean
+        squares += float(torch.dot(d, d))  # float32 products, blocked sums: 1e-6 relative at worst
+    return math.sqrt(squares / n)
+
+
+def at_least(weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean ``|weight| >= threshold`` as float64 would compare it, a chunk at a time.
+
+    A float32 (or smaller) weight is at least a float64 ``threshold`` exactly when it
+    is at least the smallest float32 not below it: no float64 copy is made.
+    """
+    flat = weight.detach().reshape(-1)
+    if flat.dtype == torch.float64:
+        t = torch.tensor(threshold, dtype=torch.float64)
+    else:
+        t = torch.tensor(threshold, dtype=torch.float32)
+        if float(t) < threshold:
+            t = torch.nextafter(t, torch.tensor(math.inf))
+    out = torch.empty(flat.shape, dtype=torch.bool)
+    for i in range(0, flat.numel(), _CHUNK):
+        # Compared in t's type: a float16 weight is widened (exactly), never the threshold narrowed.
+        torch.ge(flat[i:i + _CHUNK].abs().to(t.dtype), t, out=out[i:i + _CHUNK])
+    return out.view(weight.shape)
 
 
 def sparsity_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, sparsity: float) -> torch.Tensor:
@@ -76,7 +115,7 @@ def sparsity_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, sparsity
     """
     prev = _prev_or_ones(weight, prev_mask)
     keep = keep_count(weight.numel(), sparsity)
-    return _keep_top(weight.abs().flatten(), prev.flatten(), keep).view_as(weight)
+    return _keep_top(weight.detach(), prev, keep)
 
 
 def global_sparsity_masks(
@@ -93,15 +132,9 @@ def global_sparsity_masks(
         layer name -> new boolean mask, each a subset of its previous one.
     """
     names = list(weights)
-    flat_w = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
-    flat_prev = torch.cat([_prev_or_ones(weights[n], prev_masks.get(n)).flatten() for n in names])
-    flat = _keep_top(flat_w, flat_prev, keep_count(flat_w.numel(), sparsity))
-    out, start = {}, 0
-    for n in names:
-        size = weights[n].numel()
-        out[n] = flat[start : start + size].view_as(weights[n])
-        start += size
-    return out
+    parts = [(weights[n].detach(), _prev_or_ones(weights[n], prev_masks.get(n))) for n in names]
+    total = sum(weights[n].numel() for n in names)
+    return dict(zip(names, _keep_top_parts(parts, keep_count(total, sparsity))))
 
 
 def keep_count(n: int, sparsity: float) -> int:
@@ -155,15 +188,87 @@ def _prev_or_ones(weight: torch.Tensor, prev_mask: torch.Tensor | None) -> torch
 
 
 def _keep_top(scores: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean 1-D mask keeping the ``keep`` highest scores among ``prev``; never adds entries."""
-    if int(prev.sum()) <= keep:
-        return prev.clone()
-    # Pruned entries sort last; a stable sort breaks ties by position.
-    masked = torch.where(prev, scores.double(), torch.tensor(-1.0, dtype=torch.float64))
-    order = torch.sort(masked, descending=True, stable=True).indices
-    out = torch.zeros_like(prev)
-    out[order[:keep]] = True
+    """Boolean mask keeping the ``keep`` largest-magnitude ``scores`` among ``prev``; never adds entries.
+
+    Ties at the cut are broken by position (earlier entries kept first).
+    """
+    return _keep_top_parts([(scores, prev)], keep)[0]
+
+
+def _keep_top_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], keep: int) -> list[torch.Tensor]:
+    """:func:`_keep_top` over several (scores, prev) pairs as if concatenated, without concatenating them.
+
+    The cut is found by selection (:func:`_kth_largest`), not by sorting: a few
+    passes over the scores instead of an ``n log n`` sort and its copies.
+    """
+    survivors = sum(int(prev.count_nonzero()) for _, prev in parts)
+    if survivors <= keep:
+        return [prev.clone() for _, prev in parts]
+    if keep <= 0:
+        return [torch.zeros_like(prev) for _, prev in parts]
+    cut = _kth_largest(parts, keep)
+    out = [prev & at_least(scores, cut) for scores, prev in parts]
+    extra = sum(int(m.count_nonzero()) for m in out) - keep
+    for mask, (scores, _) in zip(reversed(out), reversed(parts)):  # ties at the cut: the last ones go
+        if extra <= 0:
+            break
+        flat = mask.view(-1)
+        ties = (flat & (scores.reshape(-1).abs() == cut)).nonzero().flatten()
+        drop = ties[max(0, len(ties) - extra):]
+        flat[drop] = False
+        extra -= len(drop)
     return out
+
+
+def _kth_largest(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int,
+                 scales: list[float] | None = None) -> float:
+    """The ``k``-th largest magnitude (1-based) among the entries of ``parts`` their masks keep.
+
+    With ``scales``, part ``i``'s values count multiplied by ``scales[i]`` (no scaled copy is made).
+    Three passes over the values, a chunk at a time: the maximum, a histogram of
+    65,536 bins, then the exact selection among the few values of the bin the
+    ``k``-th falls in. Memory beyond the inputs is one chunk's worth.
+    """
+    scales = scales or [1.0] * len(parts)
+
+    def chunks():
+        for (v, m), scale in zip(parts, scales):
+            for c, _ in _survivor_chunks(v, m):
+                yield c.float().abs() * scale if scale != 1.0 else c.float().abs()
+
+    top = max(float(c.max()) for c in chunks() if c.numel())
+    bins = 1 << 16
+    if not top > 0:
+        return top
+    hist = torch.zeros(bins, dtype=torch.float64)
+    for c in chunks():
+        hist += torch.histc(c, bins=bins, min=0.0, max=top).double()
+    above = hist.flip(0).cumsum(0)
+    b = bins - 1 - int(torch.searchsorted(above, torch.tensor([float(k)], dtype=torch.float64)))
+    # The bin's edges, widened by a float step: histc's own rounding may put a value either side.
+    lo = float(torch.nextafter(torch.tensor(b * top / bins), torch.tensor(-math.inf)))
+    hi = float(torch.nextafter(torch.tensor((b + 1) * top / bins), torch.tensor(math.inf)))
+    count_above, inside = 0, []
+    for c in chunks():
+        count_above += int((c > hi).count_nonzero())
+        inside.append(c[(c >= lo) & (c <= hi)])
+    pool = torch.cat(inside)
+    rank = k - count_above
+    if not 1 <= rank <= pool.numel():  # never seen; the exact answer at the cost of a copy
+        return float(torch.cat(list(chunks())).topk(k).values[-1])
+    return float(pool.topk(rank).values[-1])
+
+
+_CHUNK = 1 << 22  # elements per chunk of the passes above: 16 MB of float32
+
+
+def _survivor_chunks(weight: torch.Tensor, prev: torch.Tensor):
+    """(surviving values, their mask) chunk by chunk of the flattened ``weight``."""
+    flat, keep = weight.detach().reshape(-1), prev.reshape(-1)
+    everyone = bool(keep.all())
+    for i in range(0, flat.numel(), _CHUNK):
+        part, kept = flat[i:i + _CHUNK], keep[i:i + _CHUNK]
+        yield (part if everyone else part[kept]), kept
 
 
 # --------------------------------------------------------------------------- criterion objects
@@ -208,6 +313,14 @@ class Criterion:
             if value is not None:
                 out[layer.param] = type(self).rule(layer.weight.detach(), layer.mask, value)
         return out
+
+    def masks_in(self, layers: list[Layer], targets: list[Layer]) -> dict[str, torch.Tensor]:
+        """:meth:`masks` for ``layers``, a subset of all the pruner's ``targets``.
+
+        A criterion whose result depends on the layers it does not prune (an overall
+        compression target) overrides this; the others prune ``layers`` alone.
+        """
+        return self.masks(layers)
 
     def keys(self) -> list[str]:
         """The layer names, groups or globs a per-layer setting names (empty for a scalar)."""
@@ -268,6 +381,67 @@ class GlobalMagnitude(Criterion):
         weights = {layer.param: layer.weight.detach() for layer in layers}
         prev = {layer.param: layer.mask for layer in layers}
         return global_sparsity_masks(weights, prev, self.sparsity)
+
+
+@dataclass
+class TargetThreshold(Criterion):
+    """The paper's rule, its qualities found for an overall compression: ``quality_l = factor × relative_l``.
+
+    Every pruned layer keeps ``|w| >= factor × relative_l × std(surviving w)``, as
+    :class:`Threshold`; one ``factor`` is found by bisection so that all the pruner's
+    targets together (the layers not pruned now included, as they stand) keep
+    ``weights / target`` weights, within 1% where the weights allow it.
+
+    Args:
+        target: the overall compression after this step (weights / kept), > 1.
+        quality: relative qualities, one value or a per-layer mapping as for
+            :class:`Threshold` (layers not named are left alone); default 1 everywhere.
+
+    Attributes:
+        factor: after :meth:`masks_in`, the factor found.
+        qualities: after :meth:`masks_in`, layer name -> the quality used (``factor × relative``).
+    """
+
+    target: float
+    quality: Setting = 1.0
+    name: ClassVar[str] = "threshold"
+    setting_field: ClassVar[str] = "quality"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target) and self.target >= 1):
+            raise ValueError(f"target must be a compression >= 1, got {self.target}")
+        self.factor: float | None = None
+        self.qualities: dict[str, float] = {}
+
+    def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        return self.masks_in(layers, layers)
+
+    def masks_in(self, layers: list[Layer], targets: list[Layer]) -> dict[str, torch.Tensor]:
+        chosen = {id(layer) for layer in layers}
+        free: list[tuple[Layer, float, torch.Tensor, float]] = []  # layer, relative quality, survivors mask, std
+        fixed, survivors = 0, 0
+        for t in targets:
+            rel = resolve(self.quality, t) if id(t) in chosen else None
+            prev = _prev_or_ones(t.weight, t.mask)
+            n = int(prev.count_nonzero())
+            if rel is None or rel == 0 or n < 2:
+                fixed += n  # as threshold_mask leaves it
+                continue
+            free.append((t, rel, prev, survivor_std(t.weight, prev, n)))
+            survivors += n
+        want = sum(t.weight.numel() for t in targets) / self.target - fixed
+        keep = max(1, round(want))
+        if keep >= survivors or not free:
+            factor = 0.0  # already at the target: nothing pruned
+        else:
+            # A weight survives factor f when |w| / (relative × std) >= f: the factor that keeps
+            # `keep` weights is the keep-th largest of those ratios over all free layers.
+            parts = [(t.weight.detach(), prev) for t, _, prev, _ in free]
+            scales = [1.0 / (rel * std) if std > 0 else 0.0 for _, rel, _, std in free]
+            factor = _kth_largest(parts, keep, scales)
+        self.factor = factor
+        self.qualities = {t.layer: factor * rel for t, rel, _, _ in free}
+        return {t.param: _threshold_with_std(t.weight, prev, factor * rel, std) for t, rel, prev, std in free}
 
 
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity, GlobalMagnitude)}

@@ -9,6 +9,7 @@ split; the test split is only reported. What it writes, and where, is
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,14 +26,15 @@ from prunet.checks import (
     check_rounds,
     split_identity,
 )
-from prunet.config import ConfigError, Recipe, RoundConfig, recipe_from_dict
-from prunet.data import DatasetSplits, batches, load_data
+from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
+from prunet.data import DatasetSplits, batches, load_data, num_batches
 from prunet.layers import find_layers, format_table, totals
 from prunet.masks import baked_copy
 from prunet.models import create_model
 from prunet.neurons import remove_dead_neurons
 from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
+from prunet.schedule import PruningSchedule
 from prunet.sparse import export
 from prunet.train import DivergedError, EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
@@ -226,7 +228,7 @@ def _execute(
         folder.log_metrics("dense", **state.dense)
     dense = state.dense
     log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
-    if not recipe.prune.rounds:
+    if not recipe.prune.rounds and recipe.prune.gradual is None:
         summary = {"recipe": recipe.name, "model": meta["model"], "dataset": data.name, "dense": dense,
                    "parameters": _parameters(model), "seconds": time.perf_counter() - started}
         folder.write_json(F.SUMMARY, summary)
@@ -241,13 +243,14 @@ def _execute(
     if state.accepted is None:
         state.accepted = _copy_state(model)
         state.save(folder)
-    for i, rnd in enumerate(recipe.prune.rounds, start=1):
+    for i, rnd in enumerate(recipe.prune.rounds or [recipe.prune.gradual], start=1):
         if i <= len(state.rounds):
             continue  # finished before the run was resumed
         if state.stopped is not None:
             break
         try:
-            result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights)
+            result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights) if isinstance(rnd, RoundConfig) \
+                else _run_gradual(ctx, rnd, model, pruner)
         except DivergedError as e:  # keep the last good round, say why the ladder stopped
             result = {"round": i, "criterion": rnd.criterion, "setting": rnd.setting, "error": str(e)}
             stop = f"round {i}: {e}"
@@ -354,19 +357,23 @@ def _run_round(
     recipe, state = ctx.recipe, ctx.state
     opened = state.open_round if state.open_round and state.open_round["round"] == i else None
     if opened is None:
-        pruner.prune(rnd.make_criterion(), layers=rnd.prune)
+        criterion = rnd.make_criterion()
+        pruner.prune(criterion, layers=rnd.prune)
+        # A target round's setting is what it found: the quality (or sparsity) each layer was pruned with.
+        setting = getattr(criterion, "qualities", None) or criterion.setting
         _, pruned_val = evaluate(model, ctx.data.val, ctx.norm, recipe.data.eval_batch_size)
         kept = {r.layer: r.kept for r in pruner.summary()}
         ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
-        state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios}
+        state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios, "setting": setting}
     else:  # resumed inside this round: pruned and adjusted already
-        pruned_val, ratios = opened["val_acc_pruned"], opened["dropout"]
+        pruned_val, ratios, setting = opened["val_acc_pruned"], opened["dropout"], opened["setting"]
     trainable = None
     if not any(k in ("all", "*") for k in rnd.train):
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
         trainable = [p for m in modules.values() for p in m.parameters()]
     cfg = recipe.retrain_config(rnd.epochs, rnd.lr_fraction)
-    ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}); val before retraining {pruned_val:.2f}%; "
+    ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}"
+            + (f", target {rnd.target:g}x: {_format_setting(setting)}" if rnd.target else "") + f"); val before retraining {pruned_val:.2f}%; "
             f"retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
             + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
     ctx.fit(model, cfg, seed=recipe.seed + i, phase=f"round{i}", pruner=pruner, trainable=trainable)
@@ -378,7 +385,8 @@ def _run_round(
     return {
         "round": i,
         "criterion": rnd.criterion,
-        "setting": rnd.setting,
+        "setting": setting,
+        "target": rnd.target,
         "pruned_layers": rnd.prune,
         "trained_layers": rnd.train,
         "epochs": cfg.epochs,
@@ -386,6 +394,44 @@ def _run_round(
         "val_acc_pruned": pruned_val,
         **acc,
         "dropout": ratios,
+        "layers": [r.to_dict() for r in rows],
+        "weights": t.weights,
+        "weights_kept": t.kept,
+        "compression": t.compression_or_none(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Pruner) -> dict[str, Any]:
+    """Gradual magnitude pruning: retrain while the masks follow the cubic schedule, then fine-tune."""
+    start = time.perf_counter()
+    recipe = ctx.recipe
+    cfg = recipe.retrain_config(g.epochs, g.lr_fraction)
+    steps = num_batches(len(ctx.data.train), recipe.data.batch_size)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
+    resumed = ctx.state.resume_fit("gradual")
+    schedule.advance_to(resumed["epoch"] * steps if resumed else 0)
+    ctx.state.open_round = {"round": 1}
+    ctx.log(f"gradual: {len(schedule.events)} mask updates every {g.every_steps} steps over "
+            f"{g.ramp_epochs:g} epochs to sparsity {g.sparsity:.4f} ({g.criterion}), {g.epochs} epochs "
+            f"at lr {cfg.lr:.3g}")
+    ctx.fit(model, cfg, seed=recipe.seed + 1, phase="gradual", pruner=pruner, on_step=schedule.advance_to,
+            choose_after=math.ceil(g.ramp_epochs))
+    acc = ctx.evaluate(model)
+    rows = pruner.summary()
+    ctx.log(format_table(rows))
+    ctx.log(f"gradual: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
+    t = totals(rows)
+    return {
+        "round": 1,
+        "criterion": f"gradual {g.criterion}",
+        "setting": g.sparsity,
+        "target": g.target,
+        "pruned_layers": ["all"],
+        "trained_layers": ["all"],
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        **acc,
         "layers": [r.to_dict() for r in rows],
         "weights": t.weights,
         "weights_kept": t.kept,
@@ -462,6 +508,12 @@ def _write_compact(ctx: _Context) -> dict[str, Any]:
             f"({dense_file:,} bytes)")
     return {"file": F.COMPACT, "bytes": done.bytes, "dense_file_bytes": dense_file,
             "ratio_to_dense_file": dense_file / done.bytes}
+
+
+def _format_setting(setting: Any) -> str:
+    if isinstance(setting, dict):
+        return ", ".join(f"{k} {v:.3g}" for k, v in setting.items())
+    return f"{setting:.3g}"
 
 
 def _parameters(model: nn.Module) -> int:

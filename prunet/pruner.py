@@ -87,7 +87,7 @@ class Pruner:
             raise ValueError("prune() needs a criterion: pass one here or to Pruner(model, criterion)")
         check_names(self.targets, criterion.keys(), self._model_name)
         selected = self.select(layers)
-        new = criterion.masks(selected)
+        new = criterion.masks_in(selected, self.targets)
         for t in selected:
             if t.param in new:
                 # AND with the current mask: a criterion can only remove connections.

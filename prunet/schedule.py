@@ -1,4 +1,9 @@
-"""Pure schedule helpers: the learning rate of each epoch.
+"""Schedules: the learning rate of each epoch, gradual sparsity, and a recipe's pruning in any loop.
+
+* :func:`lr_at`: the learning rate of an epoch (constant, step, cosine).
+* :func:`cubic_sparsity`: Zhu & Gupta's gradual pruning schedule.
+* :class:`PruningSchedule`: a recipe's ladder of rounds or its gradual phase, driven
+  by one call per training step of the user's own loop.
 
 A round's criterion comes from the criterion registry (``RoundConfig.make_criterion``)
 and a retraining phase's settings from its recipe (``Recipe.retrain_config``).
@@ -7,6 +12,14 @@ and a retraining phase's settings from its recipe (``Recipe.retrain_config``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from prunet.config import Recipe, TrainConfig
+from prunet.criteria import Criterion, GlobalMagnitude, Sparsity
+from prunet.pruner import Pruner
 
 
 def lr_at(epoch: int, epochs: int, base_lr: float, schedule: str, step_epochs: int = 5, gamma: float = 0.1) -> float:
@@ -29,3 +42,147 @@ def lr_at(epoch: int, epochs: int, base_lr: float, schedule: str, step_epochs: i
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def cubic_sparsity(step: int, initial: float, final: float, begin: int, end: int) -> float:
+    """Zhu & Gupta's gradual schedule: ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3``.
+
+    Args:
+        step: the optimizer step ``t``.
+        initial, final: ``s_i`` and ``s_f``.
+        begin, end: ``t0`` and ``t0 + n Δt``; before ``begin`` the sparsity is
+            ``initial``, after ``end`` it is ``final``.
+
+    >>> [round(cubic_sparsity(t, 0.0, 0.9, 0, 100), 4) for t in (0, 25, 50, 100)]
+    [0.0, 0.5203, 0.7875, 0.9]
+    """
+    if end <= begin or step >= end:
+        return final if step >= begin else initial
+    if step <= begin:
+        return initial
+    return final + (initial - final) * (1.0 - (step - begin) / (end - begin)) ** 3
+
+
+@dataclass
+class PruneEvent:
+    """One scheduled prune: before optimizer step ``step`` (0-based), prune ``layers`` with ``criterion``."""
+
+    step: int
+    criterion: Criterion
+    layers: list[str] | None
+    label: str
+
+
+class PruningSchedule:
+    """A recipe's pruning (the paper's ladder or gradual pruning) and learning rates, in any training loop.
+
+    Call :meth:`step` once at the start of every training step, before the forward
+    pass: it prunes when the schedule says so and, given the optimizer, sets the
+    learning rate the recipe gives that step. That is all of ``prunet run`` but
+    data, checkpoints and the report.
+
+    Example:
+        >>> pruner = prunet.Pruner(model)
+        >>> schedule = PruningSchedule.from_recipe(load_recipe("recipes/lenet300_fashion.yaml"), pruner,
+        ...                                        steps_per_epoch=len(loader))
+        >>> for epoch in range(schedule.epochs):
+        ...     for x, y in loader:
+        ...         schedule.step(optimizer)          # prunes on schedule, sets the lr
+        ...         loss = F.cross_entropy(model(x), y)
+        ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+    Args:
+        pruner: the pruner of the model being trained.
+        events: the prunes, in step order.
+        lrs: ``step -> learning rate``; None leaves the learning rate alone.
+        total_steps: the length of the schedule in optimizer steps.
+        steps_per_epoch: the steps of one epoch (for :attr:`epochs`).
+    """
+
+    def __init__(self, pruner: Pruner, events: list[PruneEvent], lrs: Callable[[int], float] | None = None,
+                 total_steps: int | None = None, steps_per_epoch: int | None = None):
+        self.pruner, self.events, self.lrs = pruner, sorted(events, key=lambda e: e.step), lrs
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.steps = 0  # steps started so far
+        self._next = 0  # index of the first event not yet applied
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, pruner: Pruner, steps_per_epoch: int, dense: bool = True
+                    ) -> "PruningSchedule":
+        """The schedule of ``recipe``: its dense epochs (unless ``dense`` is False), then its rounds or gradual phase.
+
+        Args:
+            recipe: a validated recipe with ``prune.rounds`` or ``prune.gradual``.
+            pruner: the model's pruner.
+            steps_per_epoch: optimizer steps in one epoch of the user's loop.
+            dense: include the recipe's dense training (False: the model is trained already).
+        """
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        phases: list[tuple[int, TrainConfig]] = []  # (first epoch, its training settings)
+        epoch = 0
+        if dense:
+            phases.append((0, recipe.train))
+            epoch = recipe.train.epochs
+        events: list[PruneEvent] = []
+        gradual = recipe.prune.gradual
+        if gradual is not None:
+            cfg = recipe.retrain_config(gradual.epochs, gradual.lr_fraction)
+            begin = epoch * steps_per_epoch
+            end = begin + round(gradual.ramp_epochs * steps_per_epoch)
+            for t in [*range(begin, end, gradual.every_steps), end]:
+                s = cubic_sparsity(t, gradual.initial_sparsity, gradual.sparsity, begin, end)
+                crit = GlobalMagnitude(s) if gradual.criterion == "global" else Sparsity(s)
+                events.append(PruneEvent(t, crit, None, f"gradual {s:.4f}"))
+            phases.append((epoch, cfg))
+            epoch += gradual.epochs
+        for i, rnd in enumerate(recipe.prune.rounds, start=1):
+            events.append(PruneEvent(epoch * steps_per_epoch, rnd.make_criterion(), rnd.prune, f"round {i}"))
+            phases.append((epoch, recipe.retrain_config(rnd.epochs, rnd.lr_fraction)))
+            epoch += rnd.epochs
+
+        def lr(step: int) -> float:
+            e = min(step // steps_per_epoch, max(epoch - 1, 0))
+            first, cfg = next(((f, c) for f, c in reversed(phases) if f <= e and c.epochs), phases[-1])
+            return lr_at(min(e - first, max(cfg.epochs - 1, 0)), max(cfg.epochs, 1), cfg.lr, cfg.lr_schedule,
+                         cfg.lr_step_epochs, cfg.lr_gamma)
+
+        return cls(pruner, events, lr if phases else None, epoch * steps_per_epoch, steps_per_epoch)
+
+    @property
+    def epochs(self) -> int | None:
+        """Whole epochs the schedule lasts (None without ``total_steps`` and ``steps_per_epoch``)."""
+        if self.total_steps is None or not self.steps_per_epoch:
+            return None
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneEvent]:
+        """Start one training step: apply the prunes due now, set ``optimizer``'s learning rate.
+
+        Returns:
+            The events applied (usually none).
+        """
+        fired = self.advance_to(self.steps, optimizer)
+        if optimizer is not None and self.lrs is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lrs(self.steps)
+        self.steps += 1
+        return fired
+
+    def advance_to(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[PruneEvent]:
+        """Apply every prune due at or before ``step`` not applied yet (a loop that skips calls, a resume)."""
+        fired = []
+        while self._next < len(self.events) and self.events[self._next].step <= step:
+            event = self.events[self._next]
+            self.pruner.prune(event.criterion, layers=event.layers, optimizer=optimizer)
+            fired.append(event)
+            self._next += 1
+        return fired
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the schedule is, to save with a checkpoint."""
+        return {"steps": self.steps, "next": self._next}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict` (the masks come back with the model's state)."""
+        self.steps, self._next = int(state["steps"]), int(state["next"])

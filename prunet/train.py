@@ -112,6 +112,8 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    on_step: Callable[[int], None] | None = None,
+    choose_after: int = 0,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
 
@@ -133,6 +135,11 @@ def fit(
         resume: a state from ``on_checkpoint``, with the model already holding the
             weights saved beside it: training continues after that epoch, and ends
             bit-identical to a run that was never stopped (same seed, same thread count).
+        on_step: called after every optimizer step with the steps taken so far in this
+            call's epochs (from 1; a resumed fit counts the epochs before it), e.g. to prune
+            on a schedule.
+        choose_after: the best epoch is chosen among the epochs after this many (masks
+            that change during the first epochs: their accuracy is not the final model's).
 
     Returns:
         One record per epoch. With no epochs, nothing is trained.
@@ -171,7 +178,7 @@ def fit(
                 leave=False,
                 disable=None,  # no bar when stderr is not a terminal (CI logs)
             )
-            for x, y in bar:
+            for batch, (x, y) in enumerate(bar):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 value = loss.item()
@@ -182,6 +189,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()  # prunet's global step hooks enforce the masks here
+                if on_step is not None:
+                    on_step(epoch * steps + batch + 1)
                 loss_sum += value * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
@@ -195,7 +204,7 @@ def fit(
             if on_epoch is not None:
                 on_epoch(record)
             # With no validation split there is nothing to choose by: the last epoch is kept.
-            if len(val) and val_acc > best_acc:
+            if len(val) and epoch + 1 > choose_after and val_acc > best_acc:
                 best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
             if on_checkpoint is not None:
                 on_checkpoint({

@@ -151,6 +151,17 @@ def test_train_then_run_from_its_checkpoint(tmp_path, capsys, fast_data):
     assert "run folder: " + str(pruned_dir) in capsys.readouterr().out
 
 
+def test_run_to_a_target_builds_a_ladder_that_lands_on_it(tmp_path, capsys, fast_data):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    assert main(["run", str(recipe), "--target", "12", "--set", "prune.rounds=[{quality: 1.0, epochs: 0}]",
+                 "--run-dir", str(tmp_path / "t")]) == 0
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert [r["target"] for r in summary["rounds"]][-1] == 12
+    for r in summary["rounds"]:
+        assert r["compression"] == pytest.approx(r["target"], rel=0.01)
+    assert "target 12x: rounds to 1.8612x, 3.4641x, 6.4474x, 12x" in capsys.readouterr().out
+
+
 def test_export_then_eval_the_compact_file(tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model("lenet_300_100")

@@ -13,6 +13,7 @@ import torch
 from prunet import Pruner
 from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import (
+    TargetThreshold,
     CRITERIA,
     Criterion,
     GlobalMagnitude,
@@ -317,3 +318,131 @@ def test_check_value_names_the_setting_and_range():
         Threshold.check_value(-1)
     with pytest.raises(ValueError, match=r"a sparsity must be in \[0, 1\], got 1\.5"):
         Sparsity.check_value(1.5)
+
+
+# --- selection instead of sorting, and target compression -------------------------------------
+
+
+def sorted_keep_top(scores: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
+    """The reference the selection must equal: a stable sort, pruned entries last, the first ``keep`` kept."""
+    flat, p = scores.abs().flatten().double(), prev.flatten()
+    if int(p.sum()) <= keep:
+        return prev.clone()
+    order = torch.sort(torch.where(p, flat, torch.tensor(-1.0, dtype=torch.float64)), descending=True,
+                       stable=True).indices
+    out = torch.zeros_like(p)
+    out[order[:keep]] = True
+    return out.view_as(prev)
+
+
+@pytest.mark.parametrize("values", ["gaussian", "few distinct", "one value"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 0.999, 1.0])
+def test_sparsity_by_selection_equals_the_sorted_cut_ties_included(values, sparsity):
+    g = torch.Generator().manual_seed(3)
+    w = {"gaussian": torch.randn(300, 70, generator=g),
+         "few distinct": torch.randint(-3, 4, (300, 70), generator=g).float() / 7,
+         "one value": torch.full((300, 70), 0.25)}[values]
+    prev = torch.rand(300, 70, generator=g) > 0.2
+    got = sparsity_mask(w, prev, sparsity)
+    assert torch.equal(got, sorted_keep_top(w, prev, keep_count(w.numel(), sparsity)))
+
+
+def test_global_cut_by_selection_equals_the_sorted_cut_of_the_concatenation():
+    g = torch.Generator().manual_seed(4)
+    weights = {"a": torch.randint(-5, 6, (64, 40), generator=g).float(), "b": torch.randn(2000, generator=g) * 3}
+    prev = {"a": torch.rand(64, 40, generator=g) > 0.5, "b": None}
+    got = global_sparsity_masks(weights, prev, 0.8)
+    flat = torch.cat([weights["a"].flatten(), weights["b"]])
+    flat_prev = torch.cat([prev["a"].flatten(), torch.ones(2000, dtype=torch.bool)])
+    want = sorted_keep_top(flat, flat_prev, keep_count(flat.numel(), 0.8))
+    assert torch.equal(torch.cat([got["a"].flatten(), got["b"]]), want)
+
+
+def test_threshold_compares_as_float64_would_for_float32_and_float16_weights():
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        w = torch.randn(500, 30, generator=g).to(dtype)
+        prev = torch.rand(500, 30, generator=g) > 0.3
+        got = threshold_mask(w, prev, 0.8)
+        survivors = w.double()[prev]
+        expected = prev & (w.double().abs() >= 0.8 * survivors.std(correction=0))
+        assert torch.equal(got, expected), dtype
+
+
+def kept_of(pruner: Pruner) -> int:
+    return sum(r.kept for r in pruner.summary())
+
+
+@pytest.mark.parametrize("relative", [1.0, {"fc1": 1.0, "fc2": 1.0, "fc3": 0.5}])
+def test_a_ladder_of_targets_lands_within_one_percent_each_round(relative):
+    torch.manual_seed(0)
+    pruner = Pruner(create_model("lenet_300_100"))
+    total = sum(r.weights for r in pruner.summary())
+    for target in (2.0, 5.0, 12.0, 25.0, 50.0, 120.0):
+        criterion = TargetThreshold(target, relative)
+        pruner.prune(criterion)
+        assert total / kept_of(pruner) == pytest.approx(target, rel=0.01)
+        # The paper's rule, one factor times the relative qualities.
+        if isinstance(relative, dict):
+            assert criterion.qualities["fc3"] == pytest.approx(0.5 * criterion.qualities["fc1"])
+
+
+def test_a_target_counts_the_layers_not_pruned_this_round():
+    torch.manual_seed(1)
+    pruner = Pruner(create_model("lenet_5"))
+    total = sum(r.weights for r in pruner.summary())
+    pruner.prune(TargetThreshold(3.0), layers=["conv"])
+    conv_kept = {r.layer: r.kept for r in pruner.summary() if r.kind == "conv"}
+    pruner.prune(TargetThreshold(10.0), layers=["fc"])
+    assert total / kept_of(pruner) == pytest.approx(10.0, rel=0.01)
+    assert {r.layer: r.kept for r in pruner.summary() if r.kind == "conv"} == conv_kept
+
+
+def test_a_target_already_reached_prunes_nothing():
+    torch.manual_seed(2)
+    pruner = Pruner(create_model("lenet_300_100"))
+    pruner.prune(TargetThreshold(8.0))
+    before = kept_of(pruner)
+    criterion = TargetThreshold(4.0)
+    pruner.prune(criterion)
+    assert kept_of(pruner) == before and criterion.factor == 0.0
+
+
+@pytest.mark.parametrize("name, target", [("alexnet", 9.0), ("vgg16", 13.0)])
+def test_target_on_random_paper_networks_within_one_percent(name, target):
+    torch.manual_seed(0)
+    pruner = Pruner(create_model(name))
+    total = sum(r.weights for r in pruner.summary())
+    pruner.prune(TargetThreshold(target))
+    assert total / kept_of(pruner) == pytest.approx(target, rel=0.01)
+
+
+def test_target_rejects_a_compression_below_one():
+    with pytest.raises(ValueError, match="target must be a compression >= 1"):
+        TargetThreshold(0.5)
+
+
+def test_recipe_rounds_with_targets_and_their_errors():
+    base = {"model": {"name": "lenet_300_100"}}
+    ok = recipe_from_dict({**base, "prune": {"rounds": [{"target": 8}, {"criterion": "global", "target": 20}]}})
+    first, second = (r.make_criterion() for r in ok.prune.rounds)
+    assert isinstance(first, TargetThreshold) and first.target == 8
+    assert isinstance(second, GlobalMagnitude) and second.sparsity == pytest.approx(0.95)
+    for rnd, match in [({"criterion": "sparsity", "target": 8}, "target: works with criterion threshold or global"),
+                       ({"target": 0.5}, "target"),
+                       ({"criterion": "global", "sparsity": 0.9, "target": 8}, "not both")]:
+        with pytest.raises(ConfigError, match=match):
+            recipe_from_dict({**base, "prune": {"rounds": [rnd]}})
+
+
+def test_target_ladder_multiplies_about_evenly_and_ends_on_the_target():
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"},
+                               "prune": {"rounds": [{"quality": {"fc": 1.0, "fc3": 0.5}, "epochs": 3}]}})
+    ladder = recipe.target_ladder(40)
+    targets = [r.target for r in ladder.prune.rounds]
+    assert targets[-1] == 40 and len(targets) == 5
+    steps = [b / a for a, b in zip([1.0] + targets, targets)]
+    assert max(steps) / min(steps) == pytest.approx(1.0, abs=0.01)
+    assert all(r.epochs == 3 and r.quality == {"fc": 1.0, "fc3": 0.5} for r in ladder.prune.rounds)
+    with pytest.raises(ConfigError, match="--target"):
+        recipe.target_ladder(0.9)

@@ -1,0 +1,162 @@
+"""Schedules in the user's own loop: the paper's ladder and gradual magnitude pruning, step by step."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REAL_FASHION, TINY_RECIPE
+
+from prunet import Pruner
+from prunet.config import ConfigError, recipe_from_dict
+from prunet.criteria import keep_count
+from prunet.models import create_model
+from prunet.pipeline import resume, run
+from prunet.schedule import PruningSchedule, cubic_sparsity, lr_at
+
+
+def test_cubic_sparsity_at_each_step_is_zhu_and_guptas_formula():
+    s_i, s_f, t0, n, dt = 0.1, 0.9, 40, 10, 7
+    for t in range(0, 150):
+        if t <= t0:
+            expected = s_i
+        elif t >= t0 + n * dt:
+            expected = s_f
+        else:
+            expected = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3
+        assert cubic_sparsity(t, s_i, s_f, t0, t0 + n * dt) == pytest.approx(expected, abs=1e-12), t
+    # It rises fast, then slowly: more than half the way in the first quarter of the ramp.
+    assert cubic_sparsity(t0 + 18, s_i, s_f, t0, t0 + 70) > (s_i + s_f) / 2
+
+
+def user_loop(model, schedule, optimizer, steps, seed=0):
+    """A plain training loop on random data; the schedule is called once per step, before the forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(steps, 8, 1, 28, 28, generator=g), torch.randint(0, 10, (steps, 8), generator=g)
+    seen = []
+    for i in range(steps):
+        fired = schedule.step(optimizer)
+        seen.append((i, [e.label for e in fired], optimizer.param_groups[0]["lr"]))
+        loss = F.cross_entropy(model(x[i]), y[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return seen
+
+
+def test_gradual_schedule_in_a_user_loop_follows_the_cubic_curve():
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"}, "train": {"epochs": 1, "lr": 0.1},
+                               "prune": {"lr_fraction": 0.5, "lr_schedule": "constant",
+                                         "gradual": {"final_sparsity": 0.9, "epochs": 4, "prune_epochs": 3,
+                                                     "every_steps": 3}}})
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=10)
+    assert schedule.total_steps == 50 and schedule.epochs == 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for step in range(50):
+        fired = schedule.step(optimizer)
+        # Dense epoch at the recipe's lr, then the gradual phase at half of it.
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 if step < 10 else 0.05)
+        expected_updates = step >= 10 and ((step - 10) % 3 == 0 or step == 40) and step <= 40
+        assert bool(fired) == expected_updates, step
+        if fired:
+            s = cubic_sparsity(step, 0.0, 0.9, 10, 40)
+            for row in pruner.summary():
+                assert row.kept == keep_count(row.weights, s), (step, row.layer)
+        loss = F.cross_entropy(model(torch.randn(8, 1, 28, 28, generator=g)), torch.randint(0, 10, (8,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for name, mask in pruner.masks.items():
+            assert not bool((dict(model.named_parameters())[name][mask == 0] != 0).any())
+    assert [r.kept for r in pruner.summary()] == [keep_count(r.weights, 0.9) for r in pruner.summary()]
+
+
+def test_the_papers_ladder_in_a_user_loop_prunes_at_each_round_and_sets_its_lr():
+    recipe = recipe_from_dict({
+        "model": {"name": "lenet_300_100"}, "train": {"epochs": 2, "lr": 0.1, "lr_schedule": "constant"},
+        "prune": {"lr_fraction": 0.1, "lr_schedule": "cosine",
+                  "rounds": [{"quality": 1.0, "epochs": 2}, {"target": 20, "epochs": 3}]}})
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    seen = user_loop(model, schedule, optimizer, schedule.total_steps)
+    assert [(i, labels) for i, labels, _ in seen if labels] == [(8, ["round 1"]), (16, ["round 2"])]
+    lrs = [lr for _, _, lr in seen]
+    assert lrs[:8] == [0.1] * 8
+    assert lrs[8:16] == [pytest.approx(lr_at(e, 2, 0.01, "cosine")) for e in (0, 0, 0, 0, 1, 1, 1, 1)]
+    assert lrs[16] == pytest.approx(0.01) and lrs[-1] == pytest.approx(lr_at(2, 3, 0.01, "cosine"))
+    assert pruner.compression() == pytest.approx(20, rel=0.01)
+
+
+def test_a_schedule_resumes_from_its_state_dict():
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"}, "train": {"epochs": 1},
+                               "prune": {"gradual": {"target": 10, "epochs": 2, "every_steps": 2}}})
+    torch.manual_seed(0)
+    a = Pruner(create_model("lenet_300_100"))
+    whole = PruningSchedule.from_recipe(recipe, a, steps_per_epoch=5)
+    for _ in range(whole.total_steps):
+        whole.step()
+    torch.manual_seed(0)
+    b = Pruner(create_model("lenet_300_100"))
+    first = PruningSchedule.from_recipe(recipe, b, steps_per_epoch=5)
+    for _ in range(9):
+        first.step()
+    again = PruningSchedule.from_recipe(recipe, b, steps_per_epoch=5)
+    again.load_state_dict(first.state_dict())
+    while again.steps < again.total_steps:
+        again.step()
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+@pytest.mark.parametrize("gradual, match", [
+    ({"epochs": 2}, "final_sparsity or target"),
+    ({"final_sparsity": 0.9, "target": 10}, "final_sparsity or target"),
+    ({"final_sparsity": 0.9, "initial_sparsity": 0.95}, "initial_sparsity"),
+    ({"target": 10, "epochs": 4, "prune_epochs": 5}, "prune_epochs"),
+    ({"target": 10, "criterion": "threshold"}, "criterion"),
+])
+def test_gradual_recipe_errors_name_the_field(gradual, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict({"prune": {"gradual": gradual}})
+    with pytest.raises(ConfigError, match="rounds or gradual"):
+        recipe_from_dict({"prune": {"gradual": {"target": 10}, "rounds": [{"quality": 1.0}]}})
+
+
+GRADUAL = copy.deepcopy(TINY_RECIPE)
+GRADUAL["threads"] = 1
+GRADUAL["prune"] = {"lr_fraction": 0.1, "gradual": {"target": 12, "epochs": 3, "prune_epochs": 2, "every_steps": 5}}
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_data, tmp_path, monkeypatch):
+    whole = run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "whole", log=lambda line: None)
+    assert whole["compression"] == pytest.approx(12, rel=0.01)
+    assert whole["rounds"][0]["criterion"] == "gradual sparsity"
+
+    import prunet.runfolder
+    real, calls = torch.save, {"n": 0}
+
+    def dying(obj, f, *args, **kwargs):  # the resume point after the gradual phase's first epoch dies
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(prunet.runfolder.torch, "save", dying)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "stopped", log=lambda line: None)
+    resumed = resume(tmp_path / "stopped", log=lambda line: None)
+    assert resumed["weights_kept"] == whole["weights_kept"]
+    a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])
+    b = json.loads((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
