@@ -372,16 +372,11 @@ def _run_round(
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
         trainable = [p for m in modules.values() for p in m.parameters()]
     cfg = recipe.retrain_config(rnd.epochs, rnd.lr_fraction)
-    ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}"
-            + (f", target {rnd.target:g}x: {_format_setting(setting)}" if rnd.target else "") + f"); val before retraining {pruned_val:.2f}%; "
-            f"retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
+    found = f", target {rnd.target:g}x: {_format_setting(setting)}" if rnd.target else ""
+    ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}{found}); val before retraining "
+            f"{pruned_val:.2f}%; retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
             + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
     ctx.fit(model, cfg, seed=recipe.seed + i, phase=f"round{i}", pruner=pruner, trainable=trainable)
-    acc = ctx.evaluate(model)
-    rows = pruner.summary()
-    ctx.log(format_table(rows))
-    ctx.log(f"round {i}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
-    t = totals(rows)
     return {
         "round": i,
         "criterion": rnd.criterion,
@@ -392,14 +387,20 @@ def _run_round(
         "epochs": cfg.epochs,
         "lr": cfg.lr,
         "val_acc_pruned": pruned_val,
-        **acc,
         "dropout": ratios,
-        "layers": [r.to_dict() for r in rows],
-        "weights": t.weights,
-        "weights_kept": t.kept,
-        "compression": t.compression_or_none(),
-        "seconds": time.perf_counter() - start,
+        **_outcome(ctx, model, pruner, f"round {i}", start),
     }
+
+
+def _outcome(ctx: _Context, model: nn.Module, pruner: Pruner, label: str, start: float) -> dict[str, Any]:
+    """A phase's results: accuracies, the per-layer table (logged too), totals, time."""
+    acc = ctx.evaluate(model)
+    rows = pruner.summary()
+    ctx.log(format_table(rows))
+    ctx.log(f"{label}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
+    t = totals(rows)
+    return {**acc, "layers": [r.to_dict() for r in rows], "weights": t.weights, "weights_kept": t.kept,
+            "compression": t.compression_or_none(), "seconds": time.perf_counter() - start}
 
 
 def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Pruner) -> dict[str, Any]:
@@ -417,11 +418,6 @@ def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Prun
             f"at lr {cfg.lr:.3g}")
     ctx.fit(model, cfg, seed=recipe.seed + 1, phase="gradual", pruner=pruner, on_step=schedule.advance_to,
             choose_after=math.ceil(g.ramp_epochs))
-    acc = ctx.evaluate(model)
-    rows = pruner.summary()
-    ctx.log(format_table(rows))
-    ctx.log(f"gradual: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
-    t = totals(rows)
     return {
         "round": 1,
         "criterion": f"gradual {g.criterion}",
@@ -431,12 +427,7 @@ def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Prun
         "trained_layers": ["all"],
         "epochs": cfg.epochs,
         "lr": cfg.lr,
-        **acc,
-        "layers": [r.to_dict() for r in rows],
-        "weights": t.weights,
-        "weights_kept": t.kept,
-        "compression": t.compression_or_none(),
-        "seconds": time.perf_counter() - start,
+        **_outcome(ctx, model, pruner, "gradual", start),
     }
 
 
