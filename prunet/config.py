@@ -270,6 +270,10 @@ class PruneConfig:
     """Its coefficient; None keeps ``train.reg_strength``."""
     max_accuracy_drop: Optional[float] = None
     """Stop the ladder when validation accuracy falls more than this (points, e.g. 0.5) below dense."""
+    distill_alpha: float = 0.0
+    """Retrain with distillation from the dense model: weight of its soft targets in the loss (0: off)."""
+    distill_temperature: float = 4.0
+    """Temperature of the soft targets."""
     adjust_dropout: bool = True
     """Scale dropout by sqrt(kept/original connections) while retraining (the paper, section 3.3)."""
     remove_dead_neurons: bool = True
@@ -290,6 +294,8 @@ class PruneConfig:
             _range(where + ".reg_strength", self.reg_strength, 0.0, None)
         if self.max_accuracy_drop is not None:
             _range(where + ".max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        _range(where + ".distill_alpha", self.distill_alpha, 0.0, 1.0)
+        _range(where + ".distill_temperature", self.distill_temperature, 0.0, None, lo_open=True)
 
 
 @dataclass

@@ -303,6 +303,7 @@ class _Context:
                  state: _RunState):
         self.recipe, self.data, self.norm, self.folder, self.log = recipe, data, norm, folder, log
         self.state = state
+        self._teacher: nn.Module | None = None
 
     def on_epoch(self, rec: EpochRecord) -> None:
         self.folder.log_metrics("epoch", **rec.to_dict())
@@ -313,13 +314,23 @@ class _Context:
 
     def fit(self, model: nn.Module, cfg, *, seed: int, phase: str, **kwargs) -> None:
         """Train one phase, saving a resume point after each epoch; continue it if the run stopped inside it."""
-        d = self.recipe.data
+        d, prune = self.recipe.data, self.recipe.prune
+        if phase != "dense" and prune.distill_alpha > 0:
+            kwargs.update(teacher=self.teacher(), distill_alpha=prune.distill_alpha,
+                          distill_temperature=prune.distill_temperature)
         resume = self.state.resume_fit(phase)
         if resume is not None:
             self.log(f"  {phase}: continuing after epoch {resume['epoch']}")
         fit(model, self.data.train, self.data.val, cfg, self.norm, seed=seed, phase=phase, on_epoch=self.on_epoch,
             on_checkpoint=lambda s: self.state.save(self.folder, s, phase), resume=resume,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, **kwargs)
+
+    def teacher(self) -> nn.Module:
+        """The dense model, from the run's dense checkpoint (the same after a resume)."""
+        if self._teacher is None:
+            self._teacher, _, _ = load_model(self.folder.path / F.DENSE)
+            self._teacher.requires_grad_(False)
+        return self._teacher
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size)

@@ -114,6 +114,9 @@ def fit(
     resume: dict | None = None,
     on_step: Callable[[int], None] | None = None,
     choose_after: int = 0,
+    teacher: nn.Module | None = None,
+    distill_alpha: float = 0.5,
+    distill_temperature: float = 4.0,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
 
@@ -140,6 +143,9 @@ def fit(
             on a schedule.
         choose_after: the best epoch is chosen among the epochs after this many (masks
             that change during the first epochs: their accuracy is not the final model's).
+        teacher: distil from this model (Hinton et al.): the loss becomes
+            ``(1 - alpha) CE + alpha T² KL(softmax(teacher / T) || softmax(model / T))``.
+        distill_alpha, distill_temperature: ``alpha`` and ``T`` of that loss.
 
     Returns:
         One record per epoch. With no epochs, nothing is trained.
@@ -185,7 +191,12 @@ def fit(
                 if not math.isfinite(value):  # before the step: the weights are still the last finite ones
                     raise DivergedError(f"train.lr: the training loss became {value} in {phase} epoch {epoch + 1} "
                                         f"at lr {lr:.3g}; lower the learning rate")
-                objective = loss + l1_penalty(l1_params, cfg.reg_strength) if l1_params else loss
+                objective = loss
+                if teacher is not None:
+                    objective = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(
+                        logits, teacher, x, distill_temperature)
+                if l1_params:
+                    objective = objective + l1_penalty(l1_params, cfg.reg_strength)
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()  # prunet's global step hooks enforce the masks here
@@ -220,6 +231,17 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return records
+
+
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² KL(softmax(teacher(x) / T) || softmax(logits / T))``: the teacher's soft targets (it is not trained)."""
+    with torch.no_grad():
+        was_training = teacher.training
+        teacher.eval()
+        soft = F.log_softmax(teacher(x) / temperature, dim=1)
+        teacher.train(was_training)
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean",
+                    log_target=True) * temperature**2
 
 
 def _freeze_others(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:

@@ -6,7 +6,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunet.models import create_model, get_model_info, list_models, register_model
+from prunet.analysis.tables import layer_table
+from prunet.layers import totals
+from prunet.models import (
+    PAPER_KEPT,
+    PAPER_TOTALS,
+    create_model,
+    get_model_info,
+    list_models,
+    paper_sparsity,
+    register_model,
+)
 from prunet.pruner import Pruner
 
 # name -> (parameters, default outputs, prunable layers in order)
@@ -92,3 +102,33 @@ def test_registering_a_name_twice_is_an_error():
 def test_unknown_keyword_is_a_type_error():
     with pytest.raises(TypeError):
         create_model("lenet_5", width=3)
+
+
+# --- the paper's per-layer rates (Tables 4 and 5) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg16"])
+def test_the_papers_per_layer_rates_keep_the_papers_totals(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    pruner = Pruner(model)
+    pruner.prune(paper_sparsity(name))
+    rows = layer_table(model, torch.zeros(1, *get_model_info(name).input_shape), pruner.masks)
+    weights, kept = PAPER_TOTALS[name]
+    total = totals(rows)
+    # The paper's percentages are rounded to whole percent, its totals to 0.1M.
+    assert total.weights == pytest.approx(weights, rel=0.03)
+    assert total.kept == pytest.approx(kept, rel=0.03)
+    assert {r.layer for r in rows} == set(PAPER_KEPT[name])
+    for r in rows:
+        assert r.kept_frac == pytest.approx(PAPER_KEPT[name][r.layer], abs=1 / r.weights + 1e-9)
+        assert r.flops > 0 and r.flops_kept_frac == pytest.approx(r.kept_frac)  # dense activations assumed
+    # Most of the FLOPs are in the convolutions, which the paper prunes far less than fc6/fc7:
+    # the FLOPs left are a larger fraction than the weights left.
+    flops_left = sum(r.flops * r.flops_kept_frac for r in rows) / sum(r.flops for r in rows)
+    assert flops_left > total.kept / total.weights
+
+
+def test_paper_rates_exist_only_for_the_papers_tables():
+    with pytest.raises(ValueError, match="per-layer rates for alexnet, vgg16"):
+        paper_sparsity("lenet_5")

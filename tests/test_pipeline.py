@@ -368,3 +368,17 @@ def test_a_diverging_dense_phase_is_one_clear_error(tiny_recipe, fast_data, tmp_
     tiny_recipe["train"]["lr"] = 1e8
     with pytest.raises(ConfigError, match=r"^train\.lr: the training loss became (nan|inf) in dense epoch 1"):
         run_recipe(tiny_recipe, tmp_path / "dense_nan")
+
+
+def test_distillation_from_the_dense_model_retrains_the_rounds(base_run, fast_data, tmp_path):
+    data, base_folder, base = base_run
+    data = copy.deepcopy(data)
+    data["prune"]["distill_alpha"] = 0.7
+    summary = run_recipe(data, tmp_path / "distilled")
+    # Same dense model, same masks of round 1's pruning; the retrained weights (and so round 2's cut) differ.
+    assert summary["dense"] == base["dense"]
+    assert summary["rounds"][0]["val_acc_pruned"] == base["rounds"][0]["val_acc_pruned"]
+    a, _ = read_checkpoint(tmp_path / "distilled" / "round1.safetensors")
+    b, _ = read_checkpoint(base_folder / "round1.safetensors")
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+    assert torch.equal(a["fc1.weight_mask"], b["fc1.weight_mask"])

@@ -162,3 +162,20 @@ def test_evaluate_restores_training_mode(lenet, fashion):
     assert loss > 0 and 0 <= acc <= 100
     # eval mode: dropout off, so the result does not depend on the RNG
     assert evaluate(model, fashion.val, norm_of(fashion), batch_size=128) == (loss, acc)
+
+
+def test_distillation_teaches_what_the_labels_do_not(lenet, fashion):
+    # The student sees shuffled labels: alone it learns nothing; from the teacher's soft targets it learns the task.
+    teacher, _ = train(lenet, fashion, dataclasses.replace(CFG, epochs=3))
+    teacher.zero_grad(set_to_none=True)
+    _, teacher_acc = evaluate(teacher, fashion.test, norm_of(fashion))
+    g = torch.Generator().manual_seed(1)
+    noisy = dataclasses.replace(fashion, train=Split(fashion.train.images,
+                                                     fashion.train.labels[torch.randperm(1000, generator=g)]))
+    alone, _ = train(lenet, noisy, seed=2)
+    taught, _ = train(lenet, noisy, seed=2, teacher=teacher, distill_alpha=1.0)
+    _, alone_acc = evaluate(alone, fashion.test, norm_of(fashion))
+    _, taught_acc = evaluate(taught, fashion.test, norm_of(fashion))
+    assert alone_acc < 30 and taught_acc > 0.8 * teacher_acc
+    # The teacher is only read.
+    assert all(p.grad is None for p in teacher.parameters())

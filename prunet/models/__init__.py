@@ -13,4 +13,7 @@ from prunet.models import lenet as _lenet  # noqa: F401
 from prunet.models import alexnet as _alexnet  # noqa: F401
 from prunet.models import vgg as _vgg  # noqa: F401
 
-__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
+from prunet.models.paper import PAPER_KEPT, PAPER_TOTALS, paper_sparsity
+
+__all__ = ["PAPER_KEPT", "PAPER_TOTALS", "ModelInfo", "create_model", "get_model_info", "list_models",
+           "paper_sparsity", "register_model"]
