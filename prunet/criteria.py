@@ -56,12 +56,12 @@ def threshold_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, quality
     n = int(prev.count_nonzero())
     if n < 2:
         return prev.clone()
-    return prev & at_least(weight, quality * survivor_std(weight, prev, n))
+    return at_least(weight, quality * survivor_std(weight, prev, n)).logical_and_(prev)
 
 
 def _threshold_with_std(weight: torch.Tensor, prev: torch.Tensor, quality: float, std: float) -> torch.Tensor:
     """:func:`threshold_mask` for a layer whose survivors' ``std`` is known (at least two survivors)."""
-    return prev & at_least(weight, quality * std)
+    return at_least(weight, quality * std).logical_and_(prev)
 
 
 def survivor_std(weight: torch.Tensor, prev: torch.Tensor, n: int | None = None) -> float:
@@ -207,7 +207,7 @@ def _keep_top_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], keep: int) -
     if keep <= 0:
         return [torch.zeros_like(prev) for _, prev in parts]
     cut = _kth_largest(parts, keep)
-    out = [prev & at_least(scores, cut) for scores, prev in parts]
+    out = [at_least(scores, cut).logical_and_(prev) for scores, prev in parts]
     extra = sum(int(m.count_nonzero()) for m in out) - keep
     for mask, (scores, _) in zip(reversed(out), reversed(parts)):  # ties at the cut: the last ones go
         if extra <= 0:

@@ -147,11 +147,12 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor | None = 
     if not isinstance(param, nn.Parameter):
         raise TypeError(f"{type(module).__name__}.{param_name} is not a Parameter")
     name = mask_buffer_name(param_name)
-    if mask is None:
-        existing = getattr(module, name, None)
-        mask = existing if existing is not None else torch.ones_like(param)
-    _check_shape(param, mask, param_name)
-    mask = mask.detach().to(device=param.device, dtype=param.dtype).clone()
+    if mask is None and getattr(module, name, None) is None:
+        mask = torch.ones_like(param, requires_grad=False)  # new: no copy of it needed
+    else:
+        mask = getattr(module, name) if mask is None else mask
+        _check_shape(param, mask, param_name)
+        mask = mask.detach().to(device=param.device, dtype=param.dtype, copy=True)
     if name in module._buffers:
         module._buffers[name] = mask
     else:

@@ -91,7 +91,7 @@ class Pruner:
         for t in selected:
             if t.param in new:
                 # AND with the current mask: a criterion can only remove connections.
-                M.set_mask(t.module, t.attr, new[t.param] & t.mask.bool(), optimizer)
+                M.set_mask(t.module, t.attr, new[t.param].to(torch.bool).logical_and_(t.mask != 0), optimizer)
                 for opt in self._optimizers:
                     M.mask_optimizer_state(opt, t.weight, t.mask)
         return {s.layer: s for s in self.summary()}
