@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -18,14 +19,23 @@ def test_the_readme_has_a_python_example():
     assert len(python_blocks()) >= 1
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, mnist_batch):
-    monkeypatch.chdir(tmp_path)  # it saves pruned.pt
-    for code in python_blocks():
-        namespace = {"loader": [mnist_batch(8, seed=i) for i in range(3)]}  # "your loop" needs batches
+def test_readme_python_examples_run(tmp_path, monkeypatch, mnist_batch):
+    # The blocks run in order in one namespace, as a reader would type them.
+    first, *rest = python_blocks()
+    monkeypatch.chdir(tmp_path)  # the first saves pruned.pt
+    namespace = {"loader": [mnist_batch(8, seed=i) for i in range(3)]}  # "your loop" needs batches
+    exec(compile(first, str(README), "exec"), namespace)
+    pruner, model = namespace["pruner"], namespace["model"]
+    # What the example promises: masks in the saved state, pruned weights zero, same outputs after bake.
+    saved = torch.load(tmp_path / "pruned.pt")
+    pruned = saved["fc1.weight_mask"] == 0
+    assert pruned.any() and (saved["fc1.weight"][pruned] == 0).all()
+    assert namespace["plain"] is model and pruner.targets == []
+
+    monkeypatch.chdir(README.parent)  # the others name files of the repository
+    for code in rest:
         exec(compile(code, str(README), "exec"), namespace)
-        pruner, model = namespace["pruner"], namespace["model"]
-        # What the example promises: masks in the saved state, pruned weights zero, same outputs after bake.
-        saved = torch.load(tmp_path / "pruned.pt")
-        pruned = saved["fc1.weight_mask"] == 0
-        assert pruned.any() and (saved["fc1.weight"][pruned] == 0).all()
-        assert namespace["plain"] is model and pruner.targets == []
+    # The schedule block: the recipe's gradual phase reached its target in the loop.
+    schedule, pruner = namespace["schedule"], namespace["pruner"]
+    assert schedule.steps == schedule.total_steps
+    assert pruner.compression() == pytest.approx(25, rel=0.01)

@@ -1,0 +1,216 @@
+"""Write RESULTS.md from the benchmarks' JSON: ``python benchmarks/make_results.py`` (``make results``).
+
+It reads ``benchmarks/results/bench_reproduce.json`` (or, if that is missing,
+``bench_reproduce_quick.json``) and ``bench_prune_scale.json`` when present, and
+computes the paper's per-layer tables (AlexNet, VGG-16 at Tables 4 and 5's
+rates) itself. Every number in RESULTS.md comes from those files or that
+computation; where a target of issue #10 was missed, it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The paper's Table 1 (MNIST for the LeNets, ImageNet for AlexNet and VGG-16).
+PAPER_TABLE_1 = [
+    ("LeNet-300-100", "1.64% → 1.59% top-1 error", "267K → 22K", "12×"),
+    ("LeNet-5", "0.80% → 0.77% top-1 error", "431K → 36K", "12×"),
+    ("AlexNet", "42.78% → 42.77% top-1 error", "61M → 6.7M", "9×"),
+    ("VGG-16", "31.50% → 31.34% top-1 error", "138M → 10.3M", "13×"),
+]
+NAMES = {"lenet_300_100": "LeNet-300-100", "lenet_5": "LeNet-5"}
+METHOD_NOTES = {
+    "prunet": "the paper's ladder: TargetThreshold (quality × σ of the survivors, one factor found per target)",
+    "torch-global-l1": "torch.nn.utils.prune.global_unstructured, L1, iterative, fine-tuned alike",
+    "gmp-global": "gradual magnitude pruning (cubic schedule, global cut every 50 steps), its own run per point",
+    "prunet-distill": "prunet, retrained with distillation from the dense model (alpha 0.5, T 4)",
+    "prunet-lr0.1": "prunet, fine-tuned at 1/10 of the learning rate instead of the dense rate",
+}
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def reproduce_section(data: dict) -> list[str]:
+    out = []
+    cs = data["compressions"]
+    for m in data["models"]:
+        name, seeds, summary = NAMES.get(m["model"], m["model"]), m["seeds"], m["summary"]
+        n = len(seeds)
+        dense_test = [s["dense"]["test_acc"] for s in seeds]
+        dense_val = [s["dense"]["val_acc"] for s in seeds]
+        spec = m["spec"]
+        out += [f"### {name}, Fashion-MNIST ({n} seed{'s' if n > 1 else ''})", "",
+                f"Dense: {spec['dense_epochs']} epochs, test {sum(dense_test) / n:.2f}%, validation "
+                f"{sum(dense_val) / n:.2f}% (mean of seeds). Each compression step: {spec['epochs']} epoch(s) of "
+                f"retraining; a point at 12× has had 3 steps. Test accuracy, %"
+                + (" (mean ± std over seeds)" if n > 1 else "") + ":", ""]
+        methods = [k for k in summary if k != "dense_test_mean"]
+        out.append("| method | " + " | ".join(f"{c:g}×" for c in cs) + " | wall time |")
+        out.append("| --- |" + " ---: |" * (len(cs) + 1))
+        for method in methods:
+            rows = summary[method]["points"]
+            cells = [fmt(r["test_mean"], r["test_std"], n) for r in rows]
+            out.append(f"| `{method}` | " + " | ".join(cells) + f" | {summary[method]['seconds'] / 60:.1f} min |")
+        out += ["", "prunet minus each method, test points, paired by seed (positive: prunet ahead):", ""]
+        out.append("| method | " + " | ".join(f"{c:g}×" for c in cs) + " |")
+        out.append("| --- |" + " ---: |" * len(cs))
+        for method in methods:
+            if method == "prunet":
+                continue
+            out.append(f"| `{method}` | " + " | ".join(f"{r['prunet_minus_this']:+.2f}" for r in summary[method]["points"])
+                       + " |")
+        out += ["", f"Largest compression whose validation accuracy stays within {data['within_points']} points of "
+                    "dense (chosen on validation), and its test accuracy:", ""]
+        out.append("| method | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " |")
+        out.append("| --- |" + " --- |" * n)
+        for method in methods:
+            cells = [f"{b['compression']:g}× ({b['test_acc']:.2f}%)" if b["compression"] else "none"
+                     for b in summary[method]["largest_within"]]
+            out.append(f"| `{method}` | " + " | ".join(cells) + " |")
+        out += [""] + targets(m, cs) + [""]
+    out += ["Methods:", ""] + [f"- `{k}`: {v}." for k, v in METHOD_NOTES.items()] + [""]
+    return out
+
+
+def best_prunet(summary: dict, c: float) -> tuple[str, dict]:
+    """The prunet variant with the best mean *validation* accuracy at compression ``c`` (test never chooses)."""
+    variants = [k for k in summary if k.startswith("prunet")]
+    rows = {k: next(r for r in summary[k]["points"] if r["target"] == c) for k in variants}
+    best = max(variants, key=lambda k: rows[k]["val_mean"])
+    return best, rows[best]
+
+
+def targets(m: dict, cs: list[float]) -> list[str]:
+    """Issue #10's targets for this model, each met or missed, from the numbers above."""
+    summary, lines = m["summary"], []
+    dense = summary["dense_test_mean"]
+    base = {r["target"]: r for r in summary["torch-global-l1"]["points"]}
+    for c in (25.0, 50.0):
+        if c in base:
+            variant, row = best_prunet(summary, c)
+            gain = row["test_mean"] - base[c]["test_mean"]
+            lines.append(f"- Target: prunet ≥ 0.5 points above the baseline at {c:g}×: "
+                         f"**{'met' if gain >= 0.5 else 'missed'}** ({gain:+.2f} points, `{variant}`, the prunet "
+                         f"variant best on validation there).")
+    for model, c, limit, note in (("lenet_300_100", 25.0, 0.5, ""),
+                                  ("lenet_5", 50.0, 0.3, " at 40×, judged at 50× (40× was not measured)")):
+        if m["model"] == model and c in base:
+            variant, row = best_prunet(summary, c)
+            loss = dense - row["test_mean"]
+            where = note or f" at {c:g}×"
+            lines.append(f"- Target: within {limit} points of dense{where}: **{'met' if loss <= limit else 'missed'}** "
+                         f"({-loss:+.2f} points, `{variant}`).")
+    return lines
+
+
+def paper_tables() -> list[str]:
+    import torch
+
+    from prunet import Pruner
+    from prunet.analysis.tables import layer_table
+    from prunet.layers import human_count, totals
+    from prunet.models import PAPER_KEPT, PAPER_TOTALS, create_model, get_model_info, paper_sparsity
+
+    out = []
+    for name, title in (("alexnet", "AlexNet (Table 4)"), ("vgg16", "VGG-16 (Table 5)")):
+        torch.manual_seed(0)
+        model = create_model(name)
+        pruner = Pruner(model)
+        pruner.prune(paper_sparsity(name))
+        rows = layer_table(model, torch.zeros(1, *get_model_info(name).input_shape), pruner.masks)
+        t = totals(rows)
+        weights, kept = PAPER_TOTALS[name]
+        out += [f"### {title}, at the paper's per-layer rates (`prunet.models.paper_sparsity`)", "",
+                "| layer | weights | FLOP | weights % | FLOP % (dense activations) |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            out.append(f"| {r.layer} | {human_count(r.weights)} | {human_count(r.flops)} | {100 * r.kept_frac:.0f}% | "
+                       f"{100 * r.flops_kept_frac:.0f}% |")
+        flops = sum(r.flops for r in rows)
+        flops_left = sum(r.flops * r.flops_kept_frac for r in rows) / flops
+        out += [f"| total | {human_count(t.weights)} | {human_count(flops)} | {100 * t.kept / t.weights:.1f}% | "
+                f"{100 * flops_left:.0f}% |", "",
+                f"Kept {t.kept:,} of {t.weights:,} weights ({t.weights / t.kept:.1f}×); the paper: "
+                f"{kept / 1e6:.1f}M of {weights / 1e6:.0f}M. The paper's FLOP% also counts the zeros of the previous "
+                f"layer's activations (measured on ImageNet), which we cannot measure without ImageNet; here every "
+                f"activation is taken as non-zero, so the FLOP% is weights-only.", ""]
+    return out
+
+
+def scale_section(data: dict) -> list[str]:
+    rows = {r["case"]: r for r in data["rows"]}
+    limit_s, limit_gb = data["targets"]["seconds"], data["targets"]["peak_gb"]
+    out = ["| case | prune step | process peak memory | target |", "| --- | ---: | ---: | --- |"]
+    for case, r in rows.items():
+        took = f"{r['seconds']:.2f} s" if r["seconds"] is not None else "-"
+        peak = r["peak_bytes"] / 1e9
+        verdict = ""
+        if case in ("threshold", "global"):
+            ok_t, ok_m = r["seconds"] <= limit_s, peak <= limit_gb
+            verdict = (f"time {'met' if ok_t else 'missed'}, memory {'met' if ok_m else 'missed'}")
+        out.append(f"| `{case}` | {took} | {peak:.2f} GB | {verdict} |")
+    model, pruner = rows.get("model"), rows.get("pruner")
+    if model and pruner:
+        out += ["", f"The model alone peaks at {model['peak_bytes'] / 1e9:.2f} GB and with `Pruner(model)` at "
+                    f"{pruner['peak_bytes'] / 1e9:.2f} GB: the masks are float32 buffers the size of the weights "
+                    f"(one multiply per step), so {limit_gb} GB leaves little room for the prune step itself."]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
+    args = parser.parse_args(argv)
+    source = RESULTS / "bench_reproduce.json"
+    if not source.is_file():
+        source = RESULTS / "bench_reproduce_quick.json"
+    if not source.is_file():
+        print(f"no {RESULTS / 'bench_reproduce.json'}: run 'make bench' first", file=sys.stderr)
+        return 2
+    data = json.loads(source.read_text())
+    machine = data["machine"]
+    lines = [
+        "# Results", "",
+        f"Generated by `python benchmarks/make_results.py` from `{source.relative_to(ROOT)}` "
+        f"(written by `{data['command']}`{', a quick run' if data['quick'] else ''}, "
+        f"{data['seconds'] / 60:.0f} min) and `benchmarks/results/bench_prune_scale.json`. "
+        f"Machine: {machine['processor']}, {machine['threads']} threads, {machine['platform']}, "
+        f"torch {machine['torch']}, no GPU. Do not edit by hand: rerun `make bench` and `make results`.", "",
+        "## The paper's Table 1", "",
+        "| network | error (dense → pruned) | parameters | compression |", "| --- | --- | --- | --- |",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE_1], "",
+        "MNIST cannot be downloaded on the machines these numbers come from, and there is no ImageNet: "
+        "below, the LeNets on Fashion-MNIST (55,000 training images, 5,000 validation images that choose "
+        "everything, 10,000 test images only reported); AlexNet and VGG-16 only at the paper's per-layer rates, "
+        "without training.", "",
+        "## prunet against the common baseline, side by side", "",
+        "Every method starts from the same dense checkpoint of its seed and uses the same data split, training "
+        f"loop (`prunet.train.fit`), batch size ({data['batch_size']}), optimizer (SGD momentum 0.9, L2 5e-4, "
+        f"cosine learning rate from {data['lr']}) and epochs per compression step. A single run's test accuracy "
+        "moves by about ±0.3 points from noise alone: read differences below that as ties.", "",
+        *reproduce_section(data),
+        "## The paper's per-layer rates", "",
+        *paper_tables(),
+    ]
+    scale = RESULTS / "bench_prune_scale.json"
+    if scale.is_file():
+        lines += ["## One prune step over VGG-16's 138M weights", "",
+                  "Random weights, each case in a fresh process (`python benchmarks/bench_prune_scale.py`); the "
+                  "issue measured 6.6 s / 3.5 GB (threshold), 29.8 s / 6.3 GB (global) and 34.7 s / 8.0 GB "
+                  "(`torch.nn.utils.prune`) before the cut was found by selection instead of sorting.", "",
+                  *scale_section(json.loads(scale.read_text())), ""]
+    args.out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
