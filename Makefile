@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.prunet-installed
 TORCH  := torch==2.13.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench bench-quick results clean
 
 setup: $(STAMP) data
 
@@ -41,9 +41,22 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The full side-by-side (bench_reproduce) takes about an hour on 2 cores; bench-quick a few minutes.
 bench: setup
 	$(BIN)/python benchmarks/bench_masks.py
 	$(BIN)/python benchmarks/bench_sparse.py
+	$(BIN)/python benchmarks/bench_prune_scale.py
+	$(BIN)/python benchmarks/bench_reproduce.py
+	$(BIN)/python benchmarks/make_results.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/bench_prune_scale.py
+	$(BIN)/python benchmarks/bench_reproduce.py --quick
+	$(BIN)/python benchmarks/make_results.py
+
+# RESULTS.md from the JSON the benchmarks wrote (benchmarks/results/).
+results: setup
+	$(BIN)/python benchmarks/make_results.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -159,10 +159,16 @@ class RoundConfig:
         """This round's quality or sparsity, whichever its criterion reads."""
         return getattr(self, self.setting_field)
 
-    def make_criterion(self) -> Criterion:
-        """The criterion object this round describes, e.g. ``Threshold({"fc": 1.0})``."""
+    def make_criterion(self, relative: dict[str, float] | None = None) -> Criterion:
+        """The criterion object this round describes, e.g. ``Threshold({"fc": 1.0})``.
+
+        Args:
+            relative: for a threshold round with a target and no ``quality``, the
+                relative per-layer qualities (from the sensitivity analysis); default 1 everywhere.
+        """
         if self.target is not None and self.criterion == "threshold":
-            return TargetThreshold(self.target, 1.0 if self.quality is None else self.quality)
+            quality = self.quality if self.quality is not None else relative if relative else 1.0
+            return TargetThreshold(self.target, quality)
         if self.target is not None:
             return CRITERIA[self.criterion](1.0 - 1.0 / self.target)
         return CRITERIA[self.criterion](self.setting)
@@ -270,6 +276,10 @@ class PruneConfig:
     """Its coefficient; None keeps ``train.reg_strength``."""
     max_accuracy_drop: Optional[float] = None
     """Stop the ladder when validation accuracy falls more than this (points, e.g. 0.5) below dense."""
+    relative_from_sensitivity: Optional[float] = None
+    """For threshold rounds with a ``target`` and no ``quality``: take the relative per-layer qualities
+    from the sensitivity analysis of the dense model, per layer the largest quality that costs at
+    most this many points of validation accuracy (as the paper chose its thresholds). None: 1 everywhere."""
     distill_alpha: float = 0.0
     """Retrain with distillation from the dense model: weight of its soft targets in the loss (0: off)."""
     distill_temperature: float = 4.0
@@ -294,6 +304,8 @@ class PruneConfig:
             _range(where + ".reg_strength", self.reg_strength, 0.0, None)
         if self.max_accuracy_drop is not None:
             _range(where + ".max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        if self.relative_from_sensitivity is not None:
+            _range(where + ".relative_from_sensitivity", self.relative_from_sensitivity, 0.0, 100.0)
         _range(where + ".distill_alpha", self.distill_alpha, 0.0, 1.0)
         _range(where + ".distill_temperature", self.distill_temperature, 0.0, None, lo_open=True)
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from prunet import runfolder as F
 from prunet.analysis.report import write_report
+from prunet.analysis.sensitivity import propose_qualities, sensitivity
 from prunet.checkpoint import CheckpointError, load_model, model_from_state
 from prunet.checks import (
     check_checkpoint_fits,
@@ -143,6 +144,7 @@ class _RunState:
         self.fit: dict[str, Any] | None = None
         self.fit_phase: str | None = None
         self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
+        self.relative: dict[str, float] | None = None  # target rounds' relative qualities, from sensitivity
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -172,7 +174,7 @@ class _RunState:
             "dropout": {n: m.p for n, m in self.model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)},
             "pruned": self.pruner is not None,
             "dense": self.dense, "rounds": self.rounds, "stopped": self.stopped, "accepted": self.accepted,
-            "open_round": self.open_round, "fit": fit, "fit_phase": phase,
+            "open_round": self.open_round, "fit": fit, "fit_phase": phase, "relative": self.relative,
         })
 
     @classmethod
@@ -188,7 +190,7 @@ class _RunState:
         state.dense, state.rounds, state.stopped = saved["dense"], saved["rounds"], saved["stopped"]
         state.accepted, state.open_round = saved["accepted"], saved["open_round"]
         state.fit, state.fit_phase = saved["fit"], saved["fit_phase"]
-        state.dropout = saved["dropout"]
+        state.dropout, state.relative = saved["dropout"], saved.get("relative")
         return state
 
     def apply_dropout(self) -> None:
@@ -368,7 +370,7 @@ def _run_round(
     recipe, state = ctx.recipe, ctx.state
     opened = state.open_round if state.open_round and state.open_round["round"] == i else None
     if opened is None:
-        criterion = rnd.make_criterion()
+        criterion = rnd.make_criterion(_relative_qualities(ctx, model) if rnd.target and rnd.quality is None else None)
         pruner.prune(criterion, layers=rnd.prune)
         # A target round's setting is what it found: the quality (or sparsity) each layer was pruned with.
         setting = getattr(criterion, "qualities", None) or criterion.setting
@@ -401,6 +403,22 @@ def _run_round(
         "dropout": ratios,
         **_outcome(ctx, model, pruner, f"round {i}", start),
     }
+
+
+def _relative_qualities(ctx: _Context, model: nn.Module) -> dict[str, float] | None:
+    """The relative per-layer qualities of target rounds, from the dense model's sensitivity (once per run)."""
+    max_drop = ctx.recipe.prune.relative_from_sensitivity
+    if max_drop is None:
+        return None
+    if ctx.state.relative is None:
+        dense, _, _ = load_model(ctx.folder.path / F.DENSE)
+        rows = sensitivity(dense, ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size, progress=False,
+                           model_name=ctx.recipe.model.name)
+        proposal = propose_qualities(rows, max_drop)
+        ctx.state.relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
+        ctx.log("relative qualities from sensitivity (largest within "
+                f"{max_drop:g} points): {_format_setting(ctx.state.relative)}")
+    return ctx.state.relative
 
 
 def _outcome(ctx: _Context, model: nn.Module, pruner: Pruner, label: str, start: float) -> dict[str, Any]:

@@ -382,3 +382,25 @@ def test_distillation_from_the_dense_model_retrains_the_rounds(base_run, fast_da
     b, _ = read_checkpoint(base_folder / "round1.safetensors")
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
     assert torch.equal(a["fc1.weight_mask"], b["fc1.weight_mask"])
+
+
+def test_target_rounds_take_relative_qualities_from_the_sensitivity_analysis(base_run, fast_data, tmp_path):
+    from prunet.analysis.sensitivity import propose_qualities, sensitivity
+    from prunet.data import load_data
+
+    data, base_folder, _ = base_run
+    data = copy.deepcopy(data)
+    data["prune"]["relative_from_sensitivity"] = 2.0
+    data["prune"]["rounds"] = [{"target": 3, "epochs": 0}, {"target": 6, "epochs": 0}]
+    summary = run_recipe(data, tmp_path / "sens")
+    recipe = recipe_from_dict(data)
+    split = load_data(recipe.data)
+    dense, _, _ = load_model(base_folder / "dense.safetensors")  # the same dense model: same seed and data
+    proposal = propose_qualities(sensitivity(dense, split.val, Normalization(split.mean, split.std), progress=False),
+                                 2.0)
+    for r, target in zip(summary["rounds"], (3, 6)):
+        assert r["compression"] == pytest.approx(target, rel=0.01)
+        used = r["setting"]
+        factor = used["fc1"] / proposal["fc1"]
+        assert used == pytest.approx({k: factor * v for k, v in proposal.items()})
+    assert any("relative qualities from sensitivity" in line for line in summary["_log"])
