@@ -118,7 +118,7 @@ def paper_tables() -> list[str]:
     from prunet import Pruner
     from prunet.analysis.tables import layer_table
     from prunet.layers import human_count, totals
-    from prunet.models import PAPER_KEPT, PAPER_TOTALS, create_model, get_model_info, paper_sparsity
+    from prunet.models import PAPER_TOTALS, create_model, get_model_info, paper_sparsity
 
     out = []
     for name, title in (("alexnet", "AlexNet (Table 4)"), ("vgg16", "VGG-16 (Table 5)")):

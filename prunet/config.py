@@ -375,8 +375,10 @@ class Recipe:
 
         Each round multiplies the compression by about ``step`` (the last lands on
         ``target``). The rounds take their criterion (``threshold`` or ``global``),
-        relative qualities, epochs and learning rate from the recipe's first round;
-        every round prunes and retrains all layers.
+        relative qualities (unless ``prune.relative_from_sensitivity`` gives them; a
+        mapping leaves the layers it does not name unpruned), epochs and learning rate
+        from the recipe's first round; every round retrains all layers. A gradual
+        phase is replaced too.
 
         Raises:
             ConfigError: ``target`` below 1, or a first round whose criterion cannot take a target.
@@ -385,13 +387,15 @@ class Recipe:
             raise ConfigError(f"--target: a compression >= 1, got {target}")
         first = self.prune.rounds[0] if self.prune.rounds else RoundConfig()
         criterion = first.criterion if first.criterion in TARGET_CRITERIA else "threshold"
+        # Relative qualities: the sensitivity analysis's when the recipe asks for it, else the first round's.
+        keep_quality = criterion == "threshold" and self.prune.relative_from_sensitivity is None
         template = dataclasses.replace(first, criterion=criterion, sparsity=None, target=None,
-                                       quality=first.quality if criterion == "threshold" else None,
+                                       quality=first.quality if keep_quality else None,
                                        prune=["all"], train=["all"])
         n = max(1, math.ceil(math.log(target) / math.log(step) - 1e-9))
         rounds = [dataclasses.replace(template, target=round(target ** (k / n), 4)) for k in range(1, n + 1)]
         rounds[-1].target = target
-        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds))
+        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds, gradual=None))
         recipe.validate()
         return recipe
 

@@ -93,7 +93,8 @@ def at_least(weight: torch.Tensor, threshold: float) -> torch.Tensor:
         t = torch.tensor(threshold, dtype=torch.float32)
         if float(t) < threshold:
             t = torch.nextafter(t, torch.tensor(math.inf))
-    out = torch.empty(flat.shape, dtype=torch.bool)
+    t = t.to(flat.device)
+    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     for i in range(0, flat.numel(), _CHUNK):
         # Compared in t's type: a float16 weight is widened (exactly), never the threshold narrowed.
         torch.ge(flat[i:i + _CHUNK].abs().to(t.dtype), t, out=out[i:i + _CHUNK])
@@ -230,24 +231,30 @@ def _kth_largest(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int,
     ``k``-th falls in. Memory beyond the inputs is one chunk's worth.
     """
     scales = scales or [1.0] * len(parts)
+    # float64 weights are ranked in float64 (two of them may be equal in float32); the rest in float32, exactly.
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v, _ in parts) else torch.float32
 
     def chunks():
         for (v, m), scale in zip(parts, scales):
             for c, _ in _survivor_chunks(v, m):
-                yield c.float().abs() * scale if scale != 1.0 else c.float().abs()
+                c = c.to(dtype).abs()
+                yield c * scale if scale != 1.0 else c
 
     top = max(float(c.max()) for c in chunks() if c.numel())
+    if not math.isfinite(top):
+        raise ValueError("the weights hold NaN or inf: they cannot be ranked by magnitude")
     bins = 1 << 16
     if not top > 0:
         return top
-    hist = torch.zeros(bins, dtype=torch.float64)
+    hist = None
     for c in chunks():
-        hist += torch.histc(c, bins=bins, min=0.0, max=top).double()
+        h = torch.histc(c, bins=bins, min=0.0, max=top).double()
+        hist = h if hist is None else hist + h
     above = hist.flip(0).cumsum(0)
-    b = bins - 1 - int(torch.searchsorted(above, torch.tensor([float(k)], dtype=torch.float64)))
+    b = bins - 1 - int(torch.searchsorted(above, torch.tensor([float(k)], dtype=torch.float64, device=above.device)))
     # The bin's edges, widened by a float step: histc's own rounding may put a value either side.
-    lo = float(torch.nextafter(torch.tensor(b * top / bins), torch.tensor(-math.inf)))
-    hi = float(torch.nextafter(torch.tensor((b + 1) * top / bins), torch.tensor(math.inf)))
+    lo = float(torch.nextafter(torch.tensor(b * top / bins, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
+    hi = float(torch.nextafter(torch.tensor((b + 1) * top / bins, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
     count_above, inside = 0, []
     for c in chunks():
         count_above += int((c > hi).count_nonzero())
@@ -383,6 +390,10 @@ class GlobalMagnitude(Criterion):
         return global_sparsity_masks(weights, prev, self.sparsity)
 
 
+class TargetError(ValueError):
+    """A target compression this pruning step cannot reach (the layers it leaves alone keep too much)."""
+
+
 @dataclass
 class TargetThreshold(Criterion):
     """The paper's rule, its qualities found for an overall compression: ``quality_l = factor × relative_l``.
@@ -429,16 +440,20 @@ class TargetThreshold(Criterion):
                 continue
             free.append((t, rel, prev, survivor_std(t.weight, prev, n)))
             survivors += n
-        want = sum(t.weight.numel() for t in targets) / self.target - fixed
-        keep = max(1, round(want))
-        if keep >= survivors or not free:
+        total = sum(t.weight.numel() for t in targets)
+        want = total / self.target - fixed  # what the free layers may keep
+        if survivors <= want:
             factor = 0.0  # already at the target: nothing pruned
+        elif want < 1:
+            reach = f"at most {total / fixed:.3g}x" if fixed else "nothing"
+            raise TargetError(f"target {self.target:g}x is out of reach: the weights this step does not prune "
+                              f"(other layers, layers without a quality) keep {fixed:,} of {total:,}, {reach}")
         else:
             # A weight survives factor f when |w| / (relative × std) >= f: the factor that keeps
             # `keep` weights is the keep-th largest of those ratios over all free layers.
             parts = [(t.weight.detach(), prev) for t, _, prev, _ in free]
             scales = [1.0 / (rel * std) if std > 0 else 0.0 for _, rel, _, std in free]
-            factor = _kth_largest(parts, keep, scales)
+            factor = _kth_largest(parts, round(want), scales)
         self.factor = factor
         self.qualities = {t.layer: factor * rel for t, rel, _, _ in free}
         return {t.param: _threshold_with_std(t.weight, prev, factor * rel, std) for t, rel, prev, std in free}

@@ -28,6 +28,7 @@ from prunet.checks import (
     split_identity,
 )
 from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
+from prunet.criteria import TargetError
 from prunet.data import DatasetSplits, batches, load_data, num_batches
 from prunet.layers import find_layers, format_table, totals
 from prunet.masks import baked_copy
@@ -53,7 +54,8 @@ def run(
     """Run a recipe: dense training (or a checkpoint), then each prune + retrain round.
 
     After every epoch and every phase the run saves a resume point in its folder;
-    :func:`resume` continues a run that was stopped (Ctrl-C, a crash, ``kill -9``).
+    :func:`resume` continues a run that was stopped (a crash, ``kill -9``, or Ctrl-C in a
+    folder it does not replace an earlier run in: there Ctrl-C puts the earlier run back).
 
     Args:
         recipe: a validated recipe.
@@ -253,8 +255,9 @@ def _execute(
         try:
             result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights) if isinstance(rnd, RoundConfig) \
                 else _run_gradual(ctx, rnd, model, pruner)
-        except DivergedError as e:  # keep the last good round, say why the ladder stopped
-            result = {"round": i, "criterion": rnd.criterion, "setting": rnd.setting, "error": str(e)}
+        except (DivergedError, TargetError) as e:  # keep the last good round, say why the ladder stopped
+            result = {"round": i, "criterion": getattr(rnd, "criterion", "gradual"),
+                      "setting": rnd.setting if isinstance(rnd, RoundConfig) else rnd.sparsity, "error": str(e)}
             stop = f"round {i}: {e}"
         else:
             drop, limit = dense["val_acc"] - result["val_acc"], recipe.prune.max_accuracy_drop
@@ -370,7 +373,8 @@ def _run_round(
     recipe, state = ctx.recipe, ctx.state
     opened = state.open_round if state.open_round and state.open_round["round"] == i else None
     if opened is None:
-        criterion = rnd.make_criterion(_relative_qualities(ctx, model) if rnd.target and rnd.quality is None else None)
+        wants_relative = rnd.target and rnd.criterion == "threshold" and rnd.quality is None
+        criterion = rnd.make_criterion(_relative_qualities(ctx, model) if wants_relative else None)
         pruner.prune(criterion, layers=rnd.prune)
         # A target round's setting is what it found: the quality (or sparsity) each layer was pruned with.
         setting = getattr(criterion, "qualities", None) or criterion.setting

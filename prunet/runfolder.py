@@ -148,13 +148,14 @@ class RunFolder:
             raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
         try:
             with folder._locked():
-                folder._put_back_previous()  # a run killed mid-way left the one before it aside
-                earlier = folder.written()
-                if earlier and not overwrite and PROGRESS in earlier:
+                # A stopped run is offered for resuming before anything is put back (that would delete it).
+                if not overwrite and PROGRESS in folder.written():
                     raise RunError(
                         f"run folder {folder.path} holds an unfinished run; continue it with 'prunet run --resume "
                         f"{folder.path}', or pass --overwrite to replace it"
                     )
+                folder._put_back_previous()  # a run killed mid-way left the one before it aside
+                earlier = folder.written()
                 if earlier and not overwrite:
                     raise RunError(
                         f"run folder {folder.path} already holds a run ({earlier[0]}, ...); pass --overwrite to "

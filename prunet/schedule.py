@@ -78,8 +78,10 @@ class PruningSchedule:
 
     Call :meth:`step` once at the start of every training step, before the forward
     pass: it prunes when the schedule says so and, given the optimizer, sets the
-    learning rate the recipe gives that step. That is all of ``prunet run`` but
-    data, checkpoints and the report.
+    learning rate the recipe gives that step: the recipe's pruning and learning
+    rates. What ``prunet run`` adds around them is not in it: choosing each
+    round's best epoch on validation, stopping the ladder, dropout adjustment,
+    distillation, relative qualities from sensitivity, checkpoints and the report.
 
     Example:
         >>> pruner = prunet.Pruner(model)

@@ -13,6 +13,7 @@ import torch
 from prunet import Pruner
 from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import (
+    TargetError,
     TargetThreshold,
     CRITERIA,
     Criterion,
@@ -391,11 +392,11 @@ def test_a_target_counts_the_layers_not_pruned_this_round():
     torch.manual_seed(1)
     pruner = Pruner(create_model("lenet_5"))
     total = sum(r.weights for r in pruner.summary())
-    pruner.prune(TargetThreshold(3.0), layers=["conv"])
-    conv_kept = {r.layer: r.kept for r in pruner.summary() if r.kind == "conv"}
-    pruner.prune(TargetThreshold(10.0), layers=["fc"])
-    assert total / kept_of(pruner) == pytest.approx(10.0, rel=0.01)
-    assert {r.layer: r.kept for r in pruner.summary() if r.kind == "conv"} == conv_kept
+    pruner.prune(TargetThreshold(3.0), layers=["fc"])
+    fc_kept = {r.layer: r.kept for r in pruner.summary() if r.kind == "fc"}
+    pruner.prune(TargetThreshold(3.3), layers=["conv"])  # the fc layers' survivors count, as they stand
+    assert total / kept_of(pruner) == pytest.approx(3.3, rel=0.01)
+    assert {r.layer: r.kept for r in pruner.summary() if r.kind == "fc"} == fc_kept
 
 
 def test_a_target_already_reached_prunes_nothing():
@@ -446,3 +447,33 @@ def test_target_ladder_multiplies_about_evenly_and_ends_on_the_target():
     assert all(r.epochs == 3 and r.quality == {"fc": 1.0, "fc3": 0.5} for r in ladder.prune.rounds)
     with pytest.raises(ConfigError, match="--target"):
         recipe.target_ladder(0.9)
+
+
+def test_an_unreachable_target_is_an_error_not_an_empty_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 1000))
+    pruner = Pruner(model)
+    with pytest.raises(TargetError, match="target 5x is out of reach.*keep 10,000 of 10,100, at most 1.01x"):
+        pruner.prune(TargetThreshold(5.0), layers=["0"])
+    assert [r.kept for r in pruner.summary()] == [100, 10_000]  # nothing changed
+
+
+def test_float64_weights_are_ranked_in_float64():
+    w = torch.tensor([1 + 1e-12, 1 + 2e-12, 0.5], dtype=torch.float64)
+    assert sparsity_mask(w, None, 2 / 3).tolist() == [False, True, False]
+    w = torch.tensor([1 - 1e-12, 1 - 2e-12, 0.5], dtype=torch.float64)
+    assert sparsity_mask(w, None, 2 / 3).tolist() == [True, False, False]
+
+
+def test_nan_weights_cannot_be_ranked():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        global_sparsity_masks({"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(4)}, {}, 0.5)
+
+
+def test_target_ladder_takes_sensitivity_qualities_and_replaces_a_gradual_phase():
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"},
+                               "prune": {"relative_from_sensitivity": 1.0, "gradual": {"target": 10}}})
+    ladder = recipe.target_ladder(20)
+    assert ladder.prune.gradual is None and all(r.quality is None for r in ladder.prune.rounds)
+    sensitive = recipe_from_dict({"model": {"name": "lenet_300_100"},
+                                  "prune": {"relative_from_sensitivity": 1.0, "rounds": [{"quality": 0.5}]}})
+    assert all(r.quality is None for r in sensitive.target_ladder(20).prune.rounds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +207,21 @@ def test_from_a_dense_checkpoint_matches_the_run_it_came_from(reference, fast_da
     assert summary["weights_kept"] == json.loads((reference / "summary.json").read_text())["weights_kept"]
     assert RunFolder(tmp_path / "again").written()  # a real run folder, finished
     assert not (tmp_path / "again" / PROGRESS).exists()
+
+
+def test_a_killed_overwrite_run_is_offered_for_resume_not_deleted(reference, fast_data, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)  # a finished run the next one replaces
+    with monkeypatch.context() as mp:
+        stop_at_save(mp, 6)
+        # kill -9: nothing is put back; the kernel drops the lock.
+        mp.setattr(RunFolder, "abandon", lambda self: self._unlock_run() or "killed")
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe_from_dict(copy.deepcopy(RECIPE)), run_dir=folder, overwrite=True, log=lambda line: None)
+    assert (folder / ".prunet-previous").is_dir() and (folder / PROGRESS).is_file()
+    with pytest.raises(RunError, match="unfinished run.*--resume"):
+        run(recipe_from_dict(copy.deepcopy(RECIPE)), run_dir=folder, log=lambda line: None)
+    assert (folder / PROGRESS).is_file()  # still there to resume
+    resume(folder, log=lambda line: None)
+    assert_same_run(folder, reference)
+    assert not (folder / ".prunet-previous").exists()  # the earlier run, replaced for good

@@ -160,3 +160,22 @@ def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_dat
     a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])
     b = json.loads((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_gradual_phase_that_diverges_keeps_the_dense_model(fast_data, tmp_path):
+    recipe = copy.deepcopy(GRADUAL)
+    recipe["prune"]["lr_fraction"] = 1e5  # the loss becomes NaN within the phase
+    summary = run(recipe_from_dict(recipe), run_dir=tmp_path / "nan", log=lambda line: None)
+    assert "training loss became" in summary["stopped"] and summary["rounds"][0]["accepted"] is False
+    assert summary["weights_kept"] == summary["weights"]  # the dense model, kept
+    assert summary["final"]["val_acc"] == summary["dense"]["val_acc"]
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_round_whose_target_is_out_of_reach_stops_the_ladder_there(fast_data, tmp_path):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["prune"]["rounds"] = [{"target": 3, "epochs": 0}, {"target": 40, "prune": ["fc3"], "epochs": 0}]
+    summary = run(recipe_from_dict(recipe), run_dir=tmp_path / "far", log=lambda line: None)
+    assert "round 2: target 40x is out of reach" in summary["stopped"]
+    assert summary["compression"] == pytest.approx(3, rel=0.01)  # round 1's model
