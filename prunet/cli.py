@@ -143,8 +143,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bits(text: str) -> float | dict[str, float]:
+    """``--bits``: ``5`` (every layer) or ``conv=8,fc=5`` (layers, groups, globs)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise UsageError(f"--bits takes a number or LAYER=BITS,... (e.g. conv=8,fc=5), got {text!r}") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype)
+    quantize = _bits(args.bits) if args.quantized else None
+    done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype,
+                  quantize=quantize)
     print(f"wrote {done.path} ({done.format}{', shrunk' if done.shrunk else ''}): {done.bytes:,} bytes, "
           f"{done.ratio:.1f}x smaller than the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
     return 0
@@ -277,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shrink", action="store_true", help="remove dead neurons first (layers physically smaller)")
     p.add_argument("--dtype", choices=list(VALUE_DTYPES), default="float32",
                    help="with --format prunet: the survivors' value type (default float32)")
+    p.add_argument("--quantized", action="store_true",
+                   help="share weights (k-means per layer) and Huffman code them (Deep Compression)")
+    p.add_argument("--bits", default="conv=8,fc=5", metavar="B|LAYER=B,...",
+                   help="with --quantized: bits per weight index (default conv=8,fc=5, the paper's AlexNet)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="test accuracy and latency of an exported file or a checkpoint")

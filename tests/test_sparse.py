@@ -136,7 +136,7 @@ def rewrite_header(path, edit):
     ("truncate", "truncated"),
     ("flip", "checksum does not match"),
     ("garbage", "not a prunet file"),
-    ("newer", "format version 2; this prunet reads up to 1: upgrade prunet"),
+    ("newer", f"format version {VERSION + 1}; this prunet reads up to {VERSION}: upgrade prunet"),
     ("foreign", "not one prunet wrote"),
     ("missing", "does not exist"),
 ])  # fmt: skip

@@ -11,6 +11,9 @@ container is safetensors, so nothing is unpickled; its header holds:
 * ``model``: the registry name and keyword arguments when the model has one
   (otherwise the caller supplies the model; the shapes are in the file);
 * per pruned tensor: shape, survivors, bits, code count and the value dtype;
+* per weight-shared tensor (version 2, Deep Compression): its codebook of 2^b
+  values, the cluster index of each survivor and the relative-index codes, both
+  Huffman coded (:mod:`prunet.sparse.huffman`), with their code lengths;
 * ``checksum``: SHA-256 of every tensor's name, dtype, shape and bytes, so a
   flipped byte is an error, never a wrong model.
 
@@ -33,10 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prunet.files import atomic_path
-from prunet.sparse import codec
+from prunet.sparse import codec, huffman
 
 FORMAT = "prunet-compact"
-VERSION = 1
+VERSION = 2  # 2: weight-shared tensors (a codebook, Huffman-coded cluster indices and relative indices)
 _META_KEY = "prunet_compact"
 VALUE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,6 +104,7 @@ def write_compact(
     keep: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     value_dtype: str = "float32",
+    shared: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a model's tensors to a compact file, whole.
 
@@ -112,6 +116,8 @@ def write_compact(
         meta: JSON-serialisable metadata; ``model`` and ``model_kwargs`` let
             :func:`prunet.sparse.load` rebuild a registry model.
         value_dtype: ``float32``, ``float16`` or ``bfloat16`` for the survivors' values.
+        shared: tensor name -> :class:`prunet.share.SharedLayer` for each weight-shared
+            tensor (its codebook, clusters and survivors); stored Huffman coded.
 
     Returns:
         The path written.
@@ -123,8 +129,12 @@ def write_compact(
         raise ValueError(f"keep names tensors the state does not have: {unknown[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
+    shared = shared or {}
     for name, tensor in state.items():
-        if name in keep:
+        if name in shared:
+            tensors.update(_encode_shared(name, tensor, shared[name]))
+            sparse[name] = {"shape": list(tensor.shape), "shared": True}
+        elif name in keep:
             values, packed, info = encode(tensor, keep[name])
             tensors[f"{name}.values"] = values.to(VALUE_DTYPES[value_dtype])
             tensors[f"{name}.index"] = packed
@@ -132,7 +142,7 @@ def write_compact(
         else:
             tensors[name] = tensor.detach().contiguous().cpu()
     header = {"format": FORMAT, "version": VERSION, "meta": dict(meta), "value_dtype": value_dtype,
-              "sparse": sparse, "plain": [n for n in state if n not in keep]}
+              "sparse": sparse, "plain": [n for n in state if n not in keep and n not in shared]}
     header["checksum"] = _checksum(tensors, header)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header)})
@@ -181,6 +191,9 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     state: dict[str, torch.Tensor] = {}
     try:
         for name, spec in header["sparse"].items():
+            if spec.get("shared"):
+                state[name] = _decode_shared(name, tensors, tuple(spec["shape"]))
+                continue
             info = SparseTensorInfo(tuple(spec["shape"]), spec["survivors"], spec["bits"], spec["codes"])
             state[name] = decode(tensors[f"{name}.values"], tensors[f"{name}.index"], info)
         for name in header["plain"]:
@@ -191,9 +204,45 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def sparse_infos(header: Mapping[str, Any]) -> dict[str, SparseTensorInfo]:
-    """Tensor name -> how it is stored, from a header."""
+    """Tensor name -> how it is stored, from a header (weight-shared tensors left out)."""
     return {name: SparseTensorInfo(tuple(s["shape"]), s["survivors"], s["bits"], s["codes"])
-            for name, s in header["sparse"].items()}
+            for name, s in header["sparse"].items() if not s.get("shared")}
+
+
+def _encode_shared(name: str, tensor: torch.Tensor, layer: Any) -> dict[str, torch.Tensor]:
+    """The tensors of one weight-shared tensor: codebook, Huffman-coded clusters and relative indices."""
+    flat_keep = layer.keep.reshape(-1).cpu()
+    positions = flat_keep.nonzero().reshape(-1).numpy()
+    bits = codec.best_bits(codec.gaps_of(positions))
+    codes = codec.encode_gaps(positions, bits)
+    clusters = layer.index.reshape(-1).cpu()[flat_keep].numpy()
+    k = layer.codebook.numel()
+    out = {f"{name}.codebook": layer.codebook.detach().float().cpu().contiguous(),
+           f"{name}.meta": torch.tensor([bits, codes.size, clusters.size], dtype=torch.int64)}
+    for stream, symbols, alphabet in (("clusters", clusters, k), ("index", codes, 1 << bits)):
+        lengths = huffman.code_lengths(np.bincount(symbols, minlength=alphabet))
+        out[f"{name}.{stream}"] = torch.frombuffer(bytearray(huffman.encode(symbols, lengths)) or bytearray(1),
+                                                   dtype=torch.uint8)
+        out[f"{name}.{stream}_lengths"] = torch.from_numpy(lengths.copy())
+    return out
+
+
+def _decode_shared(name: str, tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense tensor :func:`_encode_shared` stored."""
+    bits, n_codes, survivors = (int(v) for v in tensors[f"{name}.meta"])
+    streams = {}
+    for stream, count in (("clusters", survivors), ("index", n_codes)):
+        data = tensors[f"{name}.{stream}"].numpy().tobytes()
+        streams[stream] = huffman.decode(data, tensors[f"{name}.{stream}_lengths"].numpy(), count)
+    positions = codec.decode_positions(streams["index"], bits)
+    size = int(np.prod(shape, dtype=np.int64))
+    codebook = tensors[f"{name}.codebook"]
+    if positions.size != survivors or (positions.size and positions[-1] >= size) or \
+            (survivors and streams["clusters"].max() >= codebook.numel()):
+        raise ValueError(f"{name}: its streams do not match its header")
+    dense = torch.zeros(size, dtype=codebook.dtype)
+    dense[torch.from_numpy(positions)] = codebook[torch.from_numpy(streams["clusters"])]
+    return dense.reshape(shape)
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:

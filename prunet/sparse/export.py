@@ -37,11 +37,12 @@ from prunet.checkpoint import (
 )
 from prunet.data import Split, batches
 from prunet.files import atomic_path
-from prunet.layers import find_layers
+from prunet.layers import Setting, find_layers
 from prunet.masks import MASK_SUFFIX, baked_copy
 from prunet.models import create_model, get_model_info
 from prunet.neurons import remove_dead_neurons
 from prunet.runfolder import FINAL
+from prunet.share import share, unshare
 from prunet.sparse.compact import CompactFileError, read_compact, write_compact
 from prunet.sparse.modules import median_seconds, plan, sparsify
 from prunet.train import Normalization, evaluate
@@ -96,6 +97,7 @@ def export(
     format: str = "prunet",
     shrink: bool = False,
     value_dtype: str = "float32",
+    quantize: Setting | None = None,
 ) -> Exported:
     """Write the pruned model of ``source`` as ``out``.
 
@@ -106,6 +108,10 @@ def export(
         shrink: remove dead neurons first, so layers are physically smaller
             (needs an ``nn.Sequential`` model, as the registry models are).
         value_dtype: with ``prunet``: ``float32``, ``float16`` or ``bfloat16`` values.
+        quantize: with ``prunet``: share the survivors of each layer named here among
+            2^bits values (``{"conv": 8, "fc": 5}``; k-means, no retraining:
+            :func:`prunet.share.share`) and Huffman code their clusters and positions.
+            :func:`load` then gives the shared model.
 
     Returns:
         What was written.
@@ -130,13 +136,24 @@ def export(
                               f"{type(plain).__name__}")
         plain, _ = remove_dead_neurons(plain)
         keep = {}  # shapes changed; the zeros of the baked weights are the pruned entries
+    if quantize is not None and format != "prunet":
+        raise ExportError(f"--quantized writes the compact format; --format {format} cannot hold shared weights")
     meta = {**meta, "exported_from": str(ckpt), "shrunk": shrink}
     out = Path(out)
     if format == "prunet":
-        state = plain.state_dict()
         if not keep:
             keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(plain)}
-        write_compact(out, state, {k: v for k, v in keep.items() if _sparse_pays(state[k], v)}, meta, value_dtype)
+        shared = {}
+        if quantize is not None:
+            try:
+                shared = share(plain, quantize, masks=keep)
+            except ValueError as e:
+                raise ExportError(f"--bits: {e}") from None
+            unshare(plain)
+            meta["shared_bits"] = {name: layer.bits for name, layer in shared.items()}
+        state = plain.state_dict()
+        write_compact(out, state, {k: v for k, v in keep.items() if k not in shared and _sparse_pays(state[k], v)},
+                      meta, value_dtype, shared=shared)
     elif format == "safetensors":
         save_checkpoint(out, plain, meta)
     else:

@@ -1,0 +1,148 @@
+"""Weight sharing and Huffman coding (Deep Compression): clusters, centroid gradients, exact masks, the file."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunet import Pruner, Sparsity
+from prunet.checkpoint import save_checkpoint
+from prunet.masks import baked_copy
+from prunet.models import create_model
+from prunet.share import kmeans_1d, share, shared_layers, unshare
+from prunet.sparse import CompactFileError, export, load
+from prunet.sparse import huffman
+
+
+def test_kmeans_on_a_hand_made_tensor():
+    values = torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 10.0, 9.9])
+    centroids, assign = kmeans_1d(values, 3)
+    assert centroids.tolist() == pytest.approx([0.1, 5.05, 9.95])
+    assert assign.tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_kmeans_starts_linear_and_keeps_empty_clusters_in_place():
+    values = torch.tensor([0.0, 0.0, 1.0])
+    centroids, assign = kmeans_1d(values, 3)  # linear start 0, 0.5, 1: the middle one never gains a member
+    assert centroids.tolist() == pytest.approx([0.0, 0.5, 1.0]) and assign.tolist() == [0, 0, 2]
+
+
+def pruned_lenet(seed=0, sparsity=0.9):
+    torch.manual_seed(seed)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    pruner.prune(Sparsity(sparsity))
+    return model, pruner
+
+
+def test_centroid_gradients_are_the_sums_of_their_members_gradients():
+    model, _ = pruned_lenet()
+    plain = baked_copy(model)
+    layers = share(model, bits=4)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    F.cross_entropy(model(x), y).backward()
+    twin = copy.deepcopy(plain)  # the same (shared) values as plain weights
+    with torch.no_grad():
+        for name, layer in layers.items():
+            dict(twin.named_parameters())[name].copy_(
+                torch.where(layer.keep, layer.codebook[layer.index], torch.zeros(())))
+    F.cross_entropy(twin(x), y).backward()
+    assert shared_layers(model).keys() == layers.keys()  # found again on the model, codebooks included
+    for name, layer in layers.items():
+        g = dict(twin.named_parameters())[name].grad
+        expected = torch.zeros(layer.codebook.numel()).index_add_(0, layer.index[layer.keep], g[layer.keep])
+        assert torch.allclose(layer.codebook.grad, expected, atol=1e-6), name
+
+
+def test_training_a_shared_model_moves_only_centroids_and_keeps_pruned_weights_zero():
+    model, pruner = pruned_lenet()
+    masks = {k: v.clone() for k, v in pruner.masks.items()}
+    share(model, bits=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for name, mask in masks.items():
+        w = dict((n, getattr(m, "weight")) for n, m in model.named_children() if hasattr(m, "weight"))[name[:-7]]
+        assert not bool((w[mask == 0] != 0).any()), name
+        assert torch.unique(w[mask != 0]).numel() <= 8, name  # still 2^3 shared values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = unshare(model)
+    assert torch.equal(plain.fc1.weight, before["fc1.parametrizations.weight.original"][before[
+        "fc1.parametrizations.weight.0.index"]] * before["fc1.parametrizations.weight.0.keep"])
+
+
+def test_huffman_round_trip_and_near_entropy():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01])
+    symbols = rng.choice(8, size=20_000, p=p)
+    counts = np.bincount(symbols, minlength=8)
+    lengths = huffman.code_lengths(counts)
+    data = huffman.encode(symbols, lengths)
+    assert np.array_equal(huffman.decode(data, lengths, symbols.size), symbols)
+    assert len(data) * 8 <= 1.02 * huffman.entropy_bits(counts) + 8
+    assert sum(2.0 ** -int(n) for n in lengths if n) <= 1.0  # a prefix code
+    one = np.zeros(10, dtype=np.int64)
+    assert np.array_equal(huffman.decode(huffman.encode(one, huffman.code_lengths(np.bincount(one))),
+                                         huffman.code_lengths(np.bincount(one)), 10), one)
+
+
+def test_huffman_lengths_are_limited():
+    counts = np.array([2 ** i for i in range(40)], dtype=np.int64)  # Fibonacci-like: depth 39 unlimited
+    lengths = huffman.code_lengths(counts, max_length=12)
+    assert lengths.max() <= 12 and sum(2.0 ** -int(n) for n in lengths) <= 1.0
+    symbols = np.repeat(np.arange(40), 3)
+    assert np.array_equal(huffman.decode(huffman.encode(symbols, lengths), lengths, symbols.size), symbols)
+
+
+@pytest.fixture
+def pruned_checkpoint(tmp_path):
+    model, _ = pruned_lenet(sparsity=0.93)
+    path = tmp_path / "final.safetensors"
+    save_checkpoint(path, model, {"model": "lenet_300_100", "model_kwargs": {}})
+    return path, model
+
+
+def test_export_quantized_then_load_gives_the_shared_model(pruned_checkpoint, tmp_path):
+    path, model = pruned_checkpoint
+    done = export(path, tmp_path / "q.prunet", quantize={"fc": 4, "fc3": 6})
+    plain = export(path, tmp_path / "p.prunet")
+    assert done.bytes < plain.bytes / 2.5  # 4-6 bit Huffman-coded clusters instead of 32-bit values
+    expected = baked_copy(model)
+    share(expected, {"fc": 4, "fc3": 6})
+    x = torch.randn(32, 1, 28, 28)
+    loaded = load(tmp_path / "q.prunet").eval()
+    assert torch.equal(loaded(x), expected.eval()(x))
+    assert torch.unique(loaded.fc1.weight[loaded.fc1.weight != 0]).numel() <= 16
+    assert torch.unique(loaded.fc3.weight[loaded.fc3.weight != 0]).numel() <= 64
+
+
+def test_a_corrupt_quantized_file_is_a_clean_error(pruned_checkpoint, tmp_path):
+    path, _ = pruned_checkpoint
+    out = tmp_path / "q.prunet"
+    export(path, out, quantize=5)
+    raw = bytearray(out.read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "bad.prunet").write_bytes(bytes(raw))
+    with pytest.raises(CompactFileError, match="corrupt"):
+        load(tmp_path / "bad.prunet")
+    (tmp_path / "short.prunet").write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(CompactFileError):
+        load(tmp_path / "short.prunet")
+
+
+def test_quantized_export_errors_are_one_line(pruned_checkpoint, tmp_path):
+    path, _ = pruned_checkpoint
+    from prunet.sparse import ExportError
+
+    with pytest.raises(ExportError, match="--bits"):
+        export(path, tmp_path / "q.prunet", quantize=0)
+    with pytest.raises(ExportError, match="compact format"):
+        export(path, tmp_path / "q.onnx", format="onnx", quantize=5)
