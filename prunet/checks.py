@@ -75,3 +75,8 @@ def check_rounds(recipe: Recipe, layers: Sequence[Layer]) -> None:
                 check_names(layers, keys, recipe.model.name)
             except LayerNameError as e:
                 raise ConfigError(f"prune.rounds[{i}].{field}: {e}") from None
+    if recipe.quantize is not None:
+        try:
+            check_names(layers, recipe.quantize.layer_keys(), recipe.model.name)
+        except LayerNameError as e:
+            raise ConfigError(f"quantize.bits: {e}") from None

@@ -37,7 +37,9 @@ from prunet.neurons import remove_dead_neurons
 from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
 from prunet.schedule import PruningSchedule
+from prunet.share import share, shared_layers, unshare
 from prunet.sparse import export
+from prunet.sparse.export import write_model
 from prunet.train import DivergedError, EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -287,6 +289,8 @@ def _execute(
     if recipe.prune.remove_dead_neurons:
         summary["neurons"] = _remove_neurons(ctx, model, meta)
     summary["compact"] = _write_compact(ctx)
+    if recipe.quantize is not None:
+        summary["quantize"] = _quantize(ctx, model, pruner, meta, summary["compact"])
     folder.write_json(F.SUMMARY, summary)
     _, html = write_report(folder.path, data=data, progress=False)
     folder.forget(F.PROGRESS)  # finished: nothing left to resume
@@ -532,6 +536,33 @@ def _write_compact(ctx: _Context) -> dict[str, Any]:
             f"({dense_file:,} bytes)")
     return {"file": F.COMPACT, "bytes": done.bytes, "dense_file_bytes": dense_file,
             "ratio_to_dense_file": dense_file / done.bytes}
+
+
+def _quantize(ctx: _Context, model: nn.Module, pruner: Pruner, meta: dict, compact: dict) -> dict[str, Any]:
+    """Trained weight sharing: cluster a copy of the final model, retrain its centroids, write it Huffman coded.
+
+    The final checkpoint stays the pruned model; the shared one is ``final_shared.prunet``.
+    A stopped run redoes this phase from the last round (it is deterministic).
+    """
+    q, recipe = ctx.recipe.quantize, ctx.recipe
+    shared_model = baked_copy(model)
+    share(shared_model, q.bits, masks={k: v.bool() for k, v in pruner.masks.items()})
+    cfg = recipe.retrain_config(q.epochs, q.lr_fraction)
+    ctx.log(f"quantize: weights shared ({_format_setting(q.bits)} bits); retraining the centroids for {cfg.epochs} "
+            f"epochs at lr {cfg.lr:.3g}")
+    d = recipe.data
+    fit(shared_model, ctx.data.train, ctx.data.val, cfg, ctx.norm, seed=recipe.seed + 1000, phase="quantize",
+        on_epoch=ctx.on_epoch, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size)
+    acc = ctx.evaluate(shared_model)
+    layers = shared_layers(shared_model)
+    unshare(shared_model)
+    path = write_model(ctx.folder.record(F.SHARED_COMPACT), shared_model, {**meta, "phase": "final_shared"},
+                       keep={k: v.bool() for k, v in pruner.masks.items()}, shared=layers)
+    size, dense_file = path.stat().st_size, compact["dense_file_bytes"]
+    ctx.log(f"quantize: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%; {F.SHARED_COMPACT} {size:,} bytes, "
+            f"{dense_file / size:.1f}x smaller than {F.DENSE} (pruned only: {compact['ratio_to_dense_file']:.1f}x)")
+    return {**acc, "file": F.SHARED_COMPACT, "bytes": size, "ratio_to_dense_file": dense_file / size,
+            "bits": {name.rsplit(".", 1)[0]: layer.bits for name, layer in layers.items()}, "epochs": cfg.epochs}
 
 
 def _format_setting(setting: Any) -> str:

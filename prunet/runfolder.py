@@ -7,6 +7,7 @@ the commands after it write:
   epoch, per dense evaluation and per round; ``summary.json``: the results;
 * ``dense.safetensors``, ``round<k>.safetensors``, ``final.safetensors``,
   ``final_shrunk.safetensors``: checkpoints; ``final.prunet``: the final model's compact file;
+  ``final_shared.prunet``: with weight sharing, the shared model's;
 * ``report.md``, ``report.html``, ``layers.csv``, ``report_*.png``: the report;
   ``sensitivity.csv`` and ``sensitivity.png``: the sensitivity analysis;
 * ``.prunet-progress.pt``: while a run is unfinished, its resume point (saved after
@@ -63,6 +64,7 @@ DENSE = "dense.safetensors"
 FINAL = "final.safetensors"
 SHRUNK = "final_shrunk.safetensors"
 COMPACT = "final.prunet"
+SHARED_COMPACT = "final_shared.prunet"  # with recipe.quantize: weights shared, Huffman coded
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 LAYERS_CSV = "layers.csv"

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REAL_FASHION, TINY_RECIPE
+from safetensors.torch import load_file
+
+import prunet.pipeline
 
 from prunet import Pruner, Sparsity
 from prunet.checkpoint import save_checkpoint
+from prunet.config import ConfigError, recipe_from_dict
 from prunet.masks import baked_copy
 from prunet.models import create_model
+from prunet.pipeline import resume, run
 from prunet.share import kmeans_1d, share, shared_layers, unshare
 from prunet.sparse import CompactFileError, export, load
 from prunet.sparse import huffman
@@ -146,3 +152,39 @@ def test_quantized_export_errors_are_one_line(pruned_checkpoint, tmp_path):
         export(path, tmp_path / "q.prunet", quantize=0)
     with pytest.raises(ExportError, match="compact format"):
         export(path, tmp_path / "q.onnx", format="onnx", quantize=5)
+
+
+SHARED_RECIPE = copy.deepcopy(TINY_RECIPE)
+SHARED_RECIPE["threads"] = 1
+SHARED_RECIPE["quantize"] = {"bits": {"fc": 4, "fc3": 5}, "epochs": 1}
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_run_with_weight_sharing_writes_the_shared_model_and_resumes_to_it(fast_data, tmp_path, monkeypatch):
+    summary = run(recipe_from_dict(copy.deepcopy(SHARED_RECIPE)), run_dir=tmp_path / "a", log=lambda line: None)
+    q = summary["quantize"]
+    assert q["bits"] == {"fc1": 4, "fc2": 4, "fc3": 5} and q["bytes"] < summary["compact"]["bytes"] / 2
+    shared = load(tmp_path / "a" / "final_shared.prunet")
+    pruned = load(tmp_path / "a" / "final.prunet")
+    for name in ("fc1", "fc2", "fc3"):
+        w, p = getattr(shared, name).weight, getattr(pruned, name).weight
+        assert torch.equal(w == 0, p == 0), name  # the same survivors: masks exact through the phase
+        assert torch.unique(w[w != 0]).numel() <= 2 ** q["bits"][name]
+    assert "Weight sharing + Huffman" in (tmp_path / "a" / "report.md").read_text()
+
+    with monkeypatch.context() as mp:
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        mp.setattr(prunet.pipeline, "write_report", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe_from_dict(copy.deepcopy(SHARED_RECIPE)), run_dir=tmp_path / "b", log=lambda line: None)
+    resume(tmp_path / "b", log=lambda line: None)
+    a, b = (load_file(str(tmp_path / f / "final_shared.prunet")) for f in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantize_recipe_errors_name_the_field():
+    for quantize, match in [({"bits": 0}, "quantize.bits"), ({"bits": {"fc": 4.5}}, "whole number"),
+                            ({"init": "random"}, "quantize.init"), ({"lr_fraction": 0}, "quantize.lr_fraction")]:
+        with pytest.raises(ConfigError, match=match):
+            recipe_from_dict({"quantize": quantize})

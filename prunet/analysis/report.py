@@ -197,6 +197,13 @@ def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> li
         versus = (f", {dense_bytes / compact['bytes']:.1f}× smaller than `{DENSE}` ({dense_bytes:,} bytes)"
                   if isinstance(dense_bytes, int) else "")
         rows.append(["Compact file", f"`{compact.get('file')}` {compact['bytes']:,} bytes{versus}"])
+    shared = summary.get("quantize")
+    if isinstance(shared, Mapping) and isinstance(shared.get("bytes"), int):
+        bits = ", ".join(f"{k} {v}" for k, v in (shared.get("bits") or {}).items())
+        rows.append(["Weight sharing + Huffman", f"`{shared.get('file')}` {shared['bytes']:,} bytes, "
+                     f"{_times(shared.get('ratio_to_dense_file'))} smaller than `{DENSE}`; bits per index: {bits}; "
+                     f"test {shared.get('test_acc', float('nan')):.2f}%, validation "
+                     f"{shared.get('val_acc', float('nan')):.2f}%"])
     n_rounds = len(summary["rounds"])
     accepted = sum(1 for r in summary["rounds"] if r.get("accepted", True))
     rows.append(["Rounds", f"{accepted} of {n_rounds} accepted"])

@@ -141,24 +141,47 @@ def export(
     meta = {**meta, "exported_from": str(ckpt), "shrunk": shrink}
     out = Path(out)
     if format == "prunet":
-        if not keep:
-            keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(plain)}
         shared = {}
         if quantize is not None:
             try:
-                shared = share(plain, quantize, masks=keep)
+                shared = share(plain, quantize, masks=keep or None)
             except ValueError as e:
                 raise ExportError(f"--bits: {e}") from None
             unshare(plain)
-            meta["shared_bits"] = {name: layer.bits for name, layer in shared.items()}
-        state = plain.state_dict()
-        write_compact(out, state, {k: v for k, v in keep.items() if k not in shared and _sparse_pays(state[k], v)},
-                      meta, value_dtype, shared=shared)
+        write_model(out, plain, meta, keep=keep or None, shared=shared, value_dtype=value_dtype)
     elif format == "safetensors":
         save_checkpoint(out, plain, meta)
     else:
         _export_onnx(plain, meta, out)
     return Exported(out, format, out.stat().st_size, ckpt, shrink, dense_bytes)
+
+
+def write_model(
+    out: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    keep: dict[str, torch.Tensor] | None = None,
+    shared: dict[str, Any] | None = None,
+    value_dtype: str = "float32",
+) -> Path:
+    """Write a plain (baked) model as a compact file: shared layers, then sparse ones where that pays.
+
+    Args:
+        out: the file.
+        model: a model without masks; its zeros are the pruned entries unless ``keep`` says otherwise.
+        meta: the header's metadata (``model``, ``model_kwargs`` for :func:`load`).
+        keep: parameter name -> survivors, for the pruned layers (default: their non-zeros).
+        shared: parameter name -> :class:`prunet.share.SharedLayer` (codebooks, clusters): stored Huffman coded.
+        value_dtype: the survivors' value type.
+    """
+    shared = shared or {}
+    if keep is None:
+        keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(model)}
+    if shared:
+        meta = {**meta, "shared_bits": {name: layer.bits for name, layer in shared.items()}}
+    state = model.state_dict()
+    sparse = {k: v for k, v in keep.items() if k not in shared and _sparse_pays(state[k], v)}
+    return write_compact(out, state, sparse, meta, value_dtype, shared=shared)
 
 
 def _sparse_pays(weight: torch.Tensor, keep: torch.Tensor) -> bool:

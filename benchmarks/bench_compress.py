@@ -1,0 +1,98 @@
+"""File size at each stage of Deep Compression: dense float32, pruned (compact), weight-shared + Huffman.
+
+Run with ``make bench`` (or ``python benchmarks/bench_compress.py``):
+
+* the demo's LeNet-300-100 and the LeNet-5 run (``runs/lenet300_fashion``,
+  ``runs/lenet5_fashion``) when those run folders exist: their ``dense.safetensors``,
+  ``final.prunet``, and ``prunet export --quantized`` at a few bit widths *without*
+  retraining the centroids, with the test accuracy of each (reported only);
+* AlexNet and VGG-16 with random weights pruned to the paper's per-layer rates
+  (``paper_sparsity``), shared at Deep Compression's bits (conv 8, fc 5), against
+  its published 6.9 MB and 11.3 MB (240 MB and 552 MB dense).
+
+Results go to ``benchmarks/results/bench_compress.json``; ``make results`` puts them in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prunet import Pruner, create_model  # noqa: E402
+from prunet.checkpoint import save_checkpoint  # noqa: E402
+from prunet.data import load_dataset  # noqa: E402
+from prunet.models import paper_sparsity  # noqa: E402
+from prunet.sparse import export, load  # noqa: E402
+from prunet.train import Normalization, evaluate  # noqa: E402
+
+PUBLISHED = {"alexnet": (240e6, 6.9e6), "vgg16": (552e6, 11.3e6)}  # Deep Compression, Table 1 (bytes)
+LENET_BITS = [{"fc": 5, "conv": 8}, {"fc": 4, "conv": 8}, {"fc": 4, "fc3": 5, "conv": 6}, {"fc": 3, "conv": 6}]
+RUNS = {"lenet_300_100": "runs/lenet300_fashion", "lenet_5": "runs/lenet5_fashion"}
+
+
+def lenets(log) -> list[dict]:
+    rows = []
+    data = None
+    for model, folder in RUNS.items():
+        folder = ROOT / folder
+        if not (folder / "final.safetensors").is_file():
+            log(f"{model}: no {folder}/final.safetensors; skipped")
+            continue
+        data = data or load_dataset("fashion-mnist", val_size=5000, seed=0)
+        norm = Normalization(data.mean, data.std)
+        dense = (folder / "dense.safetensors").stat().st_size
+        pruned_model = load(folder / "final.prunet")
+        row = {"model": model, "dense_bytes": dense, "pruned_bytes": (folder / "final.prunet").stat().st_size,
+               "pruned_test_acc": evaluate(pruned_model, data.test, norm)[1], "shared": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for bits in LENET_BITS:
+                out = Path(tmp) / "q.prunet"
+                done = export(folder, out, quantize=bits)
+                acc = evaluate(load(out), data.test, norm)[1]
+                row["shared"].append({"bits": bits, "bytes": done.bytes, "test_acc": acc})
+                log(f"{model} {bits}: {done.bytes:,} bytes ({dense / done.bytes:.1f}x), test {acc:.2f}%")
+        rows.append(row)
+    return rows
+
+
+def paper_nets(log) -> list[dict]:
+    rows = []
+    for name, (dense_pub, shared_pub) in PUBLISHED.items():
+        torch.manual_seed(0)
+        model = create_model(name)
+        Pruner(model).prune(paper_sparsity(name))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "final.safetensors"
+            save_checkpoint(ckpt, model, {"model": name, "model_kwargs": {}})
+            dense = sum(4 * p.numel() for p in create_model(name).parameters())
+            start = time.perf_counter()
+            pruned = export(ckpt, Path(tmp) / "p.prunet").bytes
+            shared = export(ckpt, Path(tmp) / "q.prunet", quantize={"conv": 8, "fc": 5}).bytes
+            seconds = time.perf_counter() - start
+        rows.append({"model": name, "dense_bytes": dense, "pruned_bytes": pruned, "shared_bytes": shared,
+                     "published_dense": dense_pub, "published_shared": shared_pub, "seconds": seconds})
+        log(f"{name}: dense {dense / 1e6:.1f} MB, pruned {pruned / 1e6:.2f} MB, shared {shared / 1e6:.2f} MB "
+            f"(published {shared_pub / 1e6:.1f} MB), {seconds:.0f} s")
+    return rows
+
+
+def main() -> int:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    result = {"lenets": lenets(print), "paper": paper_nets(print)}
+    path = ROOT / "benchmarks" / "results" / "bench_compress.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
