@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_masks.py
 	$(BIN)/python benchmarks/bench_sparse.py
 	$(BIN)/python benchmarks/bench_prune_scale.py
+	$(BIN)/python benchmarks/bench_compress.py
 	$(BIN)/python benchmarks/bench_reproduce.py
 	$(BIN)/python benchmarks/make_results.py
 

@@ -34,14 +34,19 @@ from prunet.sparse import export, load  # noqa: E402
 from prunet.train import Normalization, evaluate  # noqa: E402
 
 PUBLISHED = {"alexnet": (240e6, 6.9e6), "vgg16": (552e6, 11.3e6)}  # Deep Compression, Table 1 (bytes)
-LENET_BITS = [{"fc": 5, "conv": 8}, {"fc": 4, "conv": 8}, {"fc": 4, "fc3": 5, "conv": 6}, {"fc": 3, "conv": 6}]
-RUNS = {"lenet_300_100": "runs/lenet300_fashion", "lenet_5": "runs/lenet5_fashion"}
+RUNS = {"lenet_300_100": ("runs/lenet300_fashion", "fc3"), "lenet_5": ("runs/lenet5_fashion", "fc2")}
+
+
+def bit_widths(last: str) -> list[dict]:
+    """The bit widths tried on a LeNet (``last``: its output layer, given a bit more)."""
+    return [{"fc": 5, "conv": 8}, {"fc": 4, "conv": 8}, {"fc": 4, last: 5, "conv": 6}, {"fc": 3, last: 5, "conv": 6},
+            {"fc": 3, "conv": 6}]
 
 
 def lenets(log) -> list[dict]:
     rows = []
     data = None
-    for model, folder in RUNS.items():
+    for model, (folder, last) in RUNS.items():
         folder = ROOT / folder
         if not (folder / "final.safetensors").is_file():
             log(f"{model}: no {folder}/final.safetensors; skipped")
@@ -50,15 +55,19 @@ def lenets(log) -> list[dict]:
         norm = Normalization(data.mean, data.std)
         dense = (folder / "dense.safetensors").stat().st_size
         pruned_model = load(folder / "final.prunet")
+        summary = json.loads((folder / "summary.json").read_text())
         row = {"model": model, "dense_bytes": dense, "pruned_bytes": (folder / "final.prunet").stat().st_size,
+               "dense_val_acc": summary["dense"]["val_acc"], "dense_test_acc": summary["dense"]["test_acc"],
+               "pruned_val_acc": evaluate(pruned_model, data.val, norm)[1],
                "pruned_test_acc": evaluate(pruned_model, data.test, norm)[1], "shared": []}
         with tempfile.TemporaryDirectory() as tmp:
-            for bits in LENET_BITS:
+            for bits in bit_widths(last):
                 out = Path(tmp) / "q.prunet"
                 done = export(folder, out, quantize=bits)
-                acc = evaluate(load(out), data.test, norm)[1]
-                row["shared"].append({"bits": bits, "bytes": done.bytes, "test_acc": acc})
-                log(f"{model} {bits}: {done.bytes:,} bytes ({dense / done.bytes:.1f}x), test {acc:.2f}%")
+                shared = load(out)
+                val, acc = evaluate(shared, data.val, norm)[1], evaluate(shared, data.test, norm)[1]
+                row["shared"].append({"bits": bits, "bytes": done.bytes, "val_acc": val, "test_acc": acc})
+                log(f"{model} {bits}: {done.bytes:,} bytes ({dense / done.bytes:.1f}x), val {val:.2f}%, test {acc:.2f}%")
         rows.append(row)
     return rows
 

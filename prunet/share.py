@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from prunet.layers import Setting, find_layers, resolve
+from prunet.layers import Setting, check_names, find_layers, resolve
 from prunet.masks import bake
 
 
@@ -99,7 +99,10 @@ def share(model: nn.Module, bits: Setting, masks: dict[str, torch.Tensor] | None
         Parameter name -> :class:`SharedLayer`.
     """
     shared = {}
-    for layer in find_layers(model):
+    layers = find_layers(model)
+    if isinstance(bits, dict):  # a typo is an error, not an unshared layer; a group may match nothing (conv=8 on an MLP)
+        check_names(layers, [k for k in bits if k not in ("fc", "conv", "all")], type(model).__name__)
+    for layer in layers:
         b = resolve(bits, layer)
         if b is None:
             continue

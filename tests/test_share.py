@@ -188,3 +188,11 @@ def test_quantize_recipe_errors_name_the_field():
                             ({"init": "random"}, "quantize.init"), ({"lr_fraction": 0}, "quantize.lr_fraction")]:
         with pytest.raises(ConfigError, match=match):
             recipe_from_dict({"quantize": quantize})
+
+
+def test_a_bits_key_that_names_no_layer_is_an_error(pruned_checkpoint, tmp_path):
+    path, _ = pruned_checkpoint
+    from prunet.sparse import ExportError
+
+    with pytest.raises(ExportError, match="'fc9' names no layer"):
+        export(path, tmp_path / "q.prunet", quantize={"fc9": 4})
