@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from prunet import __version__
+from prunet.analysis.bits import bits_sweep, plot_bits, write_bits_csv
 from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import CRITERIA as SENSITIVITY_CRITERIA
 from prunet.analysis.sensitivity import (
@@ -34,7 +35,7 @@ from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
-from prunet.runfolder import SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
+from prunet.runfolder import BITS_CSV, BITS_PNG, FINAL, SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
 from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
 from prunet.sparse.compact import VALUE_DTYPES
 from prunet.train import Normalization
@@ -151,6 +152,37 @@ def _bits(text: str) -> float | dict[str, float]:
         return {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
         raise UsageError(f"--bits takes a number or LAYER=BITS,... (e.g. conv=8,fc=5), got {text!r}") from None
+
+
+def cmd_bits(args: argparse.Namespace) -> int:
+    try:
+        values = [int(v) for v in args.values.split(",")]
+    except ValueError:
+        raise UsageError(f"--values takes whole numbers separated by commas, got {args.values!r}") from None
+    source = Path(args.source)
+    checkpoint = source / FINAL if source.is_dir() else source
+    if not checkpoint.is_file():
+        raise UsageError(f"{source}: neither a run folder with {FINAL} nor a checkpoint")
+    recipe_path = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
+    if not recipe_path.is_file():
+        raise UsageError(f"no {recipe_path}: pass --recipe RECIPE to say which data to evaluate on")
+    recipe = _recipe(args, recipe_path)
+    model, _, _ = load_model(checkpoint)
+    data = load_data(recipe.data)
+    check_model_fits_data(recipe, model, data)
+    try:
+        rows = bits_sweep(model, data.val, Normalization(data.mean, data.std), values, recipe.data.eval_batch_size)
+    except ValueError as e:
+        raise UsageError(f"--values: {e}") from None
+    folder = RunFolder(checkpoint.parent)
+    csv_path = write_bits_csv(rows, folder.record(BITS_CSV))
+    png_path = plot_bits(rows, folder.record(BITS_PNG))
+    print(f"{checkpoint}: validation accuracy with one group's weights shared (no retraining); "
+          f"not shared {rows[0].base_acc:.2f}%")
+    for group in dict.fromkeys(r.group for r in rows):
+        print(f"  {group:<4} " + "  ".join(f"{r.bits} bits {r.val_acc:.2f}%" for r in rows if r.group == group))
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -280,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("bits", help="accuracy against bits per shared weight, conv and FC (Deep Compression Fig. 6)")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder (its final.safetensors) or a checkpoint")
+    p.add_argument("--recipe", help="the recipe whose data to use (default: config.yaml beside the checkpoint)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field (repeatable)")
+    p.add_argument("--values", default="1,2,3,4,5,6,7,8", metavar="B,B,...", help="bit widths (default 1..8)")
+    p.set_defaults(func=cmd_bits)
 
     p = sub.add_parser("export", help="write a pruned model as a compact file, a dense safetensors file or ONNX")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder (its final.safetensors) or a checkpoint")

@@ -196,3 +196,35 @@ def test_a_bits_key_that_names_no_layer_is_an_error(pruned_checkpoint, tmp_path)
 
     with pytest.raises(ExportError, match="'fc9' names no layer"):
         export(path, tmp_path / "q.prunet", quantize={"fc9": 4})
+
+
+def test_the_bits_sweep_costs_accuracy_at_few_bits_and_none_at_enough(fashion):
+    from prunet.analysis.bits import bits_sweep
+    from prunet.config import TrainConfig
+    from prunet.train import Normalization, fit
+
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    fit(model, fashion.train, fashion.val, TrainConfig(epochs=2, lr=0.05, momentum=0.9),
+        Normalization(fashion.mean, fashion.std))
+    Pruner(model).prune(Sparsity(0.9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = bits_sweep(model, fashion.val, Normalization(fashion.mean, fashion.std), bits=(1, 16))
+    one, sixteen = rows
+    assert (one.group, one.bits, sixteen.bits) == ("fc", 1, 16)
+    assert abs(sixteen.val_acc - one.base_acc) <= 0.5  # 2^16 values: as good as unshared
+    assert one.val_acc < one.base_acc - 1  # 2 values per layer: clearly worse
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    with pytest.raises(ValueError, match="1..16"):
+        bits_sweep(model, fashion.val, Normalization(fashion.mean, fashion.std), bits=(0,))
+
+
+def test_prunet_bits_writes_its_table_and_figure(pruned_checkpoint, tmp_path, capsys, fast_data):
+    from prunet.cli import main
+
+    path, _ = pruned_checkpoint
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(__import__("yaml").safe_dump(TINY_RECIPE))
+    assert main(["bits", str(tmp_path), "--recipe", str(recipe), "--values", "2,4"]) == 0
+    assert (tmp_path / "bits.csv").read_text().count("\n") == 3 and (tmp_path / "bits.png").stat().st_size > 0
+    assert main(["bits", str(tmp_path), "--recipe", str(recipe), "--values", "two"]) == 2
