@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +32,7 @@ from prunet import Pruner, create_model  # noqa: E402
 from prunet.checkpoint import save_checkpoint  # noqa: E402
 from prunet.data import load_dataset  # noqa: E402
 from prunet.models import paper_sparsity  # noqa: E402
-from prunet.sparse import export, load  # noqa: E402
+from prunet.sparse import export, huffman, load  # noqa: E402
 from prunet.train import Normalization, evaluate  # noqa: E402
 
 PUBLISHED = {"alexnet": (240e6, 6.9e6), "vgg16": (552e6, 11.3e6)}  # Deep Compression, Table 1 (bytes)
@@ -66,10 +68,25 @@ def lenets(log) -> list[dict]:
                 done = export(folder, out, quantize=bits)
                 shared = load(out)
                 val, acc = evaluate(shared, data.val, norm)[1], evaluate(shared, data.test, norm)[1]
-                row["shared"].append({"bits": bits, "bytes": done.bytes, "val_acc": val, "test_acc": acc})
+                row["shared"].append({"bits": bits, "bytes": done.bytes, "val_acc": val, "test_acc": acc,
+                                      "streams": stream_efficiency(out)})
                 log(f"{model} {bits}: {done.bytes:,} bytes ({dense / done.bytes:.1f}x), val {val:.2f}%, test {acc:.2f}%")
         rows.append(row)
     return rows
+
+
+def stream_efficiency(path: Path) -> dict[str, float]:
+    """Bytes of all Huffman streams in a compact file against their empirical entropy (the bound)."""
+    tensors = load_file(str(path))
+    stored = entropy = 0.0
+    for name in [k[: -len(".meta")] for k in tensors if k.endswith(".meta")]:
+        bits, n_codes, survivors = (int(v) for v in tensors[f"{name}.meta"])
+        for stream, count in (("clusters", survivors), ("index", n_codes)):
+            lengths = tensors[f"{name}.{stream}_lengths"].numpy()
+            symbols = huffman.decode(tensors[f"{name}.{stream}"].numpy().tobytes(), lengths, count)
+            stored += tensors[f"{name}.{stream}"].numel()
+            entropy += huffman.entropy_bits(np.bincount(symbols, minlength=lengths.size)) / 8
+    return {"stream_bytes": stored, "entropy_bytes": entropy, "overhead": stored / entropy - 1 if entropy else 0.0}
 
 
 def paper_nets(log) -> list[dict]:
