@@ -170,7 +170,12 @@ def test_a_run_with_weight_sharing_writes_the_shared_model_and_resumes_to_it(fas
         w, p = getattr(shared, name).weight, getattr(pruned, name).weight
         assert torch.equal(w == 0, p == 0), name  # the same survivors: masks exact through the phase
         assert torch.unique(w[w != 0]).numel() <= 2 ** q["bits"][name]
-    assert "Weight sharing + Huffman" in (tmp_path / "a" / "report.md").read_text()
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Weight sharing + Huffman" in report
+    stages = report[report.index("## Weight sharing and Huffman coding"):]
+    fc1 = next(line for line in stages.splitlines() if line.startswith("| fc1 |")).split("|")
+    dense, pruned, coded = (int(c.strip().replace(",", "")) for c in fc1[5:8])
+    assert dense == 4 * 235_200 and coded < pruned < dense  # each stage smaller, per layer
 
     with monkeypatch.context() as mp:
         def interrupted(*args, **kwargs):

@@ -48,6 +48,7 @@ from prunet.analysis.tables import layer_table, write_table_csv
 from prunet.data import DatasetSplits, Split, batches, load_data
 from prunet.layers import LayerRow, Totals, format_table, totals
 from prunet.runfolder import (
+    COMPACT,
     DENSE,
     FINAL,
     LAYERS_CSV,
@@ -56,10 +57,12 @@ from prunet.runfolder import (
     ROUNDS_PNG,
     SENSITIVITY_CSV,
     SENSITIVITY_PNG,
+    SHARED_COMPACT,
     Run,
     RunError,
     RunFolder,
 )
+from prunet.sparse.compact import stored_bytes
 
 # Act% is a fraction of non-zero activations; a couple of thousand images pin it
 # to well under a percent and keep the report fast even for conv nets.
@@ -388,6 +391,31 @@ def _cell(value: Any) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+def _stages_section(run: Run, summary: Mapping[str, Any], rows: list) -> list[D.Block]:
+    """Deep Compression's stages per layer: dense float32, pruned (compact), shared + Huffman, in bytes."""
+    shared = summary.get("quantize")
+    if not (isinstance(shared, Mapping) and run.has(COMPACT) and run.has(SHARED_COMPACT)):
+        return []
+    pruned, coded = stored_bytes(run.path / COMPACT), stored_bytes(run.path / SHARED_COMPACT)
+    bits = shared.get("bits") or {}
+    table = []
+    for r in rows:
+        name = f"{r.layer}.weight"
+        dense = 4 * r.weights
+        p, q = pruned.get(name, dense), coded.get(name, dense)
+        table.append([r.layer, f"{r.weights:,}", f"{100 * r.kept_frac:.1f}%", str(bits.get(r.layer, "–")),
+                      f"{dense:,}", f"{p:,}", f"{q:,}", _times(dense / q if q else None)])
+    sizes = [(run.path / n).stat().st_size for n in (DENSE, COMPACT, SHARED_COMPACT)]
+    table.append(["whole file", "", "", "", f"{sizes[0]:,}", f"{sizes[1]:,}", f"{sizes[2]:,}",
+                  _times(sizes[0] / sizes[2])])
+    return [D.Heading("Weight sharing and Huffman coding"),
+            D.Para("Bytes per layer at each stage (Deep Compression, Table 1/3): dense float32, pruned "
+                   f"(`{COMPACT}`: float32 survivors and relative indices), shared and Huffman coded "
+                   f"(`{SHARED_COMPACT}`: a codebook, Huffman-coded cluster indices and positions)."),
+            D.Table(["Layer", "Weights", "Kept", "Bits", "Dense", "Pruned", "Shared + Huffman", "× vs dense"],
+                    table, "lrrrrrrr")]
+
+
 def write_report(
     run_dir: str | Path | Run,
     data: DatasetSplits | None = None,
@@ -464,6 +492,7 @@ def write_report(
         blocks += _sensitivity_section(run, folder)
         steps.update()
         blocks += _energy_section(final_rows, DEFAULT_SRAM_BYTES if sram_bytes is None else sram_bytes)
+        blocks += _stages_section(run, summary, final_rows)
         if isinstance(summary.get("neurons"), Mapping):
             blocks += _neurons_section(summary["neurons"])
         blocks += _files_section(run)

@@ -203,6 +203,23 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, header
 
 
+def stored_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes each of the model's tensors takes in a compact file (its values, indices, codebook, streams)."""
+    header = read_header(path)
+    owners = sorted([*header["sparse"], *header["plain"]], key=len, reverse=True)
+    out = dict.fromkeys(owners, 0)
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            owner = next((n for n in owners if key == n or key.startswith(n + ".")), None)
+            if owner is not None:
+                t = f.get_slice(key)
+                out[owner] += int(np.prod(t.get_shape(), dtype=np.int64)) * _DTYPE_BYTES.get(t.get_dtype(), 4)
+    return out
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I64": 8, "I32": 4, "BOOL": 1, "F64": 8}
+
+
 def sparse_infos(header: Mapping[str, Any]) -> dict[str, SparseTensorInfo]:
     """Tensor name -> how it is stored, from a header (weight-shared tensors left out)."""
     return {name: SparseTensorInfo(tuple(s["shape"]), s["survivors"], s["bits"], s["codes"])
