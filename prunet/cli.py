@@ -99,6 +99,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_data(args: argparse.Namespace, checkpoint: Path, recipe=None):
+    """``(recipe, model, data)`` for a command on a checkpoint, the model checked to fit the data.
+
+    The recipe is ``recipe``, else ``--recipe``, else the ``config.yaml`` beside the checkpoint.
+    """
+    if recipe is None:
+        source = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
+        if not source.is_file():
+            raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
+        recipe = _recipe(args, source)
+    model, _, _ = load_model(checkpoint)
+    data = load_data(recipe.data)
+    check_model_fits_data(recipe, model, data)
+    return recipe, model, data
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     # Arguments first: nothing is trained or written for a bad one.
     try:
@@ -120,13 +136,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         if not checkpoint.is_file():
             raise UsageError(f"{target} is neither a recipe (.yaml) nor an existing checkpoint")
         out = Path(args.run_dir) if args.run_dir else checkpoint.parent
-        source = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
-        if not source.is_file():
-            raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
-        recipe = _recipe(args, source)
-    model, _, _ = load_model(checkpoint)
-    data = load_data(recipe.data)
-    check_model_fits_data(recipe, model, data)
+        recipe = None
+    recipe, model, data = _model_and_data(args, checkpoint, recipe)
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
@@ -163,13 +174,7 @@ def cmd_bits(args: argparse.Namespace) -> int:
     checkpoint = source / FINAL if source.is_dir() else source
     if not checkpoint.is_file():
         raise UsageError(f"{source}: neither a run folder with {FINAL} nor a checkpoint")
-    recipe_path = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
-    if not recipe_path.is_file():
-        raise UsageError(f"no {recipe_path}: pass --recipe RECIPE to say which data to evaluate on")
-    recipe = _recipe(args, recipe_path)
-    model, _, _ = load_model(checkpoint)
-    data = load_data(recipe.data)
-    check_model_fits_data(recipe, model, data)
+    recipe, model, data = _model_and_data(args, checkpoint)
     try:
         rows = bits_sweep(model, data.val, Normalization(data.mean, data.std), values, recipe.data.eval_batch_size)
     except ValueError as e:
