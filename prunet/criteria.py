@@ -56,7 +56,7 @@ def threshold_mask(weight: torch.Tensor, prev_mask: torch.Tensor | None, quality
     n = int(prev.count_nonzero())
     if n < 2:
         return prev.clone()
-    return at_least(weight, quality * survivor_std(weight, prev, n)).logical_and_(prev)
+    return _threshold_with_std(weight, prev, quality, survivor_std(weight, prev, n))
 
 
 def _threshold_with_std(weight: torch.Tensor, prev: torch.Tensor, quality: float, std: float) -> torch.Tensor:
@@ -71,10 +71,10 @@ def survivor_std(weight: torch.Tensor, prev: torch.Tensor, n: int | None = None)
     weight, so no copy of the whole weight is made.
     """
     n = int(prev.count_nonzero()) if n is None else n
-    total = sum(float(c.sum(dtype=torch.float64)) for c, _ in _survivor_chunks(weight, prev))
+    total = sum(float(c.sum(dtype=torch.float64)) for c in _survivor_chunks(weight, prev))
     mean = total / n
     squares = 0.0
-    for c, _ in _survivor_chunks(weight, prev):
+    for c in _survivor_chunks(weight, prev):
         d = c.float() - mean
         squares += float(torch.dot(d, d))  # float32 products, blocked sums: 1e-6 relative at worst
     return math.sqrt(squares / n)
@@ -236,7 +236,7 @@ def _kth_largest(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int,
 
     def chunks():
         for (v, m), scale in zip(parts, scales):
-            for c, _ in _survivor_chunks(v, m):
+            for c in _survivor_chunks(v, m):
                 c = c.to(dtype).abs()
                 yield c * scale if scale != 1.0 else c
 
@@ -270,12 +270,12 @@ _CHUNK = 1 << 22  # elements per chunk of the passes above: 16 MB of float32
 
 
 def _survivor_chunks(weight: torch.Tensor, prev: torch.Tensor):
-    """(surviving values, their mask) chunk by chunk of the flattened ``weight``."""
+    """The surviving values of the flattened ``weight``, a chunk at a time."""
     flat, keep = weight.detach().reshape(-1), prev.reshape(-1)
     everyone = bool(keep.all())
     for i in range(0, flat.numel(), _CHUNK):
-        part, kept = flat[i:i + _CHUNK], keep[i:i + _CHUNK]
-        yield (part if everyone else part[kept]), kept
+        part = flat[i:i + _CHUNK]
+        yield part if everyone else part[keep[i:i + _CHUNK]]
 
 
 # --------------------------------------------------------------------------- criterion objects
