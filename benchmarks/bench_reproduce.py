@@ -48,9 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
 from prunet.config import TrainConfig  # noqa: E402
-from prunet.criteria import GlobalMagnitude  # noqa: E402
 from prunet.data import Split, load_dataset, num_batches  # noqa: E402
-from prunet.schedule import PruneEvent, PruningSchedule, cubic_sparsity  # noqa: E402
+from prunet.schedule import PruningSchedule, gradual_events  # noqa: E402
 from prunet.train import Normalization, evaluate, fit  # noqa: E402
 
 COMPRESSIONS = (4.0, 8.0, 12.0, 25.0, 50.0)
@@ -119,9 +118,7 @@ def gmp(dense_state, data, norm, spec, seed, log, name):
         pruner = Pruner(model)
         epochs = i * spec["epochs"]  # what the ladders spent to get here
         end = round(0.75 * epochs * steps)
-        events = [PruneEvent(t, GlobalMagnitude(cubic_sparsity(t, 0.0, 1 - 1 / c, 0, end)), None, "gmp")
-                  for t in [*range(0, end, 50), end]]
-        schedule = PruningSchedule(pruner, events)
+        schedule = PruningSchedule(pruner, gradual_events(0, end, 50, 0.0, 1 - 1 / c, "global"))
         fit(model, data.train, data.val, train_cfg(epochs), norm, batch_size=BATCH, seed=seed + 100 + i,
             pruner=pruner, on_step=schedule.advance_to, choose_after=math.ceil(0.75 * epochs), phase=f"gmp {c:g}x")
         points.append(point(model, data, norm, c, log, "gmp-global"))

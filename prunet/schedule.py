@@ -73,6 +73,21 @@ class PruneEvent:
     label: str
 
 
+def gradual_events(begin: int, end: int, every: int, initial: float, final: float,
+                   criterion: str = "sparsity") -> list[PruneEvent]:
+    """The mask updates of a gradual phase: every ``every`` steps from ``begin``, and at ``end``.
+
+    Each prunes to :func:`cubic_sparsity` at its step, per layer (``sparsity``) or with one
+    global magnitude cut (``global``).
+    """
+    events = []
+    for t in [*range(begin, end, every), end]:
+        s = cubic_sparsity(t, initial, final, begin, end)
+        crit = GlobalMagnitude(s) if criterion == "global" else Sparsity(s)
+        events.append(PruneEvent(t, crit, None, f"gradual {s:.4f}"))
+    return events
+
+
 class PruningSchedule:
     """A recipe's pruning (the paper's ladder or gradual pruning) and learning rates, in any training loop.
 
@@ -132,10 +147,8 @@ class PruningSchedule:
             cfg = recipe.retrain_config(gradual.epochs, gradual.lr_fraction)
             begin = epoch * steps_per_epoch
             end = begin + round(gradual.ramp_epochs * steps_per_epoch)
-            for t in [*range(begin, end, gradual.every_steps), end]:
-                s = cubic_sparsity(t, gradual.initial_sparsity, gradual.sparsity, begin, end)
-                crit = GlobalMagnitude(s) if gradual.criterion == "global" else Sparsity(s)
-                events.append(PruneEvent(t, crit, None, f"gradual {s:.4f}"))
+            events += gradual_events(begin, end, gradual.every_steps, gradual.initial_sparsity, gradual.sparsity,
+                                     gradual.criterion)
             phases.append((epoch, cfg))
             epoch += gradual.epochs
         for i, rnd in enumerate(recipe.prune.rounds, start=1):
