@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from prunet.config import ConfigError, Recipe
-from prunet.data import DatasetSplits, batches
+from prunet.data import DatasetSplits, head, loader
+from prunet.devices import model_device
 from prunet.layers import Layer, LayerNameError, check_names
 
 
@@ -28,14 +29,17 @@ def check_checkpoint_fits(recipe: Recipe, meta: dict[str, Any], path: str | Path
     A different split would put the checkpoint's training images into this run's
     validation split, which then chooses epochs and thresholds on data the model has seen.
     """
-    if meta.get("model") != recipe.model.name or meta.get("model_kwargs", {}) != recipe.model.kwargs():
+    if meta.get("model") != recipe.model.spec or meta.get("model_kwargs", {}) != recipe.model.arguments():
         raise ConfigError(
             f"model: {path} holds {meta.get('model')} {meta.get('model_kwargs', {})}, the recipe asks for "
-            f"{recipe.model.name} {recipe.model.kwargs()}"
+            f"{recipe.model.spec} {recipe.model.arguments()}"
         )
     split = meta.get("split")
     if split is not None and split != split_identity(recipe):
         raise ConfigError(f"data: {path} was trained with split {split}, the recipe's is {split_identity(recipe)}")
+
+
+LABELS_LOOKED_AT = 512  # a factory dataset's labels are checked against the model's outputs on this many
 
 
 def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str] | None:
@@ -45,16 +49,21 @@ def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str
     ``model.num_classes`` (its outputs are not the dataset's classes).
     """
     split = data.val if len(data.val) else data.test
-    x, _ = next(batches(split, 2, shuffle=False, mean=data.mean, std=data.std))
+    x, y = next(iter(loader(head(split, LABELS_LOOKED_AT), LABELS_LOOKED_AT, shuffle=False, mean=data.mean,
+                            std=data.std, device=model_device(model))))
+    x = x[:2]
     try:
         with torch.no_grad():
             out = model.eval()(x)
     except RuntimeError as e:
         shape = tuple(x.shape[1:])
         return "model.name", f"does not take {data.name} images of shape {shape} ({str(e).splitlines()[0]})"
-    if out.shape[-1] != len(data.classes):
+    if data.classes and out.shape[-1] != len(data.classes):
         classes = len(data.classes)
         return "model.num_classes", f"the model has {out.shape[-1]} outputs, {data.name} has {classes} classes"
+    if int(y.max()) >= out.shape[-1] or int(y.min()) < 0:  # a factory dataset need not name its classes
+        bad = int(y.max()) if int(y.max()) >= out.shape[-1] else int(y.min())
+        return "model.num_classes", f"the model has {out.shape[-1]} outputs, {data.name} has label {bad}"
     return None
 
 
@@ -63,7 +72,7 @@ def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits)
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
         field, problem = mismatch
-        subject = f"{recipe.model.name} " if field == "model.name" else ""
+        subject = f"{recipe.model.spec} " if field == "model.name" else ""
         raise ConfigError(f"{field}: {subject}{problem}")
 
 
@@ -72,11 +81,18 @@ def check_rounds(recipe: Recipe, layers: Sequence[Layer]) -> None:
     for i, rnd in enumerate(recipe.prune.rounds):
         for field, keys in rnd.layer_keys().items():
             try:
-                check_names(layers, keys, recipe.model.name)
+                check_names(layers, keys, recipe.model.spec)
             except LayerNameError as e:
                 raise ConfigError(f"prune.rounds[{i}].{field}: {e}") from None
     if recipe.quantize is not None:
         try:
-            check_names(layers, recipe.quantize.layer_keys(), recipe.model.name)
+            check_names(layers, recipe.quantize.layer_keys(), recipe.model.spec)
         except LayerNameError as e:
             raise ConfigError(f"quantize.bits: {e}") from None
+
+
+def check_ranks(recipe: Recipe, world_size: int) -> None:
+    """Under several processes every batch is split evenly between them: the batch size must divide."""
+    if world_size > 1 and recipe.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size: {recipe.data.batch_size} does not split over {world_size} processes "
+                          f"(each takes an equal part of every batch); give a multiple of {world_size}")

@@ -32,6 +32,9 @@ from prunet.checkpoint import CheckpointError, load_model
 from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.data import DATASETS, DataError, load_data, load_dataset
+from prunet.devices import DeviceError, resolve_device
+from prunet.distributed import from_env
+from prunet.factory import FactoryError
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
@@ -46,7 +49,8 @@ class UsageError(ValueError):
 
 
 # What a user can cause: one line and exit code 2 (the traceback only with --debug).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError,
+               DeviceError, FactoryError)
 
 
 def _recipe(args: argparse.Namespace, path: str | Path | None = None):
@@ -54,6 +58,8 @@ def _recipe(args: argparse.Namespace, path: str | Path | None = None):
     overrides = dict(parse_override(s) for s in args.set or [])
     if getattr(args, "data_dir", None):
         overrides["data.data_dir"] = args.data_dir
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
     return load_recipe(path or args.recipe, overrides)
 
 
@@ -78,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("RECIPE", args.recipe), ("--set", args.set), ("--from", args.from_checkpoint),
                                           ("--target", args.target is not None),
                                           ("--overwrite", args.overwrite), ("--run-dir", args.run_dir),
-                                          ("--data-dir", args.data_dir)) if value]
+                                          ("--data-dir", args.data_dir), ("--device", args.device)) if value]
         if given:
             raise UsageError(f"--resume continues a run as it started (its recipe is in the run folder); "
                              f"drop {', '.join(given)}")
@@ -109,8 +115,10 @@ def _model_and_data(args: argparse.Namespace, checkpoint: Path, recipe=None):
         if not source.is_file():
             raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
         recipe = _recipe(args, source)
+    device = resolve_device(recipe.device, "--device")
     model, _, _ = load_model(checkpoint)
     data = load_data(recipe.data)
+    model.to(device)
     check_model_fits_data(recipe, model, data)
     return recipe, model, data
 
@@ -141,7 +149,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
-                           batch_size=recipe.data.eval_batch_size, model_name=recipe.model.name)
+                           batch_size=recipe.data.eval_batch_size, model_name=recipe.model.spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
     folder = RunFolder(out)
@@ -206,7 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes takes integers separated by commas, got {args.batch_sizes!r}") from None
     if not sizes or min(sizes) < 1:
         raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
-    model = load(args.file, sparse=args.sparse)
+    device = resolve_device(args.device, "--device")
+    model = load(args.file, sparse=args.sparse).to(device)
     data = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
@@ -222,7 +231,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sram_mib is not None and not args.sram_mib > 0:
         raise UsageError(f"--sram-mib takes a size in MiB > 0, got {args.sram_mib}")
     sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
-    md, html = write_report(args.run_dir, sram_bytes=sram, histogram_layer=args.layer)
+    md, html = write_report(args.run_dir, sram_bytes=sram, histogram_layer=args.layer,
+                            device=resolve_device(args.device, "--device"))
     print(f"wrote {md}\nwrote {html}")
     return 0
 
@@ -242,7 +252,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
                           dense_epochs=args.dense_epochs, l1_strength=args.l1, l2_strength=args.l2,
                           criterion=args.criterion)
     csv_path = write_tradeoff_csv(rows, out / "tradeoff.csv")
-    png_path = plot_tradeoff(rows, args.plot or out / "tradeoff.png", f"{recipe.model.name}, {recipe.data.dataset}")
+    png_path = plot_tradeoff(rows, args.plot or out / "tradeoff.png", f"{recipe.model.spec}, {recipe.data.dataset}")
     tables = ("## Validation accuracy loss, points (accuracy %)\n\n" + format_tradeoff_table(rows, "val")
               + "\n## Test accuracy loss, points (accuracy %), reported only\n\n" + format_tradeoff_table(rows, "test"))
     write_text(out / "tradeoff.md", tables)
@@ -270,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
         p.add_argument("--run-dir", help="run folder (default: <output_dir>/<name> from the recipe)")
         p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
+        device_arg(p, "sets the recipe's device")
+
+    def device_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+        p.add_argument("--device", metavar="DEVICE",
+                       help=f"auto (CUDA when present), cpu, cuda, cuda:N or mps{f'; {what}' if what else ''}")
 
     p = sub.add_parser("train", help="train a dense model from a recipe")
     recipe_args(p)
@@ -316,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="L,L,...", help="layers, groups (fc, conv) or globs (default: all)")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
+    device_arg(p, "sets the recipe's device")
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("bits", help="accuracy against bits per shared weight, conv and FC (Deep Compression Fig. 6)")
@@ -323,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="the recipe whose data to use (default: config.yaml beside the checkpoint)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field (repeatable)")
     p.add_argument("--values", default="1,2,3,4,5,6,7,8", metavar="B,B,...", help="bit widths (default 1..8)")
+    device_arg(p, "sets the recipe's device")
     p.set_defaults(func=cmd_bits)
 
     p = sub.add_parser("export", help="write a pruned model as a compact file, a dense safetensors file or ONNX")
@@ -345,12 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with the dataset's four IDX files")
     p.add_argument("--sparse", action="store_true", help="run pruned layers with sparse kernels where faster")
     p.add_argument("--batch-sizes", default="1,64", metavar="B,B,...", help="batch sizes to time (default 1,64)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), auto, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'prunet run'")
     p.add_argument("--layer", help="layer whose weights are histogrammed (default: the largest)")
     p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the activation pass runs: cpu (default), auto, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -364,11 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a scheduler stopping the job, `kill`) behaves like Ctrl-C: the run folder is put right.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
+            resolve_device(args.device, "--device", local_rank=0)
         return args.func(args)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"prunet: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun every rank fails alike (they agree first): rank 0 says it once
+            print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder, a file that vanished: the system's words, one line
         if args.debug:
@@ -382,6 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _rank() -> int:
+    try:
+        return from_env().rank
+    except ValueError:
+        return 0
 
 
 def _interrupt(signum, frame) -> None:

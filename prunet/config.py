@@ -20,12 +20,15 @@ import yaml
 
 from prunet.criteria import CRITERIA, Criterion, TargetThreshold
 from prunet.data import DATASETS
+from prunet.devices import check_device_spec
+from prunet.factory import is_factory
 from prunet.models import list_models
 
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
 REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
+AMP_MODES = ("none", "bf16", "fp16")
 TARGET_CRITERIA = ("threshold", "global")  # the criteria a round's target compression can drive
 LADDER_STEP = 2.2  # a target ladder's compression grows about this much per round
 
@@ -48,20 +51,43 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "lenet_300_100"
-    """Registry name (see ``prunet models``)."""
+    """Registry name (see ``prunet models``); unused with ``factory``."""
     num_classes: int = 10
-    """Outputs of the last layer."""
+    """Outputs of the last layer (registry models)."""
     dropout: Optional[float] = None
-    """Dropout ratio for models that have dropout layers; None keeps the model's default."""
+    """Dropout ratio for registry models that have dropout layers; None keeps the model's default."""
+    factory: Optional[str] = None
+    """Your own model: ``"mypkg.nets:resnet20"`` or ``"nets.py:resnet20"``, a function returning an
+    ``nn.Module``, called with ``kwargs``. Checkpoints record it and rebuild the model through it."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``factory``."""
+
+    @property
+    def spec(self) -> str:
+        """What builds the model: the factory, else the registry name (``create_model``'s first argument)."""
+        return self.factory or self.name
 
     def validate(self, where: str) -> None:
+        if self.factory is not None:
+            if not is_factory(self.factory):
+                raise ConfigError(f"{where}.factory: {self.factory!r} is not MODULE:FUNCTION "
+                                  f"(e.g. mypkg.nets:resnet20 or nets.py:resnet20)")
+            if self.dropout is not None:
+                raise ConfigError(f"{where}.dropout: applies to registry models; pass it to your factory in "
+                                  f"{where}.kwargs")
+            return
+        if self.kwargs:
+            raise ConfigError(f"{where}.kwargs: applies to a model.factory; registry models take num_classes "
+                              f"and dropout")
         _choice(where + ".name", self.name, list_models())
         _range(where + ".num_classes", self.num_classes, 2, MAX_CLASSES)
         if self.dropout is not None:
             _range(where + ".dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``create_model``."""
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_model(self.spec, ...)``."""
+        if self.factory is not None:
+            return dict(self.kwargs)
         kw: dict[str, Any] = {"num_classes": self.num_classes}
         if self.dropout is not None:
             kw["dropout"] = self.dropout
@@ -84,9 +110,31 @@ class DataConfig:
     """Mini-batch size for training."""
     eval_batch_size: int = 1000
     """Mini-batch size for evaluation."""
+    factory: Optional[str] = None
+    """Your own data instead of ``dataset``: ``"mypkg.data:splits"`` or ``"data.py:splits"``, a function
+    called with ``kwargs`` returning ``(train, val, test)`` ``torch.utils.data.Dataset``s of ``(x, y)``
+    (or a mapping with those keys and optionally ``classes``, ``mean``, ``std``); a ``val`` of None
+    holds out ``val_size`` training examples (``split_seed``). Read through a ``DataLoader``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``factory``."""
+    workers: int = 0
+    """``DataLoader`` worker processes for a ``factory`` dataset (the IDX datasets are in memory)."""
+
+    @property
+    def source(self) -> str:
+        """What the data is: the factory, else the dataset name."""
+        return self.factory or self.dataset
 
     def validate(self, where: str) -> None:
-        _choice(where + ".dataset", self.dataset, DATASETS)
+        if self.factory is not None:
+            if not is_factory(self.factory):
+                raise ConfigError(f"{where}.factory: {self.factory!r} is not MODULE:FUNCTION "
+                                  f"(e.g. mypkg.data:splits or data.py:splits)")
+        else:
+            _choice(where + ".dataset", self.dataset, DATASETS)
+            if self.kwargs:
+                raise ConfigError(f"{where}.kwargs: applies to a data.factory")
+        _range(where + ".workers", self.workers, 0, None)
         # Every choice (best epoch, stopping) is made on the validation split: it can't be empty.
         _range(where + ".val_size", self.val_size, 1, None)
         if self.train_subset is not None:
@@ -115,8 +163,12 @@ class TrainConfig:
     """With ``step``: epochs between decays."""
     lr_gamma: float = 0.1
     """With ``step``: decay factor."""
+    amp: str = "none"
+    """Mixed precision: ``bf16`` (autocast), ``fp16`` (autocast and a gradient scaler) or ``none``.
+    Weights, masks and optimizer state stay float32; masked weights stay exactly zero."""
 
     def validate(self, where: str) -> None:
+        _choice(where + ".amp", self.amp, AMP_MODES)
         _range(where + ".epochs", self.epochs, 0, None)
         _range(where + ".lr", self.lr, 0.0, None, lo_open=True)
         _choice(where + ".optimizer", self.optimizer, OPTIMIZERS)
@@ -355,6 +407,9 @@ class Recipe:
     """Where run folders are written."""
     threads: Optional[int] = None
     """torch intra-op threads; None keeps torch's default."""
+    device: str = "auto"
+    """Where to compute: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    Under torchrun each process takes ``cuda:LOCAL_RANK``. Checkpoints load on any device."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -367,6 +422,9 @@ class Recipe:
             raise ConfigError(f"name: must be a plain name (not '.' or '..', no '/' or '\\'), got {self.name!r}")
         if self.threads is not None:
             _range("threads", self.threads, 1, None)
+        problem = check_device_spec(self.device, "device")
+        if problem:
+            raise ConfigError(problem)
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
@@ -522,6 +580,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 if typing.get_origin(arg) is dict and isinstance(value, dict):
                     raise e from None
         raise ConfigError(f"{where}: expected {_describe(tp)}, got {_typename(value)} {value!r}")
+    if tp is Any:  # a factory's own arguments: plain YAML values, passed as they are
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if origin is list:

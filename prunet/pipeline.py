@@ -20,16 +20,20 @@ import torch.nn as nn
 from prunet import runfolder as F
 from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import propose_qualities, sensitivity
-from prunet.checkpoint import CheckpointError, load_model, model_from_state
+from prunet.checkpoint import CheckpointError, load_model, model_from_state, read_checkpoint
 from prunet.checks import (
     check_checkpoint_fits,
     check_model_fits_data,
+    check_ranks,
     check_rounds,
     split_identity,
 )
 from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
 from prunet.criteria import TargetError
-from prunet.data import DatasetSplits, batches, load_data, num_batches
+from prunet.data import DatasetSplits, head, load_data, loader, loader_batches
+from prunet.devices import resolve_device
+from prunet.distributed import Ranks, agree, broadcast_object, from_env, gather_objects, init_process_group, \
+    mask_digest, shutdown
 from prunet.layers import find_layers, format_table, totals
 from prunet.masks import baked_copy
 from prunet.models import create_model
@@ -43,6 +47,10 @@ from prunet.sparse.export import write_model
 from prunet.train import DivergedError, EpochRecord, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def run(
@@ -72,15 +80,29 @@ def run(
     started = time.perf_counter()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
-    # earlier run's folder is touched.
-    data = load_data(recipe.data)
-    model, pruner = _starting_model(recipe, from_checkpoint)
-    check_model_fits_data(recipe, model, data)
-    check_rounds(recipe, pruner.targets if pruner else find_layers(model))
-    folder = F.RunFolder.create(run_dir or Path(recipe.output_dir) / recipe.name, overwrite=overwrite)
-    state = _RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
-    return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=False))
+    ranks = from_env()
+    # The device first: `device: cuda` on a machine without one fails before anything is read.
+    device = resolve_device(recipe.device, local_rank=ranks.local_rank if ranks.distributed else None)
+    with _process_group(ranks, device):
+        log = log if ranks.main else _silent
+        path = Path(run_dir or Path(recipe.output_dir) / recipe.name)
+        folder, error = None, None
+        try:
+            # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
+            # earlier run's folder is touched.
+            check_ranks(recipe, ranks.world_size)
+            data = load_data(recipe.data)
+            model, pruner = _starting_model(recipe, from_checkpoint)
+            check_model_fits_data(recipe, model, data)
+            check_rounds(recipe, pruner.targets if pruner else find_layers(model))
+            model.to(device)
+            folder = F.RunFolder.create(path, overwrite=overwrite) if ranks.main else F.RankFolder(path)
+        except BaseException as e:
+            error = e
+        _agree(ranks, error, folder)
+        state = _RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
+        state.input_shape = _input_shape(data)
+        return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=False, ranks=ranks))
 
 
 def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
@@ -97,18 +119,70 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
         RunError: nothing to resume in ``run_dir``, or its resume point is damaged.
     """
     started = time.perf_counter()
-    folder = F.RunFolder.resume(run_dir)
+    ranks = from_env()
+    with _process_group(ranks, None):
+        log = log if ranks.main else _silent
+        folder, saved, error = None, None, None
+        try:
+            folder = F.RunFolder.resume(run_dir) if ranks.main else F.RankFolder(run_dir)
+            if ranks.main:
+                saved = folder.load_progress()
+        except BaseException as e:
+            error = e
+        _agree(ranks, error, folder)
+        try:
+            # Rank 0 read the resume point; it hands it to the others (who may have no copy of the folder).
+            saved = broadcast_object(saved, ranks)
+            device = resolve_device(saved["recipe"].get("device", "auto"),
+                                    local_rank=ranks.local_rank if ranks.distributed else None)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            started_with = saved.get("world_size", 1)
+            if started_with != ranks.world_size:
+                raise F.RunError(f"{folder.path} was started with {started_with} process"
+                                 f"{'es' if started_with != 1 else ''}; resume it with the same number "
+                                 f"(this is {ranks.world_size})")
+            state = _RunState.restore(saved, folder.path / F.PROGRESS)
+            state.model.to(device)
+            if state.recipe.threads:
+                torch.set_num_threads(state.recipe.threads)
+            data = load_data(state.recipe.data)
+        except BaseException as e:
+            error = e
+        _agree(ranks, error, folder)
+        log(f"resume: {folder.path} from {state.where()}")
+        return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True, ranks=ranks))
+
+
+class _process_group:
+    """Join (and at the end leave) the process group of a torchrun run; nothing for one process."""
+
+    def __init__(self, ranks: Ranks, device: torch.device | None):
+        self.ranks, self.device, self.joined = ranks, device, False
+
+    def __enter__(self) -> None:
+        self.joined = init_process_group(self.ranks, self.device)
+
+    def __exit__(self, *exc) -> None:
+        if self.joined:
+            shutdown()
+
+
+def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
+    """Every rank checked its inputs: go on only if all of them passed (else the folder is put back)."""
     try:
-        saved = folder.load_progress()
-        state = _RunState.restore(saved, folder.path / F.PROGRESS)
-        if state.recipe.threads:
-            torch.set_num_threads(state.recipe.threads)
-        data = load_data(state.recipe.data)
+        agree(ranks, error)
     except BaseException:
-        folder.abandon()
+        if folder is not None:
+            folder.abandon()
         raise
-    log(f"resume: {folder.path} from {state.where()}")
-    return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True))
+
+
+def _input_shape(data: DatasetSplits) -> list[int]:
+    """One example's shape, as the model sees it (for exports of the model without its data)."""
+    x, _ = next(iter(loader(head(data.val if len(data.val) else data.test, 1), 1, shuffle=False,
+                            mean=data.mean, std=data.std)))
+    return list(x.shape[1:])
 
 
 def _guarded(folder: F.RunFolder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -149,12 +223,18 @@ class _RunState:
         self.fit_phase: str | None = None
         self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
         self.relative: dict[str, float] | None = None  # target rounds' relative qualities, from sensitivity
+        self.input_shape: list[int] | None = None  # one example's shape (C, H, W)
+        self.world_size = 1
 
     @property
     def meta(self) -> dict[str, Any]:
         """What every checkpoint of the run records about it."""
         r = self.recipe
-        return {"model": r.model.name, "model_kwargs": r.model.kwargs(), "recipe": r.name, "split": split_identity(r)}
+        meta = {"model": r.model.spec, "model_kwargs": r.model.arguments(), "recipe": r.name,
+                "split": split_identity(r)}
+        if self.input_shape is not None:
+            meta["input_shape"] = self.input_shape
+        return meta
 
     def where(self) -> str:
         """Where the run stands, for the log."""
@@ -179,6 +259,7 @@ class _RunState:
             "pruned": self.pruner is not None,
             "dense": self.dense, "rounds": self.rounds, "stopped": self.stopped, "accepted": self.accepted,
             "open_round": self.open_round, "fit": fit, "fit_phase": phase, "relative": self.relative,
+            "input_shape": self.input_shape, "world_size": self.world_size,
         })
 
     @classmethod
@@ -186,7 +267,7 @@ class _RunState:
         """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks."""
         try:
             recipe = recipe_from_dict(saved["recipe"])
-            model, pruner = model_from_state(recipe.model.name, recipe.model.kwargs(), saved["model_state"], path)
+            model, pruner = model_from_state(recipe.model.spec, recipe.model.arguments(), saved["model_state"], path)
         except (KeyError, ConfigError, CheckpointError) as e:
             raise F.RunError(f"{path} does not hold a run prunet can continue ({e}); start it again with "
                              f"--overwrite") from None
@@ -195,6 +276,7 @@ class _RunState:
         state.accepted, state.open_round = saved["accepted"], saved["open_round"]
         state.fit, state.fit_phase = saved["fit"], saved["fit_phase"]
         state.dropout, state.relative = saved["dropout"], saved.get("relative")
+        state.input_shape = saved.get("input_shape")
         return state
 
     def apply_dropout(self) -> None:
@@ -212,22 +294,30 @@ def _execute(
     log: Log,
     started: float,
     resumed: bool,
+    ranks: Ranks,
 ) -> dict[str, Any]:
-    """The run itself, in a folder :func:`run` has made: dense phase, rounds, final model, report."""
+    """The run itself, in a folder :func:`run` has made: dense phase, rounds, final model, report.
+
+    Every rank of a distributed run executes it alike; only rank 0's folder writes.
+    """
+    state.world_size = ranks.world_size
     recipe, model, meta = state.recipe, state.model, state.meta
     norm = Normalization(data.mean, data.std)
     if not resumed:
         folder.write_yaml(F.CONFIG, recipe.to_dict())
         state.save(folder)  # the start: a kill before the first epoch ends resumes from here
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
-    ctx = _Context(recipe, data, norm, folder, log, state)
+    ctx = _Context(recipe, data, norm, folder, log, state, ranks)
+    device = next(model.parameters()).device
+    if device.type != "cpu" or ranks.distributed:
+        log(f"device: {device}" + (f", {ranks.world_size} processes (rank 0 writes)" if ranks.distributed else ""))
 
     # 1. Dense training (or a given checkpoint).
     if state.dense is None:
         if state.from_checkpoint:
             log(f"dense: loaded {state.from_checkpoint}")
         else:
-            log(f"dense: training {recipe.model.name} for {recipe.train.epochs} epochs")
+            log(f"dense: training {recipe.model.spec} for {recipe.train.epochs} epochs")
             ctx.fit(model, recipe.train, seed=recipe.seed, phase="dense")
         folder.save_checkpoint(F.DENSE, model, {**meta, "phase": "dense"})
         state.dense = ctx.evaluate(model)
@@ -239,7 +329,7 @@ def _execute(
                    "parameters": _parameters(model), "seconds": time.perf_counter() - started}
         folder.write_json(F.SUMMARY, summary)
         folder.forget(F.PROGRESS)
-        return summary
+        return broadcast_object(summary, ranks)
 
     # 2. Prune -> retrain rounds, each kept only while validation accuracy stays within the budget.
     pruner = state.pruner = state.pruner or Pruner(model)
@@ -286,15 +376,20 @@ def _execute(
     final = ctx.evaluate(model)
     summary = _summary(recipe, data, model, pruner, dense, final, rounds, stopped)
     summary["seconds"] = time.perf_counter() - started  # pruning time: neuron removal and the report excluded
-    if recipe.prune.remove_dead_neurons:
-        summary["neurons"] = _remove_neurons(ctx, model, meta)
-    summary["compact"] = _write_compact(ctx)
-    if recipe.quantize is not None:
-        summary["quantize"] = _quantize(ctx, model, pruner, meta, summary["compact"])
-    folder.write_json(F.SUMMARY, summary)
-    _, html = write_report(folder.path, data=data, progress=False)
-    folder.forget(F.PROGRESS)  # finished: nothing left to resume
-    log(f"report: {html}")
+    if ranks.main:  # what follows reads and writes files, and computes on one process
+        if recipe.prune.remove_dead_neurons:
+            summary["neurons"] = _remove_neurons(ctx, model, meta)
+        summary["compact"] = _write_compact(ctx)
+    if recipe.quantize is not None:  # retrains: every rank
+        summary["quantize"] = _quantize(ctx, model, pruner, meta, summary.get("compact"))
+    if ranks.distributed:
+        summary["world_size"] = ranks.world_size
+    if ranks.main:
+        folder.write_json(F.SUMMARY, summary)
+        _, html = write_report(folder.path, data=data, progress=False)
+        folder.forget(F.PROGRESS)  # finished: nothing left to resume
+        log(f"report: {html}")
+    summary = broadcast_object(summary, ranks)
     compression = summary["compression"]
     log(
         f"final: {f'{compression:.1f}x fewer weights' if compression else 'every weight pruned'} "
@@ -309,9 +404,10 @@ class _Context:
     """What every phase of a run shares: the recipe, the data, the run folder, the log, the run's state."""
 
     def __init__(self, recipe: Recipe, data: DatasetSplits, norm: Normalization, folder: F.RunFolder, log: Log,
-                 state: _RunState):
+                 state: _RunState, ranks: Ranks):
         self.recipe, self.data, self.norm, self.folder, self.log = recipe, data, norm, folder, log
-        self.state = state
+        self.state, self.ranks = state, ranks
+        self.device = next(state.model.parameters()).device
         self._teacher: nn.Module | None = None
 
     def on_epoch(self, rec: EpochRecord) -> None:
@@ -332,17 +428,42 @@ class _Context:
             self.log(f"  {phase}: continuing after epoch {resume['epoch']}")
         fit(model, self.data.train, self.data.val, cfg, self.norm, seed=seed, phase=phase, on_epoch=self.on_epoch,
             on_checkpoint=lambda s: self.state.save(self.folder, s, phase), resume=resume,
-            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, **kwargs)
+            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, ranks=self.ranks, workers=d.workers,
+            **kwargs)
 
     def teacher(self) -> nn.Module:
-        """The dense model, from the run's dense checkpoint (the same after a resume)."""
+        """The dense model, from the run's dense checkpoint (the same after a resume), on the run's device."""
         if self._teacher is None:
-            self._teacher, _, _ = load_model(self.folder.path / F.DENSE)
+            self._teacher = self.dense_model()
             self._teacher.requires_grad_(False)
         return self._teacher
 
+    def dense_model(self) -> nn.Module:
+        """The run's dense checkpoint as a model on the run's device; rank 0 reads it and hands it to the others."""
+        state = self.folder_state(F.DENSE)
+        model = _build(self.recipe, state, self.folder.path / F.DENSE)[0]
+        return model.to(self.device)
+
+    def folder_state(self, name: str) -> dict[str, torch.Tensor]:
+        state = read_checkpoint(self.folder.path / name)[0] if self.ranks.main else None
+        return broadcast_object(state, self.ranks)
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size)
+        return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size,
+                               ranks=self.ranks, workers=self.recipe.data.workers)
+
+    def evaluate_val(self, model: nn.Module) -> float:
+        return evaluate(model, self.data.val, self.norm, self.recipe.data.eval_batch_size, ranks=self.ranks,
+                        workers=self.recipe.data.workers)[1]
+
+    def check_masks_agree(self, pruner: Pruner, where: str) -> list[str] | None:
+        """Under several ranks: every rank's masks, as digests; an error if they differ (they are computed alike)."""
+        if not self.ranks.distributed:
+            return None
+        digests = gather_objects(mask_digest(pruner.masks), self.ranks)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{where}: the masks differ between ranks ({', '.join(d[:12] for d in digests)})")
+        return digests
 
 
 def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple[nn.Module, Pruner | None]:
@@ -360,7 +481,11 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
                 f"start from the run's {F.DENSE}, or continue a stopped run with 'prunet run --resume RUN_DIR'")
         return model, pruner
     torch.manual_seed(recipe.seed)
-    return create_model(recipe.model.name, **recipe.model.kwargs()), None
+    return create_model(recipe.model.spec, **recipe.model.arguments()), None
+
+
+def _build(recipe: Recipe, state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, Pruner | None]:
+    return model_from_state(recipe.model.spec, recipe.model.arguments(), state, path)
 
 
 def _run_round(
@@ -382,7 +507,7 @@ def _run_round(
         pruner.prune(criterion, layers=rnd.prune)
         # A target round's setting is what it found: the quality (or sparsity) each layer was pruned with.
         setting = getattr(criterion, "qualities", None) or criterion.setting
-        _, pruned_val = evaluate(model, ctx.data.val, ctx.norm, recipe.data.eval_batch_size)
+        pruned_val = ctx.evaluate_val(model)
         kept = {r.layer: r.kept for r in pruner.summary()}
         ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
         state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios, "setting": setting}
@@ -398,6 +523,7 @@ def _run_round(
             f"{pruned_val:.2f}%; retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
             + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
     ctx.fit(model, cfg, seed=recipe.seed + i, phase=f"round{i}", pruner=pruner, trainable=trainable)
+    digests = ctx.check_masks_agree(pruner, f"round {i}")
     return {
         "round": i,
         "criterion": rnd.criterion,
@@ -409,6 +535,7 @@ def _run_round(
         "lr": cfg.lr,
         "val_acc_pruned": pruned_val,
         "dropout": ratios,
+        **({"mask_digests": digests} if digests else {}),
         **_outcome(ctx, model, pruner, f"round {i}", start),
     }
 
@@ -419,11 +546,16 @@ def _relative_qualities(ctx: _Context, model: nn.Module) -> dict[str, float] | N
     if max_drop is None:
         return None
     if ctx.state.relative is None:
-        dense, _, _ = load_model(ctx.folder.path / F.DENSE)
-        rows = sensitivity(dense, ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size, progress=False,
-                           model_name=ctx.recipe.model.name)
-        proposal = propose_qualities(rows, max_drop)
-        ctx.state.relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
+        relative = None
+        if ctx.ranks.main:  # one process sweeps; the others take its result
+            dense = ctx.dense_model()
+            rows = sensitivity(dense, ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size,
+                               progress=False, model_name=ctx.recipe.model.spec)
+            proposal = propose_qualities(rows, max_drop)
+            relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
+        else:
+            ctx.folder_state(F.DENSE)  # the broadcast rank 0's dense_model() makes
+        ctx.state.relative = broadcast_object(relative, ctx.ranks)
         ctx.log("relative qualities from sensitivity (largest within "
                 f"{max_drop:g} points): {_format_setting(ctx.state.relative)}")
     return ctx.state.relative
@@ -445,7 +577,7 @@ def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Prun
     start = time.perf_counter()
     recipe = ctx.recipe
     cfg = recipe.retrain_config(g.epochs, g.lr_fraction)
-    steps = num_batches(len(ctx.data.train), recipe.data.batch_size)
+    steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
     schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
     resumed = ctx.state.resume_fit("gradual")
     schedule.advance_to(resumed["epoch"] * steps if resumed else 0)
@@ -455,6 +587,7 @@ def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Prun
             f"at lr {cfg.lr:.3g}")
     ctx.fit(model, cfg, seed=recipe.seed + 1, phase="gradual", pruner=pruner, on_step=schedule.advance_to,
             choose_after=math.ceil(g.ramp_epochs))
+    digests = ctx.check_masks_agree(pruner, "gradual")
     return {
         "round": 1,
         "criterion": f"gradual {g.criterion}",
@@ -464,6 +597,7 @@ def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Prun
         "trained_layers": ["all"],
         "epochs": cfg.epochs,
         "lr": cfg.lr,
+        **({"mask_digests": digests} if digests else {}),
         **_outcome(ctx, model, pruner, "gradual", start),
     }
 
@@ -485,7 +619,7 @@ def _summary(
     params_kept = params_dense - (t.weights - t.kept)
     return {
         "recipe": recipe.name,
-        "model": recipe.model.name,
+        "model": recipe.model.spec,
         "dataset": data.name,
         "dense": dense,
         "final": final,
@@ -503,13 +637,14 @@ def _summary(
     }
 
 
-def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, Any] | None:
+def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, Any]:
     """Remove dead neurons from a baked copy, check outputs are unchanged, save it."""
     if not isinstance(model, nn.Sequential):
-        ctx.log("neurons: not removed (needs an nn.Sequential model)")
-        return None
-    x, _ = next(batches(ctx.data.val, 512, shuffle=False, mean=ctx.norm.mean, std=ctx.norm.std))
-    small, report = remove_dead_neurons(baked_copy(model), example_input=x)
+        why = f"neuron removal needs an nn.Sequential model (a chain of layers); this one is a {type(model).__name__}"
+        ctx.log(f"neurons: not removed ({why})")
+        return {"skipped": why}
+    x, _ = next(iter(loader(head(ctx.data.val, 512), 512, shuffle=False, mean=ctx.norm.mean, std=ctx.norm.std)))
+    small, report = remove_dead_neurons(baked_copy(model).cpu(), example_input=x)
     ctx.folder.save_checkpoint(F.SHRUNK, small, {**meta, "phase": "final_shrunk"})
     nonzero = sum(int((p != 0).sum()) for p in small.parameters())
     ctx.log("neurons: dead neurons removed\n" + report.table())
@@ -552,12 +687,16 @@ def _quantize(ctx: _Context, model: nn.Module, pruner: Pruner, meta: dict, compa
             f"epochs at lr {cfg.lr:.3g}")
     d = recipe.data
     fit(shared_model, ctx.data.train, ctx.data.val, cfg, ctx.norm, seed=recipe.seed + 1000, phase="quantize",
-        on_epoch=ctx.on_epoch, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size)
+        on_epoch=ctx.on_epoch, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, ranks=ctx.ranks,
+        workers=d.workers)
     acc = ctx.evaluate(shared_model)
+    if not ctx.ranks.main:
+        return acc
+    shared_model.cpu()
     layers = shared_layers(shared_model)
     unshare(shared_model)
     path = write_model(ctx.folder.record(F.SHARED_COMPACT), shared_model, {**meta, "phase": "final_shared"},
-                       keep={k: v.bool() for k, v in pruner.masks.items()}, shared=layers)
+                       keep={k: v.bool().cpu() for k, v in pruner.masks.items()}, shared=layers)
     size, dense_file = path.stat().st_size, compact["dense_file_bytes"]
     ctx.log(f"quantize: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%; {F.SHARED_COMPACT} {size:,} bytes, "
             f"{dense_file / size:.1f}x smaller than {F.DENSE} (pruned only: {compact['ratio_to_dense_file']:.1f}x)")

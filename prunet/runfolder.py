@@ -214,7 +214,7 @@ class RunFolder:
         """
         path = self.path / PROGRESS
         try:
-            progress = torch.load(path, weights_only=True)
+            progress = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as e:  # torch raises many kinds for a damaged file
             raise RunError(f"{path} is unreadable or corrupt ({str(e).splitlines()[0] if str(e) else e!r}); "
                            f"start the run again with --overwrite") from None
@@ -424,6 +424,40 @@ class RunFolder:
         """Append one JSON line to ``metrics.jsonl``."""
         with (self.path / METRICS).open("a") as f:
             f.write(json.dumps({"event": event, **fields}) + "\n")
+
+
+class RankFolder:
+    """The run folder as a rank other than 0 of a distributed run sees it: rank 0 writes, this rank writes nothing.
+
+    It has the :class:`RunFolder` methods a run calls, each doing nothing, so every rank
+    runs the same pipeline code.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        pass
+
+    def forget(self, name: str) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abandon(self) -> str:
+        return "rank 0 keeps the run folder"
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.path / name
+
+    write_json = write_yaml = write_text
+
+    def save_checkpoint(self, name: str, model: nn.Module, meta: dict[str, Any]) -> Path:
+        return self.path / name
+
+    def log_metrics(self, event: str, **fields: Any) -> None:
+        pass
 
 
 class Run:

@@ -4,6 +4,10 @@ prunet never owns the user's loop; this one is what ``prunet train`` and
 ``prunet run`` use, and a template for your own. Pruning enters in two lines:
 the pruner's masks are enforced after each optimizer step (``pruner.attach``)
 and gradients of pruned weights are masked by the pruner's hooks.
+
+It trains where the model is (batches follow the model's device), optionally in
+mixed precision (``TrainConfig.amp``), and under several processes (``ranks``) with
+``DistributedDataParallel``: each rank takes its share of every batch.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from prunet.config import ConfigError, TrainConfig
-from prunet.data import Split, batches, num_batches
+from prunet.data import loader, loader_batches
+from prunet.devices import model_device
+from prunet.distributed import SINGLE, Ranks, all_reduce_sum, gather_objects
 from prunet.pruner import Pruner
 from prunet.regularize import decayed_parameters, l1_penalty
 from prunet.schedule import lr_at
@@ -74,32 +83,40 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, norm: Normalization, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (%) of ``model`` on ``split``."""
+def evaluate(model: nn.Module, split: Dataset, norm: Normalization, batch_size: int = 1000, *,
+             ranks: Ranks = SINGLE, workers: int = 0) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy (%) of ``model`` on ``split``.
+
+    Batches go to the model's device. Under several ``ranks`` each evaluates its part of
+    the split and the sums are reduced: every rank gets the accuracy of the whole split.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for x, y in batches(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std):
+    for x, y in loader(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std, device=model_device(model),
+                       rank=ranks.rank, world_size=ranks.world_size, workers=workers):
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
+    if ranks.distributed:
+        loss_sum, correct = all_reduce_sum([loss_sum, correct], ranks)
     n = max(len(split), 1)
     return loss_sum / n, 100.0 * correct / n
 
 
-def evaluate_splits(model: nn.Module, val: Split, test: Split, norm: Normalization,
-                    batch_size: int = 1000) -> dict[str, float]:
+def evaluate_splits(model: nn.Module, val: Dataset, test: Dataset, norm: Normalization,
+                    batch_size: int = 1000, *, ranks: Ranks = SINGLE, workers: int = 0) -> dict[str, float]:
     """Loss and accuracy on the validation split (which chooses) and the test split (only reported)."""
-    val_loss, val_acc = evaluate(model, val, norm, batch_size)
-    test_loss, test_acc = evaluate(model, test, norm, batch_size)
+    val_loss, val_acc = evaluate(model, val, norm, batch_size, ranks=ranks, workers=workers)
+    test_loss, test_acc = evaluate(model, test, norm, batch_size, ranks=ranks, workers=workers)
     return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
 
 
 def fit(
     model: nn.Module,
-    train: Split,
-    val: Split,
+    train: Dataset,
+    val: Dataset,
     cfg: TrainConfig,
     norm: Normalization,
     *,
@@ -117,6 +134,8 @@ def fit(
     teacher: nn.Module | None = None,
     distill_alpha: float = 0.5,
     distill_temperature: float = 4.0,
+    ranks: Ranks = SINGLE,
+    workers: int = 0,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
 
@@ -146,29 +165,47 @@ def fit(
         teacher: distil from this model (Hinton et al.): the loss becomes
             ``(1 - alpha) CE + alpha T² KL(softmax(teacher / T) || softmax(model / T))``.
         distill_alpha, distill_temperature: ``alpha`` and ``T`` of that loss.
+        ranks: this process's place in a distributed run (every rank calls ``fit`` alike):
+            the model is wrapped in ``DistributedDataParallel`` and each rank takes
+            ``batch_size // world_size`` of every batch of ``batch_size``.
+        workers: ``DataLoader`` workers for datasets that are not in-memory ``Split``s.
+
+    Training runs on the model's device; ``cfg.amp`` turns on mixed precision.
 
     Returns:
         One record per epoch. With no epochs, nothing is trained.
     """
     if cfg.epochs == 0:
         return []
-    torch.manual_seed(seed)  # dropout
-    generator = torch.Generator().manual_seed(seed)  # batch order
+    device = model_device(model)
+    # Dropout differs per rank (each its own part of the batch); rank 0 draws as a single process does.
+    torch.manual_seed(seed + 1_000_003 * ranks.rank)
+    generator = torch.Generator().manual_seed(seed)  # batch order: the same on every rank
     params = list(model.parameters()) if trainable is None else list(trainable)
     frozen = _freeze_others(model, params)
     optimizer = make_optimizer(params, cfg, cfg.lr)
     if pruner is not None:
         pruner.attach(optimizer)
     l1_params = decayed_parameters(model) if cfg.regularization == "l1" else []
+    autocast, scaler = _mixed_precision(cfg.amp, device)
+    # Built after freezing: DDP reduces the gradients of the parameters that train.
+    net = model
+    if ranks.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     best_acc, best_state, records, first = -1.0, None, [], 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
+        rng = resume["rng"][ranks.rank] if ranks.distributed else resume["rng"]
+        torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
+        if isinstance(rng, dict) and rng.get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
         generator.set_state(resume["generator"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         best_acc, best_state, first = resume["best_acc"], resume["best_state"], resume["epoch"]
         records = [EpochRecord(**r) for r in resume["records"]]
-    steps = num_batches(len(train), batch_size)
+    steps = loader_batches(len(train), batch_size, ranks.world_size, train=True)
     try:
         for epoch in range(first, cfg.epochs):
             lr = lr_at(epoch, cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.lr_step_epochs, cfg.lr_gamma)
@@ -178,35 +215,47 @@ def fit(
             start = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(
-                batches(train, batch_size, shuffle=True, generator=generator, mean=norm.mean, std=norm.std),
+                loader(train, batch_size, shuffle=True, generator=generator, mean=norm.mean, std=norm.std,
+                       device=device, rank=ranks.rank, world_size=ranks.world_size, train=True, workers=workers),
                 total=steps,
                 desc=f"{phase} epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
-                disable=None,  # no bar when stderr is not a terminal (CI logs)
+                disable=None if ranks.main else True,  # no bar when stderr is not a terminal (CI logs)
             )
             for batch, (x, y) in enumerate(bar):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                value = loss.item()
+                with autocast():
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                value = own = loss.item()
+                if ranks.distributed:  # every rank stops together, or none does
+                    value = all_reduce_sum([value], ranks)[0] / ranks.world_size
                 if not math.isfinite(value):  # before the step: the weights are still the last finite ones
                     raise DivergedError(f"train.lr: the training loss became {value} in {phase} epoch {epoch + 1} "
                                         f"at lr {lr:.3g}; lower the learning rate")
                 objective = loss
                 if teacher is not None:
-                    objective = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(
-                        logits, teacher, x, distill_temperature)
+                    with autocast():
+                        objective = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(
+                            logits, teacher, x, distill_temperature)
                 if l1_params:
                     objective = objective + l1_penalty(l1_params, cfg.reg_strength)
                 optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()  # prunet's global step hooks enforce the masks here
+                if scaler is None:
+                    objective.backward()
+                    optimizer.step()  # prunet's global step hooks enforce the masks here
+                else:  # fp16: the scaler skips a step whose gradients overflowed (the weights do not move)
+                    scaler.scale(objective).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 if on_step is not None:
                     on_step(epoch * steps + batch + 1)
-                loss_sum += value * len(y)
+                loss_sum += own * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
-            val_loss, val_acc = evaluate(model, val, norm, eval_batch_size)
+            if ranks.distributed:
+                loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ranks)
+            val_loss, val_acc = evaluate(model, val, norm, eval_batch_size, ranks=ranks, workers=workers)
             record = EpochRecord(
                 phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,
                 time.perf_counter() - start,
@@ -218,10 +267,13 @@ def fit(
             if len(val) and epoch + 1 > choose_after and val_acc > best_acc:
                 best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
             if on_checkpoint is not None:
+                rng = _rng_state(device)
                 on_checkpoint({
-                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                    "rng": gather_objects(rng, ranks) if ranks.distributed else rng,
                     "generator": generator.get_state(), "best_acc": best_acc, "best_state": best_state,
                     "records": [r.to_dict() for r in records],
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                 })
     finally:
         if pruner is not None:
@@ -231,6 +283,22 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return records
+
+
+def _mixed_precision(amp: str, device: torch.device):
+    """``(autocast context factory, gradient scaler or None)`` for ``train.amp``."""
+    if amp == "none":
+        return nullcontext, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def _rng_state(device: torch.device) -> torch.Tensor | dict[str, torch.Tensor | None]:
+    """The dropout RNG's state: the CPU generator's, with the CUDA device's when training there."""
+    if device.type != "cuda":
+        return torch.get_rng_state()
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device)}
 
 
 def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:

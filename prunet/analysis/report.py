@@ -45,7 +45,7 @@ from prunet.analysis.sensitivity import (
     setting_label,
 )
 from prunet.analysis.tables import layer_table, write_table_csv
-from prunet.data import DatasetSplits, Split, batches, load_data
+from prunet.data import DatasetSplits, head, load_data, loader
 from prunet.layers import LayerRow, Totals, format_table, totals
 from prunet.runfolder import (
     COMPACT,
@@ -80,8 +80,7 @@ The same class as :class:`prunet.runfolder.RunError` (the name code written agai
 def _activation_batches(data: DatasetSplits, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to ``n`` normalised validation images (test images when there is no validation split)."""
     split = data.val if len(data.val) else data.test
-    subset = Split(split.images[:n], split.labels[:n])
-    return list(batches(subset, 500, shuffle=False, mean=data.mean, std=data.std))
+    return list(loader(head(split, n), 500, shuffle=False, mean=data.mean, std=data.std))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -346,6 +345,9 @@ def _energy_section(final_rows: Sequence[LayerRow], sram_bytes: int) -> list[D.B
 
 def _neurons_section(neurons: Mapping[str, Any]) -> list[D.Block]:
     blocks: list[D.Block] = [D.Heading("Neuron removal")]
+    if isinstance(neurons.get("skipped"), str):
+        return blocks + [D.Para(f"Dead neurons were not removed: {neurons['skipped']}. The pruned model "
+                                f"(`final.safetensors`) keeps its layers' full sizes.")]
     before, after = neurons.get("params_before"), neurons.get("params_after")
     if isinstance(before, int) and isinstance(after, int):
         ratio = f" ({before / after:.2f}× fewer)" if after else ""
@@ -424,6 +426,7 @@ def write_report(
     *,
     histogram_layer: str | None = None,
     activation_examples: int = ACTIVATION_EXAMPLES,
+    device: torch.device | str = "cpu",
 ) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``layers.csv`` into a run folder.
 
@@ -440,6 +443,7 @@ def write_report(
         histogram_layer: the layer whose weights are histogrammed (Figure 7);
             default the layer with the most weights.
         activation_examples: validation images used to measure Act%.
+        device: where the models run for Act% (the figures and tables do not depend on it).
 
     Returns:
         ``(md_path, html_path)``.
@@ -462,19 +466,21 @@ def write_report(
         summary = run.summary
         # Every run file is read before the dataset, so a broken folder fails fast.
         model, pruner, _ = run.load(FINAL)
+        model.to(device)
         if data is None:
             data = load_data(run.recipe.data)
         steps.update()
 
         steps.set_postfix_str("layer tables")
         act = _activation_batches(data, activation_examples)
-        example = act[0][0][:1]  # (1, C, H, W): the model's real input size fixes conv FLOPs
+        example = act[0][0][:1].to(device)  # (1, C, H, W): the model's real input size fixes conv FLOPs
         n_act = sum(len(y) for _, y in act)
         final_rows = layer_table(model, example, masks=pruner.masks if pruner else None, activation_data=act)
         write_table_csv(final_rows, folder.record(LAYERS_CSV))
         dense_rows = None
         if run.has(DENSE):  # the comparison costs one more pass over the activation images
             dense_model, _, _ = run.load(DENSE)
+            dense_model.to(device)
             dense_rows = layer_table(dense_model, example, activation_data=act)
             del dense_model
         steps.update()
@@ -486,7 +492,8 @@ def write_report(
         steps.update()
         blocks += _layers_section(final_rows, dense_rows, n_act)
         steps.set_postfix_str("histogram")
-        blocks += _histogram_section(run, folder, final_rows, model.state_dict(), histogram_layer)
+        weights = {k: v.cpu() for k, v in model.state_dict().items()}
+        blocks += _histogram_section(run, folder, final_rows, weights, histogram_layer)
         steps.update()
         steps.set_postfix_str("sensitivity")
         blocks += _sensitivity_section(run, folder)

@@ -50,6 +50,7 @@ from prunet.config import Recipe
 from prunet.criteria import CRITERIA as ALL_CRITERIA
 from prunet.criteria import Criterion
 from prunet.data import DatasetSplits, load_data
+from prunet.devices import resolve_device
 from prunet.layers import totals
 from prunet.models import create_model
 from prunet.pruner import Pruner
@@ -193,7 +194,7 @@ def train_dense(
     norm = Normalization(data.mean, data.std)
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, **recipe.model.kwargs())
+    model = create_model(recipe.model.spec, **recipe.model.arguments()).to(resolve_device(recipe.device))
     fit(model, data.train, data.val, cfg, norm, seed=recipe.seed, phase=f"dense_{regularizer}",
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
     acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
@@ -313,10 +314,11 @@ def tradeoff_study(
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    resolve_device(recipe.device)  # a device this machine lacks fails before any data is read
     if data is None:
         data = load_data(recipe.data)
     norm = Normalization(data.mean, data.std)
-    network = recipe.model.name
+    network = recipe.model.spec
     log(f"tradeoff: {network} on {data.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}); "
         f"fractions {', '.join(f'{f:g}' for f in ladder)}; {criterion} pruning; retrain {retrain_epochs} epochs")
 
@@ -379,7 +381,7 @@ def _pruned_copy(
     ``fraction`` None leaves it unpruned.
     """
     # A new model each time: masks, hooks and dropout ratios never leak between points.
-    model = create_model(recipe.model.name, **recipe.model.kwargs())
+    model = create_model(recipe.model.spec, **recipe.model.arguments()).to(resolve_device(recipe.device))
     model.load_state_dict(dense.state)
     pruner = Pruner(model)
     dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the original ratios, D_o

@@ -6,11 +6,11 @@ from prunet.data.datasets import (
     Split,
     batches,
     find_data_dir,
-    load_data,
     load_dataset,
     num_batches,
 )
 from prunet.data.idx import DataError, read_idx, write_idx
+from prunet.data.loading import head, load_data, loader, loader_batches
 
 __all__ = [
     "DATASETS",
@@ -19,8 +19,11 @@ __all__ = [
     "Split",
     "batches",
     "find_data_dir",
+    "head",
     "load_data",
     "load_dataset",
+    "loader",
+    "loader_batches",
     "num_batches",
     "read_idx",
     "write_idx",

@@ -262,26 +262,6 @@ def load_dataset(
     )
 
 
-def load_data(cfg) -> DatasetSplits:
-    """The dataset a recipe's ``data`` section names, split into train / validation / test.
-
-    Args:
-        cfg: a :class:`prunet.config.DataConfig` (``dataset``, ``data_dir``,
-            ``val_size``, ``split_seed``, ``train_subset``).
-
-    Returns:
-        The splits; the training split cut to its first ``train_subset`` images when that is set.
-
-    Raises:
-        DataError: as :func:`load_dataset`.
-    """
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.split_seed)
-    if cfg.train_subset is not None and cfg.train_subset < len(data.train):
-        n = cfg.train_subset
-        data.train = Split(data.train.images[:n], data.train.labels[:n])
-    return data
-
-
 def batches(
     split: Split,
     batch_size: int,

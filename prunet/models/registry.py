@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from prunet.factory import call_factory, is_factory
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -54,10 +56,11 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or call a factory (the user's own model).
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models`, or a factory ``"mypkg.nets:resnet20"`` /
+            ``"nets.py:resnet20"`` (see :mod:`prunet.factory`) returning an ``nn.Module``.
         **kwargs: passed to the builder, e.g. ``num_classes=10``, ``dropout=0.5``.
 
     Returns:
@@ -68,4 +71,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
         >>> sum(p.numel() for p in model.parameters())
         266610
     """
+    if is_factory(name):
+        model = call_factory(name, kwargs, "model.factory")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model.factory: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     return get_model_info(name).builder(**kwargs)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from torch.utils.data import Dataset
 
 from prunet.checkpoint import (
     CheckpointError,
@@ -35,7 +36,9 @@ from prunet.checkpoint import (
     resize_to_state,
     save_checkpoint,
 )
-from prunet.data import Split, batches
+from prunet.data import head, loader
+from prunet.devices import model_device
+from prunet.factory import is_factory
 from prunet.files import atomic_path
 from prunet.layers import Setting, find_layers
 from prunet.masks import MASK_SUFFIX, baked_copy
@@ -195,10 +198,10 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
         import onnx  # noqa: F401  (torch.onnx needs it; a clear message when it is missing)
     except ImportError:
         raise ExportError("--format onnx needs the onnx package: pip install 'prunet[onnx]'") from None
-    name = meta.get("model")
-    if not name:
-        raise ExportError("--format onnx: the checkpoint names no registry model, so its input shape is unknown")
-    example = torch.zeros(1, *get_model_info(name).input_shape)
+    shape = _input_shape(meta)
+    if shape is None:
+        raise ExportError("--format onnx: the checkpoint names neither a registry model nor its input shape")
+    example = torch.zeros(1, *shape)
     # The TorchScript exporter: the newer torch.export one needs onnxscript as well, and these
     # feed-forward models need nothing it adds. Its deprecation notice is not the user's business.
     with atomic_path(out) as tmp, warnings.catch_warnings():
@@ -252,9 +255,10 @@ def load(
     if not sparse:
         return plain
     if example_input is None:
-        if not meta.get("model"):
-            raise ExportError("load(sparse=True) of a model outside the registry needs example_input")
-        example_input = torch.zeros(1, *get_model_info(meta["model"]).input_shape)
+        shape = _input_shape(meta)
+        if shape is None:
+            raise ExportError("load(sparse=True) of a model whose file records no input shape needs example_input")
+        example_input = torch.zeros(1, *shape)
     return sparsify(plain, example_input)
 
 
@@ -279,6 +283,19 @@ def _load_plain(path: Path, model: nn.Module | None) -> tuple[nn.Module, dict[st
     except CheckpointError as e:
         raise CompactFileError(str(e)) from None
     return plain, meta
+
+
+def _input_shape(meta: dict[str, Any]) -> list[int] | None:
+    """One example's shape: recorded by the run (every model), else the registry's (its own models)."""
+    if meta.get("input_shape"):
+        return list(meta["input_shape"])
+    name = meta.get("model")
+    if name and not is_factory(name):
+        try:
+            return list(get_model_info(name).input_shape)
+        except ValueError:
+            return None
+    return None
 
 
 def _registry_model(path: Path, meta: dict[str, Any]) -> nn.Module:
@@ -309,7 +326,7 @@ class Measurement:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, split: Split, norm: Normalization, batch_sizes: Sequence[int] = (1, 64),
+def measure(model: nn.Module, split: Dataset, norm: Normalization, batch_sizes: Sequence[int] = (1, 64),
             repeats: int = 20) -> Measurement:
     """Accuracy of ``model`` on ``split`` and its median forward latency at each batch size.
 
@@ -323,7 +340,7 @@ def measure(model: nn.Module, split: Split, norm: Normalization, batch_sizes: Se
     _, accuracy = evaluate(model, split, norm)
     latency = {}
     for b in batch_sizes:
-        x, _ = next(batches(Split(split.images[:b], split.labels[:b]), b, shuffle=False, mean=norm.mean,
-                            std=norm.std))
+        x, _ = next(iter(loader(head(split, b), b, shuffle=False, mean=norm.mean, std=norm.std,
+                                device=model_device(model))))
         latency[b] = 1000 * median_seconds(lambda: model(x), repeats)
     return Measurement(accuracy, len(split), latency, plan(model))

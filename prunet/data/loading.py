@@ -1,0 +1,199 @@
+"""Where a run's data comes from and how it reaches the model: the one loader every phase uses.
+
+Two kinds of source give the same :class:`~prunet.data.DatasetSplits`:
+
+- the IDX datasets (MNIST, Fashion-MNIST), held in memory as :class:`~prunet.data.Split`
+  and batched by slicing tensors (no per-example Python, bit-identical to earlier runs);
+- the user's own ``torch.utils.data.Dataset`` objects, from a recipe's ``data.factory``,
+  read through a ``DataLoader`` (worker processes, pinned memory) in the same order.
+
+:func:`loader` takes either, shards it over the ranks of a distributed run, and moves
+each batch to the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Sized
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from prunet.data.datasets import DatasetSplits, Split, batches, load_dataset
+from prunet.data.idx import DataError
+from prunet.factory import call_factory
+
+__all__ = ["head", "load_data", "loader", "loader_batches"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def load_data(cfg) -> DatasetSplits:
+    """The data a recipe's ``data`` section names, split into train / validation / test.
+
+    Args:
+        cfg: a :class:`prunet.config.DataConfig`: an IDX ``dataset`` (``data_dir``, ``val_size``,
+            ``split_seed``) or a ``factory`` with its ``kwargs``; ``train_subset`` cuts either.
+
+    Returns:
+        The splits; the training split cut to its first ``train_subset`` examples when that is set.
+
+    Raises:
+        DataError: as :func:`prunet.data.load_dataset`, or a factory whose result is not three datasets.
+        prunet.factory.FactoryError: a factory that cannot be imported, or raised.
+    """
+    if cfg.factory is not None:
+        data = _factory_splits(cfg)
+    else:
+        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.split_seed)
+    if cfg.train_subset is not None and cfg.train_subset < len(data.train):
+        data.train = head(data.train, cfg.train_subset)
+    return data
+
+
+def head(dataset: Dataset, n: int) -> Dataset:
+    """The first ``n`` examples of ``dataset`` (all of them when it has fewer)."""
+    n = min(n, len(dataset))
+    if isinstance(dataset, Split):
+        return Split(dataset.images[:n], dataset.labels[:n])
+    return Subset(dataset, range(n))
+
+
+def loader_batches(n: int, batch_size: int, world_size: int = 1, *, train: bool = False) -> int:
+    """Batches each rank takes from :func:`loader` for ``n`` examples (the last may be partial).
+
+    With ``train`` and several ranks, the ``n % world_size`` examples left over are dropped
+    (a different few each epoch), so every rank takes the same number of steps.
+    """
+    per_rank = n // world_size if train else math.ceil(n / world_size)
+    return math.ceil(per_rank / max(1, batch_size // world_size if train else batch_size))
+
+
+def loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    train: bool = False,
+    workers: int = 0,
+    pin_memory: bool | None = None,
+) -> Iterator[Batch]:
+    """One epoch of ``(x, y)`` batches of ``dataset`` on ``device``.
+
+    Args:
+        dataset: a :class:`~prunet.data.Split` (normalised with ``mean``/``std``) or any
+            map-style dataset of ``(x, y)`` pairs (``mean``/``std`` applied when not 0/1).
+        batch_size: examples per batch, over all ranks: with ``train`` each of
+            ``world_size`` ranks takes ``batch_size // world_size`` of every batch.
+        shuffle: draw a fresh order from ``generator`` (every rank must pass one with the same seed).
+        device: where the batches go (default: stay on the CPU).
+        rank, world_size: this process's part of a distributed run. Ranks take disjoint
+            parts that together cover the epoch once (less the leftover of ``train``).
+        train: a training epoch. Under several ranks every rank then takes the same number of
+            batches (DDP needs it); evaluation covers every example once instead.
+        workers: ``DataLoader`` worker processes for a dataset that is not a ``Split``.
+        pin_memory: pin host memory before copying to CUDA; default: when ``device`` is CUDA.
+
+    Raises:
+        ValueError: a ``batch_size`` not divisible by ``world_size`` in training, or below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_rank = batch_size
+    if train and world_size > 1:
+        if batch_size % world_size:
+            raise ValueError(f"data.batch_size: {batch_size} does not split over {world_size} processes; "
+                             f"give a multiple of {world_size}")
+        per_rank = batch_size // world_size
+    device = torch.device(device) if device is not None else None
+    n = len(dataset)
+    if isinstance(dataset, Split) and train and world_size > 1:
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        dataset, shuffle = Split(dataset.images[order], dataset.labels[order]), False
+        n = world_size * (n // world_size)
+        dataset = Split(dataset.images[:n], dataset.labels[:n])
+    if isinstance(dataset, Split):
+        it = batches(dataset, per_rank, shuffle=shuffle, generator=generator, mean=mean, std=std,
+                     rank=rank, world_size=world_size)
+        return _to(it, device, non_blocking=False)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if train and world_size > 1:
+        order = order[: world_size * (n // world_size)]
+    order = order[rank::world_size].tolist()
+    index_batches = [order[i: i + per_rank] for i in range(0, len(order), per_rank)]
+    pin = device is not None and device.type == "cuda" if pin_memory is None else pin_memory
+    dl = DataLoader(dataset, batch_sampler=index_batches, num_workers=workers, pin_memory=pin,
+                    collate_fn=_collate)
+    it = _normalised(dl, mean, std) if (mean, std) != (0.0, 1.0) else iter(dl)
+    return _to(it, device, non_blocking=pin)
+
+
+def _to(it: Iterator[Batch], device: torch.device | None, non_blocking: bool) -> Iterator[Batch]:
+    for x, y in it:
+        if device is not None and device.type != "cpu":
+            x, y = x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+        yield x, y
+
+
+def _normalised(it, mean: float, std: float) -> Iterator[Batch]:
+    for x, y in it:
+        yield (x.to(torch.float32) - mean) / std, y
+
+
+def _collate(items: list[Any]) -> Batch:
+    """``(x, y)`` pairs to a batch; labels may be ints or 0-d tensors."""
+    try:
+        xs, ys = zip(*items)
+    except (TypeError, ValueError):
+        raise DataError(f"a dataset example must be an (input, label) pair, got {type(items[0]).__name__}") from None
+    x = torch.stack([torch.as_tensor(v) for v in xs])
+    y = torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
+    return x, y
+
+
+def _factory_splits(cfg) -> DatasetSplits:
+    """Call ``data.factory`` and check its result: train / validation / test datasets.
+
+    The factory returns ``(train, val, test)`` or a mapping with those keys (``validation``
+    also names the second) and optionally ``classes``, ``mean`` and ``std``. A ``val`` of
+    None holds out ``val_size`` training examples, drawn with ``split_seed``.
+    """
+    where = "data.factory"
+    out = call_factory(cfg.factory, cfg.kwargs, where)
+    extra: dict[str, Any] = {}
+    if isinstance(out, dict):
+        unknown = set(out) - {"train", "val", "validation", "test", "classes", "mean", "std"}
+        if unknown or "train" not in out or "test" not in out:
+            raise DataError(f"{where}: {cfg.factory} returned a mapping with keys {sorted(out)}; expected train, "
+                            f"val (or validation), test and optionally classes, mean, std")
+        train, val, test = out["train"], out.get("val", out.get("validation")), out["test"]
+        extra = {k: out[k] for k in ("classes", "mean", "std") if k in out}
+    elif isinstance(out, (tuple, list)) and len(out) == 3:
+        train, val, test = out
+    else:
+        raise DataError(f"{where}: {cfg.factory} returned {type(out).__name__}; expected (train, val, test) "
+                        f"datasets or a mapping with those keys")
+    for name, ds in (("train", train), ("test", test)) + ((("val", val),) if val is not None else ()):
+        if not (isinstance(ds, Sized) and hasattr(ds, "__getitem__")):
+            raise DataError(f"{where}: its {name} is a {type(ds).__name__}, not a map-style dataset "
+                            f"(__len__ and __getitem__)")
+        if not len(ds):
+            raise DataError(f"{where}: its {name} dataset is empty")
+    if val is None:
+        n = len(train)
+        if not 0 < cfg.val_size < n:
+            raise DataError(f"data.val_size must be in (0, {n}) to hold out from {n} training examples, "
+                            f"got {cfg.val_size}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+        val = Subset(train, perm[: cfg.val_size].sort().values.tolist())
+        train = Subset(train, perm[cfg.val_size:].sort().values.tolist())
+    classes = tuple(str(c) for c in extra.get("classes", ()))
+    return DatasetSplits(train=train, val=val, test=test, name=cfg.factory, classes=classes,
+                         mean=float(extra.get("mean", 0.0)), std=float(extra.get("std", 1.0)), source=cfg.factory)

@@ -1,0 +1,97 @@
+"""The user's own code, named in a recipe: ``"mypkg.nets:resnet20"`` or ``"path/to/nets.py:resnet20"``.
+
+A recipe's ``model.factory`` and ``data.factory`` name a function to import and call.
+The part before the colon is a module importable from the current folder (or the
+Python path), or a ``.py`` file (relative to the current folder); the part after
+it is a name in that module, dotted for an attribute of one (``Nets.small``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["FactoryError", "call_factory", "import_factory", "is_factory"]
+
+
+class FactoryError(ValueError):
+    """A factory that cannot be imported or called; one line naming the recipe field."""
+
+
+def is_factory(spec: str) -> bool:
+    """Whether ``spec`` names a function (``module:name``) rather than a registry entry."""
+    return ":" in spec
+
+
+def import_factory(spec: str, field: str = "factory") -> Callable[..., Any]:
+    """The callable ``spec`` names.
+
+    Args:
+        spec: ``"package.module:function"`` or ``"file.py:function"``.
+        field: the recipe field it came from, for error messages (e.g. ``"model.factory"``).
+
+    Raises:
+        FactoryError: a malformed spec, a module that cannot be imported, a missing name, not a callable.
+    """
+    module_part, sep, name = spec.rpartition(":")
+    if not sep or not module_part or not name:
+        raise FactoryError(f"{field}: {spec!r} is not MODULE:FUNCTION (e.g. mypkg.nets:resnet20 or nets.py:resnet20)")
+    module = _module(module_part, field)
+    target: Any = module
+    for part in name.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise FactoryError(f"{field}: {module_part} has no {name!r}") from None
+    if not callable(target):
+        raise FactoryError(f"{field}: {spec} is a {type(target).__name__}, not a function")
+    return target
+
+
+def call_factory(spec: str, kwargs: dict[str, Any], field: str = "factory") -> Any:
+    """``import_factory(spec)(**kwargs)``, an exception in the user's function told in one line."""
+    fn = import_factory(spec, field)
+    try:
+        return fn(**kwargs)
+    except Exception as e:  # the user's code: any error is theirs, told with where it came from
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise FactoryError(f"{field}: {spec}({_kwargs(kwargs)}) raised {type(e).__name__}"
+                           f"{f': {detail}' if detail else ''}") from e
+
+
+def _module(part: str, field: str):
+    if part.endswith(".py"):
+        path = Path(part).expanduser()
+        if not path.is_file():
+            raise FactoryError(f"{field}: no file {path} (relative to {os.getcwd()})")
+        key = f"prunet_factory_{zlib.crc32(str(path.resolve()).encode()):08x}"
+        if key in sys.modules:
+            return sys.modules[key]
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[key]
+            raise FactoryError(f"{field}: importing {path} raised {type(e).__name__}: {e}") from e
+        return module
+    # The current folder, as `python -m` would have it (the `prunet` script does not).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(part)
+    except ModuleNotFoundError as e:
+        raise FactoryError(f"{field}: cannot import {part} (no module named {e.name!r}; run from the folder "
+                           f"holding it or add it to PYTHONPATH)") from None
+    except Exception as e:
+        raise FactoryError(f"{field}: importing {part} raised {type(e).__name__}: {e}") from e
+
+
+def _kwargs(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

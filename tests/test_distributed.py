@@ -1,0 +1,190 @@
+"""Two processes under torchrun (``gloo`` on the CPU): the same run as one process, masks identical on every rank.
+
+These start ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m prunet ...``
+exactly as a user would, on a small slice of real Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prunet.checkpoint import read_checkpoint
+from prunet.distributed import mask_digest
+
+from conftest import REAL_FASHION, needs_fashion
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [needs_fashion, pytest.mark.slow]
+
+RECIPE = {
+    "name": "ddp",
+    "seed": 0,
+    "threads": 1,
+    "model": {"name": "lenet_300_100"},
+    "data": {"dataset": "fashion-mnist", "data_dir": str(REAL_FASHION), "train_subset": 3000, "val_size": 1000,
+             "batch_size": 64, "eval_batch_size": 500},
+    "train": {"epochs": 2, "lr": 0.05},
+    "prune": {"rounds": [{"criterion": "threshold", "quality": 0.6, "epochs": 3},
+                         {"criterion": "threshold", "quality": 0.8, "epochs": 1}]},
+}
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PRUNET_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "prunet", *args]
+
+
+def single(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prunet", *args]
+
+
+def launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "runs")}))
+    return path
+
+
+def kill_all(proc: subprocess.Popen, marker: str) -> None:
+    """SIGKILL torchrun and its workers (which it starts in sessions of their own): every process naming ``marker``."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline and "prunet" in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    proc.wait()
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / "final.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The recipe run once under torchrun with 2 processes and once as a single process."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    path = write(tmp, RECIPE)
+    two = launch(torchrun("run", str(path), "--run-dir", str(tmp / "two")), tmp)
+    launch(single("run", str(path), "--run-dir", str(tmp / "one")), tmp)
+    return tmp, path, two
+
+
+def test_masks_are_identical_on_both_ranks_after_every_round(runs):
+    tmp, _, _ = runs
+    summary = json.loads((tmp / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(summary["rounds"]) == 2
+    for r in summary["rounds"]:
+        a, b = r["mask_digests"]  # each rank's digest of all its masks, gathered after the round
+        assert a == b
+    # The digest is of the masks rank 0 wrote: the final checkpoint holds them.
+    state = final_state(tmp / "two")
+    masks = {k[: -len("_mask")]: v for k, v in state.items() if k.endswith("_mask")}
+    assert mask_digest(masks) == summary["rounds"][-1]["mask_digests"][0]
+
+
+def test_two_processes_end_where_one_process_does_with_the_same_global_batch(runs):
+    tmp, _, _ = runs
+    two = json.loads((tmp / "two" / "summary.json").read_text())
+    one = json.loads((tmp / "one" / "summary.json").read_text())
+    for phase in ("dense", "final"):
+        for split in ("val_acc", "test_acc"):
+            assert abs(two[phase][split] - one[phase][split]) <= 0.5, (phase, split, two[phase], one[phase])
+    assert abs(two["weights_kept"] - one["weights_kept"]) <= 0.01 * one["weights_kept"]
+
+
+def test_only_rank_zero_prints_and_writes(runs):
+    tmp, _, two = runs
+    assert two.stdout.count("final: ") == 1 and two.stdout.count("dense epoch 1:") == 1
+    lines = [json.loads(x) for x in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(x["phase"], x["epoch"]) for x in lines if x["event"] == "epoch"]
+    assert len(epochs) == len(set(epochs)) == 2 + 3 + 1  # each epoch once, not once per rank
+    assert "2 processes (rank 0 writes)" in two.stdout
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_model(runs):
+    """kill -9 of torchrun and both ranks inside round 1, then --resume under torchrun: bit-identical."""
+    tmp, path, _ = runs
+    run_dir = tmp / "killed"
+    proc = subprocess.Popen(torchrun("run", str(path), "--run-dir", str(run_dir)), cwd=tmp, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = metrics.read_text() if metrics.is_file() else ""
+            if '"phase": "round1"' in text:
+                break
+            time.sleep(0.02)
+    finally:
+        kill_all(proc, str(run_dir))
+    time.sleep(0.5)  # a worker that was mid-write would have finished by now, were it alive
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    assert (run_dir / ".prunet-progress.pt").is_file()
+
+    launch(torchrun("run", "--resume", str(run_dir)), tmp)
+    whole, resumed = final_state(tmp / "two"), final_state(run_dir)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert not (run_dir / ".prunet-progress.pt").exists()
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    """A stopped 2-process run continued by one process: one line, exit 2, the resume point kept."""
+    recipe = {**RECIPE, "prune": {"rounds": [{"criterion": "threshold", "quality": 0.6, "epochs": 1}]}}
+    path = write(tmp_path, recipe)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(torchrun("run", str(path), "--run-dir", str(run_dir)), cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not (run_dir / ".prunet-progress.pt").is_file():
+            time.sleep(0.02)
+    finally:
+        kill_all(proc, str(run_dir))
+    assert (run_dir / ".prunet-progress.pt").is_file()
+    done = subprocess.run(single("run", "--resume", str(run_dir)), capture_output=True, text=True, cwd=tmp_path,
+                          env=env(), timeout=120)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "was started with 2 processes; resume it with the same number (this is 1)" in err[0]
+    assert (run_dir / ".prunet-progress.pt").is_file()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
+    recipe = {**RECIPE, "data": {**RECIPE["data"], "batch_size": 63}}
+    path = write(tmp_path, recipe)
+    done = subprocess.run(torchrun("run", str(path)), capture_output=True, text=True, cwd=tmp_path, env=env(),
+                          timeout=120)
+    assert done.returncode != 0
+    # Both ranks stop with exit 2 (torchrun then reports it); rank 0 says why, once, and neither has a traceback.
+    assert done.stderr.count("prunet: error: data.batch_size: 63 does not split over 2 processes") == 1
+    assert "exitcode  : 2" in done.stderr and f'File "{ROOT / "prunet"}' not in done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,224 @@
+"""The user's own model and data, named in a recipe: imported, called, run end to end, reloaded through the factory.
+
+The worked example is ``examples/resnet.py``: a CIFAR-style ResNet (batch norm, shortcuts,
+not an ``nn.Sequential``) on a learnable toy dataset that goes through a ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from prunet import sparse
+from prunet.checkpoint import load_model
+from prunet.cli import main
+from prunet.config import ConfigError, recipe_from_dict
+from prunet.data import Split, load_data, loader
+from prunet.factory import FactoryError, import_factory
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "resnet.py"
+
+
+def toy_recipe(tmp_path: Path, **changes) -> dict:
+    recipe = {
+        "name": "toy",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"factory": f"{EXAMPLE}:resnet", "kwargs": {"depth": 8, "width": 8, "num_classes": 4}},
+        "data": {"factory": f"{EXAMPLE}:synthetic_splits",
+                 "kwargs": {"n_train": 512, "n_val": 128, "n_test": 128, "size": 12},
+                 "val_size": 128, "batch_size": 64, "eval_batch_size": 128},
+        "train": {"epochs": 2, "lr": 0.05},
+        "prune": {"rounds": [{"criterion": "threshold", "quality": 0.6, "epochs": 1},
+                             {"criterion": "threshold", "quality": 0.8, "epochs": 1}]},
+    }
+    for key, value in changes.items():
+        node = recipe
+        *parts, last = key.split(".")
+        for p in parts:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe
+
+
+def write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("prunet: error: ")
+    return err
+
+
+def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_path, capsys):
+    recipe = toy_recipe(tmp_path, quantize={"bits": {"conv": 6, "fc": 5}, "epochs": 1})
+    path = write(tmp_path, recipe)
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "toy"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dataset"] == recipe["data"]["factory"]
+    assert summary["compression"] > 2.0 and len(summary["rounds"]) == 2
+    assert summary["final"]["val_acc"] > 60.0  # four classes: the toy task is learnt
+    # Neuron removal needs a chain of layers: the run says so instead of failing.
+    assert "nn.Sequential" in summary["neurons"]["skipped"]
+
+    # The checkpoint records the factory and rebuilds the model through it, masks exact.
+    model, pruner, meta = load_model(run_dir / "final.safetensors")
+    assert type(model).__name__ == "ResNet" and meta["model"] == recipe["model"]["factory"]
+    assert meta["model_kwargs"] == recipe["model"]["kwargs"] and meta["input_shape"] == [1, 12, 12]
+    for t in pruner.targets:
+        assert torch.all(t.module.weight[t.mask == 0] == 0)
+    kept = sum(int(t.mask.sum()) for t in pruner.targets)
+    assert kept == summary["weights_kept"]
+
+    # Its compact files load back, through the factory, to the same outputs.
+    x = torch.randn(5, 1, 12, 12)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        for loaded in (sparse.load(run_dir / "final.prunet"), sparse.load(run_dir / "final.prunet", sparse=True)):
+            assert torch.allclose(loaded(x), expected, atol=1e-5)
+    assert (run_dir / "final_shared.prunet").is_file() and summary["quantize"]["bits"]
+
+    assert main(["sensitivity", str(run_dir / "dense.safetensors"), "--values", "0,0.5,1"]) == 0
+    with open(run_dir / "sensitivity.csv") as f:
+        layers = {row["layer"] for row in csv.DictReader(f)}
+    assert layers == {t.layer for t in pruner.targets}  # every conv of the blocks and shortcuts, and the fc
+
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    assert "Dead neurons were not removed" in report and "stages.2.conv2" in report
+    assert "## Sensitivity" in report
+
+
+def test_a_factory_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Resume of a factory run: the model is rebuilt through the factory from the resume point."""
+    import prunet.pipeline as pipeline
+    from prunet import runfolder
+
+    recipe = recipe_from_dict(toy_recipe(tmp_path, **{"train.epochs": 2}))
+    whole = pipeline.run(recipe, run_dir=tmp_path / "whole", log=lambda s: None)
+
+    real, saves = runfolder.RunFolder.save_progress, []
+
+    def dies_in_round_one(self, progress):
+        real(self, progress)
+        saves.append(progress.get("fit_phase"))
+        if progress.get("fit_phase") == "round1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runfolder.RunFolder, "save_progress", dies_in_round_one)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(recipe, run_dir=tmp_path / "stopped", log=lambda s: None)
+    monkeypatch.setattr(runfolder.RunFolder, "save_progress", real)
+    resumed = pipeline.resume(tmp_path / "stopped", log=lambda s: None)
+    assert resumed["weights_kept"] == whole["weights_kept"]
+    assert resumed["final"] == whole["final"]
+    a, _, _ = load_model(tmp_path / "whole" / "final.safetensors")
+    b, _, _ = load_model(tmp_path / "stopped" / "final.safetensors")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_factory_data_without_validation_holds_out_val_size_with_the_split_seed(tmp_path):
+    cfg = recipe_from_dict(toy_recipe(tmp_path)).data
+    a, b = load_data(cfg), load_data(cfg)
+    assert (len(a.train), len(a.val), len(a.test)) == (512, 128, 128)
+    assert a.val.indices == b.val.indices and not set(a.val.indices) & set(a.train.indices)
+    other = load_data(recipe_from_dict(toy_recipe(tmp_path, **{"data.split_seed": 1})).data)
+    assert other.val.indices != a.val.indices
+
+
+def test_the_dataloader_path_gives_the_batches_the_tensor_path_gives():
+    """A Split and the same examples as a plain Dataset: same order, same values, on one rank or two."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (203, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (203,), generator=g)
+    split = Split(images, labels)
+    mean, std = 0.3, 0.4
+    plain = TensorDataset(((images.float() / 255 - mean) / std).unsqueeze(1), labels)
+    for world, train in ((1, False), (1, True), (2, True), (2, False)):
+        for rank in range(world):
+            kw = dict(shuffle=True, rank=rank, world_size=world, train=train)
+            a = list(loader(split, 32, generator=torch.Generator().manual_seed(5), mean=mean, std=std, **kw))
+            b = list(loader(plain, 32, generator=torch.Generator().manual_seed(5), mean=0.0, std=1.0, **kw))
+            assert len(a) == len(b)
+            for (xa, ya), (xb, yb) in zip(a, b):
+                assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+
+
+def test_training_shards_split_every_batch_evenly_between_ranks():
+    """Two ranks take halves of each global batch; the leftover example is dropped, so both step alike."""
+    data = TensorDataset(torch.arange(101).float().unsqueeze(1), torch.zeros(101, dtype=torch.int64))
+    whole = [x.flatten().tolist() for x, _ in
+             loader(data, 20, shuffle=True, generator=torch.Generator().manual_seed(1))]
+    parts = [[x.flatten().tolist() for x, _ in loader(data, 20, shuffle=True, generator=torch.Generator().manual_seed(1),
+                                                      rank=r, world_size=2, train=True)] for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 5
+    for k in range(5):  # the k-th step of both ranks together is the k-th batch of one process
+        assert sorted(parts[0][k] + parts[1][k]) == sorted(whole[k])
+    covered = sorted(v for p in parts for batch in p for v in batch)
+    assert len(covered) == 100 and len(set(covered)) == 100
+    with pytest.raises(ValueError, match="does not split over 2"):
+        list(loader(data, 15, shuffle=False, rank=0, world_size=2, train=True))
+
+
+def test_a_workers_dataloader_gives_the_same_batches(tmp_path):
+    cfg = recipe_from_dict(toy_recipe(tmp_path)).data
+    data = load_data(cfg)
+    a = list(loader(data.val, 50, shuffle=False))
+    b = list(loader(data.val, 50, shuffle=False, workers=2))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model.factory": "no_such_pkg.nets:resnet"}, ["model.factory", "cannot import no_such_pkg"]),
+    ({"model.factory": f"{EXAMPLE}:no_such_fn"}, ["model.factory", "no 'no_such_fn'"]),
+    ({"model.factory": "nets.py:resnet"}, ["model.factory", "no file nets.py"]),
+    ({"model.kwargs": {"depth": 7}}, ["model.factory", "raised ValueError", "depth must be 6n + 2"]),
+    ({"data.factory": f"{EXAMPLE}:resnet", "data.kwargs": {}}, ["data.factory", "returned ResNet"]),
+    ({"data.kwargs": {"n_train": 100, "n_val": 0, "size": 12}, "data.val_size": 500}, ["data.val_size", "(0, 100)"]),
+    ({"model.kwargs": {"depth": 8, "width": 8, "num_classes": 2}}, ["model.num_classes", "2 outputs", "label 3"]),
+])
+def test_a_bad_factory_is_one_line_and_exit_2(tmp_path, capsys, change, words):
+    recipe = toy_recipe(tmp_path, **change)
+    assert main(["run", str(write(tmp_path, recipe))]) == 2
+    err = one_line_error(capsys)
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "runs" / "toy").exists()  # nothing written
+
+
+def test_recipe_fields_of_factories_are_checked():
+    with pytest.raises(ConfigError, match="model.factory: 'resnet' is not MODULE:FUNCTION"):
+        recipe_from_dict({"model": {"factory": "resnet"}})
+    with pytest.raises(ConfigError, match="model.kwargs: applies to a model.factory"):
+        recipe_from_dict({"model": {"kwargs": {"depth": 8}}})
+    with pytest.raises(ConfigError, match="model.dropout: applies to registry models"):
+        recipe_from_dict({"model": {"factory": "a:b", "dropout": 0.5}})
+    with pytest.raises(ConfigError, match="data.workers"):
+        recipe_from_dict({"data": {"workers": -1}})
+
+
+def test_import_factory_reads_modules_and_files(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text("def small(n=3):\n    return n * 2\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_factory("mynets:small")(n=4) == 8
+    assert import_factory("mynets.py:small")() == 6
+    with pytest.raises(FactoryError, match="is not MODULE:FUNCTION"):
+        import_factory("mynets")
+    with pytest.raises(FactoryError, match="is a int, not a function"):
+        (tmp_path / "consts.py").write_text("N = 3\n")
+        import_factory("consts.py:N")
