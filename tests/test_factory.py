@@ -222,3 +222,35 @@ def test_import_factory_reads_modules_and_files(tmp_path, monkeypatch):
     with pytest.raises(FactoryError, match="is a int, not a function"):
         (tmp_path / "consts.py").write_text("N = 3\n")
         import_factory("consts.py:N")
+
+
+def write_npz(folder: Path, n: dict[str, int], seed: int = 0) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    patterns = rng.normal(size=(3, 1, 28, 28)).astype(np.float32)
+    for name, count in n.items():
+        y = rng.integers(0, 3, count)
+        np.savez(folder / f"{name}.npz", x=patterns[y] + rng.normal(size=(count, 1, 28, 28)).astype(np.float32), y=y)
+
+
+def test_a_folder_of_npz_arrays_is_a_dataset_without_code(tmp_path, capsys):
+    write_npz(tmp_path / "arrays", {"train": 400, "test": 100})
+    recipe = {"name": "npz", "output_dir": str(tmp_path / "runs"),
+              "model": {"name": "lenet_300_100", "num_classes": 3},
+              "data": {"factory": "prunet.data.npz:splits", "kwargs": {"folder": str(tmp_path / "arrays")},
+                       "val_size": 100, "batch_size": 50},
+              "train": {"epochs": 1}, "prune": {"rounds": [{"quality": 0.5, "epochs": 1}]}}
+    assert main(["run", str(write(tmp_path, recipe))]) == 0
+    summary = json.loads((tmp_path / "runs" / "npz" / "summary.json").read_text())
+    assert summary["final"]["val_acc"] > 60.0 and summary["compression"] > 1.2
+    data = load_data(recipe_from_dict(recipe).data)
+    assert (len(data.train), len(data.val), len(data.test)) == (300, 100, 100)
+
+    (tmp_path / "arrays" / "test.npz").write_bytes(b"not a zip")
+    assert main(["run", str(write(tmp_path, recipe)), "--overwrite"]) == 2
+    assert "test.npz is not a readable .npz file" in one_line_error(capsys)
+    (tmp_path / "arrays" / "test.npz").unlink()
+    assert main(["run", str(write(tmp_path, recipe)), "--overwrite"]) == 2
+    assert "test.npz is missing" in one_line_error(capsys)
