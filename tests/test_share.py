@@ -22,6 +22,7 @@ from prunet.pipeline import resume, run
 from prunet.share import kmeans_1d, share, shared_layers, unshare
 from prunet.sparse import CompactFileError, export, load
 from prunet.sparse import huffman
+from prunet.sparse.compact import shared_stats, stored_bytes
 
 
 def test_kmeans_on_a_hand_made_tensor():
@@ -174,8 +175,21 @@ def test_a_run_with_weight_sharing_writes_the_shared_model_and_resumes_to_it(fas
     assert "Weight sharing + Huffman" in report
     stages = report[report.index("## Weight sharing and Huffman coding"):]
     fc1 = next(line for line in stages.splitlines() if line.startswith("| fc1 |")).split("|")
-    dense, pruned, coded = (int(c.strip().replace(",", "")) for c in fc1[5:8])
-    assert dense == 4 * 235_200 and coded < pruned < dense  # each stage smaller, per layer
+    dense, pruned, shared_b, coded = (int(c.strip().replace(",", "")) for c in fc1[6:10])
+    assert dense == 4 * 235_200 and shared_b < pruned < dense and coded < pruned  # each stage smaller, per layer
+    weight_bits, weight_bits_h = fc1[4].split("/")
+    assert int(weight_bits) == 4 and float(weight_bits_h) <= 4.0  # Huffman never codes longer than fixed width
+
+    stats = shared_stats(tmp_path / "a" / "final_shared.prunet")
+    assert set(stats) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    kept = {row["layer"]: row["kept"] for row in summary["layers"]}
+    for name, st in stats.items():
+        layer = name.split(".")[0]
+        assert st.survivors == kept[layer]  # every survivor of pruning stored as a cluster index
+        assert st.weight_bits == q["bits"][layer] and st.index_bits >= st.gap_bits
+        assert st.weight_bits_huffman <= st.weight_bits + 8 / st.survivors
+        assert st.index_bits_huffman <= st.index_bits + 8 / st.survivors
+        assert st.huffman_bytes == stored_bytes(tmp_path / "a" / "final_shared.prunet")[name]
 
     with monkeypatch.context() as mp:
         def interrupted(*args, **kwargs):

@@ -62,7 +62,7 @@ from prunet.runfolder import (
     RunError,
     RunFolder,
 )
-from prunet.sparse.compact import stored_bytes
+from prunet.sparse.compact import shared_stats, stored_bytes
 
 # Act% is a fraction of non-zero activations; a couple of thousand images pin it
 # to well under a percent and keep the report fast even for conv nets.
@@ -394,28 +394,37 @@ def _cell(value: Any) -> str:
 
 
 def _stages_section(run: Run, summary: Mapping[str, Any], rows: list) -> list[D.Block]:
-    """Deep Compression's stages per layer: dense float32, pruned (compact), shared + Huffman, in bytes."""
+    """Deep Compression's Table 1/3 per layer: bits per weight and per index, bytes and compression at each stage."""
     shared = summary.get("quantize")
     if not (isinstance(shared, Mapping) and run.has(COMPACT) and run.has(SHARED_COMPACT)):
         return []
     pruned, coded = stored_bytes(run.path / COMPACT), stored_bytes(run.path / SHARED_COMPACT)
-    bits = shared.get("bits") or {}
+    stats = shared_stats(run.path / SHARED_COMPACT)
     table = []
     for r in rows:
         name = f"{r.layer}.weight"
         dense = 4 * r.weights
-        p, q = pruned.get(name, dense), coded.get(name, dense)
-        table.append([r.layer, f"{r.weights:,}", f"{100 * r.kept_frac:.1f}%", str(bits.get(r.layer, "–")),
-                      f"{dense:,}", f"{p:,}", f"{q:,}", _times(dense / q if q else None)])
+        p, q, st = pruned.get(name, dense), coded.get(name, dense), stats.get(name)
+        shared_b = st.shared_bytes if st else q
+        table.append([
+            r.layer, f"{r.weights:,}", f"{100 * r.kept_frac:.1f}%",
+            f"{st.weight_bits} / {st.weight_bits_huffman:.1f}" if st else "32",
+            f"{st.index_bits:.1f} / {st.index_bits_huffman:.1f}" if st else "–",
+            f"{dense:,}", f"{p:,}", f"{shared_b:,}", f"{q:,}",
+            " / ".join(_times(dense / b if b else None) for b in (p, shared_b, q)),
+        ])
     sizes = [(run.path / n).stat().st_size for n in (DENSE, COMPACT, SHARED_COMPACT)]
-    table.append(["whole file", "", "", "", f"{sizes[0]:,}", f"{sizes[1]:,}", f"{sizes[2]:,}",
-                  _times(sizes[0] / sizes[2])])
+    table.append(["whole file", "", "", "", "", f"{sizes[0]:,}", f"{sizes[1]:,}", "", f"{sizes[2]:,}",
+                  f"{_times(sizes[0] / sizes[1])} / – / {_times(sizes[0] / sizes[2])}"])
     return [D.Heading("Weight sharing and Huffman coding"),
-            D.Para("Bytes per layer at each stage (Deep Compression, Table 1/3): dense float32, pruned "
-                   f"(`{COMPACT}`: float32 survivors and relative indices), shared and Huffman coded "
-                   f"(`{SHARED_COMPACT}`: a codebook, Huffman-coded cluster indices and positions)."),
-            D.Table(["Layer", "Weights", "Kept", "Bits", "Dense", "Pruned", "Shared + Huffman", "× vs dense"],
-                    table, "lrrrrrrr")]
+            D.Para("Deep Compression's Table 1/3 per layer. Bits per weight and per index are before / after "
+                   "Huffman coding, per surviving weight (an index is the relative position; a filler code "
+                   "bridges a longer gap). Bytes at each stage: dense float32; pruned "
+                   f"(`{COMPACT}`: float32 survivors and relative indices); pruned and shared (a codebook, "
+                   "fixed-width cluster indices and positions); shared and Huffman coded "
+                   f"(`{SHARED_COMPACT}`). The compression of each stage is against dense float32."),
+            D.Table(["Layer", "Weights", "Kept", "Weight bits", "Index bits", "Dense", "Pruned", "Shared",
+                     "+ Huffman", "× P / P+Q / P+Q+H"], table, "lrrrrrrrrr")]
 
 
 def write_report(

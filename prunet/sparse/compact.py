@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -214,6 +215,51 @@ def stored_bytes(path: str | Path) -> dict[str, int]:
             if owner is not None:
                 t = f.get_slice(key)
                 out[owner] += int(np.prod(t.get_shape(), dtype=np.int64)) * _DTYPE_BYTES.get(t.get_dtype(), 4)
+    return out
+
+
+@dataclass(frozen=True)
+class SharedStats:
+    """One weight-shared tensor in a compact file, in the terms of Deep Compression's Tables 1-4.
+
+    Attributes:
+        survivors: weights kept (each stored as a cluster index).
+        weight_bits: bits per weight index before Huffman coding (``log2`` of the codebook size).
+        gap_bits: the width of a relative position's code before Huffman coding.
+        index_bits: bits of positions per survivor before Huffman coding: ``gap_bits`` times the
+            codes stored (a filler code bridges a longer gap) over the survivors.
+        weight_bits_huffman, index_bits_huffman: the same streams Huffman coded, bits per survivor.
+        shared_bytes: the tensor pruned and shared, before Huffman coding: codebook, b-bit
+            indices and fixed-width positions.
+        huffman_bytes: as stored: codebook and the two Huffman streams with their code lengths.
+    """
+
+    survivors: int
+    weight_bits: int
+    gap_bits: int
+    index_bits: float
+    weight_bits_huffman: float
+    index_bits_huffman: float
+    shared_bytes: int
+    huffman_bytes: int
+
+
+def shared_stats(path: str | Path) -> dict[str, SharedStats]:
+    """Tensor name -> :class:`SharedStats` for each weight-shared tensor of a compact file."""
+    header = read_header(path)
+    names = [n for n, spec in header["sparse"].items() if spec.get("shared")]
+    stored = stored_bytes(path)
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for name in names:
+            gap_bits, n_codes, n = (int(v) for v in f.get_tensor(f"{name}.meta").tolist())
+            k = int(np.prod(f.get_slice(f"{name}.codebook").get_shape()))
+            weight_bits = max(1, math.ceil(math.log2(max(k, 2))))
+            clusters = int(np.prod(f.get_slice(f"{name}.clusters").get_shape()))
+            index = int(np.prod(f.get_slice(f"{name}.index").get_shape()))
+            shared = 4 * k + math.ceil(n * weight_bits / 8) + math.ceil(n_codes * gap_bits / 8)
+            out[name] = SharedStats(n, weight_bits, gap_bits, n_codes * gap_bits / max(n, 1),
+                                    8 * clusters / max(n, 1), 8 * index / max(n, 1), shared, stored[name])
     return out
 
 
