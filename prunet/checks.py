@@ -20,7 +20,11 @@ from prunet.layers import Layer, LayerNameError, check_names
 
 def split_identity(recipe: Recipe) -> dict[str, Any]:
     """What fixes the train / validation split; stored in checkpoints so a later run can check it."""
-    return {"dataset": recipe.data.dataset, "val_size": recipe.data.val_size, "split_seed": recipe.data.split_seed}
+    d = recipe.data
+    identity = {"dataset": d.dataset, "val_size": d.val_size, "split_seed": d.split_seed}
+    if d.factory is not None:  # the factory and its arguments decide which examples there are
+        identity.update(dataset=d.factory, kwargs=d.kwargs)
+    return identity
 
 
 def check_checkpoint_fits(recipe: Recipe, meta: dict[str, Any], path: str | Path) -> None:

@@ -33,7 +33,7 @@ from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
-from prunet.distributed import from_env
+from prunet.distributed import RankFailed, from_env
 from prunet.factory import FactoryError
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
@@ -50,7 +50,7 @@ class UsageError(ValueError):
 
 # What a user can cause: one line and exit code 2 (the traceback only with --debug).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError,
-               DeviceError, FactoryError)
+               DeviceError, FactoryError, RankFailed)
 
 
 def _recipe(args: argparse.Namespace, path: str | Path | None = None):
@@ -385,12 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
-            resolve_device(args.device, "--device", local_rank=0)
+            resolve_device(args.device, "--device")
         return args.func(args)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        if _rank() == 0:  # under torchrun every rank fails alike (they agree first): rank 0 says it once
+        # Under torchrun the ranks agree on their inputs first; a rank whose error another rank also
+        # reports (or that only learnt another failed) stays quiet. Errors found later: rank 0 says them.
+        quiet = getattr(e, "quiet", None)
+        if not (quiet if quiet is not None else _rank() != 0):
             print(f"prunet: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder, a file that vanished: the system's words, one line

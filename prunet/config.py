@@ -21,7 +21,7 @@ import yaml
 from prunet.criteria import CRITERIA, Criterion, TargetThreshold
 from prunet.data import DATASETS
 from prunet.devices import check_device_spec
-from prunet.factory import is_factory
+from prunet.factory import absolute, is_factory
 from prunet.models import list_models
 
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
@@ -58,7 +58,8 @@ class ModelConfig:
     """Dropout ratio for registry models that have dropout layers; None keeps the model's default."""
     factory: Optional[str] = None
     """Your own model: ``"mypkg.nets:resnet20"`` or ``"nets.py:resnet20"``, a function returning an
-    ``nn.Module``, called with ``kwargs``. Checkpoints record it and rebuild the model through it."""
+    ``nn.Module``, called with ``kwargs``. Checkpoints record it and rebuild the model through it.
+    A relative ``.py`` path is made absolute when the recipe is read (from the current folder)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of ``factory``."""
 
@@ -72,6 +73,7 @@ class ModelConfig:
             if not is_factory(self.factory):
                 raise ConfigError(f"{where}.factory: {self.factory!r} is not MODULE:FUNCTION "
                                   f"(e.g. mypkg.nets:resnet20 or nets.py:resnet20)")
+            self.factory = absolute(self.factory)  # the same file from any folder (reports, resumes, reloads)
             if self.dropout is not None:
                 raise ConfigError(f"{where}.dropout: applies to registry models; pass it to your factory in "
                                   f"{where}.kwargs")
@@ -130,6 +132,7 @@ class DataConfig:
             if not is_factory(self.factory):
                 raise ConfigError(f"{where}.factory: {self.factory!r} is not MODULE:FUNCTION "
                                   f"(e.g. mypkg.data:splits or data.py:splits)")
+            self.factory = absolute(self.factory)
         else:
             _choice(where + ".dataset", self.dataset, DATASETS)
             if self.kwargs:

@@ -36,7 +36,7 @@ def resolve_device(spec: str, field: str = "device", local_rank: int | None = No
         spec: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         field: the recipe field or flag it came from, for the error message.
         local_rank: under torchrun, this process's index on its node: ``cuda`` and ``auto``
-            then mean ``cuda:local_rank``.
+            then mean ``cuda:local_rank`` (and ``cuda:N``, one GPU for all processes, is refused).
 
     Raises:
         DeviceError: a misspelt device, or one this machine (or this build of torch) does not have.
@@ -56,6 +56,9 @@ def resolve_device(spec: str, field: str = "device", local_rank: int | None = No
     if not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
         raise DeviceError(f"{field}: {spec} requested, but this machine has no CUDA GPU ({build}); use cpu or auto")
+    if ":" in spec and local_rank is not None:
+        raise DeviceError(f"{field}: {spec} names one GPU, but this is one of several processes (torchrun); "
+                          f"use cuda: each process takes cuda:LOCAL_RANK")
     count = torch.cuda.device_count()
     index = int(spec.split(":")[1]) if ":" in spec else (local_rank or 0)
     if index >= count:

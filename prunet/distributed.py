@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["SINGLE", "Ranks", "agree", "all_reduce_sum", "broadcast_object", "from_env", "gather_objects",
+__all__ = ["SINGLE", "RankFailed", "Ranks", "agree", "broadcast_buffers", "all_reduce_sum", "broadcast_object", "from_env", "gather_objects",
            "init_process_group", "mask_digest", "shutdown"]
 
 
@@ -112,23 +112,43 @@ def broadcast_object(obj: Any, ranks: Ranks, src: int = 0) -> Any:
     return box[0]
 
 
+class RankFailed(ValueError):
+    """Another rank failed a step every rank must pass; that rank says why (this one stays quiet)."""
+
+    quiet = True
+
+
 def agree(ranks: Ranks, error: BaseException | None) -> None:
     """A step every rank must pass: if it failed on any rank, raise on all of them.
 
-    The rank that failed raises its own error; the others raise a ``RuntimeError`` naming it,
-    instead of waiting forever at the next collective.
+    The ranks that failed raise their own error; the others raise :class:`RankFailed`,
+    instead of waiting forever at the next collective. Of the ranks that failed with the
+    same message only the first one is meant to print it (the others' errors get ``quiet``).
     """
     if not ranks.distributed:
         if error is not None:
             raise error
         return
-    told = gather_objects(None if error is None else f"{type(error).__name__}: {error}", ranks)
-    if error is not None:
-        raise error
+    told = gather_objects(None if error is None else str(error), ranks)
     failed = [(r, msg) for r, msg in enumerate(told) if msg is not None]
+    if error is not None:
+        first = next(r for r, msg in failed if msg == str(error))
+        try:
+            error.quiet = first != ranks.rank
+        except AttributeError:  # an exception type without a __dict__
+            pass
+        raise error
     if failed:
         r, msg = failed[0]
-        raise RuntimeError(f"rank {r} failed: {msg}")
+        raise RankFailed(f"rank {r} failed: {msg}")
+
+
+def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics: DDP syncs them only at the start of a forward)."""
+    if not ranks.distributed:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def mask_digest(masks: dict[str, torch.Tensor]) -> str:

@@ -12,11 +12,10 @@ import importlib
 import importlib.util
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["FactoryError", "call_factory", "import_factory", "is_factory"]
+__all__ = ["FactoryError", "absolute", "call_factory", "import_factory", "is_factory"]
 
 
 class FactoryError(ValueError):
@@ -66,21 +65,7 @@ def call_factory(spec: str, kwargs: dict[str, Any], field: str = "factory") -> A
 
 def _module(part: str, field: str):
     if part.endswith(".py"):
-        path = Path(part).expanduser()
-        if not path.is_file():
-            raise FactoryError(f"{field}: no file {path} (relative to {os.getcwd()})")
-        key = f"prunet_factory_{zlib.crc32(str(path.resolve()).encode()):08x}"
-        if key in sys.modules:
-            return sys.modules[key]
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[key]
-            raise FactoryError(f"{field}: importing {path} raised {type(e).__name__}: {e}") from e
-        return module
+        return _file_module(Path(part).expanduser(), field)
     # The current folder, as `python -m` would have it (the `prunet` script does not).
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
@@ -91,6 +76,45 @@ def _module(part: str, field: str):
                            f"holding it or add it to PYTHONPATH)") from None
     except Exception as e:
         raise FactoryError(f"{field}: importing {part} raised {type(e).__name__}: {e}") from e
+
+
+def _file_module(path: Path, field: str):
+    """A ``.py`` file as the module named by its stem, its folder on ``sys.path``.
+
+    Imported under its own name (not a made-up one) so that what it defines pickles: a
+    ``DataLoader`` worker started by ``spawn`` or ``forkserver`` imports the module by that
+    name, and finds it through ``sys.path``, which it inherits.
+    """
+    if not path.is_file():
+        raise FactoryError(f"{field}: no file {path} (relative to {os.getcwd()})")
+    path = path.resolve()
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            return loaded
+        raise FactoryError(f"{field}: {path} would be imported as module {name!r}, but another module of that "
+                           f"name is loaded ({getattr(loaded, '__file__', None) or 'built in'}); rename the file")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise FactoryError(f"{field}: importing {path} raised {type(e).__name__}: {e}") from e
+    if Path(getattr(module, "__file__", "") or "").resolve() != path:
+        raise FactoryError(f"{field}: {path} would be imported as module {name!r}, but that name finds "
+                           f"{module.__file__} first; rename the file")
+    return module
+
+
+def absolute(spec: str) -> str:
+    """``spec`` with a relative ``.py`` path made absolute (from the current folder), so it names the same file
+    from anywhere: recipes store it so, and the checkpoints and resume points written from them."""
+    module_part, sep, name = spec.rpartition(":")
+    if sep and module_part.endswith(".py") and not Path(module_part).is_absolute():
+        return f"{Path(module_part).expanduser().absolute()}:{name}"
+    return spec
 
 
 def _kwargs(kwargs: dict[str, Any]) -> str:

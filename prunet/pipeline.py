@@ -81,15 +81,14 @@ def run(
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     ranks = from_env()
-    # The device first: `device: cuda` on a machine without one fails before anything is read.
-    device = resolve_device(recipe.device, local_rank=ranks.local_rank if ranks.distributed else None)
-    with _process_group(ranks, device):
+    with _process_group(ranks):
         log = log if ranks.main else _silent
         path = Path(run_dir or Path(recipe.output_dir) / recipe.name)
         folder, error = None, None
         try:
-            # Inputs first: bad data, a bad checkpoint or a layer-name typo fails before an
-            # earlier run's folder is touched.
+            # The device first (`device: cuda` on a machine without one), then the inputs: bad data, a
+            # bad checkpoint or a layer-name typo fails before an earlier run's folder is touched.
+            device = _device(recipe, ranks)
             check_ranks(recipe, ranks.world_size)
             data = load_data(recipe.data)
             model, pruner = _starting_model(recipe, from_checkpoint)
@@ -120,7 +119,7 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     """
     started = time.perf_counter()
     ranks = from_env()
-    with _process_group(ranks, None):
+    with _process_group(ranks):
         log = log if ranks.main else _silent
         folder, saved, error = None, None, None
         try:
@@ -133,17 +132,13 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
         try:
             # Rank 0 read the resume point; it hands it to the others (who may have no copy of the folder).
             saved = broadcast_object(saved, ranks)
-            device = resolve_device(saved["recipe"].get("device", "auto"),
-                                    local_rank=ranks.local_rank if ranks.distributed else None)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
             started_with = saved.get("world_size", 1)
             if started_with != ranks.world_size:
                 raise F.RunError(f"{folder.path} was started with {started_with} process"
                                  f"{'es' if started_with != 1 else ''}; resume it with the same number "
                                  f"(this is {ranks.world_size})")
             state = _RunState.restore(saved, folder.path / F.PROGRESS)
-            state.model.to(device)
+            state.model.to(_device(state.recipe, ranks))
             if state.recipe.threads:
                 torch.set_num_threads(state.recipe.threads)
             data = load_data(state.recipe.data)
@@ -154,14 +149,25 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
         return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True, ranks=ranks))
 
 
+def _device(recipe: Recipe, ranks: Ranks) -> torch.device:
+    """The recipe's device on this machine (this process's GPU under torchrun), checked usable for its precision."""
+    device = resolve_device(recipe.device, local_rank=ranks.local_rank if ranks.distributed else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if recipe.train.amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.amp: bf16 needs a GPU that computes in bfloat16, and {device} "
+                              f"({torch.cuda.get_device_name(device)}) does not; use fp16")
+    return device
+
+
 class _process_group:
     """Join (and at the end leave) the process group of a torchrun run; nothing for one process."""
 
-    def __init__(self, ranks: Ranks, device: torch.device | None):
-        self.ranks, self.device, self.joined = ranks, device, False
+    def __init__(self, ranks: Ranks):
+        self.ranks, self.joined = ranks, False
 
     def __enter__(self) -> None:
-        self.joined = init_process_group(self.ranks, self.device)
+        self.joined = init_process_group(self.ranks)
 
     def __exit__(self, *exc) -> None:
         if self.joined:
@@ -545,17 +551,11 @@ def _relative_qualities(ctx: _Context, model: nn.Module) -> dict[str, float] | N
     max_drop = ctx.recipe.prune.relative_from_sensitivity
     if max_drop is None:
         return None
-    if ctx.state.relative is None:
-        relative = None
-        if ctx.ranks.main:  # one process sweeps; the others take its result
-            dense = ctx.dense_model()
-            rows = sensitivity(dense, ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size,
-                               progress=False, model_name=ctx.recipe.model.spec)
-            proposal = propose_qualities(rows, max_drop)
-            relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
-        else:
-            ctx.folder_state(F.DENSE)  # the broadcast rank 0's dense_model() makes
-        ctx.state.relative = broadcast_object(relative, ctx.ranks)
+    if ctx.state.relative is None:  # every rank sweeps its part of the validation split
+        rows = sensitivity(ctx.dense_model(), ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size,
+                           progress=False, model_name=ctx.recipe.model.spec, ranks=ctx.ranks)
+        proposal = propose_qualities(rows, max_drop)
+        ctx.state.relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
         ctx.log("relative qualities from sensitivity (largest within "
                 f"{max_drop:g} points): {_format_setting(ctx.state.relative)}")
     return ctx.state.relative

@@ -35,11 +35,12 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50) -> tuple[torch.Tens
     A centroid left with no members keeps its place.
 
     Returns:
-        ``(centroids, assignment)``: ``k`` float32 centroids (ascending) and, per value, its cluster.
+        ``(centroids, assignment)``: ``k`` float32 centroids (ascending) and, per value, its cluster,
+        on the CPU (computed there in float64, which not every accelerator has).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    x = values.detach().double().reshape(-1)
+    x = values.detach().cpu().double().reshape(-1)
     if x.numel() == 0:
         return torch.zeros(k), torch.zeros(0, dtype=torch.long)
     lo, hi = float(x.min()), float(x.max())
@@ -114,8 +115,9 @@ def share(model: nn.Module, bits: Setting, masks: dict[str, torch.Tensor] | None
         mask = (layer.mask if layer.mask is not None else w != 0) if mask is None else mask
         keep = mask.bool()
         centroids, assign = kmeans_1d(w[keep], min(1 << b, max(int(keep.sum()), 1)))
-        index = torch.zeros(w.shape, dtype=torch.long)
-        index[keep] = assign
+        centroids = centroids.to(w.device)
+        index = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+        index[keep] = assign.to(w.device)
         module, attr = layer.module, layer.attr
         if layer.mask is not None:  # prunet's mask buffer is replaced by the parametrization's own
             bake(module, attr)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from prunet.config import ConfigError, TrainConfig
 from prunet.data import loader, loader_batches
 from prunet.devices import model_device
-from prunet.distributed import SINGLE, Ranks, all_reduce_sum, gather_objects
+from prunet.distributed import SINGLE, Ranks, all_reduce_sum, broadcast_buffers, gather_objects
 from prunet.pruner import Pruner
 from prunet.regularize import decayed_parameters, l1_penalty
 from prunet.schedule import lr_at
@@ -255,6 +255,8 @@ def fit(
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
             if ranks.distributed:
                 loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ranks)
+                # Each rank's last batch left its own batch-norm statistics: evaluate (and save) rank 0's on all.
+                broadcast_buffers(model, ranks)
             val_loss, val_acc = evaluate(model, val, norm, eval_batch_size, ranks=ranks, workers=workers)
             record = EpochRecord(
                 phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,

@@ -188,3 +188,30 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
     assert done.stderr.count("prunet: error: data.batch_size: 63 does not split over 2 processes") == 1
     assert "exitcode  : 2" in done.stderr and f'File "{ROOT / "prunet"}' not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_path):
+    """Batch-norm statistics are rank 0's on every rank before evaluation: the reported accuracy is the saved model's."""
+    from prunet.checkpoint import load_model
+    from prunet.config import recipe_from_dict
+    from prunet.data import load_data
+    from prunet.train import Normalization, evaluate
+
+    example = ROOT / "examples" / "resnet.py"
+    recipe = {"name": "bn", "seed": 0, "threads": 1,
+              "model": {"factory": f"{example}:resnet", "kwargs": {"depth": 8, "width": 8, "num_classes": 4}},
+              "data": {"factory": f"{example}:synthetic_splits",
+                       "kwargs": {"n_train": 512, "n_val": 128, "n_test": 128, "size": 12},
+                       "val_size": 128, "batch_size": 64, "eval_batch_size": 64},
+              "train": {"epochs": 2, "lr": 0.05},
+              "prune": {"rounds": [{"criterion": "threshold", "quality": 0.6, "epochs": 1}]}}
+    path = write(tmp_path, recipe)
+    launch(torchrun("run", str(path), "--run-dir", str(tmp_path / "bn")), tmp_path)
+    summary = json.loads((tmp_path / "bn" / "summary.json").read_text())
+    model, _, _ = load_model(tmp_path / "bn" / "final.safetensors")
+    data = load_data(recipe_from_dict(recipe).data)
+    val_loss, val_acc = evaluate(model, data.val, Normalization(data.mean, data.std), 64)
+    assert val_acc == summary["final"]["val_acc"]
+    assert val_loss == pytest.approx(summary["final"]["val_loss"], rel=1e-5)  # the loss shows any other statistics
+    a, b = summary["rounds"][0]["mask_digests"]
+    assert a == b

@@ -19,7 +19,7 @@ from prunet import sparse
 from prunet.checkpoint import load_model
 from prunet.cli import main
 from prunet.config import ConfigError, recipe_from_dict
-from prunet.data import Split, load_data, loader
+from prunet.data import Split, head, load_data, loader
 from prunet.factory import FactoryError, import_factory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def test_a_workers_dataloader_gives_the_same_batches(tmp_path):
 @pytest.mark.parametrize("change, words", [
     ({"model.factory": "no_such_pkg.nets:resnet"}, ["model.factory", "cannot import no_such_pkg"]),
     ({"model.factory": f"{EXAMPLE}:no_such_fn"}, ["model.factory", "no 'no_such_fn'"]),
-    ({"model.factory": "nets.py:resnet"}, ["model.factory", "no file nets.py"]),
+    ({"model.factory": "nets.py:resnet"}, ["model.factory", "no file", "nets.py"]),
     ({"model.kwargs": {"depth": 7}}, ["model.factory", "raised ValueError", "depth must be 6n + 2"]),
     ({"data.factory": f"{EXAMPLE}:resnet", "data.kwargs": {}}, ["data.factory", "returned ResNet"]),
     ({"data.kwargs": {"n_train": 100, "n_val": 0, "size": 12}, "data.val_size": 500}, ["data.val_size", "(0, 100)"]),
@@ -254,3 +254,48 @@ def test_a_folder_of_npz_arrays_is_a_dataset_without_code(tmp_path, capsys):
     (tmp_path / "arrays" / "test.npz").unlink()
     assert main(["run", str(write(tmp_path, recipe)), "--overwrite"]) == 2
     assert "test.npz is missing" in one_line_error(capsys)
+
+
+def test_a_file_factory_dataset_reaches_spawned_dataloader_workers(tmp_path):
+    """macOS, Windows and Python >= 3.14 start DataLoader workers by spawn or forkserver: they import the file too."""
+    import multiprocessing
+
+    cfg = recipe_from_dict(toy_recipe(tmp_path, **{"data.factory": f"{EXAMPLE}:fashion_splits",
+                                                   "data.kwargs": {"size": 28, "val_size": 100}})).data
+    data = load_data(cfg)
+    expected = list(loader(head(data.val, 64), 32, shuffle=False))
+    ctx = multiprocessing.get_context("spawn")
+    from torch.utils.data import DataLoader
+    from prunet.data.loading import _collate
+
+    got = list(DataLoader(head(data.val, 64), batch_size=32, num_workers=1, multiprocessing_context=ctx,
+                          collate_fn=_collate))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+
+
+def test_a_relative_factory_path_works_from_any_folder_later(tmp_path, monkeypatch):
+    """The recipe names examples/resnet.py from the repository root; the report, a reload and a resume run elsewhere."""
+    monkeypatch.chdir(ROOT)
+    recipe = toy_recipe(tmp_path)
+    recipe["model"]["factory"] = "examples/resnet.py:resnet"
+    recipe["data"]["factory"] = "examples/resnet.py:synthetic_splits"
+    recipe["prune"]["rounds"] = recipe["prune"]["rounds"][:1]
+    assert main(["run", str(write(tmp_path, recipe))]) == 0
+    run_dir = tmp_path / "runs" / "toy"
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(run_dir)]) == 0
+    model, _, meta = load_model(run_dir / "final.safetensors")
+    assert meta["model"] == f"{EXAMPLE}:resnet" and type(model).__name__ == "ResNet"
+    assert type(sparse.load(run_dir / "final.prunet")).__name__ == "ResNet"
+
+
+def test_from_a_checkpoint_of_other_factory_data_is_refused(tmp_path, capsys):
+    """Another factory split would put the checkpoint's training examples into this run's validation split."""
+    recipe = toy_recipe(tmp_path, **{"prune.rounds": []})
+    assert main(["train", str(write(tmp_path, recipe))]) == 0
+    dense = tmp_path / "runs" / "toy" / "dense.safetensors"
+    other = toy_recipe(tmp_path, **{"data.kwargs": {"n_train": 512, "n_val": 128, "n_test": 128, "size": 12,
+                                                    "seed": 1}, "name": "other"})
+    assert main(["run", str(write(tmp_path, other)), "--from", str(dense)]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("prunet: error: data: ") and "was trained with split" in err

@@ -35,6 +35,7 @@ from prunet.analysis.plots import save_figure
 from prunet.analysis.tables import write_csv
 from prunet.criteria import CRITERIA as ALL_CRITERIA
 from prunet.data import Split
+from prunet.distributed import SINGLE, Ranks
 from prunet.layers import find_layers, select
 from prunet.train import Normalization, evaluate
 
@@ -97,6 +98,7 @@ def sensitivity(
     batch_size: int = 1000,
     progress: bool = True,
     model_name: str | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[SensitivityRow]:
     """Prune each layer alone at each setting, without retraining, and measure validation accuracy.
 
@@ -121,6 +123,7 @@ def sensitivity(
         batch_size: evaluation batch size.
         progress: show a tqdm bar over (layer, setting) pairs.
         model_name: how errors name the model (e.g. its registry name); default its class name.
+        ranks: under torchrun, every rank calls this alike and each evaluates its part of the split.
 
     Returns:
         One row per (layer, setting), layers in forward order, settings ascending.
@@ -146,7 +149,7 @@ def sensitivity(
     except ValueError as e:
         raise ValueError(f"layers: {e}") from None
 
-    _, base_acc = evaluate(model, val_split, norm, batch_size)
+    _, base_acc = evaluate(model, val_split, norm, batch_size, ranks=ranks)
     rows: list[SensitivityRow] = []
     bar = tqdm(
         total=len(chosen) * len(settings),
@@ -165,7 +168,7 @@ def sensitivity(
                     mask = cls.rule(saved, survivors, s)
                     with torch.no_grad():
                         weight.copy_(saved).mul_(mask)
-                    _, acc = evaluate(model, val_split, norm, batch_size)
+                    _, acc = evaluate(model, val_split, norm, batch_size, ranks=ranks)
                     kept = int(mask.sum()) / mask.numel()
                     rows.append(SensitivityRow(layer.layer, layer.kind, criterion, s, kept, acc, base_acc - acc))
                     bar.update()

@@ -285,6 +285,14 @@ def _load_plain(path: Path, model: nn.Module | None) -> tuple[nn.Module, dict[st
     return plain, meta
 
 
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One forward pass, finished: on CUDA the kernels run asynchronously, so wait for them."""
+    out = model(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return out
+
+
 def _input_shape(meta: dict[str, Any]) -> list[int] | None:
     """One example's shape: recorded by the run (every model), else the registry's (its own models)."""
     if meta.get("input_shape"):
@@ -342,5 +350,5 @@ def measure(model: nn.Module, split: Dataset, norm: Normalization, batch_sizes: 
     for b in batch_sizes:
         x, _ = next(iter(loader(head(split, b), b, shuffle=False, mean=norm.mean, std=norm.std,
                                 device=model_device(model))))
-        latency[b] = 1000 * median_seconds(lambda: model(x), repeats)
+        latency[b] = 1000 * median_seconds(lambda: _forward(model, x), repeats)
     return Measurement(accuracy, len(split), latency, plan(model))
