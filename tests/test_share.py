@@ -101,6 +101,48 @@ def test_huffman_round_trip_and_near_entropy():
                                          huffman.code_lengths(np.bincount(one)), 10), one)
 
 
+def reference_decode(data: bytes, lengths: np.ndarray, count: int) -> list[int]:
+    """Bit by bit through the canonical code: the obviously correct decoder."""
+    codes = huffman.canonical_codes(lengths)
+    table = {(int(n), int(c)): s for s, (n, c) in enumerate(zip(lengths, codes)) if n}
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    out, code, n = [], 0, 0
+    for b in bits:
+        code, n = (code << 1) | int(b), n + 1
+        if (n, code) in table:
+            out.append(table[(n, code)])
+            code, n = 0, 0
+            if len(out) == count:
+                break
+    return out
+
+
+@pytest.mark.parametrize("alphabet, size, skew", [(2, 1, 0.5), (3, 257, 0.9), (32, 5_000, 0.3), (600, 3_000, 0.01),
+                                                  (4, 100_000, 0.6)])
+def test_huffman_decode_matches_the_bit_by_bit_decoder(alphabet, size, skew):
+    rng = np.random.default_rng(alphabet)
+    symbols = np.minimum(rng.geometric(skew, size) - 1, alphabet - 1)
+    lengths = huffman.code_lengths(np.bincount(symbols, minlength=alphabet))
+    data = huffman.encode(symbols, lengths)
+    got = huffman.decode(data, lengths, size)
+    assert got.tolist() == reference_decode(data, lengths, size) == symbols.tolist()
+
+
+def test_a_truncated_or_garbled_huffman_stream_is_an_error():
+    rng = np.random.default_rng(1)
+    symbols = rng.choice(5, size=4_000, p=[0.6, 0.2, 0.1, 0.05, 0.05])
+    lengths = huffman.code_lengths(np.bincount(symbols, minlength=5))
+    data = huffman.encode(symbols, lengths)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        huffman.decode(data[: len(data) // 2], lengths, symbols.size)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        huffman.decode(data, lengths, symbols.size + 50)
+    # A code set with a gap (lengths 1 and 2: the prefix 11 has no symbol) and a stream of ones.
+    gappy = np.array([1, 2, 0])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        huffman.decode(b"\xff", gappy, 3)
+
+
 def test_huffman_lengths_are_limited():
     counts = np.array([2 ** i for i in range(40)], dtype=np.int64)  # Fibonacci-like: depth 39 unlimited
     lengths = huffman.code_lengths(counts, max_length=12)

@@ -100,6 +100,11 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
 def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` symbols :func:`encode` packed into ``data``.
 
+    Vectorised, without a Python loop per symbol: every bit position's next ``longest`` bits
+    are looked up at once (the symbol a code starting there would be, and its length), and
+    the chain of code starts from bit 0 is followed by pointer doubling: ``BLOCK`` codes at a
+    time between block starts, then every block filled in ``BLOCK`` gathers.
+
     Raises:
         ValueError: the bits do not decode to ``count`` symbols (a corrupt stream).
     """
@@ -119,19 +124,55 @@ def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
         table_symbol[first:first + (1 << shift)] = s
         table_length[first:first + (1 << shift)] = lengths[s]
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    padded = np.concatenate([bits, np.zeros(longest, dtype=np.uint8)])
-    weights = (1 << np.arange(longest - 1, -1, -1)).astype(np.int64)
-    out = np.empty(count, dtype=np.int64)
-    pos, total = 0, bits.size
-    window = padded.astype(np.int64)
-    for i in range(count):
-        key = int(window[pos:pos + longest] @ weights)
-        s = table_symbol[key]
-        if s < 0 or pos + table_length[key] > total:
-            raise ValueError("the Huffman stream is corrupt or truncated")
-        out[i] = s
-        pos += int(table_length[key])
+    total = bits.size
+    if count > total:  # every code is at least one bit
+        raise ValueError("the Huffman stream is corrupt or truncated")
+    keys = _window_keys(bits, longest)  # (total,) the `longest` bits from each position, as an integer
+    # next[p]: where the code starting at bit p ends (total: the end; a position with no code goes there too).
+    step = table_length[keys]
+    nxt = np.arange(total, dtype=np.int64) + np.where(step > 0, step, total + 1)
+    index = np.int32 if total < 2**31 - 1 else np.int64
+    nxt = np.append(np.minimum(nxt, total), total).astype(index)  # the end maps to itself
+    starts = _chain(nxt, count)  # (count,) the bit where each symbol's code starts
+    if (starts >= total).any():
+        raise ValueError("the Huffman stream is corrupt or truncated")
+    out = table_symbol[keys[starts]]
+    last = int(starts[-1]) + int(table_length[keys[starts[-1]]])
+    if (out < 0).any() or last > total:
+        raise ValueError("the Huffman stream is corrupt or truncated")
     return out
+
+
+BLOCK = 256  # codes between the block starts that pointer doubling finds
+
+
+def _window_keys(bits: np.ndarray, width: int) -> np.ndarray:
+    """For every position of ``bits``, the next ``width`` bits (zeros past the end) read as an integer."""
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)]).astype(np.int32)
+    keys = np.zeros(bits.size, dtype=np.int32)  # width <= MAX_LENGTH (24) bits fit
+    for j in range(width):  # bit j of the window is the (width - 1 - j)-th binary digit of the key
+        keys <<= 1
+        keys |= padded[j:j + bits.size]
+    return keys
+
+
+def _chain(nxt: np.ndarray, count: int) -> np.ndarray:
+    """``p_0 = 0, p_{i+1} = nxt[p_i]`` for ``i < count``, without a Python step per element."""
+    jump = nxt
+    for _ in range(BLOCK.bit_length() - 1):  # jump = nxt applied BLOCK times
+        jump = jump[jump]
+    blocks = -(-count // BLOCK)
+    heads = np.empty(blocks, dtype=np.int64)
+    p = 0
+    for b in range(blocks):  # one Python step per block of BLOCK codes
+        heads[b] = p
+        p = int(jump[p])
+    out = np.empty((BLOCK, blocks), dtype=np.int64)
+    cur = heads
+    for j in range(BLOCK):
+        out[j] = cur
+        cur = nxt[cur]
+    return out.T.reshape(-1)[:count]
 
 
 def entropy_bits(counts: np.ndarray) -> float:
