@@ -178,12 +178,14 @@ def compress_section(data: dict) -> list[str]:
                         f"({', '.join(f'{k} {v}' for k, v in best['bits'].items())} bits), test {-loss:+.2f} points."]
         out.append("")
     out += ["### AlexNet and VGG-16, random weights at the paper's rates, conv 8 / fc 5 bits", "",
-            "| network | dense | pruned | shared + Huffman | published | within 5%? |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+            "| network | dense | pruned | shared + Huffman | published | within 5%? | export | `prunet.load` |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for row in data["paper"]:
         off = row["shared_bytes"] / row["published_shared"] - 1
+        load_s = f"{row['load_seconds']:.1f} s" if "load_seconds" in row else "–"
         out.append(f"| {row['model']} | {row['dense_bytes'] / 1e6:.1f} MB | {row['pruned_bytes'] / 1e6:.2f} MB | "
                    f"{row['shared_bytes'] / 1e6:.2f} MB | {row['published_shared'] / 1e6:.1f} MB | "
-                   f"{'met' if abs(off) <= 0.05 else 'missed'} ({off:+.0%}) |")
+                   f"{'met' if abs(off) <= 0.05 else 'missed'} ({off:+.0%}) | {row['seconds']:.0f} s | {load_s} |")
     out += ["", "Random Gaussian weights cluster and code differently from trained ones, so the gap to the "
                 "published sizes measures the format only roughly.", ""]
     return out
