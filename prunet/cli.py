@@ -390,17 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        # Under torchrun the ranks agree on their inputs first; a rank whose error another rank also
-        # reports (or that only learnt another failed) stays quiet. Errors found later: rank 0 says them.
-        quiet = getattr(e, "quiet", None)
-        if not (quiet if quiet is not None else _rank() != 0):
-            print(f"prunet: error: {e}", file=sys.stderr)
+        _error(e, str(e))
         return 2
     except OSError as e:  # a full disk, a read-only folder, a file that vanished: the system's words, one line
         if args.debug:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"prunet: error: {where}{e.strerror or e}", file=sys.stderr)
+        _error(e, f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
         print("prunet: interrupted; checkpoints written so far are complete, an overwritten run is back in "
@@ -408,6 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _error(e: BaseException, text: str) -> None:
+    """One line on stderr. Under torchrun: an error every rank met (they agree on their inputs first) is
+    said once, by the first rank that met it (the others are ``quiet``); any other, by its rank, named."""
+    quiet = getattr(e, "quiet", None)
+    if quiet:
+        return
+    rank = _rank()
+    print(f"prunet: error: {f'rank {rank}: ' if rank else ''}{text}", file=sys.stderr)
 
 
 def _rank() -> int:

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,32 +80,47 @@ def _module(part: str, field: str):
 
 
 def _file_module(path: Path, field: str):
-    """A ``.py`` file as the module named by its stem, its folder on ``sys.path``.
+    """A ``.py`` file as a module: under its own name (its stem) where that name finds it, else a private one.
 
-    Imported under its own name (not a made-up one) so that what it defines pickles: a
-    ``DataLoader`` worker started by ``spawn`` or ``forkserver`` imports the module by that
-    name, and finds it through ``sys.path``, which it inherits.
+    Under its own name, with its folder at the end of ``sys.path``, what it defines pickles: a
+    ``DataLoader`` worker started by ``spawn`` or ``forkserver`` imports the module by that name
+    and finds it through the ``sys.path`` it inherits (appended, so the folder's other files never
+    shadow a module of the standard library or an installed package). A stem that is not a
+    module name, or that another module already takes, gets a private name instead: it works
+    everywhere but in such workers (``data.workers: 0``, or a worker started by ``fork``).
     """
     if not path.is_file():
         raise FactoryError(f"{field}: no file {path} (relative to {os.getcwd()})")
     path = path.resolve()
     name = path.stem
     loaded = sys.modules.get(name)
-    if loaded is not None:
-        if Path(getattr(loaded, "__file__", "") or "").resolve() == path:
-            return loaded
-        raise FactoryError(f"{field}: {path} would be imported as module {name!r}, but another module of that "
-                           f"name is loaded ({getattr(loaded, '__file__', None) or 'built in'}); rename the file")
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+    if loaded is not None and _is_file(loaded, path):
+        return loaded
+    private = f"prunet_factory_{zlib.crc32(str(path).encode()):08x}"
+    if private in sys.modules:
+        return sys.modules[private]
+    if name.isidentifier() and loaded is None and importlib.util.find_spec(name) is None:
+        if str(path.parent) not in sys.path:
+            sys.path.append(str(path.parent))
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and Path(spec.origin).resolve() == path:
+            return _exec(name, spec, path, field)
+    return _exec(private, importlib.util.spec_from_file_location(private, path), path, field)
+
+
+def _is_file(module, path: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return bool(file) and Path(file).resolve() == path
+
+
+def _exec(name: str, spec, path: Path, field: str):
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
-        module = importlib.import_module(name)
+        spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
         raise FactoryError(f"{field}: importing {path} raised {type(e).__name__}: {e}") from e
-    if Path(getattr(module, "__file__", "") or "").resolve() != path:
-        raise FactoryError(f"{field}: {path} would be imported as module {name!r}, but that name finds "
-                           f"{module.__file__} first; rename the file")
     return module
 
 
@@ -112,8 +128,8 @@ def absolute(spec: str) -> str:
     """``spec`` with a relative ``.py`` path made absolute (from the current folder), so it names the same file
     from anywhere: recipes store it so, and the checkpoints and resume points written from them."""
     module_part, sep, name = spec.rpartition(":")
-    if sep and module_part.endswith(".py") and not Path(module_part).is_absolute():
-        return f"{Path(module_part).expanduser().absolute()}:{name}"
+    if sep and module_part.endswith(".py"):
+        return f"{Path(module_part).expanduser().resolve()}:{name}"
     return spec
 
 

@@ -154,7 +154,7 @@ def _device(recipe: Recipe, ranks: Ranks) -> torch.device:
     device = resolve_device(recipe.device, local_rank=ranks.local_rank if ranks.distributed else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if recipe.train.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        if recipe.train.amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise ConfigError(f"train.amp: bf16 needs a GPU that computes in bfloat16, and {device} "
                               f"({torch.cuda.get_device_name(device)}) does not; use fp16")
     return device

@@ -230,8 +230,10 @@ def fit(
                 if ranks.distributed:  # every rank stops together, or none does
                     value = all_reduce_sum([value], ranks)[0] / ranks.world_size
                 if not math.isfinite(value):  # before the step: the weights are still the last finite ones
-                    raise DivergedError(f"train.lr: the training loss became {value} in {phase} epoch {epoch + 1} "
-                                        f"at lr {lr:.3g}; lower the learning rate")
+                    error = DivergedError(f"train.lr: the training loss became {value} in {phase} epoch "
+                                          f"{epoch + 1} at lr {lr:.3g}; lower the learning rate")
+                    error.quiet = not ranks.main if ranks.distributed else None  # every rank stops here: rank 0 says it
+                    raise error
                 objective = loss
                 if teacher is not None:
                     with autocast():

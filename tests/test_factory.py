@@ -299,3 +299,26 @@ def test_from_a_checkpoint_of_other_factory_data_is_refused(tmp_path, capsys):
     assert main(["run", str(write(tmp_path, other)), "--from", str(dense)]) == 2
     err = one_line_error(capsys)
     assert err.startswith("prunet: error: data: ") and "was trained with split" in err
+
+
+def test_a_factory_folder_shadows_nothing_and_odd_file_names_still_import(tmp_path):
+    """The factory's folder goes at the end of sys.path: its random.py does not replace the standard library's,
+    in this process or in a spawned DataLoader worker; a stem that is no module name imports all the same."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "random.py").write_text("raise RuntimeError('the standard library was shadowed')\n")
+    (folder / "toydata.py").write_text(
+        "import torch\nfrom torch.utils.data import Dataset\n\n"
+        "class Squares(Dataset):\n    def __len__(self):\n        return 8\n\n"
+        "    def __getitem__(self, i):\n        return torch.tensor([float(i * i)]), i % 2\n\n"
+        "def make():\n    return Squares()\n")
+    (folder / "nets.v2.py").write_text("def make():\n    return 'v2'\n")
+    dataset = import_factory(f"{folder}/toydata.py:make")()
+    batches = list(DataLoader(dataset, batch_size=4, num_workers=1,
+                              multiprocessing_context=multiprocessing.get_context("spawn")))
+    assert [b[0].flatten().tolist() for b in batches] == [[0, 1, 4, 9], [16, 25, 36, 49]]
+    assert import_factory(f"{folder}/nets.v2.py:make")() == "v2"

@@ -108,16 +108,20 @@ def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     Raises:
         ValueError: the bits do not decode to ``count`` symbols (a corrupt stream).
     """
+    if count < 0:
+        raise ValueError(f"the Huffman stream is corrupt: a count of {count} symbols")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     if not lengths.any():
         raise ValueError("no symbol has a code")
+    if lengths.min() < 0 or lengths.max() > MAX_LENGTH:
+        raise ValueError(f"the Huffman stream is corrupt: code lengths outside 0..{MAX_LENGTH}")
     codes = canonical_codes(lengths)
     longest = int(lengths.max())
     # A table on the next `longest` bits: each entry, the symbol whose code is their prefix, and its length.
     table_symbol = np.full(1 << longest, -1, dtype=np.int64)
-    table_length = np.zeros(1 << longest, dtype=np.int64)
+    table_length = np.zeros(1 << longest, dtype=np.uint8)
     for s in np.flatnonzero(lengths):
         shift = longest - int(lengths[s])
         first = int(codes[s]) << shift
@@ -128,12 +132,18 @@ def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     if count > total:  # every code is at least one bit
         raise ValueError("the Huffman stream is corrupt or truncated")
     keys = _window_keys(bits, longest)  # (total,) the `longest` bits from each position, as an integer
+    del bits
     # next[p]: where the code starting at bit p ends (total: the end; a position with no code goes there too).
+    # About 17 bytes a bit of stream at the peak (keys, next, the doubling's arrays, the output).
+    index = np.int32 if total < 2**31 - 64 else np.int64
+    nxt = np.arange(total + 1, dtype=index)
     step = table_length[keys]
-    nxt = np.arange(total, dtype=np.int64) + np.where(step > 0, step, total + 1)
-    index = np.int32 if total < 2**31 - 1 else np.int64
-    nxt = np.append(np.minimum(nxt, total), total).astype(index)  # the end maps to itself
+    nxt[:-1] += step
+    nxt[:-1][step == 0] = total
+    del step
+    np.minimum(nxt, total, out=nxt)  # the end maps to itself
     starts = _chain(nxt, count)  # (count,) the bit where each symbol's code starts
+    del nxt
     if (starts >= total).any():
         raise ValueError("the Huffman stream is corrupt or truncated")
     out = table_symbol[keys[starts]]
@@ -148,7 +158,7 @@ BLOCK = 256  # codes between the block starts that pointer doubling finds
 
 def _window_keys(bits: np.ndarray, width: int) -> np.ndarray:
     """For every position of ``bits``, the next ``width`` bits (zeros past the end) read as an integer."""
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)]).astype(np.int32)
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)])
     keys = np.zeros(bits.size, dtype=np.int32)  # width <= MAX_LENGTH (24) bits fit
     for j in range(width):  # bit j of the window is the (width - 1 - j)-th binary digit of the key
         keys <<= 1
