@@ -384,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a scheduler stopping the job, `kill`) behaves like Ctrl-C: the run folder is put right.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.func not in (cmd_run, cmd_train) and _world() > 1:
+            error = UsageError(f"{args.command} runs in one process; start it without torchrun "
+                               f"(only 'prunet run' and 'prunet train' run on several)")
+            error.quiet = _rank() != 0  # every rank refuses alike: rank 0 says it
+            raise error
         if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
             resolve_device(args.device, "--device")
         return args.func(args)
@@ -421,6 +426,13 @@ def _rank() -> int:
         return from_env().rank
     except ValueError:
         return 0
+
+
+def _world() -> int:
+    try:
+        return from_env().world_size
+    except ValueError:
+        return 1
 
 
 def _interrupt(signum, frame) -> None:

@@ -215,3 +215,11 @@ def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_
     assert val_loss == pytest.approx(summary["final"]["val_loss"], rel=1e-5)  # the loss shows any other statistics
     a, b = summary["rounds"][0]["mask_digests"]
     assert a == b
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
+    done = subprocess.run(torchrun("report", str(tmp_path)), capture_output=True, text=True, cwd=tmp_path, env=env(),
+                          timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("prunet: error: report runs in one process; start it without torchrun") == 1
+    assert "rank 1:" not in done.stderr
