@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_sparse.py
 	$(BIN)/python benchmarks/bench_prune_scale.py
 	$(BIN)/python benchmarks/bench_compress.py
+	$(BIN)/python benchmarks/bench_ddp.py
 	$(BIN)/python benchmarks/bench_reproduce.py
 	$(BIN)/python benchmarks/make_results.py
 

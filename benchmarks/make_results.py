@@ -282,6 +282,9 @@ def main(argv=None) -> int:
     compress = RESULTS / "bench_compress.json"
     if compress.is_file():
         lines += compress_section(json.loads(compress.read_text()))
+    ddp = RESULTS / "bench_ddp.json"
+    if ddp.is_file():
+        lines += ddp_section(json.loads(ddp.read_text()))
     scale = RESULTS / "bench_prune_scale.json"
     if scale.is_file():
         lines += ["## One prune step over VGG-16's 138M weights", "",
@@ -295,6 +298,26 @@ def main(argv=None) -> int:
     if scale.is_file():
         write_docs_section(ROOT / "docs" / "benchmarks.md", data, json.loads(scale.read_text()))
     return 0
+
+
+def ddp_section(data: dict) -> list[str]:
+    """Where a run computes: epoch times side by side, the first row the reference."""
+    rows = data["rows"]
+    base = rows[0]["epoch_seconds"]
+    gpu = data["machine"].get("gpu")
+    out = ["## Where it runs: processes, data loaders, devices", "",
+           f"`python benchmarks/bench_ddp.py`: `prunet train` of LeNet-300-100 on Fashion-MNIST for {data['epochs']} "
+           "epochs per case, each in fresh processes; the mean epoch time (training and the validation pass) from "
+           f"`metrics.jsonl`. Machine: {data['machine']['threads']} cores, "
+           f"{f'GPU {gpu}' if gpu else 'no GPU (the CUDA cases did not run)'}.", "",
+           "| case | seconds an epoch | × the first | validation after the last epoch |", "| --- | ---: | ---: | ---: |"]
+    out += [f"| {r['case']} | {r['epoch_seconds']:.1f} | {r['epoch_seconds'] / base:.2f}× | {r['val_acc']:.2f} |"
+            for r in rows]
+    out += ["", "On two CPU cores several processes do not pay: each step's gradients (1 MB) go through gloo, and "
+                "the two processes share the cores that one process with two threads uses. DDP is there for "
+                "several GPUs and machines. A DataLoader over a Python `Dataset` costs what building each example "
+                "costs; its workers need cores of their own.", ""]
+    return out
 
 
 START, END = "<!-- make_results: start -->", "<!-- make_results: end -->"
