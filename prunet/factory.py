@@ -99,13 +99,21 @@ def _file_module(path: Path, field: str):
     private = f"prunet_factory_{zlib.crc32(str(path).encode()):08x}"
     if private in sys.modules:
         return sys.modules[private]
-    if name.isidentifier() and loaded is None and importlib.util.find_spec(name) is None:
-        if str(path.parent) not in sys.path:
+    if name.isidentifier() and loaded is None:
+        spec = _find(name)
+        if spec is None:  # no other module takes the name: its folder goes at the end of the path
             sys.path.append(str(path.parent))
-        spec = importlib.util.find_spec(name)
+            spec = _find(name)
         if spec is not None and spec.origin and Path(spec.origin).resolve() == path:
             return _exec(name, spec, path, field)
     return _exec(private, importlib.util.spec_from_file_location(private, path), path, field)
+
+
+def _find(name: str):
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
 
 def _is_file(module, path: Path) -> bool:

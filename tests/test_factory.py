@@ -322,3 +322,10 @@ def test_a_factory_folder_shadows_nothing_and_odd_file_names_still_import(tmp_pa
                               multiprocessing_context=multiprocessing.get_context("spawn")))
     assert [b[0].flatten().tolist() for b in batches] == [[0, 1, 4, 9], [16, 25, 36, 49]]
     assert import_factory(f"{folder}/nets.v2.py:make")() == "v2"
+
+
+def test_a_factory_file_in_the_current_folder_imports_under_its_own_name(tmp_path, monkeypatch):
+    (tmp_path / "herenets.py").write_text("def make():\n    return __name__\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend("")  # as `python -m prunet` has it
+    assert import_factory("herenets.py:make")() == "herenets"  # importable by name: picklable for any worker
