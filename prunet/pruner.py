@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import re
 from typing import Iterable
 
 import torch
@@ -23,6 +25,8 @@ from prunet.layers import PRUNABLE_TYPES, Layer, LayerRow, check_names, find_lay
 from prunet.masks import ZERO_PRESERVING
 
 __all__ = ["Pruner", "ZERO_PRESERVING"]
+
+NO_FLOAT64 = ("mps",)  # devices without float64: a prune step's statistics are computed on the CPU
 
 
 class Pruner:
@@ -87,7 +91,10 @@ class Pruner:
             raise ValueError("prune() needs a criterion: pass one here or to Pruner(model, criterion)")
         check_names(self.targets, criterion.keys(), self._model_name)
         selected = self.select(layers)
-        new = criterion.masks_in(selected, self.targets)
+        if any(t.weight.device.type in NO_FLOAT64 for t in self.targets):
+            new = self._masks_on_cpu(criterion, selected)
+        else:
+            new = criterion.masks_in(selected, self.targets)
         for t in selected:
             if t.param in new:
                 # AND with the current mask: a criterion can only remove connections.
@@ -95,6 +102,17 @@ class Pruner:
                 for opt in self._optimizers:
                     M.mask_optimizer_state(opt, t.weight, t.mask)
         return {s.layer: s for s in self.summary()}
+
+    def _masks_on_cpu(self, criterion: Criterion, selected: list[Layer]) -> dict[str, torch.Tensor]:
+        """The criterion's masks computed on a CPU copy of the model, moved back to each weight's device.
+
+        Criteria keep their statistics in float64, which some accelerators (Apple's MPS) lack.
+        """
+        twin = copy.deepcopy(self.model).to("cpu")
+        targets = {t.param: t for t in find_layers(twin, [f"^{re.escape(t.param)}$" for t in self.targets])}
+        new = criterion.masks_in([targets[t.param] for t in selected], [targets[t.param] for t in self.targets])
+        devices = {t.param: t.weight.device for t in self.targets}
+        return {name: mask.to(devices[name]) for name, mask in new.items()}
 
     def select(self, layers: Iterable[str] | None) -> list[Layer]:
         """The targets named by ``layers`` (names, groups, globs); all when None.

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import prunet
 from prunet import GlobalMagnitude, Pruner, Sparsity, Threshold
 from prunet.checkpoint import load_model, save_checkpoint
 from prunet.models import create_model
@@ -549,3 +550,22 @@ def test_first_order_optimizers_skip_the_per_step_multiply(lenet, mnist_batch):
     assert multiplies == []
     for t in pruner.targets:
         assert torch.count_nonzero(t.weight[t.mask == 0]) == 0
+
+
+@pytest.mark.parametrize("criterion", [prunet.Threshold({"fc1": 1.0, "fc2": 0.8, "fc3": 0.5}),
+                                       prunet.TargetThreshold(12.0, {"fc": 1.0, "fc3": 0.5}),
+                                       prunet.GlobalMagnitude(0.9)])
+def test_a_device_without_float64_prunes_on_a_cpu_copy_to_the_same_masks(lenet, monkeypatch, criterion):
+    """Apple's MPS has no float64: there the criterion runs on a CPU copy. Forced here on the CPU itself."""
+    import prunet.pruner
+
+    direct, shadowed = lenet(), lenet()
+    a, b = prunet.Pruner(direct), prunet.Pruner(shadowed)
+    a.prune(prunet.Threshold(0.3))
+    b.prune(prunet.Threshold(0.3))
+    a.prune(criterion, layers=["fc1", "fc2"] if isinstance(criterion, prunet.Threshold) else None)
+    monkeypatch.setattr(prunet.pruner, "NO_FLOAT64", ("cpu",))
+    b.prune(criterion, layers=["fc1", "fc2"] if isinstance(criterion, prunet.Threshold) else None)
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+    assert torch.equal(direct.fc3.weight, shadowed.fc3.weight)
