@@ -31,7 +31,7 @@ from prunet.checks import (
 from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
 from prunet.criteria import TargetError
 from prunet.data import DatasetSplits, head, load_data, loader, loader_batches
-from prunet.devices import resolve_device
+from prunet.devices import model_device, resolve_device
 from prunet.distributed import Ranks, agree, broadcast_object, from_env, gather_objects, init_process_group, \
     mask_digest, shutdown
 from prunet.layers import find_layers, format_table, totals
@@ -273,7 +273,7 @@ class _RunState:
         """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks."""
         try:
             recipe = recipe_from_dict(saved["recipe"])
-            model, pruner = model_from_state(recipe.model.spec, recipe.model.arguments(), saved["model_state"], path)
+            model, pruner = _build(recipe, saved["model_state"], path)
         except (KeyError, ConfigError, CheckpointError) as e:
             raise F.RunError(f"{path} does not hold a run prunet can continue ({e}); start it again with "
                              f"--overwrite") from None
@@ -314,7 +314,7 @@ def _execute(
         state.save(folder)  # the start: a kill before the first epoch ends resumes from here
     log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
     ctx = _Context(recipe, data, norm, folder, log, state, ranks)
-    device = next(model.parameters()).device
+    device = model_device(model)
     if device.type != "cpu" or ranks.distributed:
         log(f"device: {device}" + (f", {ranks.world_size} processes (rank 0 writes)" if ranks.distributed else ""))
 
@@ -413,7 +413,7 @@ class _Context:
                  state: _RunState, ranks: Ranks):
         self.recipe, self.data, self.norm, self.folder, self.log = recipe, data, norm, folder, log
         self.state, self.ranks = state, ranks
-        self.device = next(state.model.parameters()).device
+        self.device = model_device(state.model)
         self._teacher: nn.Module | None = None
 
     def on_epoch(self, rec: EpochRecord) -> None:
@@ -446,13 +446,9 @@ class _Context:
 
     def dense_model(self) -> nn.Module:
         """The run's dense checkpoint as a model on the run's device; rank 0 reads it and hands it to the others."""
-        state = self.folder_state(F.DENSE)
-        model = _build(self.recipe, state, self.folder.path / F.DENSE)[0]
-        return model.to(self.device)
-
-    def folder_state(self, name: str) -> dict[str, torch.Tensor]:
-        state = read_checkpoint(self.folder.path / name)[0] if self.ranks.main else None
-        return broadcast_object(state, self.ranks)
+        path = self.folder.path / F.DENSE
+        state = broadcast_object(read_checkpoint(path)[0] if self.ranks.main else None, self.ranks)
+        return _build(self.recipe, state, path)[0].to(self.device)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size,
@@ -491,6 +487,7 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
 
 
 def _build(recipe: Recipe, state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, Pruner | None]:
+    """The recipe's model (registry or factory) with the weights and masks of ``state``."""
     return model_from_state(recipe.model.spec, recipe.model.arguments(), state, path)
 
 
