@@ -223,3 +223,14 @@ def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("prunet: error: report runs in one process; start it without torchrun") == 1
     assert "rank 1:" not in done.stderr
+
+
+def test_a_diverging_two_process_run_stops_on_every_rank_with_one_line(tmp_path):
+    """The loss is summed over the ranks before each step: both stop at the same step, rank 0 says why."""
+    recipe = {**RECIPE, "train": {"epochs": 1, "lr": 1e8}}
+    path = write(tmp_path, recipe)
+    done = subprocess.run(torchrun("run", str(path)), capture_output=True, text=True, cwd=tmp_path, env=env(),
+                          timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("prunet: error: train.lr: the training loss became") == 1
+    assert "rank 1" not in done.stderr.split("torch.distributed")[0] and "exitcode  : 2" in done.stderr
