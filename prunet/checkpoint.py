@@ -46,8 +46,25 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     # Masks are 0/1 in the weight's dtype in memory (fast to multiply); store them as bool.
     state = {k: v.bool() if k.endswith(MASK_SUFFIX) else v for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        save_file(own_storage(state), str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
+
+
+def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each one in memory of its own, as safetensors needs.
+
+    A tied weight (one parameter under two names, ``proj.weight`` and ``proj2.weight``)
+    is stored under both names; loading it back copies the same values into the one
+    parameter twice, so the tie holds.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        out[name] = t.clone() if key is not None and key in seen else t
+        if key is not None:
+            seen.add(key)
+    return out
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

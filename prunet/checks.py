@@ -77,6 +77,8 @@ def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits)
     if mismatch is not None:
         field, problem = mismatch
         subject = f"{recipe.model.spec} " if field == "model.name" else ""
+        if recipe.model.factory is not None:  # the recipe names the model by its factory
+            field = {"model.name": "model.factory", "model.num_classes": "model.kwargs"}[field]
         raise ConfigError(f"{field}: {subject}{problem}")
 
 

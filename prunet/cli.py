@@ -202,8 +202,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     quantize = _bits(args.bits) if args.quantized else None
     done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype,
                   quantize=quantize)
+    than = f"{done.ratio:.1f}x smaller than" if done.ratio >= 1 else f"{1 / done.ratio:.2f}x the size of"
     print(f"wrote {done.path} ({done.format}{', shrunk' if done.shrunk else ''}): {done.bytes:,} bytes, "
-          f"{done.ratio:.1f}x smaller than the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
+          f"{than} the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
     return 0
 
 
@@ -404,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(e, f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
-        print("prunet: interrupted; checkpoints written so far are complete, an overwritten run is back in "
-              "place", file=sys.stderr)
+        print("prunet: interrupted; checkpoints written so far are complete (an earlier run that --overwrite "
+              "was replacing is back in place)", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

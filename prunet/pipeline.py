@@ -312,7 +312,8 @@ def _execute(
     if not resumed:
         folder.write_yaml(F.CONFIG, recipe.to_dict())
         state.save(folder)  # the start: a kill before the first epoch ends resumes from here
-    log(f"data: {data.name} from {data.source} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
+    where = "" if str(data.source) == data.name else f" from {data.source}"
+    log(f"data: {data.name}{where} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
     ctx = _Context(recipe, data, norm, folder, log, state, ranks)
     device = model_device(model)
     if device.type != "cpu" or ranks.distributed:

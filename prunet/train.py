@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from prunet.config import ConfigError, TrainConfig
-from prunet.data import loader, loader_batches
+from prunet.data import DataError, loader, loader_batches
 from prunet.devices import model_device
 from prunet.distributed import SINGLE, Ranks, all_reduce_sum, broadcast_buffers, gather_objects
 from prunet.pruner import Pruner
@@ -96,6 +96,7 @@ def evaluate(model: nn.Module, split: Dataset, norm: Normalization, batch_size: 
     for x, y in loader(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std, device=model_device(model),
                        rank=ranks.rank, world_size=ranks.world_size, workers=workers):
         logits = model(x)
+        _check_labels(y, logits, "evaluation")
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
@@ -225,6 +226,7 @@ def fit(
             for batch, (x, y) in enumerate(bar):
                 with autocast():
                     logits = net(x)
+                    _check_labels(y, logits, "training")
                     loss = F.cross_entropy(logits, y)
                 value = own = loss.item()
                 if ranks.distributed:  # every rank stops together, or none does
@@ -287,6 +289,15 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return records
+
+
+def _check_labels(y: torch.Tensor, logits: torch.Tensor, where: str) -> None:
+    """Every label names one of the model's outputs (a wrong one would be an IndexError, or a CUDA assert)."""
+    classes = logits.shape[-1]
+    if bool(((y < 0) | (y >= classes)).any()):
+        bad = int(y[(y < 0) | (y >= classes)][0])
+        raise DataError(f"data: a {where} batch has label {bad}, but the model has {classes} outputs "
+                        f"(labels are class indices 0..{classes - 1}; see model.num_classes or your factory)")
 
 
 def _mixed_precision(amp: str, device: torch.device):

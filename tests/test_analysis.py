@@ -339,3 +339,25 @@ def test_weight_histogram_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     empty = plot_weight_histogram(before, torch.zeros(50, 40), tmp_path / "empty.png", "fc1")
     assert empty.stat().st_size > 1000
+
+
+def test_act_is_credited_in_the_order_the_forward_runs_the_layers():
+    """A custom forward may run its layers in another order than it defines them."""
+
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)  # defined first, runs last
+            self.body = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Reordered()
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        expected = float((torch.relu(model.body(x)) != 0).float().mean())
+    fractions = activation_fractions(model, [x[:32], x[32:]])
+    assert fractions["body"] == pytest.approx(expected)
+    assert fractions["head"] == 1.0  # it gives the result

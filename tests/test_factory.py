@@ -189,7 +189,7 @@ def test_a_workers_dataloader_gives_the_same_batches(tmp_path):
     ({"model.kwargs": {"depth": 7}}, ["model.factory", "raised ValueError", "depth must be 6n + 2"]),
     ({"data.factory": f"{EXAMPLE}:resnet", "data.kwargs": {}}, ["data.factory", "returned ResNet"]),
     ({"data.kwargs": {"n_train": 100, "n_val": 0, "size": 12}, "data.val_size": 500}, ["data.val_size", "(0, 100)"]),
-    ({"model.kwargs": {"depth": 8, "width": 8, "num_classes": 2}}, ["model.num_classes", "2 outputs", "label 3"]),
+    ({"model.kwargs": {"depth": 8, "width": 8, "num_classes": 2}}, ["model.kwargs", "2 outputs", "label 3"]),
 ])
 def test_a_bad_factory_is_one_line_and_exit_2(tmp_path, capsys, change, words):
     recipe = toy_recipe(tmp_path, **change)
@@ -329,3 +329,88 @@ def test_a_factory_file_in_the_current_folder_imports_under_its_own_name(tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend("")  # as `python -m prunet` has it
     assert import_factory("herenets.py:make")() == "herenets"  # importable by name: picklable for any worker
+
+
+USER_CODE = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight, used in a forward whose order is not the definition order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 4)
+        self.proj = nn.Linear(32, 32)
+        self.proj2 = nn.Linear(32, 32)
+        self.proj2.weight = self.proj.weight
+        self.inp = nn.Linear(144, 32)
+
+    def forward(self, x):
+        x = F.relu(self.inp(x.flatten(1)))
+        x = F.relu(self.proj(x))
+        x = F.relu(self.proj2(x))
+        return self.head(x)
+
+
+def tied():
+    return Tied()
+
+
+def not_a_module():
+    return "a string"
+
+
+def data(labels="good", n=600):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(4, 1, 12, 12, generator=g)[y] + 0.5 * torch.randn(n, 1, 12, 12, generator=g)
+    if labels == "fractional":
+        y = y.float() + 0.5
+    elif labels == "one-hot":
+        y = F.one_hot(y, 4).float()
+    elif labels == "late-bad":
+        y = y.clone()
+        y[-1] = 12
+    elif labels == "tensors":
+        return x, None, x
+    return TensorDataset(x, y), None, TensorDataset(x[:100], y[:100])
+'''
+
+
+def user_recipe(tmp_path: Path, model: str = "tied", labels: str = "good") -> dict:
+    code = tmp_path / "usercode.py"
+    code.write_text(USER_CODE)
+    return {"name": "user", "output_dir": str(tmp_path / "runs"),
+            "model": {"factory": f"{code}:{model}"},
+            "data": {"factory": f"{code}:data", "kwargs": {"labels": labels}, "val_size": 100, "batch_size": 50},
+            "train": {"epochs": 1}, "prune": {"rounds": [{"quality": 0.5, "epochs": 1}]}}
+
+
+def test_a_model_with_a_tied_weight_runs_saves_and_reloads_with_the_tie(tmp_path):
+    assert main(["run", str(write(tmp_path, user_recipe(tmp_path)))]) == 0
+    run_dir = tmp_path / "runs" / "user"
+    model, pruner, _ = load_model(run_dir / "final.safetensors")
+    assert model.proj2.weight is model.proj.weight  # one parameter, one mask
+    assert [t.layer for t in pruner.targets] == ["head", "proj", "inp"]
+    x = torch.randn(3, 1, 12, 12)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(sparse.load(run_dir / "final.prunet")(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("model, labels, words", [
+    ("not_a_module", "good", ["model.factory", "returned a str, not a torch.nn.Module"]),
+    ("tied", "fractional", ["labels must be whole numbers", "0.5"]),
+    ("tied", "one-hot", ["a label must be one integer", "shape (4,)"]),
+    ("tied", "late-bad", ["label 12", "4 outputs"]),
+    ("tied", "tensors", ["data.factory", "is a tensor, not a dataset", "TensorDataset"]),
+])
+def test_user_code_mistakes_are_one_line_and_exit_2(tmp_path, capsys, model, labels, words):
+    assert main(["run", str(write(tmp_path, user_recipe(tmp_path, model, labels)))]) == 2
+    err = one_line_error(capsys)
+    for w in words:
+        assert w in err, (w, err)

@@ -98,10 +98,13 @@ def activation_fractions(model: nn.Module, activation_data: torch.Tensor | Itera
     """The paper's Act%: non-zero fraction of each prunable layer's output, as the next one sees it.
 
     A forward pre-hook on each prunable layer counts the non-zero entries of its
-    input and credits them to the prunable layer before it. So the fraction is
-    measured after whatever lies between (ReLU, pooling, dropout in eval), works
-    for functional activations inside custom ``forward`` methods, and matches
-    the paper's LeNet-5 numbers, where conv1's Act% is what reaches conv2.
+    input and credits them to the prunable layer that ran just before it (in the
+    order the forward runs them, which a custom ``forward`` may choose). So the
+    fraction is measured after whatever lies between (ReLU, pooling, dropout in
+    eval), works for functional activations inside custom ``forward`` methods, and
+    matches the paper's LeNet-5 numbers, where conv1's Act% is what reaches conv2.
+    In a graph with branches (a ResNet's shortcuts) the layer that ran before is not
+    always the one whose output arrives: there it is an approximation.
 
     Args:
         model: the network; run in eval mode under ``torch.no_grad``.
@@ -110,29 +113,42 @@ def activation_fractions(model: nn.Module, activation_data: torch.Tensor | Itera
 
     Returns:
         ``{layer name: fraction}``, counted over all elements of all batches;
-        1.0 for the last layer (its output is the result, not an input);
-        None for a layer whose successor never ran.
+        1.0 for the layer that ran last (its output is the result, not an input);
+        None for a layer no other layer ran after.
     """
     layers = [(layer.layer, layer.module) for layer in find_layers(model)]
     nonzero = {name: 0 for name, _ in layers}
     total = {name: 0 for name, _ in layers}
+    last: list[str | None] = [None]  # the prunable layer that ran last: its output is what the next one sees
 
-    def pre_hook(previous: str):
-        def record(module: nn.Module, args) -> None:
+    def pre_hook(module: nn.Module, args) -> None:
+        if last[0] is not None:
             x = args[0]
-            nonzero[previous] += int(torch.count_nonzero(x))
-            total[previous] += x.numel()
+            nonzero[last[0]] += int(torch.count_nonzero(x))
+            total[last[0]] += x.numel()
+
+    def ran(name: str):
+        def record(module: nn.Module, args, output) -> None:
+            last[0] = name
 
         return record
 
-    handles = [nxt.register_forward_pre_hook(pre_hook(prev)) for (prev, _), (_, nxt) in zip(layers, layers[1:])]
+    # Credited in the order the layers run (not the order they are defined in); for a chain the two agree.
+    handles, hooked = [], set()
+    for name, module in layers:
+        if id(module) not in hooked:  # a module with two prunable parameters is one layer that runs
+            hooked.add(id(module))
+            handles += [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(ran(name))]
     param = next(model.parameters(), None)
+    final = None
     with _hooked(handles), _inference(model):
         for batch in _batches(activation_data):
+            last[0] = None  # a batch starts from the input, not from the previous batch's last layer
             model(batch if param is None else batch.to(param.device))
+            final = last[0]
     fractions: dict[str, float | None] = {n: nonzero[n] / total[n] if total[n] else None for n, _ in layers}
-    if layers:
-        fractions[layers[-1][0]] = 1.0
+    if final is not None:  # the layer that ran last gives the result, not an input
+        fractions[final] = 1.0
     return fractions
 
 

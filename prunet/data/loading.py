@@ -148,14 +148,23 @@ def _normalised(it, mean: float, std: float) -> Iterator[Batch]:
 
 
 def _collate(items: list[Any]) -> Batch:
-    """``(x, y)`` pairs to a batch; labels may be ints or 0-d tensors."""
+    """``(x, y)`` pairs to a batch; a label is an integer (an int, or a 0-d tensor or array of a whole number)."""
     try:
         xs, ys = zip(*items)
     except (TypeError, ValueError):
-        raise DataError(f"a dataset example must be an (input, label) pair, got {type(items[0]).__name__}") from None
+        raise DataError(f"data: a dataset example must be an (input, label) pair, got "
+                        f"{type(items[0]).__name__}") from None
     x = torch.stack([torch.as_tensor(v) for v in xs])
-    y = torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
-    return x, y
+    y = torch.stack([torch.as_tensor(v) for v in ys])
+    if y.dim() != 1:
+        raise DataError(f"data: a label must be one integer (the class), got one of shape {tuple(y.shape[1:])} "
+                        f"(one-hot labels: give the class index)")
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise DataError(f"data: labels must be whole numbers (class indices), got {y[y != y.round()][0].item()}")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise DataError(f"data: labels must be integer class indices, got {y.dtype}")
+    return x, y.to(torch.int64)
 
 
 def _factory_splits(cfg) -> DatasetSplits:
@@ -181,6 +190,9 @@ def _factory_splits(cfg) -> DatasetSplits:
         raise DataError(f"{where}: {cfg.factory} returned {type(out).__name__}; expected (train, val, test) "
                         f"datasets or a mapping with those keys")
     for name, ds in (("train", train), ("test", test)) + ((("val", val),) if val is not None else ()):
+        if isinstance(ds, torch.Tensor):
+            raise DataError(f"{where}: its {name} is a tensor, not a dataset; wrap inputs and labels as "
+                            f"torch.utils.data.TensorDataset(x, y)")
         if not (isinstance(ds, Sized) and hasattr(ds, "__getitem__")):
             raise DataError(f"{where}: its {name} is a {type(ds).__name__}, not a map-style dataset "
                             f"(__len__ and __getitem__)")

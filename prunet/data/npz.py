@@ -45,6 +45,8 @@ def _read(path: Path) -> TensorDataset:
             if missing:
                 raise DataError(f"{path} has no array {missing[0]!r} (it holds {', '.join(f.files) or 'nothing'})")
             x, y = f["x"], f["y"]
+    except DataError:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable .npz file ({e})") from None
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:

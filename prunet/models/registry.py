@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from prunet.factory import call_factory, is_factory
+from prunet.factory import FactoryError, call_factory, is_factory
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if is_factory(name):
         model = call_factory(name, kwargs, "model.factory")
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model.factory: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+            raise FactoryError(f"model.factory: {name} returned a {type(model).__name__}, not a torch.nn.Module")
         return model
     return get_model_info(name).builder(**kwargs)

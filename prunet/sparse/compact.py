@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from prunet.checkpoint import own_storage
 from prunet.files import atomic_path
 from prunet.sparse import codec, huffman
 
@@ -146,7 +147,7 @@ def write_compact(
               "sparse": sparse, "plain": [n for n in state if n not in keep and n not in shared]}
     header["checksum"] = _checksum(tensors, header)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header)})
+        save_file(own_storage(tensors), str(tmp), metadata={_META_KEY: json.dumps(header)})
     return Path(path)
 
 
