@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from prunet.config import ConfigError, Recipe
-from prunet.data import DatasetSplits, head, loader
+from prunet.data import DatasetSplits, first_batch
 from prunet.devices import model_device
 from prunet.layers import Layer, LayerNameError, check_names
 
@@ -53,8 +53,7 @@ def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str
     ``model.num_classes`` (its outputs are not the dataset's classes).
     """
     split = data.val if len(data.val) else data.test
-    x, y = next(iter(loader(head(split, LABELS_LOOKED_AT), LABELS_LOOKED_AT, shuffle=False, mean=data.mean,
-                            std=data.std, device=model_device(model))))
+    x, y = first_batch(split, LABELS_LOOKED_AT, mean=data.mean, std=data.std, device=model_device(model))
     x = x[:2]
     try:
         with torch.no_grad():

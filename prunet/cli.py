@@ -33,7 +33,7 @@ from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
-from prunet.distributed import RankFailed, from_env
+from prunet.distributed import SINGLE, RankFailed, Ranks, from_env
 from prunet.factory import FactoryError
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
@@ -385,10 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a scheduler stopping the job, `kill`) behaves like Ctrl-C: the run folder is put right.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.func not in (cmd_run, cmd_train) and _world() > 1:
+        if args.func not in (cmd_run, cmd_train) and _ranks().distributed:
             error = UsageError(f"{args.command} runs in one process; start it without torchrun "
                                f"(only 'prunet run' and 'prunet train' run on several)")
-            error.quiet = _rank() != 0  # every rank refuses alike: rank 0 says it
+            error.quiet = not _ranks().main  # every rank refuses alike: rank 0 says it
             raise error
         if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
             resolve_device(args.device, "--device")
@@ -418,22 +418,16 @@ def _error(e: BaseException, text: str) -> None:
     quiet = getattr(e, "quiet", None)
     if quiet:
         return
-    rank = _rank()
+    rank = _ranks().rank
     print(f"prunet: error: {f'rank {rank}: ' if rank else ''}{text}", file=sys.stderr)
 
 
-def _rank() -> int:
+def _ranks() -> Ranks:
+    """torchrun's ranks for this process (one process when its environment is malformed: the run says why)."""
     try:
-        return from_env().rank
+        return from_env()
     except ValueError:
-        return 0
-
-
-def _world() -> int:
-    try:
-        return from_env().world_size
-    except ValueError:
-        return 1
+        return SINGLE
 
 
 def _interrupt(signum, frame) -> None:

@@ -30,7 +30,7 @@ from prunet.checks import (
 )
 from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
 from prunet.criteria import TargetError
-from prunet.data import DatasetSplits, head, load_data, loader, loader_batches
+from prunet.data import DatasetSplits, first_batch, load_data, loader_batches
 from prunet.devices import model_device, resolve_device
 from prunet.distributed import Ranks, agree, broadcast_object, from_env, gather_objects, init_process_group, \
     mask_digest, shutdown
@@ -186,8 +186,7 @@ def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
 
 def _input_shape(data: DatasetSplits) -> list[int]:
     """One example's shape, as the model sees it (for exports of the model without its data)."""
-    x, _ = next(iter(loader(head(data.val if len(data.val) else data.test, 1), 1, shuffle=False,
-                            mean=data.mean, std=data.std)))
+    x, _ = first_batch(data.val if len(data.val) else data.test, 1, mean=data.mean, std=data.std)
     return list(x.shape[1:])
 
 
@@ -641,7 +640,7 @@ def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, An
         why = f"neuron removal needs an nn.Sequential model (a chain of layers); this one is a {type(model).__name__}"
         ctx.log(f"neurons: not removed ({why})")
         return {"skipped": why}
-    x, _ = next(iter(loader(head(ctx.data.val, 512), 512, shuffle=False, mean=ctx.norm.mean, std=ctx.norm.std)))
+    x, _ = first_batch(ctx.data.val, 512, mean=ctx.norm.mean, std=ctx.norm.std)
     small, report = remove_dead_neurons(baked_copy(model).cpu(), example_input=x)
     ctx.folder.save_checkpoint(F.SHRUNK, small, {**meta, "phase": "final_shrunk"})
     nonzero = sum(int((p != 0).sum()) for p in small.parameters())

@@ -10,7 +10,7 @@ from prunet.data.datasets import (
     num_batches,
 )
 from prunet.data.idx import DataError, read_idx, write_idx
-from prunet.data.loading import head, load_data, loader, loader_batches
+from prunet.data.loading import first_batch, head, load_data, loader, loader_batches
 
 __all__ = [
     "DATASETS",
@@ -19,6 +19,7 @@ __all__ = [
     "Split",
     "batches",
     "find_data_dir",
+    "first_batch",
     "head",
     "load_data",
     "load_dataset",

@@ -24,7 +24,7 @@ from prunet.data.datasets import DatasetSplits, Split, batches, load_dataset
 from prunet.data.idx import DataError
 from prunet.factory import call_factory
 
-__all__ = ["head", "load_data", "loader", "loader_batches"]
+__all__ = ["first_batch", "head", "load_data", "loader", "loader_batches"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -58,6 +58,12 @@ def head(dataset: Dataset, n: int) -> Dataset:
     if isinstance(dataset, Split):
         return Split(dataset.images[:n], dataset.labels[:n])
     return Subset(dataset, range(n))
+
+
+def first_batch(dataset: Dataset, n: int, *, mean: float = 0.0, std: float = 1.0,
+                device: torch.device | str | None = None) -> Batch:
+    """The first ``n`` examples of ``dataset`` (fewer if it has fewer) as one normalised batch on ``device``."""
+    return next(iter(loader(head(dataset, n), n, shuffle=False, mean=mean, std=std, device=device)))
 
 
 def loader_batches(n: int, batch_size: int, world_size: int = 1, *, train: bool = False) -> int:

@@ -36,7 +36,7 @@ from prunet.checkpoint import (
     resize_to_state,
     save_checkpoint,
 )
-from prunet.data import head, loader
+from prunet.data import first_batch
 from prunet.devices import model_device
 from prunet.factory import is_factory
 from prunet.files import atomic_path
@@ -348,7 +348,6 @@ def measure(model: nn.Module, split: Dataset, norm: Normalization, batch_sizes: 
     _, accuracy = evaluate(model, split, norm)
     latency = {}
     for b in batch_sizes:
-        x, _ = next(iter(loader(head(split, b), b, shuffle=False, mean=norm.mean, std=norm.std,
-                                device=model_device(model))))
+        x, _ = first_batch(split, b, mean=norm.mean, std=norm.std, device=model_device(model))
         latency[b] = 1000 * median_seconds(lambda: _forward(model, x), repeats)
     return Measurement(accuracy, len(split), latency, plan(model))
