@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from prunet.factory import Trust, check_trusted
 from prunet.files import atomic_path
 from prunet.masks import MASK_SUFFIX, masked_params
 from prunet.models import create_model
@@ -84,16 +85,27 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, meta
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
-    """Rebuild a registry model from a checkpoint, with its masks if it has any.
+def load_model(path: str | Path, trust_factory: Trust = False) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
+    """Rebuild the model of a checkpoint, with its masks if it has any.
+
+    Args:
+        path: a checkpoint prunet wrote.
+        trust_factory: a checkpoint of the user's own model names the factory that builds it
+            (``mypkg.nets:resnet20``), code that loading would run: it is called only when
+            ``True`` or in this collection of trusted specs. Registry models need no trust.
 
     Returns:
         ``(model, pruner, meta)``; ``pruner`` is None for a checkpoint without masks.
+
+    Raises:
+        CheckpointError: a missing or corrupt file, one that does not fit its model.
+        prunet.factory.UntrustedFactoryError: the checkpoint names a factory that is not trusted (nothing ran).
     """
     state, meta = read_checkpoint(path)
     name = meta.get("model")
     if not name:
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no 'model' in its metadata)")
+    check_trusted(name, trust_factory, f"checkpoint {path}")
     model, pruner = model_from_state(name, meta.get("model_kwargs", {}), state, path)
     return model, pruner, meta
 
@@ -114,13 +126,27 @@ def model_from_state(
     except (ValueError, TypeError, RuntimeError, MemoryError, OverflowError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot build {name} {kwargs} "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return state_into(model, state, path, name)
+
+
+def state_into(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | Path = "state", name: str | None = None
+) -> tuple[nn.Module, Pruner | None]:
+    """Give ``model`` the shapes, weights and masks of ``state`` (a checkpoint's), masks enforced.
+
+    Returns:
+        ``(model, pruner)``; ``pruner`` wraps the masked parameters, None when ``state`` has no masks.
+
+    Raises:
+        CheckpointError: ``state`` does not fit ``model`` (``path`` names the source).
+    """
     resize_to_state(model, state)
     masked = masked_params(state)
     params = dict(model.named_parameters())
     strays = [k for k in masked if k not in params]
     if strays:
-        raise CheckpointError(f"{path} does not fit the model: masks for parameters {name} does not have "
-                              f"({', '.join(strays[:3])})")
+        raise CheckpointError(f"{path} does not fit the model: masks for parameters "
+                              f"{name or type(model).__name__} does not have ({', '.join(strays[:3])})")
     pruner = Pruner(model, include=[f"^{k}$".replace(".", r"\.") for k in masked]) if masked else None
     load_state(model, state, path)
     if pruner is not None:

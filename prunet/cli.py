@@ -38,7 +38,8 @@ from prunet.factory import FactoryError
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
-from prunet.runfolder import BITS_CSV, BITS_PNG, FINAL, SENSITIVITY_CSV, SENSITIVITY_PNG, RunError, RunFolder
+from prunet.runfolder import BITS_CSV, BITS_PNG, FINAL, SENSITIVITY_CSV, SENSITIVITY_PNG, Run, RunError, RunFolder, \
+    run_file_at
 from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
 from prunet.sparse.compact import VALUE_DTYPES
 from prunet.train import Normalization
@@ -88,8 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"--resume continues a run as it started (its recipe is in the run folder); "
                              f"drop {', '.join(given)}")
-        resume(args.resume)
+        resume(args.resume, trust_factory=args.trust_factory)
         return 0
+    if args.trust_factory:
+        raise UsageError("--trust-factory goes with --resume (a run folder's recipe); the recipe you name is "
+                         "trusted as your own code")
     if not args.recipe:
         raise UsageError("run: give a RECIPE, or --resume RUN_DIR to continue a stopped run")
     recipe = _recipe(args)
@@ -109,14 +113,19 @@ def _model_and_data(args: argparse.Namespace, checkpoint: Path, recipe=None):
     """``(recipe, model, data)`` for a command on a checkpoint, the model checked to fit the data.
 
     The recipe is ``recipe``, else ``--recipe``, else the ``config.yaml`` beside the checkpoint.
+    The factories of a recipe the user named are trusted; a run folder's ``config.yaml`` and the
+    checkpoint's own record only with ``--trust-factory``.
     """
     if recipe is None:
         source = Path(args.recipe) if args.recipe else checkpoint.parent / "config.yaml"
         if not source.is_file():
             raise UsageError(f"no {source}: pass --recipe RECIPE to say which data to evaluate on")
         recipe = _recipe(args, source)
+        if not args.recipe:
+            recipe.check_trusted(args.trust_factory, source)
+    trust = True if args.trust_factory else recipe.factories()  # a config.yaml's are checked just above
     device = resolve_device(recipe.device, "--device")
-    model, _, _ = load_model(checkpoint)
+    model, _, _ = load_model(checkpoint, trust)
     data = load_data(recipe.data)
     model.to(device)
     check_model_fits_data(recipe, model, data)
@@ -201,7 +210,7 @@ def cmd_bits(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     quantize = _bits(args.bits) if args.quantized else None
     done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype,
-                  quantize=quantize)
+                  quantize=quantize, trust_factory=args.trust_factory)
     than = f"{done.ratio:.1f}x smaller than" if done.ratio >= 1 else f"{1 / done.ratio:.2f}x the size of"
     print(f"wrote {done.path} ({done.format}{', shrunk' if done.shrunk else ''}): {done.bytes:,} bytes, "
           f"{than} the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
@@ -216,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
     device = resolve_device(args.device, "--device")
-    model = load(args.file, sparse=args.sparse).to(device)
+    model = load(args.file, sparse=args.sparse, trust_factory=args.trust_factory).to(device)
     data = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
@@ -232,8 +241,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sram_mib is not None and not args.sram_mib > 0:
         raise UsageError(f"--sram-mib takes a size in MiB > 0, got {args.sram_mib}")
     sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
-    md, html = write_report(args.run_dir, sram_bytes=sram, histogram_layer=args.layer,
-                            device=resolve_device(args.device, "--device"))
+    md, html = write_report(Run(args.run_dir, trust_factory=args.trust_factory), sram_bytes=sram,
+                            histogram_layer=args.layer, device=resolve_device(args.device, "--device"))
     print(f"wrote {md}\nwrote {html}")
     return 0
 
@@ -249,11 +258,16 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"tradeoff: {e}") from None
     out = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / f"{recipe.name}_tradeoff"
+    plot = Path(args.plot) if args.plot else out / "tradeoff.png"
+    for path, flag in ((out / "tradeoff.csv", "--run-dir"), (out / "tradeoff.md", "--run-dir"), (plot, "--plot")):
+        taken = run_file_at(path)
+        if taken:
+            raise UsageError(f"{flag}: {path} is {taken}; tradeoff writes only files of its own: choose another")
     rows = tradeoff_study(recipe, fractions=fractions, retrain_epochs=args.retrain_epochs,
                           dense_epochs=args.dense_epochs, l1_strength=args.l1, l2_strength=args.l2,
                           criterion=args.criterion)
     csv_path = write_tradeoff_csv(rows, out / "tradeoff.csv")
-    png_path = plot_tradeoff(rows, args.plot or out / "tradeoff.png", f"{recipe.model.spec}, {recipe.data.dataset}")
+    png_path = plot_tradeoff(rows, plot, f"{recipe.model.spec}, {recipe.data.dataset}")
     tables = ("## Validation accuracy loss, points (accuracy %)\n\n" + format_tradeoff_table(rows, "val")
               + "\n## Test accuracy loss, points (accuracy %), reported only\n\n" + format_tradeoff_table(rows, "test"))
     write_text(out / "tradeoff.md", tables)
@@ -283,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
         device_arg(p, "sets the recipe's device")
 
+    def trust_arg(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--trust-factory", action="store_true",
+                       help=f"build the user's own model or data that {what} names by a factory (module:function): "
+                            f"that runs its code, so only for files you trust; registry models need no trust")
+
     def device_arg(p: argparse.ArgumentParser, what: str = "") -> None:
         p.add_argument("--device", metavar="DEVICE",
                        help=f"auto (CUDA when present), cpu, cuda, cuda:N or mps{f'; {what}' if what else ''}")
@@ -301,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
+    trust_arg(p, "the --resume folder's recipe")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tradeoff", help="Figure 5: accuracy loss vs. parameters pruned, L1/L2, with/without retraining")
@@ -333,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
     device_arg(p, "sets the recipe's device")
+    trust_arg(p, "the checkpoint or the config.yaml beside it")
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("bits", help="accuracy against bits per shared weight, conv and FC (Deep Compression Fig. 6)")
@@ -341,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field (repeatable)")
     p.add_argument("--values", default="1,2,3,4,5,6,7,8", metavar="B,B,...", help="bit widths (default 1..8)")
     device_arg(p, "sets the recipe's device")
+    trust_arg(p, "the checkpoint or the config.yaml beside it")
     p.set_defaults(func=cmd_bits)
 
     p = sub.add_parser("export", help="write a pruned model as a compact file, a dense safetensors file or ONNX")
@@ -355,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share weights (k-means per layer) and Huffman code them (Deep Compression)")
     p.add_argument("--bits", default="conv=8,fc=5", metavar="B|LAYER=B,...",
                    help="with --quantized: bits per weight index (default conv=8,fc=5, the paper's AlexNet)")
+    trust_arg(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="test accuracy and latency of an exported file or a checkpoint")
@@ -364,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="run pruned layers with sparse kernels where faster")
     p.add_argument("--batch-sizes", default="1,64", metavar="B,B,...", help="batch sizes to time (default 1,64)")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), auto, cuda, cuda:N or mps")
+    trust_arg(p, "the file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
@@ -372,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the activation pass runs: cpu (default), auto, cuda, cuda:N or mps")
+    trust_arg(p, "the run folder")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -21,7 +21,7 @@ import yaml
 from prunet.criteria import CRITERIA, Criterion, TargetThreshold
 from prunet.data import DATASETS
 from prunet.devices import check_device_spec
-from prunet.factory import absolute, is_factory
+from prunet.factory import Trust, absolute, check_trusted, is_factory
 from prunet.models import list_models
 
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
@@ -438,6 +438,19 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def factories(self) -> frozenset[str]:
+        """The user's code this recipe names (model and data factories): what trusting the recipe trusts."""
+        return frozenset(f for f in (self.model.factory, self.data.factory) if f)
+
+    def check_trusted(self, trust: Trust, source: str | Path) -> None:
+        """Refuse a recipe read from a file (a run folder's, a resume point's) whose factories are not trusted.
+
+        Raises:
+            prunet.factory.UntrustedFactoryError: before anything is imported.
+        """
+        check_trusted(self.model.factory, trust, str(source), "model.factory")
+        check_trusted(self.data.factory, trust, str(source), "data.factory")
 
     def retrain_config(
         self,

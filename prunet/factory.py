@@ -4,6 +4,11 @@ A recipe's ``model.factory`` and ``data.factory`` name a function to import and 
 The part before the colon is a module importable from the current folder (or the
 Python path), or a ``.py`` file (relative to the current folder); the part after
 it is a name in that module, dotted for an attribute of one (``Nets.small``).
+
+A factory named in a *file* (a checkpoint's or compact file's metadata, a run folder's
+``config.yaml``, a resume point) is code chosen by whoever wrote the file: it is called
+only when the user trusts it (:func:`check_trusted`). The user's own recipe, named on the
+command line or passed in Python, is trusted as the user's code is.
 """
 
 from __future__ import annotations
@@ -14,18 +19,58 @@ import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Union
 
-__all__ = ["FactoryError", "absolute", "call_factory", "import_factory", "is_factory"]
+__all__ = ["FactoryError", "Trust", "UntrustedFactoryError", "absolute", "call_factory", "check_trusted",
+           "import_factory", "is_factory"]
+
+Trust = Union[bool, Collection[str]]
+"""Which factories a file may name: ``True`` any, ``False`` none, or these specs (the user's own recipe's)."""
 
 
 class FactoryError(ValueError):
     """A factory that cannot be imported or called; one line naming the recipe field."""
 
 
+class UntrustedFactoryError(FactoryError):
+    """A file names a factory the user did not trust; nothing was imported or called."""
+
+
 def is_factory(spec: str) -> bool:
     """Whether ``spec`` names a function (``module:name``) rather than a registry entry."""
     return ":" in spec
+
+
+def check_trusted(spec: str | None, trust: Trust, source: str, field: str = "model") -> None:
+    """Refuse, before anything is imported, a factory that a file names and the user did not trust.
+
+    A registry name (``lenet_300_100``) needs no trust: it calls only prunet's own builders.
+
+    Args:
+        spec: what the file asks to build (``model`` in its metadata, ``model.factory`` / ``data.factory``
+            of a recipe it holds); None or a registry name passes.
+        trust: ``True`` (the user said ``--trust-factory`` / ``trust_factory=True``), ``False``,
+            or the specs the user's own recipe names.
+        source: the file, for the message.
+        field: what the file calls the spec, for the message.
+
+    Raises:
+        UntrustedFactoryError: the spec names a function and is not trusted.
+
+    Example:
+        >>> check_trusted("lenet_300_100", False, "final.prunet")
+        >>> check_trusted("subprocess:run", False, "final.prunet")
+        Traceback (most recent call last):
+        ...
+        prunet.factory.UntrustedFactoryError: final.prunet names model 'subprocess:run', code that building ...
+    """
+    if not spec or not is_factory(spec) or trust is True or (trust and spec in trust):
+        return
+    shown = spec if len(spec) <= 120 else spec[:117] + "..."
+    own = ", or load into your own model: prunet.load(path, model=...)" if field == "model" else ""
+    raise UntrustedFactoryError(
+        f"{source} names {field} {shown!r}, code that building it would run; prunet runs no code a file names "
+        f"unless you trust the file: pass --trust-factory (trust_factory=True){own}")
 
 
 def import_factory(spec: str, field: str = "factory") -> Callable[..., Any]:
@@ -58,7 +103,9 @@ def call_factory(spec: str, kwargs: dict[str, Any], field: str = "factory") -> A
     fn = import_factory(spec, field)
     try:
         return fn(**kwargs)
-    except Exception as e:  # the user's code: any error is theirs, told with where it came from
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the user's code (SystemExit and other BaseExceptions included): any error is theirs, told with where it came from
         detail = str(e).splitlines()[0] if str(e) else ""
         raise FactoryError(f"{field}: {spec}({_kwargs(kwargs)}) raised {type(e).__name__}"
                            f"{f': {detail}' if detail else ''}") from e
@@ -75,7 +122,9 @@ def _module(part: str, field: str):
     except ModuleNotFoundError as e:
         raise FactoryError(f"{field}: cannot import {part} (no module named {e.name!r}; run from the folder "
                            f"holding it or add it to PYTHONPATH)") from None
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         raise FactoryError(f"{field}: importing {part} raised {type(e).__name__}: {e}") from e
 
 
@@ -126,8 +175,10 @@ def _exec(name: str, spec, path: Path, field: str):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except BaseException as e:
         sys.modules.pop(name, None)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise FactoryError(f"{field}: importing {path} raised {type(e).__name__}: {e}") from e
     return module
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from prunet import runfolder as F
 from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import propose_qualities, sensitivity
-from prunet.checkpoint import CheckpointError, load_model, model_from_state, read_checkpoint
+from prunet.checkpoint import CheckpointError, model_from_state, read_checkpoint
 from prunet.checks import (
     check_checkpoint_fits,
     check_model_fits_data,
@@ -32,6 +32,7 @@ from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recip
 from prunet.criteria import TargetError
 from prunet.data import DatasetSplits, first_batch, load_data, loader_batches
 from prunet.devices import model_device, resolve_device
+from prunet.factory import Trust
 from prunet.distributed import Ranks, agree, broadcast_object, from_env, gather_objects, init_process_group, \
     mask_digest, shutdown
 from prunet.layers import find_layers, format_table, totals
@@ -104,18 +105,25 @@ def run(
         return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=False, ranks=ranks))
 
 
-def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
+def resume(run_dir: str | Path, *, trust_factory: Trust = False, log: Log = print) -> dict[str, Any]:
     """Continue a run that was stopped, from its last resume point, in its folder.
 
     The run goes on with the recipe it started with, after the last epoch it
     finished; its final masks, weights and metrics are bit-identical to those of
     a run that was never stopped (same machine, same thread count).
 
+    Args:
+        run_dir: the run folder.
+        trust_factory: a run of the user's own model or data names the factories that build
+            them, code that resuming calls: ``True`` when you trust the folder (registry models
+            and datasets need no trust).
+
     Returns:
         The summary also written to ``summary.json``.
 
     Raises:
         RunError: nothing to resume in ``run_dir``, or its resume point is damaged.
+        prunet.factory.UntrustedFactoryError: the run names a factory and ``trust_factory`` is False.
     """
     started = time.perf_counter()
     ranks = from_env()
@@ -137,7 +145,7 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
                 raise F.RunError(f"{folder.path} was started with {started_with} process"
                                  f"{'es' if started_with != 1 else ''}; resume it with the same number "
                                  f"(this is {ranks.world_size})")
-            state = _RunState.restore(saved, folder.path / F.PROGRESS)
+            state = _RunState.restore(saved, folder.path / F.PROGRESS, trust_factory)
             state.model.to(_device(state.recipe, ranks))
             if state.recipe.threads:
                 torch.set_num_threads(state.recipe.threads)
@@ -145,6 +153,7 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
         except BaseException as e:
             error = e
         _agree(ranks, error, folder)
+        folder.rewind(saved)  # only now that the run goes on: a refused resume leaves the folder as it was
         log(f"resume: {folder.path} from {state.where()}")
         return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True, ranks=ranks))
 
@@ -268,10 +277,14 @@ class _RunState:
         })
 
     @classmethod
-    def restore(cls, saved: dict[str, Any], path: Path) -> "_RunState":
-        """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks."""
+    def restore(cls, saved: dict[str, Any], path: Path, trust: Trust) -> "_RunState":
+        """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks.
+
+        The recipe's factories, if any, are built only when ``trust`` allows them (the file names them).
+        """
         try:
             recipe = recipe_from_dict(saved["recipe"])
+            recipe.check_trusted(trust, path.parent)
             model, pruner = _build(recipe, saved["model_state"], path)
         except (KeyError, ConfigError, CheckpointError) as e:
             raise F.RunError(f"{path} does not hold a run prunet can continue ({e}); start it again with "
@@ -392,7 +405,7 @@ def _execute(
         summary["world_size"] = ranks.world_size
     if ranks.main:
         folder.write_json(F.SUMMARY, summary)
-        _, html = write_report(folder.path, data=data, progress=False)
+        _, html = write_report(F.Run(folder.path, trust_factory=recipe.factories()), data=data, progress=False)
         folder.forget(F.PROGRESS)  # finished: nothing left to resume
         log(f"report: {html}")
     summary = broadcast_object(summary, ranks)
@@ -474,8 +487,9 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
     A pruned checkpoint is refused: its accuracy is not the dense baseline every round is measured against.
     """
     if from_checkpoint:
-        model, pruner, ckpt_meta = load_model(from_checkpoint)
-        check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)
+        state, ckpt_meta = read_checkpoint(from_checkpoint)
+        check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)  # before anything is built: the recipe's model
+        model, pruner = _build(recipe, state, Path(from_checkpoint))
         if pruner is not None and totals(pruner.summary()).kept < totals(pruner.summary()).weights:
             phase = ckpt_meta.get("phase")
             raise CheckpointError(
@@ -662,7 +676,8 @@ def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, An
 
 def _write_compact(ctx: _Context) -> dict[str, Any]:
     """The final model as a compact file (survivors and relative indices), sized against the dense checkpoint."""
-    done = export(ctx.folder.path / F.FINAL, ctx.folder.record(F.COMPACT))
+    done = export(ctx.folder.path / F.FINAL, ctx.folder.path / F.COMPACT, trust_factory=ctx.recipe.factories(),
+                  owner=ctx.folder)
     dense_file = (ctx.folder.path / F.DENSE).stat().st_size
     ctx.log(f"compact: {F.COMPACT} {done.bytes:,} bytes, {dense_file / done.bytes:.1f}x smaller than {F.DENSE} "
             f"({dense_file:,} bytes)")

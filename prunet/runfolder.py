@@ -54,6 +54,7 @@ from prunet.checkpoint import (
     save_checkpoint,
 )
 from prunet.config import ConfigError, Recipe, recipe_from_dict
+from prunet.factory import Trust
 from prunet.files import atomic_path, write_text
 from prunet.pruner import Pruner
 
@@ -101,6 +102,30 @@ def _names_in(aside: Path) -> list[str]:
 def _plain_name(name: str) -> bool:
     """A file name directly in the folder: no separator, not ``.``/``..``, not the manifest."""
     return bool(name) and Path(name).name == name and "/" not in name and name not in (".", "..", MANIFEST)
+
+
+def run_file_at(path: str | Path) -> str | None:
+    """What ``path`` is to a run, when it is a file a run wrote or prunet's own state; None for anything else.
+
+    A command that writes where the user says (``prunet export -o``, ``prunet tradeoff --plot``)
+    calls this first, so it never replaces a run's recorded files (its folder's manifest lists
+    them) nor anything in prunet's hidden files and folders (``.prunet-*``). A link is judged
+    by what it points to, as well as by its own name.
+
+    Returns:
+        A phrase naming the run file (``"a file of the run in runs/x (dense.safetensors)"``), or None.
+    """
+    for candidate in dict.fromkeys((Path(path).absolute(), Path(path).resolve())):
+        hidden = next((part for part in candidate.parts if part.startswith(".prunet")), None)
+        if hidden is not None:
+            return f"inside prunet's own {hidden}"
+        try:
+            recorded = RunFolder(candidate.parent)._recorded() if (candidate.parent / MANIFEST).is_file() else []
+        except RunError:
+            recorded = []
+        if candidate.name in recorded:
+            return f"a file of the run in {candidate.parent} ({candidate.name})"
+    return None
 
 
 def round_checkpoint(i: int) -> str:
@@ -208,9 +233,10 @@ class RunFolder:
             torch.save(progress, tmp)
 
     def load_progress(self) -> dict[str, Any]:
-        """The resume point :meth:`save_progress` wrote, with ``metrics.jsonl`` cut back to match it.
+        """The resume point :meth:`save_progress` wrote, checked against ``metrics.jsonl`` (nothing changes yet).
 
         Read with ``torch.load(weights_only=True)``: tensors and plain values only, nothing executed.
+        :meth:`rewind` then cuts the metrics back to it, once the run is known to go on.
         """
         path = self.path / PROGRESS
         try:
@@ -227,8 +253,11 @@ class RunFolder:
         if size < progress["metrics_bytes"]:
             raise RunError(f"{metrics} is shorter than when the resume point was saved; start the run again "
                            f"with --overwrite")
-        os.truncate(metrics, progress["metrics_bytes"])  # lines logged after the resume point are redone
         return progress
+
+    def rewind(self, progress: dict[str, Any]) -> None:
+        """Cut ``metrics.jsonl`` back to the resume point ``progress``: the lines logged after it are redone."""
+        os.truncate(self.path / METRICS, progress["metrics_bytes"])
 
     def forget(self, name: str) -> None:
         """Delete file ``name`` of this run and its record."""
@@ -442,6 +471,9 @@ class RankFolder:
     def forget(self, name: str) -> None:
         pass
 
+    def rewind(self, progress: dict[str, Any]) -> None:
+        pass
+
     def commit(self) -> None:
         pass
 
@@ -466,15 +498,22 @@ class Run:
     Files are read when first asked for; a missing or corrupt one is a
     :class:`RunError` naming it.
 
+    A run of the user's own model or data names the factories that build them (in
+    ``config.yaml`` and the checkpoints): code that reading the run would call. The
+    view builds them only when they are trusted.
+
     Args:
         path: a folder written by ``prunet run``.
+        trust_factory: ``True`` (the user trusts the folder), or the factory specs that are
+            trusted (the user's own recipe's); registry models and datasets need no trust.
 
     Raises:
         MissingRunFileError: the folder does not exist.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, trust_factory: Trust = False):
         self.path = Path(path)
+        self.trust_factory = trust_factory
         if not self.path.is_dir():
             raise MissingRunFileError(f"run folder {self.path} does not exist")
 
@@ -499,9 +538,11 @@ class Run:
         if not isinstance(data, dict):
             raise RunError(f"{path}: expected a recipe mapping, got {type(data).__name__}")
         try:
-            return recipe_from_dict(data)
+            recipe = recipe_from_dict(data)
         except ConfigError as e:
             raise RunError(f"{path}: {e}") from None
+        recipe.check_trusted(self.trust_factory, path)
+        return recipe
 
     @cached_property
     def summary(self) -> dict[str, Any]:
@@ -521,7 +562,7 @@ class Run:
     def load(self, name: str) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
         """Rebuild the model of checkpoint ``name`` (:func:`prunet.checkpoint.load_model`)."""
         try:
-            return load_model(self.require(name))
+            return load_model(self.require(name), self.trust_factory)
         except CheckpointError as e:
             raise RunError(str(e)) from None
 

@@ -178,6 +178,35 @@ def test_export_then_eval_the_compact_file(tmp_path, capsys):
     assert "batch 1 " in out and "batch 8 " in out and re.search(r"layers: fc1 (dense|sparse CSR)", out)
 
 
+@pytest.mark.parametrize("name", ["dense.safetensors", "final.prunet", "summary.json", ".prunet-previous/x.prunet",
+                                  "link.prunet"])
+def test_export_never_replaces_a_file_of_a_run(tmp_path, capsys, name):
+    """A run folder's recorded files (its manifest) and prunet's hidden folders are not export's to write."""
+    from prunet.runfolder import RunFolder
+
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    Pruner(model).prune(Sparsity(0.9))
+    folder = RunFolder.create(tmp_path / "run")
+    meta = {"model": "lenet_300_100", "model_kwargs": {}}
+    for ckpt in ("dense.safetensors", "final.safetensors"):
+        folder.save_checkpoint(ckpt, model, meta)
+    folder.write_json("summary.json", {"compression": 10})
+    folder.write_text("final.prunet", "the run's own compact file")
+    folder.commit()
+    (tmp_path / "run" / "link.prunet").symlink_to(tmp_path / "run" / "dense.safetensors")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    out = tmp_path / "run" / name
+    for fmt in ("safetensors", "prunet"):
+        assert main(["export", str(tmp_path / "run"), "-o", str(out), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "export writes only files of its own" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert not (tmp_path / "run" / ".prunet-previous").exists()
+    # A file of the user's own in the run folder is theirs to name.
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "run" / "mine.prunet")]) == 0
+
+
 @pytest.mark.parametrize("args, words", [
     (["eval", "nowhere.prunet"], "does not exist"),
     (["export", "nowhere", "-o", "x.prunet"], "does not exist"),

@@ -208,7 +208,7 @@ def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_
     path = write(tmp_path, recipe)
     launch(torchrun("run", str(path), "--run-dir", str(tmp_path / "bn")), tmp_path)
     summary = json.loads((tmp_path / "bn" / "summary.json").read_text())
-    model, _, _ = load_model(tmp_path / "bn" / "final.safetensors")
+    model, _, _ = load_model(tmp_path / "bn" / "final.safetensors", trust_factory=True)
     data = load_data(recipe_from_dict(recipe).data)
     val_loss, val_acc = evaluate(model, data.val, Normalization(data.mean, data.std), 64)
     assert val_acc == summary["final"]["val_acc"]

@@ -20,7 +20,7 @@ from prunet.checkpoint import load_model
 from prunet.cli import main
 from prunet.config import ConfigError, recipe_from_dict
 from prunet.data import Split, head, load_data, loader
-from prunet.factory import FactoryError, import_factory
+from prunet.factory import FactoryError, UntrustedFactoryError, import_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "resnet.py"
@@ -73,8 +73,10 @@ def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_
     # Neuron removal needs a chain of layers: the run says so instead of failing.
     assert "nn.Sequential" in summary["neurons"]["skipped"]
 
-    # The checkpoint records the factory and rebuilds the model through it, masks exact.
-    model, pruner, meta = load_model(run_dir / "final.safetensors")
+    # The checkpoint records the factory and rebuilds the model through it, masks exact: once trusted.
+    with pytest.raises(UntrustedFactoryError, match="--trust-factory"):
+        load_model(run_dir / "final.safetensors")
+    model, pruner, meta = load_model(run_dir / "final.safetensors", trust_factory=True)
     assert type(model).__name__ == "ResNet" and meta["model"] == recipe["model"]["factory"]
     assert meta["model_kwargs"] == recipe["model"]["kwargs"] and meta["input_shape"] == [1, 12, 12]
     for t in pruner.targets:
@@ -82,21 +84,26 @@ def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_
     kept = sum(int(t.mask.sum()) for t in pruner.targets)
     assert kept == summary["weights_kept"]
 
-    # Its compact files load back, through the factory, to the same outputs.
+    # Its compact files load back, through the trusted factory or into the user's own module, to the same outputs.
     x = torch.randn(5, 1, 12, 12)
     model.eval()
+    own = import_factory(recipe["model"]["factory"])(**recipe["model"]["kwargs"])
     with torch.no_grad():
         expected = model(x)
-        for loaded in (sparse.load(run_dir / "final.prunet"), sparse.load(run_dir / "final.prunet", sparse=True)):
+        for loaded in (sparse.load(run_dir / "final.prunet", trust_factory=True),
+                       sparse.load(run_dir / "final.prunet", sparse=True, trust_factory=[recipe["model"]["factory"]]),
+                       sparse.load(run_dir / "final.prunet", model=own)):
             assert torch.allclose(loaded(x), expected, atol=1e-5)
     assert (run_dir / "final_shared.prunet").is_file() and summary["quantize"]["bits"]
 
-    assert main(["sensitivity", str(run_dir / "dense.safetensors"), "--values", "0,0.5,1"]) == 0
+    assert main(["sensitivity", str(run_dir / "dense.safetensors"), "--values", "0,0.5,1"]) == 2
+    assert "--trust-factory" in one_line_error(capsys)
+    assert main(["sensitivity", str(run_dir / "dense.safetensors"), "--values", "0,0.5,1", "--trust-factory"]) == 0
     with open(run_dir / "sensitivity.csv") as f:
         layers = {row["layer"] for row in csv.DictReader(f)}
     assert layers == {t.layer for t in pruner.targets}  # every conv of the blocks and shortcuts, and the fc
 
-    assert main(["report", str(run_dir)]) == 0
+    assert main(["report", str(run_dir), "--trust-factory"]) == 0
     report = (run_dir / "report.md").read_text()
     assert "Dead neurons were not removed" in report and "stages.2.conv2" in report
     assert "## Sensitivity" in report
@@ -122,11 +129,14 @@ def test_a_factory_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(recipe, run_dir=tmp_path / "stopped", log=lambda s: None)
     monkeypatch.setattr(runfolder.RunFolder, "save_progress", real)
-    resumed = pipeline.resume(tmp_path / "stopped", log=lambda s: None)
+    # The resume point names the factories: they run only when the user trusts the folder.
+    with pytest.raises(UntrustedFactoryError, match="model.factory"):
+        pipeline.resume(tmp_path / "stopped", log=lambda s: None)
+    resumed = pipeline.resume(tmp_path / "stopped", trust_factory=True, log=lambda s: None)
     assert resumed["weights_kept"] == whole["weights_kept"]
     assert resumed["final"] == whole["final"]
-    a, _, _ = load_model(tmp_path / "whole" / "final.safetensors")
-    b, _, _ = load_model(tmp_path / "stopped" / "final.safetensors")
+    a, _, _ = load_model(tmp_path / "whole" / "final.safetensors", trust_factory=True)
+    b, _, _ = load_model(tmp_path / "stopped" / "final.safetensors", trust_factory=True)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -283,10 +293,10 @@ def test_a_relative_factory_path_works_from_any_folder_later(tmp_path, monkeypat
     assert main(["run", str(write(tmp_path, recipe))]) == 0
     run_dir = tmp_path / "runs" / "toy"
     monkeypatch.chdir(tmp_path)
-    assert main(["report", str(run_dir)]) == 0
-    model, _, meta = load_model(run_dir / "final.safetensors")
+    assert main(["report", str(run_dir), "--trust-factory"]) == 0
+    model, _, meta = load_model(run_dir / "final.safetensors", trust_factory=True)
     assert meta["model"] == f"{EXAMPLE}:resnet" and type(model).__name__ == "ResNet"
-    assert type(sparse.load(run_dir / "final.prunet")).__name__ == "ResNet"
+    assert type(sparse.load(run_dir / "final.prunet", trust_factory=True)).__name__ == "ResNet"
 
 
 def test_from_a_checkpoint_of_other_factory_data_is_refused(tmp_path, capsys):
@@ -393,13 +403,13 @@ def user_recipe(tmp_path: Path, model: str = "tied", labels: str = "good") -> di
 def test_a_model_with_a_tied_weight_runs_saves_and_reloads_with_the_tie(tmp_path):
     assert main(["run", str(write(tmp_path, user_recipe(tmp_path)))]) == 0
     run_dir = tmp_path / "runs" / "user"
-    model, pruner, _ = load_model(run_dir / "final.safetensors")
+    model, pruner, _ = load_model(run_dir / "final.safetensors", trust_factory=True)
     assert model.proj2.weight is model.proj.weight  # one parameter, one mask
     assert [t.layer for t in pruner.targets] == ["head", "proj", "inp"]
     x = torch.randn(3, 1, 12, 12)
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(sparse.load(run_dir / "final.prunet")(x), model(x), atol=1e-6)
+        assert torch.allclose(sparse.load(run_dir / "final.prunet", trust_factory=True)(x), model(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("model, labels, words", [

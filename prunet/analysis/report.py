@@ -442,7 +442,9 @@ def write_report(
     Args:
         run_dir: a folder written by ``prunet run`` (``summary.json``,
             ``config.yaml``, ``final.safetensors``; ``dense.safetensors`` and
-            ``sensitivity.csv`` are used when present), or its :class:`~prunet.runfolder.Run`.
+            ``sensitivity.csv`` are used when present), or its :class:`~prunet.runfolder.Run`:
+            ``Run(path, trust_factory=True)`` for a run of your own model or data, whose factories
+            it names are then built (they are not, otherwise).
         data: the run's dataset, for Act%; default: the dataset its ``config.yaml``
             names, loaded with :func:`prunet.data.load_data`. Pass it when you have it
             (``pipeline.run`` does) to skip reading it again.

@@ -33,18 +33,20 @@ from prunet.checkpoint import (
     CheckpointError,
     load_model,
     load_state,
+    read_checkpoint,
     resize_to_state,
     save_checkpoint,
+    state_into,
 )
 from prunet.data import first_batch
 from prunet.devices import model_device
-from prunet.factory import is_factory
+from prunet.factory import Trust, check_trusted, is_factory
 from prunet.files import atomic_path
 from prunet.layers import Setting, find_layers
 from prunet.masks import MASK_SUFFIX, baked_copy
 from prunet.models import create_model, get_model_info
 from prunet.neurons import remove_dead_neurons
-from prunet.runfolder import FINAL
+from prunet.runfolder import FINAL, RunFolder, run_file_at
 from prunet.share import share, unshare
 from prunet.sparse.compact import CompactFileError, read_compact, write_compact
 from prunet.sparse.modules import median_seconds, plan, sparsify
@@ -101,6 +103,8 @@ def export(
     shrink: bool = False,
     value_dtype: str = "float32",
     quantize: Setting | None = None,
+    trust_factory: Trust = False,
+    owner: RunFolder | None = None,
 ) -> Exported:
     """Write the pruned model of ``source`` as ``out``.
 
@@ -115,6 +119,11 @@ def export(
             2^bits values (``{"conv": 8, "fc": 5}``; k-means, no retraining:
             :func:`prunet.share.share`) and Huffman code their clusters and positions.
             :func:`load` then gives the shared model.
+        trust_factory: build a model whose checkpoint names a factory (``mypkg.nets:resnet20``):
+            ``True``, or a collection of the trusted specs (see :func:`prunet.factory.check_trusted`).
+        owner: the run folder ``out`` belongs to, when its run writes it (the pipeline's
+            ``final.prunet``): ``out`` is recorded as a file of that run. Otherwise ``out``
+            must not be a file a run recorded, nor in prunet's hidden folders.
 
     Returns:
         What was written.
@@ -127,9 +136,15 @@ def export(
     ckpt = source_checkpoint(source)
     if Path(out).resolve() == ckpt.resolve():
         raise ExportError(f"-o {out}: that is the checkpoint being exported; write to another file")
+    if owner is not None and Path(out).parent.resolve() == owner.path.resolve():
+        out = owner.record(Path(out).name)
+    else:
+        taken = run_file_at(out)
+        if taken:
+            raise ExportError(f"-o {out} is {taken}; export writes only files of its own: choose another name")
     if Path(out).is_dir():
         raise ExportError(f"-o {out} is a folder; give a file name")
-    model, pruner, meta = load_model(ckpt)
+    model, pruner, meta = load_model(ckpt, trust_factory)  # before `out` is touched: a bad checkpoint changes nothing
     dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
     keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}
     plain = baked_copy(model).eval()
@@ -230,6 +245,7 @@ def load(
     sparse: bool = False,
     model: nn.Module | None = None,
     example_input: torch.Tensor | None = None,
+    trust_factory: Trust = False,
 ) -> nn.Module:
     """A plain model from a compact file or a prunet checkpoint, in eval mode.
 
@@ -237,20 +253,25 @@ def load(
         path: a file written by :func:`export` or a prunet checkpoint (masks are multiplied in).
         sparse: run the pruned layers with sparse kernels where they are faster (see
             :func:`prunet.sparse.modules.sparsify`; the model's repr says which).
-        model: the model to load into, for a file whose model is not in the registry.
+        model: the model to load into (a fresh instance of the model that was saved): a file's
+            own model is then never built, so no trust is needed.
         example_input: with ``sparse``, the batch the kernels are chosen for; default one
             example of the registry model's input size (batch 1).
+        trust_factory: a file of the user's own model names the factory that builds it, code
+            that loading would run; it is called only when ``True`` (you trust the file) or in this
+            collection of specs. Registry models, and ``model=``, need no trust.
 
     Returns:
         The model; its outputs equal the pruned model's.
 
     Raises:
         CompactFileError: a missing, truncated, corrupt, foreign or newer file.
+        prunet.factory.UntrustedFactoryError: the file names a factory that is not trusted (nothing ran).
     """
     path = Path(path)
     if not path.is_file():
         raise CompactFileError(f"{path} does not exist")
-    plain, meta = _load_plain(path, model)
+    plain, meta = _load_plain(path, model, trust_factory)
     plain.eval()
     if not sparse:
         return plain
@@ -262,21 +283,23 @@ def load(
     return sparsify(plain, example_input)
 
 
-def _load_plain(path: Path, model: nn.Module | None) -> tuple[nn.Module, dict[str, Any]]:
+def _load_plain(path: Path, model: nn.Module | None, trust: Trust) -> tuple[nn.Module, dict[str, Any]]:
     kind = file_kind(path)
     if kind == "foreign":
         raise CompactFileError(f"{path} is a safetensors file but not one prunet wrote (no prunet header)")
     if kind == "checkpoint":
-        if model is not None:
-            raise ExportError("load(model=...) is for compact files; a checkpoint rebuilds its own model")
         try:
-            loaded, pruner, meta = load_model(path)
+            if model is None:
+                loaded, pruner, meta = load_model(path, trust)
+            else:  # the user's own module: nothing the file names is built
+                state, meta = read_checkpoint(path)
+                loaded, pruner = state_into(model, state, path)
         except CheckpointError as e:
             raise CompactFileError(str(e)) from None
         return (pruner.bake() if pruner is not None else loaded), meta
     state, header = read_compact(path)
     meta = header.get("meta") or {}
-    plain = model if model is not None else _registry_model(path, meta)
+    plain = model if model is not None else _header_model(path, meta, trust)
     resize_to_state(plain, state)
     try:
         load_state(plain, state, path)
@@ -306,10 +329,12 @@ def _input_shape(meta: dict[str, Any]) -> list[int] | None:
     return None
 
 
-def _registry_model(path: Path, meta: dict[str, Any]) -> nn.Module:
+def _header_model(path: Path, meta: dict[str, Any], trust: Trust) -> nn.Module:
+    """The model a compact file's header names: a registry model, or a trusted factory."""
     name = meta.get("model")
     if not name:
         raise CompactFileError(f"{path} names no registry model; pass the model: load(path, model=...)")
+    check_trusted(name, trust, str(path))
     try:
         return create_model(name, **meta.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:
