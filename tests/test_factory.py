@@ -424,3 +424,19 @@ def test_user_code_mistakes_are_one_line_and_exit_2(tmp_path, capsys, model, lab
     err = one_line_error(capsys)
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("raised, words", [
+    ("class Boom(BaseException):\n    pass\n\n\ndef splits():\n    raise Boom('not an Exception')\n",
+     ["data.factory", "raised Boom: not an Exception"]),
+    ("import sys\n\n\ndef splits():\n    sys.exit(3)\n", ["data.factory", "raised SystemExit: 3"]),
+    ("raise BaseException('at import')\n\n\ndef splits():\n    pass\n", ["data.factory", "raised BaseException"]),
+])
+def test_a_factory_raising_a_base_exception_is_one_line(tmp_path, capsys, raised, words):
+    """Not only Exceptions: a BaseException or sys.exit in the user's code is theirs, told in one line (exit 2)."""
+    (tmp_path / "odd_data.py").write_text(raised)
+    recipe = toy_recipe(tmp_path, **{"data.factory": f"{tmp_path / 'odd_data.py'}:splits", "data.kwargs": {}})
+    assert main(["run", str(write(tmp_path, recipe))]) == 2
+    err = one_line_error(capsys)
+    for w in words:
+        assert w in err, (w, err)
