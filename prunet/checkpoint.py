@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from prunet.factory import Trust, check_trusted
 from prunet.files import atomic_path
 from prunet.masks import MASK_SUFFIX, masked_params
+from prunet.meta import validate_meta
 from prunet.models import create_model
 from prunet.pruner import Pruner
 
@@ -80,8 +81,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
+    try:
+        meta = validate_meta(meta, f"checkpoint {path}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return state, meta
 
 
@@ -176,6 +181,9 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give Linear/Conv/BatchNorm layers the shapes found in ``state`` (a model shrunk by neuron removal).
 
     Only the sizes of parameters and buffers change; values come from ``load_state``.
+
+    Raises:
+        CheckpointError: a tensor of another number of dimensions than the model's.
     """
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -183,6 +191,9 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             new = state.get(prefix + attr)
             if new is None or new.shape == tensor.shape or attr.endswith("_mask"):
                 continue
+            if new.dim() != tensor.dim():  # a layer keeps its kind: only its sizes change
+                raise CheckpointError(f"{prefix + attr}: the file holds a {new.dim()}-D tensor {tuple(new.shape)}, "
+                                      f"the model's is {tensor.dim()}-D {tuple(tensor.shape)}")
             fresh = torch.empty(new.shape, dtype=tensor.dtype)
             if attr in module._parameters:
                 module._parameters[attr] = nn.Parameter(fresh, requires_grad=tensor.requires_grad)

@@ -8,14 +8,21 @@ container is safetensors, so nothing is unpickled; its header holds:
 
 * ``format`` (``prunet-compact``) and ``version`` (:data:`VERSION`): a file of
   another format, or of a newer version, is refused with a clear error;
-* ``model``: the registry name and keyword arguments when the model has one
-  (otherwise the caller supplies the model; the shapes are in the file);
+* ``meta``: the model's metadata (:mod:`prunet.meta`): its registry name and keyword
+  arguments when it has one (otherwise the caller supplies the model; the shapes
+  are in the file), one example's input shape;
 * per pruned tensor: shape, survivors, bits, code count and the value dtype;
 * per weight-shared tensor (version 2, Deep Compression): its codebook of 2^b
   values, the cluster index of each survivor and the relative-index codes, both
   Huffman coded (:mod:`prunet.sparse.huffman`), with their code lengths;
 * ``checksum``: SHA-256 of every tensor's name, dtype, shape and bytes, so a
   flipped byte is an error, never a wrong model.
+
+Anyone can recompute the checksum, so it does not stop a crafted file: every
+header field is checked by type and range (:func:`read_header`, the model's
+metadata by :func:`prunet.meta.validate_meta`), the dense tensors it describes are
+bounded by the file's size, and the tensors are checked against the header
+(names, dtypes, lengths) before anything is decoded or allocated.
 
 Example:
     >>> write_compact("model.prunet", model.state_dict(), pruner.masks, {"model": "lenet_300_100"})
@@ -38,12 +45,20 @@ from safetensors.torch import load_file, save_file
 
 from prunet.checkpoint import own_storage
 from prunet.files import atomic_path
+from prunet.meta import MAX_SHARED_BITS, check_int, check_mapping, check_str, shown, validate_meta
 from prunet.sparse import codec, huffman
 
 FORMAT = "prunet-compact"
 VERSION = 2  # 2: weight-shared tensors (a codebook, Huffman-coded cluster indices and relative indices)
 _META_KEY = "prunet_compact"
 VALUE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_RANK = 8
+# The dense tensors a header may describe: a file of n bytes holds at most max(FLOOR, PER_BYTE * n)
+# weights. Pruning keeps at least a few survivors in a thousand, each a byte or more, so a real file
+# stays far below; a header claiming more is corrupt or crafted, and is refused before it is allocated.
+DENSE_FLOOR = 2**26
+DENSE_PER_BYTE = 1024
+_SHARED_PARTS = ("codebook", "meta", "clusters", "clusters_lengths", "index", "index_lengths")
 
 
 class CompactFileError(ValueError):
@@ -152,7 +167,12 @@ def write_compact(
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
-    """The header of a compact file, checked for format and version (tensors not read)."""
+    """The header of a compact file, every field checked by type and range (tensors not read).
+
+    Raises:
+        CompactFileError: a missing, unreadable or foreign file, a newer version, or a field
+            out of its type or range (the message names the file and the field).
+    """
     path = Path(path)
     if not path.is_file():
         raise CompactFileError(f"{path} does not exist")
@@ -166,15 +186,149 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise CompactFileError(f"{path} is a safetensors file but not a prunet compact file (no '{_META_KEY}' header)")
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CompactFileError(f"{path}: its header is not valid JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CompactFileError(f"{path}: not a {FORMAT} file")
     version = header.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
         raise CompactFileError(f"{path} has format version {version}; this prunet reads up to {VERSION}: "
                                "upgrade prunet")
+    try:
+        check_int(version, "version", 1, VERSION)
+        _check_fields(header, path.stat().st_size)
+    except ValueError as e:
+        raise CompactFileError(f"{path}: {e}") from None
+    try:
+        validate_meta(header["meta"], str(path))
+    except ValueError as e:
+        raise CompactFileError(str(e)) from None
     return header
+
+
+def _check_fields(header: Mapping[str, Any], file_bytes: int) -> None:
+    """Every field of a header but ``meta``, by type and range; the dense sizes within what the file can hold.
+
+    Raises:
+        ValueError: ``"<field>: <what is wrong>"``.
+    """
+    for key in ("meta", "value_dtype", "sparse", "plain", "checksum"):
+        if key not in header:
+            raise ValueError(f"{key}: missing")
+    if not isinstance(header["value_dtype"], str) or header["value_dtype"] not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype: {shown(header['value_dtype'])} is not one of {', '.join(VALUE_DTYPES)}")
+    check_str(header["checksum"], "checksum")
+    plain = header["plain"]
+    if not isinstance(plain, list) or not all(isinstance(name, str) for name in plain):
+        raise ValueError(f"plain: {shown(plain)} is not a list of tensor names")
+    if len(set(plain)) < len(plain):
+        raise ValueError(f"plain: {shown(next(n for n in plain if plain.count(n) > 1))} is named twice")
+    sparse = check_mapping(header["sparse"], "sparse")
+    both = set(plain) & set(sparse)
+    if both:
+        raise ValueError(f"plain: {shown(sorted(both)[0])} is also in sparse")
+    budget = max(DENSE_FLOOR, DENSE_PER_BYTE * file_bytes)
+    total = 0
+    for name, spec in sparse.items():
+        field = f"sparse[{shown(name)}]"  # a tensor name, whatever it is
+        spec = check_mapping(spec, field)
+        size = _size(spec, f"{field}.shape")
+        total += size
+        if total > budget:
+            raise ValueError(f"{field}.shape: {shown(spec['shape'])} brings the dense tensors to {total:,} "
+                             f"elements, more than a file of {file_bytes:,} bytes describes (at most {budget:,})")
+        shared = spec.get("shared", False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"{field}.shared: {shown(shared)} is not true or false")
+        if not shared:
+            for key in ("survivors", "bits", "codes"):
+                if key not in spec:
+                    raise ValueError(f"{field}.{key}: missing")
+            survivors = _count(spec["survivors"], f"{field}.survivors", 0, size, f"a shape of {size:,} elements")
+            bits = check_int(spec["bits"], f"{field}.bits", 1, codec.MAX_BITS)
+            _count(spec["codes"], f"{field}.codes", survivors, _most_codes(size, survivors, bits),
+                   f"{survivors:,} survivors of {size:,} in {bits}-bit codes")
+
+
+def _size(spec: Mapping[str, Any], field: str) -> int:
+    """The element count of a dense shape: a list of at most :data:`MAX_RANK` whole numbers >= 0."""
+    if "shape" not in spec:
+        raise ValueError(f"{field}: missing")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{field}: {shown(shape)} is not a list of at most {MAX_RANK} whole numbers >= 0")
+    return math.prod(shape)
+
+
+def _count(value: Any, field: str, lo: int, hi: int, context: str) -> int:
+    """:func:`~prunet.meta.check_int` for a count whose range another field sets, that field told."""
+    try:
+        return check_int(value, field, lo, hi)
+    except ValueError as e:
+        raise ValueError(f"{e}, for {context}") from None
+
+
+def _most_codes(size: int, survivors: int, bits: int) -> int:
+    """The most codes ``survivors`` positions in ``size`` take: each filler skips ``2^bits - 1`` empty positions."""
+    return survivors + (size - survivors) // ((1 << bits) - 1)
+
+
+def _check_tensors(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """The file holds exactly the tensors its (checked) header names, each of the dtype and length it says.
+
+    Raises:
+        ValueError: ``"<field>: <what is wrong>"``.
+    """
+    named = list(header["plain"])
+    for name, spec in header["sparse"].items():
+        parts = _SHARED_PARTS if spec.get("shared") else ("values", "index")
+        named += [f"{name}.{part}" for part in parts]
+    if len(set(named)) < len(named):
+        twice = next(n for n in named if named.count(n) > 1)
+        raise ValueError(f"the header names the tensor {shown(twice)} twice")
+    missing = [n for n in named if n not in tensors]
+    if missing:
+        raise ValueError(f"the header names the tensor {shown(missing[0])}, which the file does not hold")
+    extra = sorted(set(tensors) - set(named))
+    if extra:
+        raise ValueError(f"the file holds the tensor {shown(extra[0])}, which its header does not name")
+    values = VALUE_DTYPES[header["value_dtype"]]
+    for name, spec in header["sparse"].items():
+        field = f"sparse[{shown(name)}]"  # a tensor name, whatever it is
+        if spec.get("shared"):
+            _check_shared(name, math.prod(spec["shape"]), tensors, field)
+        else:
+            _check_vector(tensors, f"{name}.values", values, spec["survivors"], field)
+            _check_vector(tensors, f"{name}.index", torch.uint8, -(-spec["codes"] * spec["bits"] // 8), field)
+
+
+def _check_vector(tensors: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, length: int | None,
+                  field: str) -> None:
+    """``tensors[key]`` is one-dimensional, of ``dtype`` and (unless None) ``length``."""
+    t = tensors[key]
+    if t.dtype != dtype or t.dim() != 1 or (length is not None and t.numel() != length):
+        wanted = f"{length:,} " if length is not None else "a vector of "
+        raise ValueError(f"{field}: the tensor {shown(key)} holds {str(t.dtype).removeprefix('torch.')} of shape "
+                         f"{list(t.shape)}; expected {wanted}{str(dtype).removeprefix('torch.')} values")
+
+
+def _check_shared(name: str, size: int, tensors: Mapping[str, torch.Tensor], field: str) -> None:
+    """A weight-shared tensor's parts: its counts in range, its code-length tables one entry a symbol."""
+    _check_vector(tensors, f"{name}.meta", torch.int64, 3, field)
+    bits, n_codes, survivors = (int(v) for v in tensors[f"{name}.meta"].tolist())
+    where = f"{field}: its tensor {shown(name + '.meta')}"
+    check_int(bits, f"{where}, bits", 1, codec.MAX_BITS)
+    _count(survivors, f"{where}, survivors", 0, size, f"a shape of {size:,} elements")
+    _count(n_codes, f"{where}, codes", survivors, _most_codes(size, survivors, bits),
+           f"{survivors:,} survivors of {size:,} in {bits}-bit codes")
+    _check_vector(tensors, f"{name}.codebook", torch.float32, None, field)
+    k = tensors[f"{name}.codebook"].numel()
+    check_int(k, f"{field}: the size of its codebook", 1 if survivors else 0, 1 << MAX_SHARED_BITS)
+    _check_vector(tensors, f"{name}.clusters", torch.uint8, None, field)
+    _check_vector(tensors, f"{name}.index", torch.uint8, None, field)
+    _check_vector(tensors, f"{name}.clusters_lengths", torch.uint8, k, field)
+    _check_vector(tensors, f"{name}.index_lengths", torch.uint8, 1 << bits, field)
 
 
 def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -190,6 +344,10 @@ def read_compact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CompactFileError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
     if _checksum(tensors, {k: v for k, v in header.items() if k != "checksum"}) != header.get("checksum"):
         raise CompactFileError(f"{path} is corrupt: its checksum does not match its contents")
+    try:
+        _check_tensors(header, tensors)
+    except ValueError as e:
+        raise CompactFileError(f"{path}: {e}") from None
     state: dict[str, torch.Tensor] = {}
     try:
         for name, spec in header["sparse"].items():

@@ -273,10 +273,11 @@ def load(
         raise CompactFileError(f"{path} does not exist")
     plain, meta = _load_plain(path, model, trust_factory)
     plain.eval()
+    shape = _input_shape(meta)
+    _check_runs(plain, shape, path)
     if not sparse:
         return plain
     if example_input is None:
-        shape = _input_shape(meta)
         if shape is None:
             raise ExportError("load(sparse=True) of a model whose file records no input shape needs example_input")
         example_input = torch.zeros(1, *shape)
@@ -300,12 +301,25 @@ def _load_plain(path: Path, model: nn.Module | None, trust: Trust) -> tuple[nn.M
     state, header = read_compact(path)
     meta = header.get("meta") or {}
     plain = model if model is not None else _header_model(path, meta, trust)
-    resize_to_state(plain, state)
     try:
+        resize_to_state(plain, state)
         load_state(plain, state, path)
     except CheckpointError as e:
-        raise CompactFileError(str(e)) from None
+        raise CompactFileError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     return plain, meta
+
+
+@torch.no_grad()
+def _check_runs(model: nn.Module, shape: list[int] | None, path: Path) -> None:
+    """One example of the recorded input shape through the loaded model: a file whose shapes fit the
+    model's tensors one by one but not each other (a crafted or damaged header) fails here, in one line."""
+    if shape is None:
+        return
+    try:
+        model(torch.zeros(1, *shape, device=model_device(model)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise CompactFileError(f"{path}: the model it holds does not run on its input shape {shape} "
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

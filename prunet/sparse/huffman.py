@@ -117,6 +117,9 @@ def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
         raise ValueError("no symbol has a code")
     if lengths.min() < 0 or lengths.max() > MAX_LENGTH:
         raise ValueError(f"the Huffman stream is corrupt: code lengths outside 0..{MAX_LENGTH}")
+    used = lengths[lengths > 0]
+    if np.ldexp(1.0, -used).sum() > 1.0:  # Kraft's inequality; exact, the terms being multiples of 2^-24
+        raise ValueError("the Huffman stream is corrupt: its code lengths are not those of a prefix code")
     codes = canonical_codes(lengths)
     longest = int(lengths.max())
     # A table on the next `longest` bits: each entry, the symbol whose code is their prefix, and its length.
