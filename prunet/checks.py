@@ -15,7 +15,8 @@ import torch.nn as nn
 from prunet.config import ConfigError, Recipe
 from prunet.data import DatasetSplits, first_batch
 from prunet.devices import model_device
-from prunet.layers import Layer, LayerNameError, check_names
+from prunet.layers import Layer, LayerNameError, check_names, unprunable_layers
+from prunet.train import output_problem
 
 
 def split_identity(recipe: Recipe) -> dict[str, Any]:
@@ -49,8 +50,8 @@ LABELS_LOOKED_AT = 512  # a factory dataset's labels are checked against the mod
 def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str] | None:
     """Two images through the model: ``(recipe field, what does not fit)``, or None when it fits.
 
-    The field is ``model.name`` (the model does not take the images) or
-    ``model.num_classes`` (its outputs are not the dataset's classes).
+    The field is ``model.name`` (the model does not take the images, or does not return one
+    row of class scores per image) or ``model.num_classes`` (its outputs are not the dataset's classes).
     """
     split = data.val if len(data.val) else data.test
     x, y = first_batch(split, LABELS_LOOKED_AT, mean=data.mean, std=data.std, device=model_device(model))
@@ -58,9 +59,13 @@ def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str
     try:
         with torch.no_grad():
             out = model.eval()(x)
-    except RuntimeError as e:
+    except Exception as e:  # the model's own code: whatever it raises, the images do not go through it
         shape = tuple(x.shape[1:])
-        return "model.name", f"does not take {data.name} images of shape {shape} ({str(e).splitlines()[0]})"
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return "model.name", f"does not take {data.name} images of shape {shape} ({detail})"
+    problem = output_problem(out, len(x))
+    if problem is not None:
+        return "model.name", f"returned {problem}"
     if data.classes and out.shape[-1] != len(data.classes):
         classes = len(data.classes)
         return "model.num_classes", f"the model has {out.shape[-1]} outputs, {data.name} has {classes} classes"
@@ -71,7 +76,15 @@ def model_data_mismatch(model: nn.Module, data: DatasetSplits) -> tuple[str, str
 
 
 def check_model_fits_data(recipe: Recipe, model: nn.Module, data: DatasetSplits) -> None:
-    """The recipe's model must take the data's images and have one output per class."""
+    """The recipe's model must hold its layers' weights as parameters (what masks go beside), take the
+    data's images and return one row of scores per image, one score per class."""
+    unprunable = unprunable_layers(model)
+    if unprunable:  # refused, not skipped: a layer left dense without a word would misstate the compression
+        name, held = unprunable[0]
+        more = f" (and {len(unprunable) - 1} more layers like it)" if len(unprunable) > 1 else ""
+        field = "model.factory" if recipe.model.factory is not None else "model.name"
+        raise ConfigError(f"{field}: layer {name or '(the model)'!r} ({type(model.get_submodule(name)).__name__})"
+                          f"{more} has no weight parameter to prune: its weight is {held}")
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
         field, problem = mismatch

@@ -25,6 +25,9 @@ from prunet.factory import Trust, absolute, check_trusted, is_factory
 from prunet.models import list_models
 
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
+# torch takes 64-bit seeds; a run derives more by adding small offsets (seed + round, + 1000, + rank),
+# so a seed stays below 2^63 and every derived one still fits.
+MAX_SEED = 2**63 - 1
 REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -105,7 +108,8 @@ class DataConfig:
     val_size: int = 5000
     """Training images held out for every choice the tool makes (thresholds, stopping)."""
     split_seed: int = 0
-    """Seed of the train / validation split; separate from ``seed`` so retrained models share a split."""
+    """Seed of the train / validation split, in [0, 2^63 - 1]; separate from ``seed`` so retrained models
+    share a split."""
     train_subset: Optional[int] = None
     """Use only this many training images (quick runs, tests); None uses all."""
     batch_size: int = 64
@@ -138,6 +142,7 @@ class DataConfig:
             if self.kwargs:
                 raise ConfigError(f"{where}.kwargs: applies to a data.factory")
         _range(where + ".workers", self.workers, 0, None)
+        _range(where + ".split_seed", self.split_seed, 0, MAX_SEED)
         # Every choice (best epoch, stopping) is made on the validation split: it can't be empty.
         _range(where + ".val_size", self.val_size, 1, None)
         if self.train_subset is not None:
@@ -405,7 +410,7 @@ class Recipe:
     name: str = "run"
     """Run name; the run folder is ``<output_dir>/<name>``."""
     seed: int = 0
-    """Seed for initialisation, the validation split and batch order."""
+    """Seed for initialisation, dropout and batch order, in [0, 2^63 - 1] (the split has ``data.split_seed``)."""
     output_dir: str = "runs"
     """Where run folders are written."""
     threads: Optional[int] = None
@@ -423,6 +428,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
             raise ConfigError(f"name: must be a plain name (not '.' or '..', no '/' or '\\'), got {self.name!r}")
+        _range("seed", self.seed, 0, MAX_SEED)
         if self.threads is not None:
             _range("threads", self.threads, 1, None)
         problem = check_device_spec(self.device, "device")

@@ -7,6 +7,8 @@ Everything in prunet that speaks of layers goes through this module:
 * :func:`find_layers`: the prunable parameters of any ``nn.Module``, in
   ``named_modules`` order (the order of execution for the registry models and
   most feed-forward networks);
+* :func:`unprunable_layers`: the layers of those types that :func:`find_layers`
+  cannot take, their weight not a parameter of their own (weight norm, for one);
 * :func:`matches`, :func:`resolve`, :func:`select`: how a layer name, a parameter
   name, a group (``fc``, ``conv``, ``all``) or a glob names layers, with one
   error for a name that names none (:class:`LayerNameError`);
@@ -129,6 +131,53 @@ def find_layers(
             if wanted and not any(p.search(full) for p in exc):
                 found.append(Layer(name, full, module, attr, layer_kind(module)))
     return found
+
+
+# How a layer computes a weight it does not hold, and what folds it into a plain parameter (same outputs).
+_FOLD_HOOKS = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer)",
+               "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer)"}
+
+
+def unprunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> list[tuple[str, str]]:
+    """The layers of ``types`` whose ``weight`` is not a parameter of their own, which :func:`find_layers` skips.
+
+    A mask lives beside a parameter, so a weight computed at each call cannot carry one: a
+    parametrization's (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``), the older
+    hooks' (``torch.nn.utils.weight_norm`` from ``weight_g`` and ``weight_v``), or a plain tensor
+    assigned in ``forward``.
+
+    Returns:
+        ``(layer name, how its weight is held and what makes it a parameter)`` per such layer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = torch.nn.utils.parametrizations.weight_norm(model[1])
+        >>> unprunable_layers(model)[0][0]
+        '1'
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, types) and not isinstance(module._parameters.get("weight"), nn.Parameter):
+            found.append((name, _how_held(module)))
+    return found
+
+
+def _how_held(module: nn.Module) -> str:
+    """How ``module`` holds a weight that is not its parameter, and what makes it one."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        kinds = ", ".join(type(p).__name__.lstrip("_") for p in parametrizations["weight"])
+        return (f"computed by a parametrization ({kinds}); fold it into a plain weight (same outputs) with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+    hook = next((h for h in hooks if h in _FOLD_HOOKS), None)
+    if hook is not None:
+        sources = ", ".join(n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight"))
+        return f"computed from {sources} by a {hook} hook; fold it in (same outputs) with {_FOLD_HOOKS[hook]}"
+    plain = isinstance(module.__dict__.get("weight"), torch.Tensor)
+    return (f"{'a plain tensor' if plain else 'set elsewhere (in forward?)'}, not an nn.Parameter; hold it as one "
+            f"to prune it, or compute this layer with torch.nn.functional in a module of your own to leave it "
+            f"unpruned")
 
 
 # --------------------------------------------------------------------------- naming layers

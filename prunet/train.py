@@ -39,6 +39,10 @@ class DivergedError(ConfigError):
     """The training loss became NaN or infinite (a learning rate too high, most often)."""
 
 
+class ModelOutputError(ConfigError):
+    """The model's output is not one row of class scores per example (a tuple, the wrong shape)."""
+
+
 @dataclass
 class EpochRecord:
     """One line of ``metrics.jsonl``."""
@@ -96,6 +100,7 @@ def evaluate(model: nn.Module, split: Dataset, norm: Normalization, batch_size: 
     for x, y in loader(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std, device=model_device(model),
                        rank=ranks.rank, world_size=ranks.world_size, workers=workers):
         logits = model(x)
+        _check_output(logits, len(y), "evaluation")
         _check_labels(y, logits, "evaluation")
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -226,6 +231,7 @@ def fit(
             for batch, (x, y) in enumerate(bar):
                 with autocast():
                     logits = net(x)
+                    _check_output(logits, len(y), "training")
                     _check_labels(y, logits, "training")
                     loss = F.cross_entropy(logits, y)
                 value = own = loss.item()
@@ -289,6 +295,29 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return records
+
+
+def output_problem(out: object, n: int) -> str | None:
+    """What is wrong with a model's output for a batch of ``n`` examples; None for ``(n, classes)`` float scores.
+
+    Example:
+        >>> output_problem(torch.zeros(2, 3, 2), 2)
+        'shape (2, 3, 2) for a batch of 2; expected (2, classes), one score per class'
+    """
+    if not isinstance(out, torch.Tensor):
+        return (f"a {type(out).__name__}, not a tensor; prunet trains on one (batch, classes) tensor of scores "
+                f"(return only the main output)")
+    if out.dim() != 2 or out.shape[0] != n:
+        return f"shape {tuple(out.shape)} for a batch of {n}; expected ({n}, classes), one score per class"
+    if not out.is_floating_point():
+        return f"{out.dtype} scores; expected floating-point scores (logits), one per class"
+    return None
+
+
+def _check_output(out: object, n: int, where: str) -> None:
+    problem = output_problem(out, n)
+    if problem is not None:  # a registry model's output always fits: this is the user's model
+        raise ModelOutputError(f"model.factory: in {where} the model returned {problem}")
 
 
 def _check_labels(y: torch.Tensor, logits: torch.Tensor, where: str) -> None:

@@ -46,6 +46,9 @@ _DTYPES: dict[int, np.dtype] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# The header's dimension count is a byte (up to 255); NumPy holds at most 32 dimensions (64 since 2.0).
+# Images and labels have 1 to 4: more is a damaged header, refused before any size is computed from it.
+MAX_NDIM = 32
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -84,6 +87,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if code not in _DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _DTYPES)
         raise DataError(f"{path}: unknown IDX dtype code 0x{code:02X} (known: {known})")
+    if ndim > MAX_NDIM:
+        raise DataError(f"{path}: the header claims {ndim} dimensions; at most {MAX_NDIM} can be read "
+                        f"(images and labels have 1 to 4): a damaged header")
 
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
@@ -114,7 +120,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
     Args:
         path: the file to write; replaced if it exists.
-        array: uint8, int8, int16, int32, float32 or float64, at most 255 dimensions.
+        array: uint8, int8, int16, int32, float32 or float64, at most :data:`MAX_NDIM` dimensions
+            (what :func:`read_idx` reads back).
 
     Raises:
         DataError: the dtype or shape cannot be stored in IDX.
@@ -127,7 +134,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
             f"{path}: IDX cannot store dtype {array.dtype} "
             "(use uint8, int8, int16, int32, float32 or float64)"
         )
-    if array.ndim > 255 or any(d >= 2**32 for d in array.shape):
+    if array.ndim > MAX_NDIM or any(d >= 2**32 for d in array.shape):
         raise DataError(f"{path}: IDX cannot store shape {array.shape}")
 
     header = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape)
