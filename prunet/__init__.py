@@ -7,7 +7,7 @@ Example:
     >>> import prunet, torch
     >>> model = prunet.create_model("lenet_300_100")
     >>> pruner = prunet.Pruner(model)
-    >>> pruner.prune(prunet.Threshold({"fc1": 1.0, "fc2": 1.0, "fc3": 0.5}))
+    >>> _ = pruner.prune(prunet.Threshold({"fc1": 1.0, "fc2": 1.0, "fc3": 0.5}))
     >>> pruner.compression() > 1
     True
 """

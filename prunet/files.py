@@ -7,9 +7,14 @@ destination. A reader, or a later run after a crash, a Ctrl-C or a full disk,
 sees either the old file or the new one, never half of one.
 
 Example:
-    >>> write_text("runs/x/summary.json", json.dumps(summary))
+    >>> import torch
+    >>> from safetensors.torch import save_file
+    >>> write_text("runs/x/summary.json", '{"compression": 12.5}')  # parent folders are made
+    PosixPath('runs/x/summary.json')
     >>> with atomic_path("runs/x/final.safetensors") as tmp:
-    ...     save_file(state, tmp)          # any writer that takes a path
+    ...     save_file({"fc1.weight": torch.zeros(3, 4)}, tmp)  # any writer that takes a path
+    >>> sorted(p.name for p in Path("runs/x").iterdir())  # no temporary file left behind
+    ['final.safetensors', 'summary.json']
 """
 
 from __future__ import annotations

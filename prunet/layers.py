@@ -18,10 +18,16 @@ Everything in prunet that speaks of layers goes through this module:
   for Markdown.
 
 Example:
+    >>> from prunet.models import create_model
     >>> model = create_model("lenet_300_100")
     >>> [layer.layer for layer in select(find_layers(model), ["fc?"])]
     ['fc1', 'fc2', 'fc3']
     >>> print(format_table(rows_of(find_layers(model))))
+    Layer  Weights  Weights%            Kept
+    fc1    235,200   100.00%         235,200
+    fc2     30,000   100.00%          30,000
+    fc3      1,000   100.00%           1,000
+    Total  266,200   100.00%  266,200 (1.0x)
 """
 
 from __future__ import annotations

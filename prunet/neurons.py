@@ -27,10 +27,21 @@ says so. Exactness holds in eval mode (Dropout off, BatchNorm on its running
 statistics).
 
 Example:
+    >>> from prunet import Pruner, Sparsity, create_model
+    >>> _ = torch.manual_seed(0)
     >>> model = create_model("lenet_300_100")
-    >>> # ... prune and bake the masks, then:
-    >>> small, report = remove_dead_neurons(model, example_input=torch.randn(8, 1, 28, 28))
-    >>> print(report.table())
+    >>> pruner = Pruner(model)
+    >>> _ = pruner.prune(Sparsity(0.9))
+    >>> masks = pruner.masks
+    >>> small, report = remove_dead_neurons(pruner.bake(), masks, example_input=torch.randn(8, 1, 28, 28))
+    >>> print(report.table())  # fc2 neurons whose 10 outgoing weights were all pruned are gone
+    layer  before  after  no input  no output  dead kept
+      fc1     300    300         0          0          0
+      fc2     100     66         0         34          0
+      fc3      10     10         0          0          0
+    parameters: 266,610 -> 256,036 (-10,574)
+    >>> small.fc2
+    Linear(in_features=300, out_features=66, bias=True)
 """
 
 from __future__ import annotations
@@ -383,9 +394,13 @@ def find_dead_neurons(model: nn.Module, masks: Mapping[str, Tensor] | None = Non
             name unknown parameters, have the wrong shape or are not baked.
 
     Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> with torch.no_grad():
+        ...     model[0].weight[1] = 0     # neuron 1 of layer "0" has no inputs left
+        ...     model[2].weight[:, 2] = 0  # neuron 2 has no outputs left
         >>> dead = find_dead_neurons(model)
-        >>> dead["fc1"].no_input, dead["fc1"].no_output
-        ([3, 17], [5])
+        >>> dead["0"].no_input, dead["0"].no_output
+        ([1], [2])
     """
     plan = _plan(model)
     _check_masks(model, masks)
@@ -554,9 +569,15 @@ def remove_dead_neurons(
         ValueError: for a model that is not an ``nn.Sequential``, or bad masks.
 
     Example:
-        >>> small, report = remove_dead_neurons(model, masks)
-        >>> report.params_removed, report.masks["fc1.weight"].shape
-        (8310, torch.Size([271, 784]))
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> with torch.no_grad():
+        ...     model[0].weight[1] = 0     # neuron 1: no inputs, its constant output is folded
+        ...     model[2].weight[:, 2] = 0  # neuron 2: no outputs
+        >>> small, report = remove_dead_neurons(model, example_input=torch.randn(5, 4))
+        >>> small[0], small[2]
+        (Linear(in_features=4, out_features=1, bias=True), Linear(in_features=1, out_features=2, bias=True))
+        >>> report.params_removed, report.max_abs_diff < 1e-6
+        (14, True)
     """
     plan = _plan(model)
     _check_masks(model, masks)

@@ -1,12 +1,13 @@
 """The user's handle on pruning: ``Pruner(model) -> prune(), attach(), enforce(), bake(), summary()``.
 
 Example:
+    >>> import prunet, torch
     >>> model = prunet.create_model("lenet_300_100")
     >>> pruner = prunet.Pruner(model)
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     >>> pruner.attach(optimizer)            # masks enforced after every step
-    >>> pruner.prune(prunet.Threshold(1.0), optimizer=optimizer)
-    >>> ...                                 # the user's own training loop
+    >>> _ = pruner.prune(prunet.Threshold(1.0), optimizer=optimizer)
+    >>> # ... the user's own training loop ...
     >>> plain = pruner.bake()               # a plain model, same outputs
 """
 

@@ -99,14 +99,30 @@ class PruningSchedule:
     distillation, relative qualities from sensitivity, checkpoints and the report.
 
     Example:
-        >>> pruner = prunet.Pruner(model)
-        >>> schedule = PruningSchedule.from_recipe(load_recipe("recipes/lenet300_fashion.yaml"), pruner,
-        ...                                        steps_per_epoch=len(loader))
+        >>> import torch.nn.functional as F
+        >>> from prunet import create_model
+        >>> from prunet.config import recipe_from_dict  # or load_recipe("recipes/lenet300_fashion.yaml")
+        >>> recipe = recipe_from_dict({
+        ...     "train": {"epochs": 1, "lr": 0.05},
+        ...     "prune": {"lr_fraction": 0.1, "rounds": [{"criterion": "sparsity", "sparsity": 0.5, "epochs": 1},
+        ...                                              {"criterion": "sparsity", "sparsity": 0.8, "epochs": 1}]},
+        ... })
+        >>> _ = torch.manual_seed(0)
+        >>> model = create_model("lenet_300_100")
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> loader = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]  # your data
+        >>> pruner = Pruner(model)
+        >>> schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=len(loader))
         >>> for epoch in range(schedule.epochs):
         ...     for x, y in loader:
-        ...         schedule.step(optimizer)          # prunes on schedule, sets the lr
+        ...         for event in schedule.step(optimizer):  # prunes on schedule, sets the lr
+        ...             print(f"epoch {epoch}: {event.label}, lr {optimizer.param_groups[0]['lr']:g}")
         ...         loss = F.cross_entropy(model(x), y)
         ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
+        epoch 1: round 1, lr 0.005
+        epoch 2: round 2, lr 0.005
+        >>> pruner.compression()
+        5.0
 
     Args:
         pruner: the pruner of the model being trained.

@@ -10,9 +10,18 @@ pruned entries stay zero whatever the optimizer does. :func:`unshare` bakes the
 shared values into plain weights again.
 
 Example:
-    >>> shared = share(model, bits={"conv": 8, "fc": 5})   # after pruning
-    >>> ...                                               # retrain: only centroids and biases move
-    >>> prunet.export(...)  # or: codebooks and indices for the compact file: shared_layers(model)
+    >>> from prunet import Pruner, Sparsity, create_model
+    >>> model = create_model("lenet_300_100")
+    >>> _ = Pruner(model).prune(Sparsity(0.9))         # prune first
+    >>> shared = share(model, bits={"conv": 8, "fc": 5})
+    >>> {name: s.codebook.numel() for name, s in shared.items()}
+    {'fc1.weight': 32, 'fc2.weight': 32, 'fc3.weight': 32}
+    >>> [name for name, p in model.named_parameters()][:2]  # what retraining moves: centroids and biases
+    ['fc1.bias', 'fc1.parametrizations.weight.original']
+    >>> plain = unshare(model)                           # after retraining: plain weights again
+
+``prunet export --quantized`` writes a shared model to the compact file;
+:func:`shared_layers` gives the codebooks and indices a writer needs.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import csv
 import functools
 from decimal import ROUND_HALF_UP, Decimal
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ from prunet.analysis import (
     plot_weight_histogram,
     write_table_csv,
 )
+from prunet.analysis.bits import BitsRow, plot_bits
 from prunet.layers import LayerRow, find_layers, format_table, totals
 from prunet.models import create_model, get_model_info
 
@@ -330,15 +333,85 @@ def test_energy_options_and_description():
 # ---------------------------------------------------------------- plots
 
 
-def test_weight_histogram_png(tmp_path):
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def figures():
+    """``figures(fig)`` -> fig, closed after the test. The plot functions draw without pyplot, so
+    none of their figures may show up in pyplot's list (where a long session would pile them up)."""
+    made = []
+    yield lambda fig: made.append(fig) or fig
+    open_in_pyplot = plt.get_fignums()
+    for fig in made:
+        plt.close(fig)
+    assert open_in_pyplot == []
+
+
+def test_weight_histogram_shows_all_weights_then_the_survivors(figures, tmp_path):
     torch.manual_seed(0)
     before = torch.randn(50, 40) * 0.05
-    after = before * (before.abs() > 0.05)
-    path = plot_weight_histogram(before, after, tmp_path / "figs" / "fc1.png", "fc1")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    empty = plot_weight_histogram(before, torch.zeros(50, 40), tmp_path / "empty.png", "fc1")
-    assert empty.stat().st_size > 1000
+    after = before * (before.abs() > 0.05)  # a third survive, none with |w| <= 0.05
+    kept = int((after != 0).sum())
+    fig = figures(plot_weight_histogram(before, after, "fc1", tmp_path / "figs" / "fc1.png", bins=30))
+    assert (tmp_path / "figs" / "fc1.png").read_bytes()[:8] == PNG
+
+    ax_before, ax_after = fig.axes
+    assert ax_before.get_title() == "fc1: before pruning (2,000 weights)"
+    assert ax_after.get_title() == f"fc1: after pruning + retraining ({kept:,} non-zero)"
+    for ax in fig.axes:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("weight value", "count")
+    assert ax_before.get_shared_x_axes().joined(ax_before, ax_after)
+    # Each panel is one histogram of the given weights: 30 bars whose counts add up to the weights shown.
+    heights = {ax: np.array([bar.get_height() for bar in ax.patches]) for ax in fig.axes}
+    assert len(heights[ax_before]) == len(heights[ax_after]) == 30
+    assert heights[ax_before].sum() == before.numel()
+    assert heights[ax_after].sum() == kept
+    assert np.array_equal(heights[ax_before], np.histogram(before.numpy().ravel(), bins=30)[0])
+    # The second panel has the gap magnitude pruning cuts: no bar inside (-0.05, 0.05) counts anything.
+    gap = [bar.get_height() for bar in ax_after.patches if -0.05 < bar.get_x() < bar.get_x() + bar.get_width() < 0.05]
+    assert len(gap) >= 5 and set(gap) == {0}
+
+
+def test_weight_histogram_with_no_survivors_says_so(figures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig = figures(plot_weight_histogram(torch.randn(50, 40), torch.zeros(50, 40), "fc3"))
+    ax_before, ax_after = fig.axes
+    assert len(ax_before.patches) == 100 and len(ax_after.patches) == 0
+    assert [t.get_text() for t in ax_after.texts] == ["no weights kept"]
+    assert ax_after.get_title() == "fc3: after pruning + retraining (0 non-zero)"
+    assert list(tmp_path.iterdir()) == []  # no path: nothing written
+
+
+BITS_ROWS = [BitsRow("conv", b, acc, 99.1) for b, acc in [(2, 41.0), (4, 97.5), (8, 99.0)]] + [
+    BitsRow("fc", b, acc, 99.1) for b, acc in [(2, 95.2), (4, 99.0), (8, 99.1)]
+]
+
+
+def test_bits_plot_draws_a_curve_per_group_from_the_rows(figures, tmp_path):
+    fig = figures(plot_bits(BITS_ROWS, tmp_path / "bits.png"))
+    assert (tmp_path / "bits.png").read_bytes()[:8] == PNG
+    (ax,) = fig.axes
+    assert ax.get_title() == "Accuracy against bits (no retraining)"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("bits per weight index", "validation accuracy (%)")
+    conv, fc, base = ax.lines
+    assert [line.get_label() for line in ax.lines] == [
+        "conv layers shared", "fully connected layers shared", "not shared"
+    ]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in ax.lines]
+    for line, group in ((conv, "conv"), (fc, "fc")):
+        rows = [r for r in BITS_ROWS if r.group == group]
+        assert list(line.get_xdata()) == [r.bits for r in rows]
+        assert list(line.get_ydata()) == [r.val_acc for r in rows]
+    assert list(base.get_ydata()) == [99.1, 99.1] and base.get_linestyle() == "--"
+    assert list(ax.get_xticks()) == [2, 4, 8]
+
+
+def test_bits_plot_of_one_group_and_of_nothing(figures):
+    fig = figures(plot_bits([r for r in BITS_ROWS if r.group == "fc"]))
+    assert [line.get_label() for line in fig.axes[0].lines] == ["fully connected layers shared", "not shared"]
+    with pytest.raises(ValueError, match="no rows"):
+        plot_bits([])
 
 
 def test_act_is_credited_in_the_order_the_forward_runs_the_layers():

@@ -10,9 +10,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
-from prunet.analysis.report import ReportError, write_report
+from prunet.analysis.report import ReportError, plot_rounds, write_report
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.analysis.tables import CSV_COLUMNS
 from prunet.config import recipe_from_dict
@@ -21,8 +22,6 @@ from prunet.layers import human_count
 from prunet.pipeline import run
 from prunet.runfolder import MissingRunFileError, Run, RunError
 from conftest import use_data_cache
-
-pytestmark = pytest.mark.slow
 
 # A name with markup in it: it ends up in the report's title and must arrive escaped.
 RECIPE_NAME = "tiny<&>"
@@ -202,6 +201,67 @@ def test_run_without_rounds(tiny_run, data, tmp_path):
     shutil.copy(run_dir / "dense.safetensors", run_dir / "final.safetensors")
     md, _ = write_report(run_dir, data=data, progress=False)
     assert "0 of 0 accepted" in md.read_text()
+
+
+# ------------------------------------------------------------------ the rounds figure
+
+SUMMARY = {
+    "dense": {"val_acc": 89.8, "test_acc": 89.1},
+    "rounds": [
+        {"round": 1, "val_acc": 89.9, "test_acc": 89.0, "val_acc_pruned": 88.2, "compression": 3.1, "accepted": True},
+        {"round": 2, "val_acc": 89.5, "test_acc": 88.8, "val_acc_pruned": 85.0, "compression": 8.4, "accepted": True},
+        {"round": 3, "val_acc": 86.0, "test_acc": 85.7, "val_acc_pruned": 60.0, "compression": 20.0, "accepted": False},
+    ],
+}
+
+
+@pytest.fixture
+def figures():
+    """``figures(fig)`` -> fig, closed after the test; the plot functions leave pyplot no figure of theirs."""
+    made = []
+    yield lambda fig: made.append(fig) or fig
+    open_in_pyplot = plt.get_fignums()
+    for fig in made:
+        plt.close(fig)
+    assert open_in_pyplot == []
+
+
+def test_rounds_figure_plots_the_summary(figures, tmp_path):
+    fig = figures(plot_rounds(SUMMARY, tmp_path / "figs" / "rounds.png"))
+    assert (tmp_path / "figs" / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    accuracy, compression = fig.axes
+    assert accuracy.get_title() == "accuracy and compression per round (shaded: rejected)"
+    assert (accuracy.get_xlabel(), accuracy.get_ylabel()) == ("round (0 = dense)", "accuracy (%)")
+    assert compression.get_ylabel() == "compression (×, prunable weights)"
+    assert list(accuracy.get_xticks()) == [0, 1, 2, 3]
+    val, test, pruned = accuracy.lines
+    assert list(val.get_xdata()) == [0, 1, 2, 3] and list(pruned.get_xdata()) == [1, 2, 3]
+    assert list(val.get_ydata()) == [89.8, 89.9, 89.5, 86.0]  # round 0 is the dense model
+    assert list(test.get_ydata()) == [89.1, 89.0, 88.8, 85.7]
+    assert list(pruned.get_ydata()) == [88.2, 85.0, 60.0]
+    (comp,) = compression.lines
+    assert list(comp.get_ydata()) == [1.0, 3.1, 8.4, 20.0]
+    # One legend below both axes names all four lines.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "validation (after retraining)", "test (after retraining)", "validation (pruned, before retraining)",
+        "compression",
+    ]
+    # The rejected round 3 is shaded, and only it.
+    (shade,) = accuracy.patches
+    span = shade.get_path().get_extents(shade.get_patch_transform())  # a Rectangle or a Polygon, by version
+    assert (span.x0, span.x1) == (2.5, 3.5)
+
+
+def test_rounds_figure_of_a_run_without_rounds(figures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig = figures(plot_rounds({"dense": {"val_acc": 89.8, "test_acc": 89.1}, "rounds": []}))
+    accuracy, compression = fig.axes
+    assert accuracy.get_title() == "accuracy and compression per round"
+    assert [line.get_label() for line in accuracy.lines] == ["validation (after retraining)", "test (after retraining)"]
+    assert [list(line.get_ydata()) for line in accuracy.lines] == [[89.8], [89.1]]
+    assert len(accuracy.patches) == 0 and list(compression.lines[0].get_ydata()) == [1.0]
+    assert list(tmp_path.iterdir()) == []  # no path: nothing written
 
 
 # ------------------------------------------------------------------ broken folders

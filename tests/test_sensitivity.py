@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn as nn
@@ -272,10 +273,44 @@ def test_format_table():
     assert format_sensitivity_table([]) == ""
 
 
-@pytest.mark.parametrize("kinds", [("conv", "fc"), ("fc",)])
-def test_plot_written(tmp_path, kinds):
-    rows = [r for r in HAND_ROWS if r.kind in kinds]
-    path = plot_sensitivity(rows, tmp_path / "figs" / "sensitivity.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError):
-        plot_sensitivity([], tmp_path / "empty.png")
+@pytest.fixture
+def figures():
+    """``figures(fig)`` -> fig, closed after the test; the plot functions leave pyplot no figure of theirs."""
+    made = []
+    yield lambda fig: made.append(fig) or fig
+    open_in_pyplot = plt.get_fignums()
+    for fig in made:
+        plt.close(fig)
+    assert open_in_pyplot == []
+
+
+def test_plot_has_a_panel_per_kind_and_a_curve_per_layer(figures, tmp_path):
+    fig = figures(plot_sensitivity(HAND_ROWS, tmp_path / "figs" / "sensitivity.png"))
+    assert (tmp_path / "figs" / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    conv, fc = fig.axes
+    assert conv.get_title() == "convolutional layers: pruned alone, no retraining"
+    assert fc.get_title() == "fully connected layers: pruned alone, no retraining"
+    assert conv.get_ylabel() == "validation accuracy (%)" and fc.get_ylabel() == ""  # the y axis is shared
+    assert conv.get_shared_y_axes().joined(conv, fc)
+    for ax, layers in ((conv, ["conv1"]), (fc, ["fc1", "fc2", "fc3"])):
+        assert ax.get_xlabel() == "parameters pruned away (% of the layer)" and ax.get_xlim() == (0, 100)
+        assert [line.get_label() for line in ax.lines] == layers + ["unpruned"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == layers + ["unpruned"]
+        *curves, unpruned = ax.lines
+        for line, layer in zip(curves, layers):
+            # The table's numbers, settings ascending (fc2's rows come out of order).
+            rows = sorted((r for r in HAND_ROWS if r.layer == layer), key=lambda r: r.setting)
+            assert list(line.get_xdata()) == pytest.approx([100 * r.pruned_frac for r in rows])
+            assert list(line.get_ydata()) == [r.val_acc for r in rows]
+        assert list(unpruned.get_ydata()) == [90.0, 90.0] and unpruned.get_linestyle() == "--"
+
+
+def test_plot_of_one_kind_has_one_panel(figures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig = figures(plot_sensitivity([r for r in HAND_ROWS if r.kind == "fc"]))
+    (ax,) = fig.axes
+    assert ax.get_title().startswith("fully connected layers")
+    assert [line.get_label() for line in ax.lines] == ["fc1", "fc2", "fc3", "unpruned"]
+    assert list(tmp_path.iterdir()) == []  # no path: nothing written
+    with pytest.raises(ValueError, match="no rows"):
+        plot_sensitivity([])

@@ -5,16 +5,18 @@ at one bit width, the other layers left as they are, and measures validation
 accuracy, without retraining the centroids (the paper's figure retrains; these
 curves are therefore a lower bound of what retraining reaches).
 
-Example:
-    >>> rows = bits_sweep(model, data.val, norm, bits=(2, 3, 4, 5, 6, 8))
-    >>> write_bits_csv(rows, "runs/x/bits.csv"); plot_bits(rows, "runs/x/bits.png")
+Example, on a pruned model and its validation split (so not run as a test):
+    >>> norm = Normalization(data.mean, data.std)  # doctest: +SKIP
+    >>> rows = bits_sweep(model, data.val, norm, bits=(2, 3, 4, 5, 6, 8))  # doctest: +SKIP
+    >>> write_bits_csv(rows, "runs/x/bits.csv")  # doctest: +SKIP
+    >>> fig = plot_bits(rows, "runs/x/bits.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch.nn as nn
 
@@ -25,6 +27,9 @@ from prunet.layers import find_layers
 from prunet.masks import baked_copy
 from prunet.share import share
 from prunet.train import Normalization, evaluate
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -59,12 +64,30 @@ def bits_sweep(model: nn.Module, val: Split, norm: Normalization, bits: Sequence
 
 
 def write_bits_csv(rows: Sequence[BitsRow], path: str | Path) -> Path:
+    """Write the rows (columns ``group, bits, val_acc, base_acc``); returns the path."""
     return write_csv(path, ["group", "bits", "val_acc", "base_acc"],
                      ([r.group, r.bits, f"{r.val_acc:.4f}", f"{r.base_acc:.4f}"] for r in rows))
 
 
-def plot_bits(rows: Sequence[BitsRow], path: str | Path) -> Path:
-    """Validation accuracy against bits per weight, a curve per group, the unshared accuracy dashed."""
+def plot_bits(rows: Sequence[BitsRow], path: str | Path | None = None) -> Figure:
+    """Validation accuracy against bits per weight, a curve per group, the unshared accuracy dashed.
+
+    Args:
+        rows: from :func:`bits_sweep`.
+        path: also write the figure to this PNG file (parent folders are created).
+
+    Returns:
+        The figure: one axes, a line per group in the rows' order, then the ``not shared`` line.
+
+    Example:
+        >>> rows = [BitsRow("fc", b, acc, 89.6) for b, acc in [(2, 71.3), (4, 88.9), (6, 89.5)]]
+        >>> fig = plot_bits(rows, "bits.png")
+        >>> ax, = fig.axes
+        >>> [line.get_label() for line in ax.lines]
+        ['fully connected layers shared', 'not shared']
+        >>> ax.get_xlabel(), ax.get_ylabel()
+        ('bits per weight index', 'validation accuracy (%)')
+    """
     from matplotlib.figure import Figure
 
     if not rows:
@@ -81,4 +104,6 @@ def plot_bits(rows: Sequence[BitsRow], path: str | Path) -> Path:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Accuracy against bits (no retraining)")
     ax.legend()
-    return save_figure(fig, path)
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -1,15 +1,27 @@
-"""Figures made from weights, like the paper's Figure 7."""
+"""Figures made from weights, like the paper's Figure 7.
+
+The plot functions of :mod:`prunet.analysis` (:func:`plot_weight_histogram`,
+``plot_sensitivity``, ``plot_bits``, ``plot_rounds``) return their matplotlib
+``Figure`` and, given a path, also write it there as a PNG (:func:`save_figure`).
+The figures are made without pyplot: no global backend, no GUI and nothing
+registered to close, so they are safe to make from a notebook or a headless
+server alike.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from prunet.files import atomic_path
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure to ``path`` as a whole file (parent folders created); returns the path."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
@@ -17,8 +29,8 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 
 def plot_weight_histogram(
-    before: torch.Tensor, after: torch.Tensor, path: str | Path, layer_name: str, bins: int = 100
-) -> Path:
+    before: torch.Tensor, after: torch.Tensor, layer_name: str, path: str | Path | None = None, *, bins: int = 100
+) -> Figure:
     """Two histograms of one layer's weights: before pruning, and after pruning and retraining.
 
     The second panel shows only the non-zero (kept) weights, so the gap that
@@ -28,22 +40,23 @@ def plot_weight_histogram(
     Args:
         before: the layer's weights before pruning, any shape.
         after: the same layer's weights after pruning and retraining, any shape.
-        path: the PNG file to write; parent folders are created.
         layer_name: used in the titles, e.g. ``"conv2"``.
+        path: also write the figure to this PNG file (parent folders are created).
         bins: histogram bins per panel.
 
     Returns:
-        The path written.
+        The figure: two axes, before and after.
 
     Example:
-        >>> plot_weight_histogram(w0, model.fc1.weight, "runs/fc1_hist.png", "fc1")
+        >>> _ = torch.manual_seed(0)
+        >>> before = torch.randn(300, 784) * 0.05
+        >>> after = before * (before.abs() > 0.05)  # what survives a cut at one std
+        >>> fig = plot_weight_histogram(before, after, "fc1", "fc1_hist.png")
+        >>> [ax.get_title() for ax in fig.axes]
+        ['fc1: before pruning (235,200 weights)', 'fc1: after pruning + retraining (74,692 non-zero)']
     """
-    # Figure without pyplot: no global backend switch and no GUI, so this is safe
-    # to call from a notebook or a headless server alike.
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     w_before = before.detach().flatten().float().cpu().numpy()
     w_after = after.detach().flatten().float().cpu()
     w_after = w_after[w_after != 0].numpy()  # pruned weights are exactly zero
@@ -60,4 +73,6 @@ def plot_weight_histogram(
     for ax in (ax_before, ax_after):
         ax.set_xlabel("weight value")
         ax.set_ylabel("count")
-    return save_figure(fig, path, dpi=100)
+    if path is not None:
+        save_figure(fig, path, dpi=100)
+    return fig

@@ -5,13 +5,15 @@ batched by indexing, which on a two-core machine beats a ``DataLoader`` with
 workers.
 
 Example:
-    >>> data = load_dataset("fashion-mnist")
-    >>> len(data.train), len(data.val), len(data.test)
+    >>> data = load_dataset("fashion-mnist")  # doctest: +SKIP
+    >>> len(data.train), len(data.val), len(data.test)  # doctest: +SKIP
     (55000, 5000, 10000)
     >>> g = torch.Generator().manual_seed(0)
     >>> for x, y in batches(data.train, 128, shuffle=True, generator=g,
-    ...                     mean=data.mean, std=data.std):
-    ...     ...  # x: (B, 1, 28, 28) float32, y: (B,) int64
+    ...                     mean=data.mean, std=data.std):  # doctest: +SKIP
+    ...     break
+    >>> x.shape, y.shape  # doctest: +SKIP
+    (torch.Size([128, 1, 28, 28]), torch.Size([128]))
 """
 
 from __future__ import annotations

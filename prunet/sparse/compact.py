@@ -25,8 +25,17 @@ bounded by the file's size, and the tensors are checked against the header
 (names, dtypes, lengths) before anything is decoded or allocated.
 
 Example:
-    >>> write_compact("model.prunet", model.state_dict(), pruner.masks, {"model": "lenet_300_100"})
-    >>> state, header = read_compact("model.prunet")   # dense tensors, masks multiplied in
+    >>> from prunet import Pruner, Sparsity, create_model
+    >>> model = create_model("lenet_300_100")
+    >>> pruner = Pruner(model)
+    >>> _ = pruner.prune(Sparsity(0.9))
+    >>> masks = pruner.masks
+    >>> state = pruner.bake().state_dict()  # the tensors, masks multiplied in
+    >>> write_compact("model.prunet", state, masks, {"model": "lenet_300_100"})
+    PosixPath('model.prunet')
+    >>> back, header = read_compact("model.prunet")  # dense tensors again, pruned entries zero
+    >>> all(torch.equal(back[name], state[name]) for name in state)
+    True
 """
 
 from __future__ import annotations

@@ -5,10 +5,15 @@ for a symbol that never occurs) and the packed bits; canonical codes are
 rebuilt from the lengths alone, so no tree is stored.
 
 Example:
-    >>> lengths = code_lengths(np.bincount(symbols, minlength=32))
-    >>> data = encode(symbols, lengths)
-    >>> bool((decode(data, lengths, len(symbols)) == symbols).all())
-    True
+    >>> symbols = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3])
+    >>> lengths = code_lengths(np.bincount(symbols))  # the frequent symbol gets the short code
+    >>> lengths
+    array([1, 2, 3, 3], dtype=uint8)
+    >>> data = encode(symbols, lengths)  # 5 x 1 + 2 x 2 + 3 + 3 = 15 bits
+    >>> len(data)
+    2
+    >>> decode(data, lengths, len(symbols))
+    array([0, 0, 0, 0, 0, 1, 1, 2, 3])
 """
 
 from __future__ import annotations

@@ -10,8 +10,13 @@ so a sparse model is never slower than the dense one layer by layer. The
 choice is in each module's repr and in :func:`plan`.
 
 Example:
-    >>> model = sparsify(prunet.load("lenet.prunet"), torch.zeros(1, 1, 28, 28))
-    >>> print(plan(model))   # layer -> "sparse (6.0% kept)" or "dense"
+    >>> from prunet import Pruner, Sparsity, create_model
+    >>> model = create_model("lenet_300_100")       # or prunet.load("lenet.prunet")
+    >>> pruner = Pruner(model)
+    >>> _ = pruner.prune(Sparsity(0.94))
+    >>> model = sparsify(pruner.bake(), torch.zeros(1, 1, 28, 28))
+    >>> plan(model)  # timed on this machine: each layer 'sparse CSR' or 'dense'
+    {'fc1': '...', 'fc2': '...', 'fc3': '...'}
 """
 
 from __future__ import annotations
