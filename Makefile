@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.prunet-installed
 TORCH  := torch==2.13.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench bench-quick results clean
+.PHONY: setup data demo test test-all bench bench-quick results clean
 
 setup: $(STAMP) data
 
@@ -38,7 +38,11 @@ data:
 demo: setup
 	$(BIN)/prunet run recipes/lenet300_fashion.yaml --overwrite
 
+# Tests marked slow (over ~3 s each on 2 cores) are left out of `make test`; `make test-all` runs every test.
 test: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest
 
 # The full side-by-side (bench_reproduce) takes about an hour on 2 cores; bench-quick a few minutes.

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +51,43 @@ TINY_RECIPE = {
         ],
     },
 }
+
+
+def logged(run_dir: str | Path, **fields) -> bool:
+    """Whether the run in ``run_dir`` has appended a ``metrics.jsonl`` line holding ``fields``.
+
+    The pipeline appends one JSON object per line as it goes (``{"event": "epoch", "phase":
+    "round1", "epoch": 1, ...}``); a line still being written (no newline yet) does not count.
+    Example: ``logged(folder, event="epoch", phase="round1")``.
+    """
+    metrics = Path(run_dir) / "metrics.jsonl"
+    text = metrics.read_text() if metrics.is_file() else ""
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            record = json.loads(line)
+            if all(record.get(k) == v for k, v in fields.items()):
+                return True
+    return False
+
+
+def wait_until(proc: subprocess.Popen, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Return once ``condition()`` holds while ``proc`` runs; fail if ``proc`` exits first.
+
+    Tests that stop a run part-way wait on what the run writes (see :func:`logged`), never on
+    time: ``timeout`` only stops a run that never gets there, and is generous for a busy machine.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = proc.poll() is not None  # looked at before the condition: a run that got there and ended passes
+        if condition():
+            return
+        if exited:
+            err = proc.stderr.read() if proc.stderr else b""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            pytest.fail(f"the run exited ({proc.returncode}) before {what}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the run did not reach {what} in {timeout:.0f} s")
+        time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -276,6 +276,7 @@ def check_loaded(model: torch.nn.Module, what: str) -> None:
     assert out.shape == (2, 10) and torch.isfinite(out).all(), what
 
 
+@pytest.mark.slow
 def test_fuzz_one_field_at_a_time(base, tmp_path, monkeypatch):
     # The kernel choice is timed 15 times a layer, caches evicted: once is enough to run the same path.
     export_module = importlib.import_module("prunet.sparse.export")  # the package's `export` is the function

@@ -409,7 +409,7 @@ def test_a_target_already_reached_prunes_nothing():
     assert kept_of(pruner) == before and criterion.factor == 0.0
 
 
-@pytest.mark.parametrize("name, target", [("alexnet", 9.0), ("vgg16", 13.0)])
+@pytest.mark.parametrize("name, target", [("alexnet", 9.0), pytest.param("vgg16", 13.0, marks=pytest.mark.slow)])
 def test_target_on_random_paper_networks_within_one_percent(name, target):
     torch.manual_seed(0)
     pruner = Pruner(create_model(name))

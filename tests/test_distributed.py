@@ -1,7 +1,9 @@
 """Two processes under torchrun (``gloo`` on the CPU): the same run as one process, masks identical on every rank.
 
 These start ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m prunet ...``
-exactly as a user would, on a small slice of real Fashion-MNIST.
+exactly as a user would, on a small slice of real Fashion-MNIST. The one run compared with a
+single process (the ``runs`` fixture, about 20 s on 2 cores) is the check ``make test`` keeps;
+every other test here starts runs of its own and is marked slow.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import yaml
 from prunet.checkpoint import read_checkpoint
 from prunet.distributed import mask_digest
 
-from conftest import REAL_FASHION, needs_fashion
+from conftest import REAL_FASHION, logged, needs_fashion, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [needs_fashion, pytest.mark.slow]
+pytestmark = needs_fashion
 
 RECIPE = {
     "name": "ddp",
@@ -64,9 +66,17 @@ def write(tmp_path: Path, recipe: dict) -> Path:
     return path
 
 
-def kill_all(proc: subprocess.Popen, marker: str) -> None:
-    """SIGKILL torchrun and its workers (which it starts in sessions of their own): every process naming ``marker``."""
-    os.killpg(proc.pid, signal.SIGKILL)
+def kill_all(proc: subprocess.Popen, marker: str, timeout: float = 60) -> None:
+    """SIGKILL torchrun and its workers (which it starts in sessions of their own), and return once all are dead.
+
+    Every process whose command line names ``marker`` and prunet is killed; dead means gone or
+    a zombie, which can write nothing more.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # torchrun (and its group) already ended
+        pass
+    killed = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -76,9 +86,23 @@ def kill_all(proc: subprocess.Popen, marker: str) -> None:
             if marker in cmdline and "prunet" in cmdline:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
+                    killed.append(pid)
                 except ProcessLookupError:
                     pass
     proc.wait()
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in killed if running(pid)]:
+        assert time.monotonic() < deadline, f"processes {alive} outlived SIGKILL"
+        time.sleep(0.01)
+
+
+def running(pid: str) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -128,23 +152,17 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert "2 processes (rank 0 writes)" in two.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_same_model(runs):
     """kill -9 of torchrun and both ranks inside round 1, then --resume under torchrun: bit-identical."""
     tmp, path, _ = runs
     run_dir = tmp / "killed"
     proc = subprocess.Popen(torchrun("run", str(path), "--run-dir", str(run_dir)), cwd=tmp, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            text = metrics.read_text() if metrics.is_file() else ""
-            if '"phase": "round1"' in text:
-                break
-            time.sleep(0.02)
+        wait_until(proc, lambda: logged(run_dir, event="epoch", phase="round1"), "round 1's first epoch")
     finally:
         kill_all(proc, str(run_dir))
-    time.sleep(0.5)  # a worker that was mid-write would have finished by now, were it alive
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
     assert (run_dir / ".prunet-progress.pt").is_file()
 
@@ -156,6 +174,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_model(runs):
     assert not (run_dir / ".prunet-progress.pt").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     """A stopped 2-process run continued by one process: one line, exit 2, the resume point kept."""
     recipe = {**RECIPE, "prune": {"rounds": [{"criterion": "threshold", "quality": 0.6, "epochs": 1}]}}
@@ -163,10 +182,8 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(torchrun("run", str(path), "--run-dir", str(run_dir)), cwd=tmp_path, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and proc.poll() is None and not (run_dir / ".prunet-progress.pt").is_file():
-            time.sleep(0.02)
+        wait_until(proc, lambda: logged(run_dir, event="epoch", phase="dense"), "the first dense epoch")
     finally:
         kill_all(proc, str(run_dir))
     assert (run_dir / ".prunet-progress.pt").is_file()
@@ -178,6 +195,7 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     assert (run_dir / ".prunet-progress.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
     recipe = {**RECIPE, "data": {**RECIPE["data"], "batch_size": 63}}
     path = write(tmp_path, recipe)
@@ -190,6 +208,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_path):
     """Batch-norm statistics are rank 0's on every rank before evaluation: the reported accuracy is the saved model's."""
     from prunet.checkpoint import load_model
@@ -217,6 +236,7 @@ def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_
     assert a == b
 
 
+@pytest.mark.slow
 def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
     done = subprocess.run(torchrun("report", str(tmp_path)), capture_output=True, text=True, cwd=tmp_path, env=env(),
                           timeout=120)
@@ -225,6 +245,7 @@ def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
     assert "rank 1:" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_diverging_two_process_run_stops_on_every_rank_with_one_line(tmp_path):
     """The loss is summed over the ranks before each step: both stop at the same step, rank 0 says why."""
     recipe = {**RECIPE, "train": {"epochs": 1, "lr": 1e8}}

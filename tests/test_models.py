@@ -107,7 +107,7 @@ def test_unknown_keyword_is_a_type_error():
 # --- the paper's per-layer rates (Tables 4 and 5) -------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["alexnet", "vgg16"])
+@pytest.mark.parametrize("name", ["alexnet", pytest.param("vgg16", marks=pytest.mark.slow)])
 def test_the_papers_per_layer_rates_keep_the_papers_totals(name):
     torch.manual_seed(0)
     model = create_model(name)

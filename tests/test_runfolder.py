@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +15,8 @@ import torch
 from prunet import runfolder as F
 from prunet.models import create_model
 from prunet.runfolder import MissingRunFileError, Run, RunError, RunFolder
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def a_run(path):
@@ -185,8 +192,7 @@ def visible(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-@pytest.mark.parametrize("put_back", [True, False])
-def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path, monkeypatch, put_back):
+def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path, monkeypatch):
     a_run(tmp_path / "run")
     before = visible(tmp_path / "run")
     real_replace, calls = F.os.replace, []
@@ -194,15 +200,42 @@ def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path,
     def third_fails(src, dst):
         calls.append(src)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C (or a kill, when nothing gets to put files back)
+            raise KeyboardInterrupt  # Ctrl-C: the files moved so far are put back at once
         return real_replace(src, dst)
 
     monkeypatch.setattr(F.os, "replace", third_fails)
-    if not put_back:
-        monkeypatch.setattr(RunFolder, "_put_back_previous", lambda self: None)
     with pytest.raises(KeyboardInterrupt):
         RunFolder.create(tmp_path / "run", overwrite=True)
     monkeypatch.undo()
+    assert visible(tmp_path / "run") == before
+    with pytest.raises(RunError, match="already holds a run"):
+        RunFolder.create(tmp_path / "run")
+
+
+# The manifest aside is written (one os.replace), then the earlier run's files move one by one:
+# the third os.replace moves its second file, and the process is killed in it.
+KILLED_WHILE_MOVING_ASIDE = """
+import os, signal, sys
+from prunet.runfolder import RunFolder
+real_replace, calls = os.replace, []
+def third_kills(src, dst):
+    calls.append(src)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+os.replace = third_kills
+RunFolder.create(sys.argv[1], overwrite=True)
+"""
+
+
+def test_a_kill_while_moving_the_earlier_run_aside_loses_nothing(tmp_path):
+    """kill -9 half-way through moving the earlier run aside: nothing puts it back then; the next run does."""
+    a_run(tmp_path / "run")
+    before = visible(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_MOVING_ASIDE, str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (tmp_path / "run" / F.PREVIOUS).is_dir() and visible(tmp_path / "run") != before  # really half-way
     with pytest.raises(RunError, match="already holds a run"):  # the next run finds the earlier one whole
         RunFolder.create(tmp_path / "run")
     assert visible(tmp_path / "run") == before

@@ -137,6 +137,7 @@ GRADUAL["prune"] = {"lr_fraction": 0.1, "gradual": {"target": 12, "epochs": 3, "
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.slow
 def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_data, tmp_path, monkeypatch):
     whole = run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "whole", log=lambda line: None)
     assert whole["compression"] == pytest.approx(12, rel=0.01)
