@@ -35,12 +35,10 @@ from prunet.data import load_dataset  # noqa: E402
 from prunet.models import paper_sparsity  # noqa: E402
 from prunet.checkpoint import load_model  # noqa: E402
 from prunet.config import QuantizeConfig  # noqa: E402
-from prunet.masks import baked_copy  # noqa: E402
+from prunet.phases import retrain_shared, write_shared  # noqa: E402
 from prunet.runfolder import Run  # noqa: E402
-from prunet.share import share, shared_layers, unshare  # noqa: E402
 from prunet.sparse import export, huffman, load  # noqa: E402
-from prunet.sparse.export import write_model  # noqa: E402
-from prunet.train import fit  # noqa: E402
+from prunet.train import FitOptions  # noqa: E402
 from prunet.train import Normalization, evaluate  # noqa: E402
 
 RETRAIN_EPOCHS = 2  # the recipe's quantize phase: centroids retrained this long, at its default rate
@@ -89,16 +87,12 @@ def retrained(folder: Path, bits: dict, data, norm, out: Path, log) -> dict:
     """The recipe's ``quantize`` phase on the run's final model: shared, centroids retrained, written."""
     recipe = Run(folder).recipe
     model, pruner, meta = load_model(folder / "final.safetensors")
-    masks = {k: v.bool() for k, v in pruner.masks.items()}
-    shared = baked_copy(model)
-    share(shared, bits, masks=masks)
     q = QuantizeConfig(bits=bits, epochs=RETRAIN_EPOCHS)
     cfg = recipe.retrain_config(q.epochs, q.lr_fraction)
-    fit(shared, data.train, data.val, cfg, norm, seed=recipe.seed + 1000, batch_size=recipe.data.batch_size)
+    shared = retrain_shared(model, pruner.masks, bits, cfg, data, norm,
+                            FitOptions(seed=recipe.seed + 1000, batch_size=recipe.data.batch_size))
     val, acc = evaluate(shared, data.val, norm)[1], evaluate(shared, data.test, norm)[1]
-    layers = shared_layers(shared)
-    unshare(shared)
-    size = write_model(out, shared, meta, keep=masks, shared=layers).stat().st_size
+    size = write_shared(out, shared, meta, pruner.masks)[0].stat().st_size
     log(f"  retrained {RETRAIN_EPOCHS} epochs: {size:,} bytes, val {val:.2f}%, test {acc:.2f}%")
     return {"bits": bits, "bytes": size, "val_acc": val, "test_acc": acc, "streams": stream_efficiency(out),
             "retrained": True}

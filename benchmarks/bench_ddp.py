@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from prunet.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 
@@ -36,11 +38,7 @@ def recipe(out: Path, **changes) -> dict:
          "data": {"dataset": "fashion-mnist", "batch_size": 64}, "train": {"epochs": EPOCHS, "lr": 0.05},
          "device": "cpu"}
     for key, value in changes.items():
-        node = r
-        *parts, last = key.split(".")
-        for p in parts:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(r, key, value)
     return r
 
 

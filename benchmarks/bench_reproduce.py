@@ -50,7 +50,7 @@ from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
 from prunet.config import TrainConfig  # noqa: E402
 from prunet.data import Split, load_dataset, num_batches  # noqa: E402
 from prunet.schedule import PruningSchedule, gradual_events  # noqa: E402
-from prunet.train import Normalization, evaluate, fit  # noqa: E402
+from prunet.train import FitOptions, Normalization, evaluate, fit  # noqa: E402
 
 COMPRESSIONS = (4.0, 8.0, 12.0, 25.0, 50.0)
 WITHIN = 0.5  # points of validation accuracy below dense that still count as "no loss"
@@ -90,8 +90,8 @@ def ladder_prunet(model, data, norm, spec, seed, log, method="prunet", teacher=N
     points = []
     for i, c in enumerate(COMPRESSIONS, start=1):
         pruner.prune(TargetThreshold(c, spec["relative"]))
-        fit(model, data.train, data.val, train_cfg(spec["epochs"], lr_fraction), norm, batch_size=BATCH,
-            seed=seed + i, pruner=pruner, phase=f"{method} {c:g}x", teacher=teacher)
+        fit(model, data.train, data.val, train_cfg(spec["epochs"], lr_fraction), norm, FitOptions(
+            batch_size=BATCH, seed=seed + i, pruner=pruner, phase=f"{method} {c:g}x", teacher=teacher))
         points.append(point(model, data, norm, c, log, method))
     return points
 
@@ -103,8 +103,8 @@ def ladder_torch(model, data, norm, spec, seed, log):
     for i, c in enumerate(COMPRESSIONS, start=1):
         _, kept = kept_fraction(model)
         tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=kept - round(total / c))
-        fit(model, data.train, data.val, train_cfg(spec["epochs"]), norm, batch_size=BATCH, seed=seed + i,
-            phase=f"torch {c:g}x")
+        fit(model, data.train, data.val, train_cfg(spec["epochs"]), norm, FitOptions(
+            batch_size=BATCH, seed=seed + i, phase=f"torch {c:g}x"))
         points.append(point(model, data, norm, c, log, "torch-global-l1"))
     return points
 
@@ -119,8 +119,9 @@ def gmp(dense_state, data, norm, spec, seed, log, name):
         epochs = i * spec["epochs"]  # what the ladders spent to get here
         end = round(0.75 * epochs * steps)
         schedule = PruningSchedule(pruner, gradual_events(0, end, 50, 0.0, 1 - 1 / c, "global"))
-        fit(model, data.train, data.val, train_cfg(epochs), norm, batch_size=BATCH, seed=seed + 100 + i,
-            pruner=pruner, on_step=schedule.advance_to, choose_after=math.ceil(0.75 * epochs), phase=f"gmp {c:g}x")
+        fit(model, data.train, data.val, train_cfg(epochs), norm, FitOptions(
+            batch_size=BATCH, seed=seed + 100 + i, pruner=pruner, on_step=schedule.advance_to,
+            choose_after=math.ceil(0.75 * epochs), phase=f"gmp {c:g}x"))
         points.append(point(model, data, norm, c, log, "gmp-global"))
     return points
 
@@ -142,8 +143,8 @@ def run_model(name: str, spec: dict, log) -> dict:
         torch.manual_seed(seed)
         dense_model = create_model(name)
         t = time.perf_counter()
-        fit(dense_model, data.train, data.val, train_cfg(spec["dense_epochs"]), norm, batch_size=BATCH, seed=seed,
-            phase="dense")
+        fit(dense_model, data.train, data.val, train_cfg(spec["dense_epochs"]), norm, FitOptions(
+            batch_size=BATCH, seed=seed, phase="dense"))
         dense = {**accuracies(dense_model, data, norm), "seconds": time.perf_counter() - t}
         log(f"{name} seed {seed}: dense val {dense['val_acc']:.2f}  test {dense['test_acc']:.2f}")
         state = copy.deepcopy(dense_model.state_dict())

@@ -11,7 +11,6 @@ from typing import Sequence
 from prunet import __version__
 from prunet.analysis.bits import bits_sweep, plot_bits, write_bits_csv
 from prunet.analysis.report import write_report
-from prunet.analysis.sensitivity import CRITERIA as SENSITIVITY_CRITERIA
 from prunet.analysis.sensitivity import (
     format_sensitivity_table,
     plot_sensitivity,
@@ -19,7 +18,6 @@ from prunet.analysis.sensitivity import (
     sensitivity,
     write_sensitivity_csv,
 )
-from prunet.analysis.tradeoff import CRITERIA as TRADEOFF_CRITERIA
 from prunet.analysis.tradeoff import (
     DEFAULT_FRACTIONS,
     check_study_args,
@@ -31,6 +29,7 @@ from prunet.analysis.tradeoff import (
 from prunet.checkpoint import CheckpointError, load_model
 from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
+from prunet.criteria import criteria_names
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
 from prunet.distributed import SINGLE, RankFailed, Ranks, from_env
@@ -38,9 +37,10 @@ from prunet.factory import FactoryError
 from prunet.files import write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
-from prunet.runfolder import BITS_CSV, BITS_PNG, FINAL, SENSITIVITY_CSV, SENSITIVITY_PNG, Run, RunError, RunFolder, \
+from prunet.runfolder import BITS_CSV, BITS_PNG, SENSITIVITY_CSV, SENSITIVITY_PNG, Run, RunError, RunFolder, \
     run_file_at
 from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
+from prunet.sparse.export import source_checkpoint
 from prunet.sparse.compact import VALUE_DTYPES
 from prunet.train import Normalization
 
@@ -101,8 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe = recipe.target_ladder(args.target)
         print(f"target {args.target:g}x: rounds to " + ", ".join(f"{r.target:g}x" for r in recipe.prune.rounds))
     if not recipe.prune.rounds and recipe.prune.gradual is None:
-        raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual); use 'prunet train' for dense training only, "
-                         f"or --target N to prune to N times fewer weights")
+        raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual); use 'prunet train' for dense "
+                         f"training only, or --target N to prune to N times fewer weights")
     if args.from_checkpoint and not Path(args.from_checkpoint).is_file():
         raise UsageError(f"--from: checkpoint {args.from_checkpoint} does not exist")
     run(recipe, run_dir=args.run_dir, from_checkpoint=args.from_checkpoint, overwrite=args.overwrite)
@@ -163,7 +163,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     folder = RunFolder(out)
     csv_path = write_sensitivity_csv(rows, folder.record(SENSITIVITY_CSV))
-    png_path = plot_sensitivity(rows, folder.record(SENSITIVITY_PNG))
+    png_path = folder.record(SENSITIVITY_PNG)
+    plot_sensitivity(rows, png_path)
     print(f"{checkpoint}: validation accuracy (fraction of the layer pruned), each layer pruned alone")
     print(format_sensitivity_table(rows))
     proposal = ", ".join(f"{k}: {v:g}" for k, v in propose_qualities(rows, args.max_drop).items()) or "none"
@@ -187,10 +188,7 @@ def cmd_bits(args: argparse.Namespace) -> int:
         values = [int(v) for v in args.values.split(",")]
     except ValueError:
         raise UsageError(f"--values takes whole numbers separated by commas, got {args.values!r}") from None
-    source = Path(args.source)
-    checkpoint = source / FINAL if source.is_dir() else source
-    if not checkpoint.is_file():
-        raise UsageError(f"{source}: neither a run folder with {FINAL} nor a checkpoint")
+    checkpoint = source_checkpoint(args.source)
     recipe, model, data = _model_and_data(args, checkpoint)
     try:
         rows = bits_sweep(model, data.val, Normalization(data.mean, data.std), values, recipe.data.eval_batch_size)
@@ -198,7 +196,8 @@ def cmd_bits(args: argparse.Namespace) -> int:
         raise UsageError(f"--values: {e}") from None
     folder = RunFolder(checkpoint.parent)
     csv_path = write_bits_csv(rows, folder.record(BITS_CSV))
-    png_path = plot_bits(rows, folder.record(BITS_PNG))
+    png_path = folder.record(BITS_PNG)
+    plot_bits(rows, png_path)
     print(f"{checkpoint}: validation accuracy with one group's weights shared (no retraining); "
           f"not shared {rows[0].base_acc:.2f}%")
     for group in dict.fromkeys(r.group for r in rows):
@@ -267,12 +266,12 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
                           dense_epochs=args.dense_epochs, l1_strength=args.l1, l2_strength=args.l2,
                           criterion=args.criterion)
     csv_path = write_tradeoff_csv(rows, out / "tradeoff.csv")
-    png_path = plot_tradeoff(rows, plot, f"{recipe.model.spec}, {recipe.data.dataset}")
+    plot_tradeoff(rows, plot, f"{recipe.model.spec}, {recipe.data.dataset}")
     tables = ("## Validation accuracy loss, points (accuracy %)\n\n" + format_tradeoff_table(rows, "val")
               + "\n## Test accuracy loss, points (accuracy %), reported only\n\n" + format_tradeoff_table(rows, "test"))
     write_text(out / "tradeoff.md", tables)
     print(tables)
-    print(f"wrote {csv_path}, {png_path}, {out / 'tradeoff.md'}")
+    print(f"wrote {csv_path}, {plot}, {out / 'tradeoff.md'}")
     return 0
 
 
@@ -284,35 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prunet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_models_parser, _train_parser, _run_parser, _tradeoff_parser, _sensitivity_parser, _bits_parser,
+                _export_parser, _eval_parser, _report_parser):
+        add(sub)
+    return parser
 
+
+def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--count", action="store_true", help="build each model and count its parameters")
     p.set_defaults(func=cmd_models)
 
-    def recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
-        p.add_argument("recipe", nargs="?" if optional else None, help="YAML recipe (see recipes/)")
-        p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                       help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
-        p.add_argument("--run-dir", help="run folder (default: <output_dir>/<name> from the recipe)")
-        p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
-        device_arg(p, "sets the recipe's device")
 
-    def trust_arg(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument("--trust-factory", action="store_true",
-                       help=f"build the user's own model or data that {what} names by a factory (module:function): "
-                            f"that runs its code, so only for files you trust; registry models need no trust")
-
-    def device_arg(p: argparse.ArgumentParser, what: str = "") -> None:
-        p.add_argument("--device", metavar="DEVICE",
-                       help=f"auto (CUDA when present), cpu, cuda, cuda:N or mps{f'; {what}' if what else ''}")
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a dense model from a recipe")
-    recipe_args(p)
+    _recipe_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
     p.set_defaults(func=cmd_train)
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="dense training, then the recipe's prune -> retrain rounds")
-    recipe_args(p, optional=True)
+    _recipe_args(p, optional=True)
     p.add_argument("--target", type=float, metavar="N",
                    help="replace the recipe's rounds by a ladder that ends at N times fewer weights")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -320,22 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
-    trust_arg(p, "the --resume folder's recipe")
+    _trust_arg(p, "the --resume folder's recipe")
     p.set_defaults(func=cmd_run)
 
+
+def _tradeoff_parser(sub) -> None:
     p = sub.add_parser("tradeoff", help="Figure 5: accuracy loss vs. parameters pruned, L1/L2, with/without retraining")
-    recipe_args(p)  # --run-dir: the output folder (default <output_dir>/<name>_tradeoff)
+    _recipe_args(p)  # --run-dir: the output folder (default <output_dir>/<name>_tradeoff)
     p.add_argument("--fractions", metavar="P,P,...",
                    help="fractions of weights to prune, also the iterative ladder (default 0.5,...,0.97)")
     p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per point and per ladder step")
     p.add_argument("--dense-epochs", type=int, help="dense training epochs (default: the recipe's train.epochs)")
     p.add_argument("--l1", type=float, default=2e-5, help="L1 strength, penalty strength*sum|w| (default 2e-5)")
     p.add_argument("--l2", type=float, help="L2 weight decay (default: the recipe's train.reg_strength)")
-    p.add_argument("--criterion", choices=TRADEOFF_CRITERIA, default="sparsity",
+    p.add_argument("--criterion", choices=criteria_names(setting="sparsity"), default="sparsity",
                    help="sparsity: every layer pruned to the fraction (default); global: one cut over all layers")
     p.add_argument("--plot", metavar="PNG", help="where to write the figure (default <run-dir>/tradeoff.png)")
     p.set_defaults(func=cmd_tradeoff)
 
+
+def _sensitivity_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="prune each layer alone over a range of thresholds, no retraining (Fig. 6)")
     p.add_argument("target", metavar="RECIPE|CHECKPOINT",
                    help="a recipe (uses its run folder's dense.safetensors, trained first if missing) or a checkpoint")
@@ -345,26 +341,30 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or the checkpoint's folder)")
     p.add_argument("--recipe", help="with a CHECKPOINT: the recipe whose data to use (default: config.yaml beside it)")
     p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
-    p.add_argument("--criterion", choices=SENSITIVITY_CRITERIA, default="threshold",
+    p.add_argument("--criterion", choices=criteria_names(per_layer=True), default="threshold",
                    help="sweep the quality parameter (the paper) or per-layer sparsity")
     p.add_argument("--values", metavar="V,V,...",
                    help="settings to sweep (default: quality 0,0.25,...,2 or sparsity 0,0.1,...,0.9,0.95)")
     p.add_argument("--layers", metavar="L,L,...", help="layers, groups (fc, conv) or globs (default: all)")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
-    device_arg(p, "sets the recipe's device")
-    trust_arg(p, "the checkpoint or the config.yaml beside it")
+    _device_arg(p, "sets the recipe's device")
+    _trust_arg(p, "the checkpoint or the config.yaml beside it")
     p.set_defaults(func=cmd_sensitivity)
 
+
+def _bits_parser(sub) -> None:
     p = sub.add_parser("bits", help="accuracy against bits per shared weight, conv and FC (Deep Compression Fig. 6)")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder (its final.safetensors) or a checkpoint")
     p.add_argument("--recipe", help="the recipe whose data to use (default: config.yaml beside the checkpoint)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field (repeatable)")
     p.add_argument("--values", default="1,2,3,4,5,6,7,8", metavar="B,B,...", help="bit widths (default 1..8)")
-    device_arg(p, "sets the recipe's device")
-    trust_arg(p, "the checkpoint or the config.yaml beside it")
+    _device_arg(p, "sets the recipe's device")
+    _trust_arg(p, "the checkpoint or the config.yaml beside it")
     p.set_defaults(func=cmd_bits)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a pruned model as a compact file, a dense safetensors file or ONNX")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder (its final.safetensors) or a checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write")
@@ -377,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share weights (k-means per layer) and Huffman code them (Deep Compression)")
     p.add_argument("--bits", default="conv=8,fc=5", metavar="B|LAYER=B,...",
                    help="with --quantized: bits per weight index (default conv=8,fc=5, the paper's AlexNet)")
-    trust_arg(p, "the checkpoint")
+    _trust_arg(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="test accuracy and latency of an exported file or a checkpoint")
     p.add_argument("file", metavar="FILE", help="a file from 'prunet export', or a checkpoint")
     p.add_argument("--dataset", choices=list(DATASETS), default="fashion-mnist", help="default fashion-mnist")
@@ -387,18 +389,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="run pruned layers with sparse kernels where faster")
     p.add_argument("--batch-sizes", default="1,64", metavar="B,B,...", help="batch sizes to time (default 1,64)")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), auto, cuda, cuda:N or mps")
-    trust_arg(p, "the file")
+    _trust_arg(p, "the file")
     p.set_defaults(func=cmd_eval)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'prunet run'")
     p.add_argument("--layer", help="layer whose weights are histogrammed (default: the largest)")
     p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the activation pass runs: cpu (default), auto, cuda, cuda:N or mps")
-    trust_arg(p, "the run folder")
+    _trust_arg(p, "the run folder")
     p.set_defaults(func=cmd_report)
-    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("recipe", nargs="?" if optional else None, help="YAML recipe (see recipes/)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--run-dir", help="run folder (default: <output_dir>/<name> from the recipe)")
+    p.add_argument("--data-dir", help="folder with the dataset's four IDX files (sets data.data_dir)")
+    _device_arg(p, "sets the recipe's device")
+
+
+def _trust_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--trust-factory", action="store_true",
+                   help=f"build the user's own model or data that {what} names by a factory (module:function): "
+                        f"that runs its code, so only for files you trust; registry models need no trust")
+
+
+def _device_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--device", metavar="DEVICE",
+                   help=f"auto (CUDA when present), cpu, cuda, cuda:N or mps{f'; {what}' if what else ''}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

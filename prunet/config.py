@@ -545,13 +545,13 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return recipe_from_dict(data)
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Build and validate a :class:`Recipe` from plain data (parsed YAML)."""
-    return _build(Recipe, data, "").validate()
+    return _from_data(Recipe, data, "").validate()
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -565,7 +565,16 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {key.strip()}: {value!r} is not a valid YAML value") from None
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set recipe field ``key`` (``"train.epochs"``) of plain recipe data to ``value``, making sections as needed.
+
+    Returns:
+        ``data``, changed in place.
+
+    Example:
+        >>> set_dotted({"train": {"lr": 0.1}}, "train.epochs", 3)
+        {'train': {'lr': 0.1, 'epochs': 3}}
+    """
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
@@ -573,9 +582,10 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {p} is not a section")
     node[parts[-1]] = value
+    return data
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def _from_data(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {_typename(data)}")
     hints = typing.get_type_hints(cls)
@@ -605,7 +615,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:  # a factory's own arguments: plain YAML values, passed as they are
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return _from_data(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):

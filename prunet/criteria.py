@@ -463,6 +463,19 @@ CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity,
 """Criterion name (as recipes spell it) -> class. A new criterion is one entry here."""
 
 
+def criteria_names(*, per_layer: bool | None = None, setting: str | None = None) -> tuple[str, ...]:
+    """Names of the registered criteria: all, those that take a setting per layer (``per_layer``: what a
+    sensitivity sweep varies), or those whose recipe field is ``setting`` (``"sparsity"``: what a trade-off
+    study drives to a fraction). Read at each call, so a criterion registered later is found.
+
+    Example:
+        >>> criteria_names(per_layer=True)
+        ('threshold', 'sparsity')
+    """
+    return tuple(name for name, c in CRITERIA.items()
+                 if (per_layer is None or c.per_layer == per_layer) and (setting is None or c.setting_field == setting))
+
+
 def criterion_class(name: str) -> type[Criterion]:
     """The criterion class registered as ``name``.
 

@@ -134,7 +134,7 @@ def _model_kwargs(value: Any, field: str, registry: bool) -> None:
                              "a boolean or null)")
 
 
-def _input_shape(value: Any, field: str) -> None:
+def _check_input_shape(value: Any, field: str) -> None:
     if value is None:
         return
     problem = (f"{shown(value)} is not a list of 1 to {MAX_INPUT_DIMS} whole numbers in 1..{MAX_INPUT_SIZE}")
@@ -173,7 +173,7 @@ def _bool(value: Any, field: str) -> None:
 
 _FIELDS: dict[str, Callable[[Any, str], None]] = {
     "model": _model,
-    "input_shape": _input_shape,
+    "input_shape": _check_input_shape,
     "recipe": check_str,
     "phase": check_str,
     "exported_from": check_str,

@@ -9,7 +9,6 @@ split; the test split is only reported. What it writes, and where, is
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,36 +17,19 @@ import torch
 import torch.nn as nn
 
 from prunet import runfolder as F
-from prunet.analysis.report import write_report
-from prunet.analysis.sensitivity import propose_qualities, sensitivity
-from prunet.checkpoint import CheckpointError, model_from_state, read_checkpoint
-from prunet.checks import (
-    check_checkpoint_fits,
-    check_model_fits_data,
-    check_ranks,
-    check_rounds,
-    split_identity,
-)
-from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
+from prunet.checkpoint import CheckpointError, read_checkpoint
+from prunet.checks import check_checkpoint_fits, check_model_fits_data, check_ranks, check_rounds
+from prunet.config import ConfigError, Recipe
 from prunet.criteria import TargetError
-from prunet.data import DatasetSplits, first_batch, load_data, loader_batches
-from prunet.devices import model_device, resolve_device
+from prunet.data import DatasetSplits, first_batch, load_data
+from prunet.devices import resolve_device
+from prunet.distributed import Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
 from prunet.factory import Trust
-from prunet.distributed import Ranks, agree, broadcast_object, from_env, gather_objects, init_process_group, \
-    mask_digest, shutdown
-from prunet.layers import find_layers, format_table, totals
-from prunet.masks import baked_copy
+from prunet.layers import find_layers, totals
 from prunet.models import create_model
-from prunet.neurons import remove_dead_neurons
+from prunet.phases import Log, Phase, PhaseResult, RunContext, RunState, build, phases_for
 from prunet.pruner import Pruner
-from prunet.regularize import DropoutAdjuster
-from prunet.schedule import PruningSchedule
-from prunet.share import share, shared_layers, unshare
-from prunet.sparse import export
-from prunet.sparse.export import write_model
-from prunet.train import DivergedError, EpochRecord, Normalization, evaluate, evaluate_splits, fit
-
-Log = Callable[[str], None]
+from prunet.train import DivergedError
 
 
 def _silent(line: str) -> None:
@@ -100,9 +82,10 @@ def run(
         except BaseException as e:
             error = e
         _agree(ranks, error, folder)
-        state = _RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
-        state.input_shape = _input_shape(data)
-        return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=False, ranks=ranks))
+        state = RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
+        state.input_shape = _example_shape(data)
+        ctx = RunContext(state, data, folder, log, ranks, started)
+        return _guarded(folder, log, lambda: drive(ctx, phases_for(recipe), resumed=False))
 
 
 def resume(run_dir: str | Path, *, trust_factory: Trust = False, log: Log = print) -> dict[str, Any]:
@@ -145,17 +128,19 @@ def resume(run_dir: str | Path, *, trust_factory: Trust = False, log: Log = prin
                 raise F.RunError(f"{folder.path} was started with {started_with} process"
                                  f"{'es' if started_with != 1 else ''}; resume it with the same number "
                                  f"(this is {ranks.world_size})")
-            state = _RunState.restore(saved, folder.path / F.PROGRESS, trust_factory)
+            state = RunState.restore(saved, folder.path / F.PROGRESS, trust_factory)
             state.model.to(_device(state.recipe, ranks))
             if state.recipe.threads:
                 torch.set_num_threads(state.recipe.threads)
             data = load_data(state.recipe.data)
+            check_model_fits_data(state.recipe, state.model, data)  # a factory edited since the run started
         except BaseException as e:
             error = e
         _agree(ranks, error, folder)
         folder.rewind(saved)  # only now that the run goes on: a refused resume leaves the folder as it was
         log(f"resume: {folder.path} from {state.where()}")
-        return _guarded(folder, log, lambda: _execute(state, data, folder, log, started, resumed=True, ranks=ranks))
+        ctx = RunContext(state, data, folder, log, ranks, started)
+        return _guarded(folder, log, lambda: drive(ctx, phases_for(state.recipe), resumed=True))
 
 
 def _device(recipe: Recipe, ranks: Ranks) -> torch.device:
@@ -193,7 +178,7 @@ def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
         raise
 
 
-def _input_shape(data: DatasetSplits) -> list[int]:
+def _example_shape(data: DatasetSplits) -> list[int]:
     """One example's shape, as the model sees it (for exports of the model without its data)."""
     x, _ = first_batch(data.val if len(data.val) else data.test, 1, mean=data.mean, std=data.std)
     return list(x.shape[1:])
@@ -212,273 +197,102 @@ def _guarded(folder: F.RunFolder, log: Log, body: Callable[[], dict[str, Any]]) 
     return summary
 
 
-class _RunState:
-    """Everything a run needs to go on from where it is: saved at each resume point, restored by :func:`resume`.
+def drive(ctx: RunContext, phases: list[Phase], resumed: bool) -> dict[str, Any]:
+    """Run ``phases`` in order: the one place that knows about resume points, ranks and the stop rule.
 
-    Attributes:
-        recipe, model, pruner: the run's recipe, its model (masks included) and pruner
-            (None until the first round, or for a dense checkpoint).
-        dense: the dense model's accuracies, once the dense phase is done.
-        rounds: the results of the finished rounds.
-        stopped: why the ladder stopped early, if it did.
-        accepted: the model state of the last accepted round (what a failing round falls back to).
-        open_round: the round being retrained: ``{"round", "val_acc_pruned", "dropout"}``.
-        fit: :func:`prunet.train.fit`'s state after its last finished epoch, in the phase ``fit_phase``.
+    A phase the resume point lists as finished is skipped; after a resumable phase a resume point is
+    saved; a pruning round is judged (:func:`_judge`); a phase for rank 0 alone runs there while the
+    other ranks wait to hear whether it worked.
+
+    Returns:
+        The run's summary, the same on every rank.
     """
-
-    def __init__(self, recipe: Recipe, model: nn.Module, pruner: Pruner | None, from_checkpoint: str | None):
-        self.recipe, self.model, self.pruner, self.from_checkpoint = recipe, model, pruner, from_checkpoint
-        self.dense: dict[str, float] | None = None
-        self.rounds: list[dict[str, Any]] = []
-        self.stopped: str | None = None
-        self.accepted: dict[str, torch.Tensor] | None = None
-        self.open_round: dict[str, Any] | None = None
-        self.fit: dict[str, Any] | None = None
-        self.fit_phase: str | None = None
-        self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
-        self.relative: dict[str, float] | None = None  # target rounds' relative qualities, from sensitivity
-        self.input_shape: list[int] | None = None  # one example's shape (C, H, W)
-        self.world_size = 1
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """What every checkpoint of the run records about it."""
-        r = self.recipe
-        meta = {"model": r.model.spec, "model_kwargs": r.model.arguments(), "recipe": r.name,
-                "split": split_identity(r)}
-        if self.input_shape is not None:
-            meta["input_shape"] = self.input_shape
-        return meta
-
-    def where(self) -> str:
-        """Where the run stands, for the log."""
-        if self.fit is not None:
-            return f"{self.fit_phase} after epoch {self.fit['epoch']}"
-        if self.dense is None:
-            return "the start"
-        return f"after round {len(self.rounds)}" if self.rounds else "after the dense phase"
-
-    def resume_fit(self, phase: str) -> dict[str, Any] | None:
-        """The saved training state of ``phase``, if the run stopped inside it."""
-        return self.fit if self.fit_phase == phase else None
-
-    def save(self, folder: F.RunFolder, fit: dict[str, Any] | None = None, phase: str | None = None) -> None:
-        """Write a resume point: this state, with ``fit`` the training phase in progress (if any)."""
-        self.fit, self.fit_phase = fit, phase
-        folder.save_progress({
-            "recipe": self.recipe.to_dict(),
-            "from_checkpoint": self.from_checkpoint,
-            "model_state": self.model.state_dict(),
-            "dropout": {n: m.p for n, m in self.model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)},
-            "pruned": self.pruner is not None,
-            "dense": self.dense, "rounds": self.rounds, "stopped": self.stopped, "accepted": self.accepted,
-            "open_round": self.open_round, "fit": fit, "fit_phase": phase, "relative": self.relative,
-            "input_shape": self.input_shape, "world_size": self.world_size,
-        })
-
-    @classmethod
-    def restore(cls, saved: dict[str, Any], path: Path, trust: Trust) -> "_RunState":
-        """The state :meth:`save` wrote; the model rebuilt from the recipe and the saved weights and masks.
-
-        The recipe's factories, if any, are built only when ``trust`` allows them (the file names them).
-        """
-        try:
-            recipe = recipe_from_dict(saved["recipe"])
-            recipe.check_trusted(trust, path.parent)
-            model, pruner = _build(recipe, saved["model_state"], path)
-        except (KeyError, ConfigError, CheckpointError) as e:
-            raise F.RunError(f"{path} does not hold a run prunet can continue ({e}); start it again with "
-                             f"--overwrite") from None
-        state = cls(recipe, model, pruner if saved["pruned"] else None, saved["from_checkpoint"])
-        state.dense, state.rounds, state.stopped = saved["dense"], saved["rounds"], saved["stopped"]
-        state.accepted, state.open_round = saved["accepted"], saved["open_round"]
-        state.fit, state.fit_phase = saved["fit"], saved["fit_phase"]
-        state.dropout, state.relative = saved["dropout"], saved.get("relative")
-        state.input_shape = saved.get("input_shape")
-        return state
-
-    def apply_dropout(self) -> None:
-        """Give a restored model the dropout ratios it had when saved (the paper's adjusted ones)."""
-        modules = dict(self.model.named_modules())
-        for name, p in self.dropout.items():
-            modules[name].p = p
-        self.dropout = {}
-
-
-def _execute(
-    state: _RunState,
-    data: DatasetSplits,
-    folder: F.RunFolder,
-    log: Log,
-    started: float,
-    resumed: bool,
-    ranks: Ranks,
-) -> dict[str, Any]:
-    """The run itself, in a folder :func:`run` has made: dense phase, rounds, final model, report.
-
-    Every rank of a distributed run executes it alike; only rank 0's folder writes.
-    """
-    state.world_size = ranks.world_size
-    recipe, model, meta = state.recipe, state.model, state.meta
-    norm = Normalization(data.mean, data.std)
-    if not resumed:
-        folder.write_yaml(F.CONFIG, recipe.to_dict())
-        state.save(folder)  # the start: a kill before the first epoch ends resumes from here
-    where = "" if str(data.source) == data.name else f" from {data.source}"
-    log(f"data: {data.name}{where} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
-    ctx = _Context(recipe, data, norm, folder, log, state, ranks)
-    device = model_device(model)
-    if device.type != "cpu" or ranks.distributed:
-        log(f"device: {device}" + (f", {ranks.world_size} processes (rank 0 writes)" if ranks.distributed else ""))
-
-    # 1. Dense training (or a given checkpoint).
-    if state.dense is None:
-        if state.from_checkpoint:
-            log(f"dense: loaded {state.from_checkpoint}")
+    state = ctx.state
+    _start(ctx, resumed)
+    for phase in phases:
+        if phase.name in state.finished or (phase.prunes and state.stopped is not None):
+            continue
+        if phase.prunes and state.accepted is None:  # (again after a resume from the dense phase: the same bits)
+            ctx.pruning()
+            state.accepted = _copy_state(ctx.model)  # what a failing first round falls back to
+        if phase.prunes:
+            _judge(ctx, phase)
         else:
-            log(f"dense: training {recipe.model.spec} for {recipe.train.epochs} epochs")
-            ctx.fit(model, recipe.train, seed=recipe.seed, phase="dense")
-        folder.save_checkpoint(F.DENSE, model, {**meta, "phase": "dense"})
-        state.dense = ctx.evaluate(model)
-        folder.log_metrics("dense", **state.dense)
-    dense = state.dense
-    log(f"dense: val {dense['val_acc']:.2f}%  test {dense['test_acc']:.2f}%")
-    if not recipe.prune.rounds and recipe.prune.gradual is None:
-        summary = {"recipe": recipe.name, "model": meta["model"], "dataset": data.name, "dense": dense,
-                   "parameters": _parameters(model), "seconds": time.perf_counter() - started}
-        folder.write_json(F.SUMMARY, summary)
-        folder.forget(F.PROGRESS)
-        return broadcast_object(summary, ranks)
-
-    # 2. Prune -> retrain rounds, each kept only while validation accuracy stays within the budget.
-    pruner = state.pruner = state.pruner or Pruner(model)
-    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the model's ratios are the originals
-    state.apply_dropout()  # a resumed run's adjusted ratios
-    dense_weights = {r.layer: r.weights for r in pruner.summary()}
-    if state.accepted is None:
-        state.accepted = _copy_state(model)
-        state.save(folder)
-    for i, rnd in enumerate(recipe.prune.rounds or [recipe.prune.gradual], start=1):
-        if i <= len(state.rounds):
-            continue  # finished before the run was resumed
-        if state.stopped is not None:
-            break
-        try:
-            result = _run_round(ctx, i, rnd, model, pruner, dropout, dense_weights) if isinstance(rnd, RoundConfig) \
-                else _run_gradual(ctx, rnd, model, pruner)
-        except (DivergedError, TargetError) as e:  # keep the last good round, say why the ladder stopped
-            result = {"round": i, "criterion": getattr(rnd, "criterion", "gradual"),
-                      "setting": rnd.setting if isinstance(rnd, RoundConfig) else rnd.sparsity, "error": str(e)}
-            stop = f"round {i}: {e}"
-        else:
-            drop, limit = dense["val_acc"] - result["val_acc"], recipe.prune.max_accuracy_drop
-            stop = None if limit is None or drop <= limit else \
-                f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
-        result["accepted"] = stop is None
-        state.rounds.append(result)
-        state.open_round = None
-        folder.log_metrics("round", **result)
-        if stop is not None:
-            state.stopped = stop
-            log(f"stop: {stop}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
-            model.load_state_dict(state.accepted)
-            state.save(folder)
-            break
-        state.accepted = _copy_state(model)
-        folder.save_checkpoint(F.round_checkpoint(i), model, {**meta, "phase": f"round{i}"})
-        state.save(folder)
-    rounds, stopped = state.rounds, state.stopped
-
-    # 3. The final model, its shrunken twin, the summary and the report.
-    dropout.restore()  # a checkpoint's model is rebuilt with the original ratios
-    folder.save_checkpoint(F.FINAL, model, {**meta, "phase": "final"})
-    final = ctx.evaluate(model)
-    summary = _summary(recipe, data, model, pruner, dense, final, rounds, stopped)
-    summary["seconds"] = time.perf_counter() - started  # pruning time: neuron removal and the report excluded
-    if ranks.main:  # what follows reads and writes files, and computes on one process
-        if recipe.prune.remove_dead_neurons:
-            summary["neurons"] = _remove_neurons(ctx, model, meta)
-        summary["compact"] = _write_compact(ctx)
-    if recipe.quantize is not None:  # retrains: every rank
-        summary["quantize"] = _quantize(ctx, model, pruner, meta, summary.get("compact"))
-    if ranks.distributed:
-        summary["world_size"] = ranks.world_size
-    if ranks.main:
-        folder.write_json(F.SUMMARY, summary)
-        _, html = write_report(F.Run(folder.path, trust_factory=recipe.factories()), data=data, progress=False)
-        folder.forget(F.PROGRESS)  # finished: nothing left to resume
-        log(f"report: {html}")
-    summary = broadcast_object(summary, ranks)
-    compression = summary["compression"]
-    log(
-        f"final: {f'{compression:.1f}x fewer weights' if compression else 'every weight pruned'} "
-        f"({summary['weights_kept']:,} of {summary['weights']:,}); "
-        f"test {final['test_acc']:.2f}% (dense {dense['test_acc']:.2f}%, "
-        f"change {summary['accuracy_change_test']:+.2f})"
-    )
+            ctx.summary.update(_on_ranks(ctx, phase).summary)
+        if phase.resumable:
+            state.finished.append(phase.name)
+            state.save(ctx.folder)
+    summary = broadcast_object(ctx.summary, ctx.ranks)
+    if "final" in summary:  # a pruned run's last line
+        ctx.log(_closing_line(summary))
     return summary
 
 
-class _Context:
-    """What every phase of a run shares: the recipe, the data, the run folder, the log, the run's state."""
+def _start(ctx: RunContext, resumed: bool) -> None:
+    """The run's first lines: its recipe and first resume point (a fresh run), what it trains on and where."""
+    state, data, ranks = ctx.state, ctx.data, ctx.ranks
+    state.world_size = ranks.world_size
+    if not resumed:
+        ctx.folder.write_yaml(F.CONFIG, ctx.recipe.to_dict())
+        state.save(ctx.folder)  # the start: a kill before the first epoch ends resumes from here
+    where = "" if str(data.source) == data.name else f" from {data.source}"
+    ctx.log(f"data: {data.name}{where} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)})")
+    if ctx.device.type != "cpu" or ranks.distributed:
+        ctx.log(f"device: {ctx.device}" + (f", {ranks.world_size} processes (rank 0 writes)"
+                                           if ranks.distributed else ""))
+    if state.dense is not None:  # resumed after the dense phase
+        ctx.log(f"dense: val {state.dense['val_acc']:.2f}%  test {state.dense['test_acc']:.2f}%")
 
-    def __init__(self, recipe: Recipe, data: DatasetSplits, norm: Normalization, folder: F.RunFolder, log: Log,
-                 state: _RunState, ranks: Ranks):
-        self.recipe, self.data, self.norm, self.folder, self.log = recipe, data, norm, folder, log
-        self.state, self.ranks = state, ranks
-        self.device = model_device(state.model)
-        self._teacher: nn.Module | None = None
 
-    def on_epoch(self, rec: EpochRecord) -> None:
-        self.folder.log_metrics("epoch", **rec.to_dict())
-        self.log(
-            f"  {rec.phase} epoch {rec.epoch}: lr {rec.lr:.4g}  train loss {rec.train_loss:.4f} "
-            f"acc {rec.train_acc:.2f}%  val {rec.val_acc:.2f}%  ({rec.seconds:.1f}s)"
-        )
+def _on_ranks(ctx: RunContext, phase: Phase) -> PhaseResult:
+    """``phase.run(ctx)`` on every rank, or on rank 0 alone for a ``main_only`` phase: the others learn whether
+    it worked (and all stop if it did not) instead of waiting at the next collective."""
+    if not phase.main_only:
+        return phase.run(ctx)
+    result, error = PhaseResult(), None
+    if ctx.ranks.main:
+        try:
+            result = phase.run(ctx)
+        except BaseException as e:
+            error = e
+    agree(ctx.ranks, error)
+    return result
 
-    def fit(self, model: nn.Module, cfg, *, seed: int, phase: str, **kwargs) -> None:
-        """Train one phase, saving a resume point after each epoch; continue it if the run stopped inside it."""
-        d, prune = self.recipe.data, self.recipe.prune
-        if phase != "dense" and prune.distill_alpha > 0:
-            kwargs.update(teacher=self.teacher(), distill_alpha=prune.distill_alpha,
-                          distill_temperature=prune.distill_temperature)
-        resume = self.state.resume_fit(phase)
-        if resume is not None:
-            self.log(f"  {phase}: continuing after epoch {resume['epoch']}")
-        fit(model, self.data.train, self.data.val, cfg, self.norm, seed=seed, phase=phase, on_epoch=self.on_epoch,
-            on_checkpoint=lambda s: self.state.save(self.folder, s, phase), resume=resume,
-            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, ranks=self.ranks, workers=d.workers,
-            **kwargs)
 
-    def teacher(self) -> nn.Module:
-        """The dense model, from the run's dense checkpoint (the same after a resume), on the run's device."""
-        if self._teacher is None:
-            self._teacher = self.dense_model()
-            self._teacher.requires_grad_(False)
-        return self._teacher
+def _judge(ctx: RunContext, phase: Phase) -> None:
+    """Run a pruning round and apply the stop rule.
 
-    def dense_model(self) -> nn.Module:
-        """The run's dense checkpoint as a model on the run's device; rank 0 reads it and hands it to the others."""
-        path = self.folder.path / F.DENSE
-        state = broadcast_object(read_checkpoint(path)[0] if self.ranks.main else None, self.ranks)
-        return _build(self.recipe, state, path)[0].to(self.device)
+    A round that fails (training diverged, a target out of reach) or loses more validation accuracy
+    than ``prune.max_accuracy_drop`` stops the ladder, and the model goes back to the last accepted
+    round; an accepted round is saved as ``round<i>.safetensors``.
+    """
+    state, i = ctx.state, phase.what["round"]
+    try:
+        record = phase.run(ctx).round
+    except (DivergedError, TargetError) as e:  # keep the last good round, say why the ladder stopped
+        record, stop = {**phase.what, "error": str(e)}, f"round {i}: {e}"
+    else:
+        drop, limit = state.dense["val_acc"] - record["val_acc"], ctx.recipe.prune.max_accuracy_drop
+        stop = None if limit is None or drop <= limit else \
+            f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
+    record["accepted"] = stop is None
+    state.rounds.append(record)
+    state.open_round = None
+    ctx.folder.log_metrics("round", **record)
+    if stop is not None:
+        state.stopped = stop
+        ctx.log(f"stop: {stop}; keeping {f'round {i - 1}' if i > 1 else 'the dense model'}")
+        ctx.model.load_state_dict(state.accepted)
+        return
+    state.accepted = _copy_state(ctx.model)
+    ctx.folder.save_checkpoint(F.round_checkpoint(i), ctx.model, {**state.meta, "phase": f"round{i}"})
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size,
-                               ranks=self.ranks, workers=self.recipe.data.workers)
 
-    def evaluate_val(self, model: nn.Module) -> float:
-        return evaluate(model, self.data.val, self.norm, self.recipe.data.eval_batch_size, ranks=self.ranks,
-                        workers=self.recipe.data.workers)[1]
-
-    def check_masks_agree(self, pruner: Pruner, where: str) -> list[str] | None:
-        """Under several ranks: every rank's masks, as digests; an error if they differ (they are computed alike)."""
-        if not self.ranks.distributed:
-            return None
-        digests = gather_objects(mask_digest(pruner.masks), self.ranks)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"{where}: the masks differ between ranks ({', '.join(d[:12] for d in digests)})")
-        return digests
+def _closing_line(summary: dict[str, Any]) -> str:
+    compression, final, dense = summary["compression"], summary["final"], summary["dense"]
+    return (f"final: {f'{compression:.1f}x fewer weights' if compression else 'every weight pruned'} "
+            f"({summary['weights_kept']:,} of {summary['weights']:,}); test {final['test_acc']:.2f}% "
+            f"(dense {dense['test_acc']:.2f}%, change {summary['accuracy_change_test']:+.2f})")
 
 
 def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple[nn.Module, Pruner | None]:
@@ -489,7 +303,7 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
     if from_checkpoint:
         state, ckpt_meta = read_checkpoint(from_checkpoint)
         check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)  # before anything is built: the recipe's model
-        model, pruner = _build(recipe, state, Path(from_checkpoint))
+        model, pruner = build(recipe, state, Path(from_checkpoint))
         if pruner is not None and totals(pruner.summary()).kept < totals(pruner.summary()).weights:
             phase = ckpt_meta.get("phase")
             raise CheckpointError(
@@ -498,232 +312,6 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
         return model, pruner
     torch.manual_seed(recipe.seed)
     return create_model(recipe.model.spec, **recipe.model.arguments()), None
-
-
-def _build(recipe: Recipe, state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, Pruner | None]:
-    """The recipe's model (registry or factory) with the weights and masks of ``state``."""
-    return model_from_state(recipe.model.spec, recipe.model.arguments(), state, path)
-
-
-def _run_round(
-    ctx: _Context,
-    i: int,
-    rnd: RoundConfig,
-    model: nn.Module,
-    pruner: Pruner,
-    dropout: DropoutAdjuster,
-    dense_weights: dict[str, int],
-) -> dict[str, Any]:
-    """One round: prune the named layers, adjust dropout, retrain the named layers."""
-    start = time.perf_counter()
-    recipe, state = ctx.recipe, ctx.state
-    opened = state.open_round if state.open_round and state.open_round["round"] == i else None
-    if opened is None:
-        wants_relative = rnd.target and rnd.criterion == "threshold" and rnd.quality is None
-        criterion = rnd.make_criterion(_relative_qualities(ctx, model) if wants_relative else None)
-        pruner.prune(criterion, layers=rnd.prune)
-        # A target round's setting is what it found: the quality (or sparsity) each layer was pruned with.
-        setting = getattr(criterion, "qualities", None) or criterion.setting
-        pruned_val = ctx.evaluate_val(model)
-        kept = {r.layer: r.kept for r in pruner.summary()}
-        ratios = dropout.adjust(kept, dense_weights) if recipe.prune.adjust_dropout else {}
-        state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios, "setting": setting}
-    else:  # resumed inside this round: pruned and adjusted already
-        pruned_val, ratios, setting = opened["val_acc_pruned"], opened["dropout"], opened["setting"]
-    trainable = None
-    if not any(k in ("all", "*") for k in rnd.train):
-        modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
-        trainable = [p for m in modules.values() for p in m.parameters()]
-    cfg = recipe.retrain_config(rnd.epochs, rnd.lr_fraction)
-    found = f", target {rnd.target:g}x: {_format_setting(setting)}" if rnd.target else ""
-    ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}{found}); val before retraining "
-            f"{pruned_val:.2f}%; retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
-            + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
-    ctx.fit(model, cfg, seed=recipe.seed + i, phase=f"round{i}", pruner=pruner, trainable=trainable)
-    digests = ctx.check_masks_agree(pruner, f"round {i}")
-    return {
-        "round": i,
-        "criterion": rnd.criterion,
-        "setting": setting,
-        "target": rnd.target,
-        "pruned_layers": rnd.prune,
-        "trained_layers": rnd.train,
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "val_acc_pruned": pruned_val,
-        "dropout": ratios,
-        **({"mask_digests": digests} if digests else {}),
-        **_outcome(ctx, model, pruner, f"round {i}", start),
-    }
-
-
-def _relative_qualities(ctx: _Context, model: nn.Module) -> dict[str, float] | None:
-    """The relative per-layer qualities of target rounds, from the dense model's sensitivity (once per run)."""
-    max_drop = ctx.recipe.prune.relative_from_sensitivity
-    if max_drop is None:
-        return None
-    if ctx.state.relative is None:  # every rank sweeps its part of the validation split
-        rows = sensitivity(ctx.dense_model(), ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size,
-                           progress=False, model_name=ctx.recipe.model.spec, ranks=ctx.ranks)
-        proposal = propose_qualities(rows, max_drop)
-        ctx.state.relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
-        ctx.log("relative qualities from sensitivity (largest within "
-                f"{max_drop:g} points): {_format_setting(ctx.state.relative)}")
-    return ctx.state.relative
-
-
-def _outcome(ctx: _Context, model: nn.Module, pruner: Pruner, label: str, start: float) -> dict[str, Any]:
-    """A phase's results: accuracies, the per-layer table (logged too), totals, time."""
-    acc = ctx.evaluate(model)
-    rows = pruner.summary()
-    ctx.log(format_table(rows))
-    ctx.log(f"{label}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
-    t = totals(rows)
-    return {**acc, "layers": [r.to_dict() for r in rows], "weights": t.weights, "weights_kept": t.kept,
-            "compression": t.compression_or_none(), "seconds": time.perf_counter() - start}
-
-
-def _run_gradual(ctx: _Context, g: GradualConfig, model: nn.Module, pruner: Pruner) -> dict[str, Any]:
-    """Gradual magnitude pruning: retrain while the masks follow the cubic schedule, then fine-tune."""
-    start = time.perf_counter()
-    recipe = ctx.recipe
-    cfg = recipe.retrain_config(g.epochs, g.lr_fraction)
-    steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
-    schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
-    resumed = ctx.state.resume_fit("gradual")
-    schedule.advance_to(resumed["epoch"] * steps if resumed else 0)
-    ctx.state.open_round = {"round": 1}
-    ctx.log(f"gradual: {len(schedule.events)} mask updates every {g.every_steps} steps over "
-            f"{g.ramp_epochs:g} epochs to sparsity {g.sparsity:.4f} ({g.criterion}), {g.epochs} epochs "
-            f"at lr {cfg.lr:.3g}")
-    ctx.fit(model, cfg, seed=recipe.seed + 1, phase="gradual", pruner=pruner, on_step=schedule.advance_to,
-            choose_after=math.ceil(g.ramp_epochs))
-    digests = ctx.check_masks_agree(pruner, "gradual")
-    return {
-        "round": 1,
-        "criterion": f"gradual {g.criterion}",
-        "setting": g.sparsity,
-        "target": g.target,
-        "pruned_layers": ["all"],
-        "trained_layers": ["all"],
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        **({"mask_digests": digests} if digests else {}),
-        **_outcome(ctx, model, pruner, "gradual", start),
-    }
-
-
-def _summary(
-    recipe: Recipe,
-    data: DatasetSplits,
-    model: nn.Module,
-    pruner: Pruner,
-    dense: dict[str, float],
-    final: dict[str, float],
-    rounds: list[dict[str, Any]],
-    stopped: str | None,
-) -> dict[str, Any]:
-    """``summary.json``: accuracies before and after, compression of weights and of all parameters, rounds."""
-    rows = pruner.summary()
-    t = totals(rows)
-    params_dense = _parameters(model)
-    params_kept = params_dense - (t.weights - t.kept)
-    return {
-        "recipe": recipe.name,
-        "model": recipe.model.spec,
-        "dataset": data.name,
-        "dense": dense,
-        "final": final,
-        "accuracy_change_test": final["test_acc"] - dense["test_acc"],
-        "accuracy_change_val": final["val_acc"] - dense["val_acc"],
-        "weights": t.weights,
-        "weights_kept": t.kept,
-        "compression": t.compression_or_none(),
-        "parameters": params_dense,
-        "parameters_kept": params_kept,
-        "parameter_compression": params_dense / params_kept if params_kept else None,
-        "layers": [r.to_dict() for r in rows],
-        "rounds": rounds,
-        "stopped": stopped,
-    }
-
-
-def _remove_neurons(ctx: _Context, model: nn.Module, meta: dict) -> dict[str, Any]:
-    """Remove dead neurons from a baked copy, check outputs are unchanged, save it."""
-    if not isinstance(model, nn.Sequential):
-        why = f"neuron removal needs an nn.Sequential model (a chain of layers); this one is a {type(model).__name__}"
-        ctx.log(f"neurons: not removed ({why})")
-        return {"skipped": why}
-    x, _ = first_batch(ctx.data.val, 512, mean=ctx.norm.mean, std=ctx.norm.std)
-    small, report = remove_dead_neurons(baked_copy(model).cpu(), example_input=x)
-    ctx.folder.save_checkpoint(F.SHRUNK, small, {**meta, "phase": "final_shrunk"})
-    nonzero = sum(int((p != 0).sum()) for p in small.parameters())
-    ctx.log("neurons: dead neurons removed\n" + report.table())
-    if report.max_abs_diff is not None and report.max_abs_diff > 1e-5:
-        ctx.log(f"WARNING: the shrunken model's outputs differ by {report.max_abs_diff:.2e} (> 1e-5)")
-    ctx.log(f"neurons: shrunken model has {report.params_after:,} parameters ({nonzero:,} non-zero); "
-            f"largest output difference {report.max_abs_diff:.2e}")
-    return {
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "params_nonzero_after": nonzero,
-        "max_abs_diff": report.max_abs_diff,
-        "iterations": report.iterations,
-        "boundaries": report.boundaries,
-        "layers": report.rows(),
-    }
-
-
-def _write_compact(ctx: _Context) -> dict[str, Any]:
-    """The final model as a compact file (survivors and relative indices), sized against the dense checkpoint."""
-    done = export(ctx.folder.path / F.FINAL, ctx.folder.path / F.COMPACT, trust_factory=ctx.recipe.factories(),
-                  owner=ctx.folder)
-    dense_file = (ctx.folder.path / F.DENSE).stat().st_size
-    ctx.log(f"compact: {F.COMPACT} {done.bytes:,} bytes, {dense_file / done.bytes:.1f}x smaller than {F.DENSE} "
-            f"({dense_file:,} bytes)")
-    return {"file": F.COMPACT, "bytes": done.bytes, "dense_file_bytes": dense_file,
-            "ratio_to_dense_file": dense_file / done.bytes}
-
-
-def _quantize(ctx: _Context, model: nn.Module, pruner: Pruner, meta: dict, compact: dict) -> dict[str, Any]:
-    """Trained weight sharing: cluster a copy of the final model, retrain its centroids, write it Huffman coded.
-
-    The final checkpoint stays the pruned model; the shared one is ``final_shared.prunet``.
-    A stopped run redoes this phase from the last round (it is deterministic).
-    """
-    q, recipe = ctx.recipe.quantize, ctx.recipe
-    shared_model = baked_copy(model)
-    share(shared_model, q.bits, masks={k: v.bool() for k, v in pruner.masks.items()})
-    cfg = recipe.retrain_config(q.epochs, q.lr_fraction)
-    ctx.log(f"quantize: weights shared ({_format_setting(q.bits)} bits); retraining the centroids for {cfg.epochs} "
-            f"epochs at lr {cfg.lr:.3g}")
-    d = recipe.data
-    fit(shared_model, ctx.data.train, ctx.data.val, cfg, ctx.norm, seed=recipe.seed + 1000, phase="quantize",
-        on_epoch=ctx.on_epoch, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, ranks=ctx.ranks,
-        workers=d.workers)
-    acc = ctx.evaluate(shared_model)
-    if not ctx.ranks.main:
-        return acc
-    shared_model.cpu()
-    layers = shared_layers(shared_model)
-    unshare(shared_model)
-    path = write_model(ctx.folder.record(F.SHARED_COMPACT), shared_model, {**meta, "phase": "final_shared"},
-                       keep={k: v.bool().cpu() for k, v in pruner.masks.items()}, shared=layers)
-    size, dense_file = path.stat().st_size, compact["dense_file_bytes"]
-    ctx.log(f"quantize: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%; {F.SHARED_COMPACT} {size:,} bytes, "
-            f"{dense_file / size:.1f}x smaller than {F.DENSE} (pruned only: {compact['ratio_to_dense_file']:.1f}x)")
-    return {**acc, "file": F.SHARED_COMPACT, "bytes": size, "ratio_to_dense_file": dense_file / size,
-            "bits": {name.rsplit(".", 1)[0]: layer.bits for name, layer in layers.items()}, "epochs": cfg.epochs}
-
-
-def _format_setting(setting: Any) -> str:
-    if isinstance(setting, dict):
-        return ", ".join(f"{k} {v:.3g}" for k, v in setting.items())
-    return f"{setting:.3g}"
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,9 +22,10 @@ the report and ``prunet report``.
 
 Example:
     >>> folder = RunFolder.create("runs/lenet", overwrite=True)
-    >>> folder.write_json(SUMMARY, {"compression": 16.1})
-    >>> Run("runs/lenet").summary["compression"]
-    16.1
+    >>> _ = folder.write_json(METRICS, {"compression": 16.1})
+    >>> folder.commit()
+    >>> folder.written()
+    ['metrics.jsonl']
 """
 
 from __future__ import annotations

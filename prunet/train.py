@@ -119,37 +119,11 @@ def evaluate_splits(model: nn.Module, val: Dataset, test: Dataset, norm: Normali
     return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
 
 
-def fit(
-    model: nn.Module,
-    train: Dataset,
-    val: Dataset,
-    cfg: TrainConfig,
-    norm: Normalization,
-    *,
-    batch_size: int = 64,
-    eval_batch_size: int = 1000,
-    seed: int = 0,
-    pruner: Pruner | None = None,
-    trainable: list[nn.Parameter] | None = None,
-    phase: str = "train",
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-    on_checkpoint: Callable[[dict], None] | None = None,
-    resume: dict | None = None,
-    on_step: Callable[[int], None] | None = None,
-    choose_after: int = 0,
-    teacher: nn.Module | None = None,
-    distill_alpha: float = 0.5,
-    distill_temperature: float = 4.0,
-    ranks: Ranks = SINGLE,
-    workers: int = 0,
-) -> list[EpochRecord]:
-    """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
+@dataclass
+class FitOptions:
+    """How :func:`fit` trains, beyond the recipe's :class:`~prunet.config.TrainConfig`.
 
-    Args:
-        model: the network, trained in place.
-        train, val: the training split and the validation split (chooses the best epoch).
-        cfg: optimizer, learning rate and schedule, regularisation.
-        norm: input normalisation.
+    Attributes:
         batch_size, eval_batch_size: mini-batch sizes.
         seed: seeds batch order and dropout, so a run is repeatable.
         pruner: when given, its masks are enforced after every step.
@@ -175,126 +149,194 @@ def fit(
             the model is wrapped in ``DistributedDataParallel`` and each rank takes
             ``batch_size // world_size`` of every batch of ``batch_size``.
         workers: ``DataLoader`` workers for datasets that are not in-memory ``Split``s.
+    """
+
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    seed: int = 0
+    pruner: Pruner | None = None
+    trainable: list[nn.Parameter] | None = None
+    phase: str = "train"
+    on_epoch: Callable[[EpochRecord], None] | None = None
+    on_checkpoint: Callable[[dict], None] | None = None
+    resume: dict | None = None
+    on_step: Callable[[int], None] | None = None
+    choose_after: int = 0
+    teacher: nn.Module | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    ranks: Ranks = SINGLE
+    workers: int = 0
+
+
+def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: Normalization,
+        options: FitOptions | None = None) -> list[EpochRecord]:
+    """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
+
+    Args:
+        model: the network, trained in place.
+        train, val: the training split and the validation split (chooses the best epoch).
+        cfg: optimizer, learning rate and schedule, regularisation.
+        norm: input normalisation.
+        options: batch sizes, seed, pruner, callbacks, resume state, distillation, ranks.
 
     Training runs on the model's device; ``cfg.amp`` turns on mixed precision.
 
     Returns:
         One record per epoch. With no epochs, nothing is trained.
+
+    Example:
+        >>> records = fit(model, data.train, data.val, TrainConfig(epochs=2), norm,
+        ...               FitOptions(seed=0, pruner=pruner))  # doctest: +SKIP
     """
+    o = options or FitOptions()
     if cfg.epochs == 0:
         return []
-    device = model_device(model)
-    # Dropout differs per rank (each its own part of the batch); rank 0 draws as a single process does.
-    torch.manual_seed(seed + 1_000_003 * ranks.rank)
-    generator = torch.Generator().manual_seed(seed)  # batch order: the same on every rank
-    params = list(model.parameters()) if trainable is None else list(trainable)
-    frozen = _freeze_others(model, params)
-    optimizer = make_optimizer(params, cfg, cfg.lr)
-    if pruner is not None:
-        pruner.attach(optimizer)
-    l1_params = decayed_parameters(model) if cfg.regularization == "l1" else []
-    autocast, scaler = _mixed_precision(cfg.amp, device)
-    # Built after freezing: DDP reduces the gradients of the parameters that train.
-    net = model
-    if ranks.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loop = _Loop(model, train, val, cfg, norm, o)
+    try:
+        for epoch in range(loop.first, cfg.epochs):
+            record = loop.epoch(epoch)
+            loop.records.append(record)
+            if o.on_epoch is not None:
+                o.on_epoch(record)
+            # With no validation split there is nothing to choose by: the last epoch is kept.
+            if len(val) and epoch + 1 > o.choose_after and record.val_acc > loop.best_acc:
+                loop.best_acc, loop.best_state = record.val_acc, copy.deepcopy(model.state_dict())
+            if o.on_checkpoint is not None:
+                o.on_checkpoint(loop.checkpoint(epoch))
+    finally:
+        loop.close()
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    return loop.records
 
-    best_acc, best_state, records, first = -1.0, None, [], 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+
+class _Loop:
+    """One call of :func:`fit`: the optimizer, the RNGs and the best epoch so far, an epoch and a step at a time."""
+
+    def __init__(self, model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: Normalization,
+                 o: FitOptions):
+        self.model, self.train, self.val, self.cfg, self.norm, self.o = model, train, val, cfg, norm, o
+        ranks = o.ranks
+        self.device = model_device(model)
+        # Dropout differs per rank (each its own part of the batch); rank 0 draws as a single process does.
+        torch.manual_seed(o.seed + 1_000_003 * ranks.rank)
+        self.generator = torch.Generator().manual_seed(o.seed)  # batch order: the same on every rank
+        params = list(model.parameters()) if o.trainable is None else list(o.trainable)
+        self.frozen = _freeze_others(model, params)
+        self.optimizer = make_optimizer(params, cfg, cfg.lr)
+        if o.pruner is not None:
+            o.pruner.attach(self.optimizer)
+        self.l1_params = decayed_parameters(model) if cfg.regularization == "l1" else []
+        self.autocast, self.scaler = _mixed_precision(cfg.amp, self.device)
+        # Built after freezing: DDP reduces the gradients of the parameters that train.
+        self.net = model
+        if ranks.distributed:
+            self.net = DistributedDataParallel(model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None)
+        self.best_acc, self.best_state, self.records, self.first = -1.0, None, [], 0
+        if o.resume is not None:
+            self._restore(o.resume)
+        self.steps = loader_batches(len(train), o.batch_size, ranks.world_size, train=True)
+
+    def _restore(self, resume: dict) -> None:
+        ranks = self.o.ranks
+        self.optimizer.load_state_dict(resume["optimizer"])
         rng = resume["rng"][ranks.rank] if ranks.distributed else resume["rng"]
         torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
-        if isinstance(rng, dict) and rng.get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        generator.set_state(resume["generator"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        best_acc, best_state, first = resume["best_acc"], resume["best_state"], resume["epoch"]
-        records = [EpochRecord(**r) for r in resume["records"]]
-    steps = loader_batches(len(train), batch_size, ranks.world_size, train=True)
-    try:
-        for epoch in range(first, cfg.epochs):
-            lr = lr_at(epoch, cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.lr_step_epochs, cfg.lr_gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            start = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(
-                loader(train, batch_size, shuffle=True, generator=generator, mean=norm.mean, std=norm.std,
-                       device=device, rank=ranks.rank, world_size=ranks.world_size, train=True, workers=workers),
-                total=steps,
-                desc=f"{phase} epoch {epoch + 1}/{cfg.epochs}",
-                leave=False,
-                disable=None if ranks.main else True,  # no bar when stderr is not a terminal (CI logs)
-            )
-            for batch, (x, y) in enumerate(bar):
-                with autocast():
-                    logits = net(x)
-                    _check_output(logits, len(y), "training")
-                    _check_labels(y, logits, "training")
-                    loss = F.cross_entropy(logits, y)
-                value = own = loss.item()
-                if ranks.distributed:  # every rank stops together, or none does
-                    value = all_reduce_sum([value], ranks)[0] / ranks.world_size
-                if not math.isfinite(value):  # before the step: the weights are still the last finite ones
-                    error = DivergedError(f"train.lr: the training loss became {value} in {phase} epoch "
-                                          f"{epoch + 1} at lr {lr:.3g}; lower the learning rate")
-                    error.quiet = not ranks.main if ranks.distributed else None  # every rank stops here: rank 0 says it
-                    raise error
-                objective = loss
-                if teacher is not None:
-                    with autocast():
-                        objective = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(
-                            logits, teacher, x, distill_temperature)
-                if l1_params:
-                    objective = objective + l1_penalty(l1_params, cfg.reg_strength)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    objective.backward()
-                    optimizer.step()  # prunet's global step hooks enforce the masks here
-                else:  # fp16: the scaler skips a step whose gradients overflowed (the weights do not move)
-                    scaler.scale(objective).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                if on_step is not None:
-                    on_step(epoch * steps + batch + 1)
-                loss_sum += own * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
-            if ranks.distributed:
-                loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ranks)
-                # Each rank's last batch left its own batch-norm statistics: evaluate (and save) rank 0's on all.
-                broadcast_buffers(model, ranks)
-            val_loss, val_acc = evaluate(model, val, norm, eval_batch_size, ranks=ranks, workers=workers)
-            record = EpochRecord(
-                phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,
-                time.perf_counter() - start,
-            )
-            records.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            # With no validation split there is nothing to choose by: the last epoch is kept.
-            if len(val) and epoch + 1 > choose_after and val_acc > best_acc:
-                best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-            if on_checkpoint is not None:
-                rng = _rng_state(device)
-                on_checkpoint({
-                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                    "rng": gather_objects(rng, ranks) if ranks.distributed else rng,
-                    "generator": generator.get_state(), "best_acc": best_acc, "best_state": best_state,
-                    "records": [r.to_dict() for r in records],
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                })
-    finally:
-        if pruner is not None:
-            pruner.detach_optimizers()
-        for p in frozen:
+        if isinstance(rng, dict) and rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.generator.set_state(resume["generator"])
+        if self.scaler is not None and resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        self.best_acc, self.best_state, self.first = resume["best_acc"], resume["best_state"], resume["epoch"]
+        self.records = [EpochRecord(**r) for r in resume["records"]]
+
+    def epoch(self, epoch: int) -> EpochRecord:
+        """Train one epoch and evaluate on the validation split."""
+        o, cfg, ranks = self.o, self.cfg, self.o.ranks
+        lr = lr_at(epoch, cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.lr_step_epochs, cfg.lr_gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        start = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            loader(self.train, o.batch_size, shuffle=True, generator=self.generator, mean=self.norm.mean,
+                   std=self.norm.std, device=self.device, rank=ranks.rank, world_size=ranks.world_size, train=True,
+                   workers=o.workers),
+            total=self.steps,
+            desc=f"{o.phase} epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if ranks.main else True,  # no bar when stderr is not a terminal (CI logs)
+        )
+        for batch, (x, y) in enumerate(bar):
+            loss, logits = self.step(x, y, epoch, lr)
+            if o.on_step is not None:
+                o.on_step(epoch * self.steps + batch + 1)
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+        if ranks.distributed:
+            loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ranks)
+            # Each rank's last batch left its own batch-norm statistics: evaluate (and save) rank 0's on all.
+            broadcast_buffers(self.model, ranks)
+        val_loss, val_acc = evaluate(self.model, self.val, self.norm, o.eval_batch_size, ranks=ranks,
+                                     workers=o.workers)
+        return EpochRecord(o.phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,
+                           time.perf_counter() - start)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> tuple[float, torch.Tensor]:
+        """One optimizer step; ``(this rank's loss, logits)``. A non-finite loss stops before the step."""
+        o, ranks = self.o, self.o.ranks
+        with self.autocast():
+            logits = self.net(x)
+            _check_output(logits, len(y), "training")
+            _check_labels(y, logits, "training")
+            loss = F.cross_entropy(logits, y)
+        value = own = loss.item()
+        if ranks.distributed:  # every rank stops together, or none does
+            value = all_reduce_sum([value], ranks)[0] / ranks.world_size
+        if not math.isfinite(value):  # before the step: the weights are still the last finite ones
+            error = DivergedError(f"train.lr: the training loss became {value} in {o.phase} epoch "
+                                  f"{epoch + 1} at lr {lr:.3g}; lower the learning rate")
+            error.quiet = not ranks.main if ranks.distributed else None  # every rank stops here: rank 0 says it
+            raise error
+        objective = loss
+        if o.teacher is not None:
+            with self.autocast():
+                objective = (1 - o.distill_alpha) * loss + o.distill_alpha * distillation_loss(
+                    logits, o.teacher, x, o.distill_temperature)
+        if self.l1_params:
+            objective = objective + l1_penalty(self.l1_params, self.cfg.reg_strength)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            objective.backward()
+            self.optimizer.step()  # prunet's global step hooks enforce the masks here
+        else:  # fp16: the scaler skips a step whose gradients overflowed (the weights do not move)
+            self.scaler.scale(objective).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return own, logits
+
+    def checkpoint(self, epoch: int) -> dict:
+        """What ``FitOptions.resume`` takes to continue after ``epoch``."""
+        ranks = self.o.ranks
+        rng = _rng_state(self.device)
+        return {
+            "epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
+            "rng": gather_objects(rng, ranks) if ranks.distributed else rng,
+            "generator": self.generator.get_state(), "best_acc": self.best_acc, "best_state": self.best_state,
+            "records": [r.to_dict() for r in self.records],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def close(self) -> None:
+        if self.o.pruner is not None:
+            self.o.pruner.detach_optimizers()
+        for p in self.frozen:
             p.requires_grad_(True)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return records
 
 
 def output_problem(out: object, n: int) -> str | None:

@@ -107,3 +107,46 @@ def test_light_modules_load_no_training_data_checkpoint_or_recipe_code(name):
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert name in loaded
     assert [m for m in loaded if m.startswith(HEAVY)] == []
+
+
+def code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines, its docstring left out (a long Args section is no second concept)."""
+    lines = fn.end_lineno - fn.lineno + 1
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+PAGE = 60  # docs/ARCHITECTURE.md: a function reads on a page
+
+
+def test_every_function_reads_on_a_page():
+    long = [f"{name}:{fn.lineno} {fn.name} ({code_lines(fn)} lines)" for name, path in MODULES.items()
+            for fn in ast.walk(ast.parse(path.read_text()))
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(fn) > PAGE]
+    assert long == []
+
+
+def definitions(name: str) -> list[str]:
+    """Where the package, its benchmarks and its tests define ``name`` at module level (a function, a class, a value)."""
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py"),
+                 *(PACKAGE.parent / "tests").glob("*.py")]:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                names = [t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                         if isinstance(t, ast.Name)]
+            else:
+                names = []
+            found += [f"{path.name}:{node.lineno}" for n in names if n == name]
+    return found
+
+
+@pytest.mark.parametrize("name", ["CRITERIA", "set_dotted", "source_checkpoint", "build", "RunState", "fit",
+                                  "find_layers", "atomic_path", "check_trusted", "validate_meta"])
+def test_one_definition_of_each_concept(name):
+    """A concept with two definitions is a bug waiting for them to disagree (STYLE: one vocabulary)."""
+    assert len(definitions(name)) == 1, definitions(name)

@@ -18,7 +18,7 @@ from prunet.checkpoint import load_model
 from prunet.cli import main
 from prunet.config import ConfigError, TrainConfig, recipe_from_dict
 from prunet.devices import DeviceError, resolve_device
-from prunet.train import Normalization, fit
+from prunet.train import FitOptions, Normalization, fit
 
 from conftest import TINY_RECIPE
 
@@ -77,7 +77,8 @@ def test_mixed_precision_trains_and_keeps_masks_exact(fashion, lenet, amp):
     pruner.prune(Threshold(1.0))
     before = {k: v.clone() for k, v in pruner.masks.items()}
     cfg = TrainConfig(epochs=1, lr=0.05, amp=amp)
-    records = fit(model, fashion.train, fashion.val, cfg, Normalization(fashion.mean, fashion.std), pruner=pruner)
+    records = fit(model, fashion.train, fashion.val, cfg, Normalization(fashion.mean, fashion.std), FitOptions(
+                  pruner=pruner))
     assert records[0].val_acc > 50.0  # it learns
     for t in pruner.targets:
         assert torch.equal(t.mask, before[t.param])
@@ -85,6 +86,7 @@ def test_mixed_precision_trains_and_keeps_masks_exact(fashion, lenet, amp):
         assert torch.all(t.module.weight[t.mask == 0] == 0)
 
 
+@pytest.mark.slow
 def test_an_fp16_run_resumes_with_its_gradient_scaler(tmp_path, tiny_recipe, fast_data, monkeypatch):
     """The scaler's state is part of the resume point: a stopped fp16 run ends as an unstopped one."""
     import prunet.pipeline as pipeline
@@ -136,8 +138,8 @@ def test_masks_stay_exact_on_cuda_with_fp16(fashion, lenet):
     model = lenet().cuda()
     pruner = Pruner(model)
     pruner.prune(Threshold(1.0))
-    fit(model, fashion.train, fashion.val, TrainConfig(epochs=1, lr=0.05, amp="fp16"),
-        Normalization(fashion.mean, fashion.std), pruner=pruner)
+    fit(model, fashion.train, fashion.val, TrainConfig(epochs=1, lr=0.05, amp="fp16"), Normalization(fashion.mean, fashion.std), FitOptions(
+        pruner=pruner))
     for t in pruner.targets:
         assert t.mask.device.type == "cuda"
         assert torch.all(t.module.weight[t.mask == 0] == 0)

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from prunet import sparse
 from prunet.checkpoint import load_model
 from prunet.cli import main
-from prunet.config import ConfigError, recipe_from_dict
+from prunet.config import ConfigError, recipe_from_dict, set_dotted
 from prunet.data import Split, head, load_data, loader
 from prunet.factory import FactoryError, UntrustedFactoryError, import_factory
 
@@ -40,11 +40,7 @@ def toy_recipe(tmp_path: Path, **changes) -> dict:
                              {"criterion": "threshold", "quality": 0.8, "epochs": 1}]},
     }
     for key, value in changes.items():
-        node = recipe
-        *parts, last = key.split(".")
-        for p in parts:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(recipe, key, value)
     return recipe
 
 
@@ -61,6 +57,7 @@ def one_line_error(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_path, capsys):
     recipe = toy_recipe(tmp_path, quantize={"bits": {"conv": 6, "fc": 5}, "epochs": 1})
     path = write(tmp_path, recipe)
@@ -109,6 +106,7 @@ def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_
     assert "## Sensitivity" in report
 
 
+@pytest.mark.slow
 def test_a_factory_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Resume of a factory run: the model is rebuilt through the factory from the resume point."""
     import prunet.pipeline as pipeline

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_cache
 
+import prunet.phases
 import prunet.pipeline
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
 from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
@@ -250,6 +251,7 @@ def test_second_run_into_a_used_folder_needs_overwrite(base_run, fast_data, tmp_
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_earlier_runs_files_and_only_those(tiny_recipe, fast_data, tmp_path):
     folder = tmp_path / "again"
     run_recipe(copy.deepcopy(tiny_recipe), folder)
@@ -328,14 +330,14 @@ def test_an_interrupted_overwrite_leaves_the_earlier_run_intact(base_run, fast_d
     shutil.copytree(base_folder, folder)
     (folder / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".prunet-lock"}
-    real_fit = prunet.pipeline.fit
+    real_fit = prunet.phases.fit
 
-    def fit_then_ctrl_c(*args, phase, **kwargs):
-        if phase == "round1":
+    def fit_then_ctrl_c(*args):
+        if args[-1].phase == "round1":
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM) in the middle of the new run
-        return real_fit(*args, phase=phase, **kwargs)
+        return real_fit(*args)
 
-    monkeypatch.setattr(prunet.pipeline, "fit", fit_then_ctrl_c)
+    monkeypatch.setattr(prunet.phases, "fit", fit_then_ctrl_c)
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         run(recipe_from_dict(copy.deepcopy(data)), run_dir=folder, overwrite=True, log=lines.append)
@@ -384,6 +386,7 @@ def test_distillation_from_the_dense_model_retrains_the_rounds(base_run, fast_da
     assert torch.equal(a["fc1.weight_mask"], b["fc1.weight_mask"])
 
 
+@pytest.mark.slow
 def test_target_rounds_take_relative_qualities_from_the_sensitivity_analysis(base_run, fast_data, tmp_path):
     from prunet.analysis.sensitivity import propose_qualities, sensitivity
     from prunet.data import load_data

@@ -15,15 +15,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REAL_FASHION, TINY_RECIPE, use_data_cache
+from conftest import REAL_FASHION, TINY_RECIPE, logged, use_data_cache, wait_until
 from safetensors.torch import load_file
 
+import prunet.phases
 import prunet.pipeline
 import prunet.runfolder
 from prunet.checkpoint import CheckpointError
@@ -105,6 +105,7 @@ def stop_at_save(mp: pytest.MonkeyPatch, n: int) -> None:
 # 8-9 round 2's epochs, 10 round 2 done. Stopping in the n-th write resumes from the (n-1)-th.
 @pytest.mark.parametrize("n, resumes_from", [(3, "dense after epoch 1"), (6, "round1 after epoch 1"),
                                              (8, "after round 1"), (5, "after the dense phase")])
+@pytest.mark.slow
 def test_a_run_stopped_while_saving_resumes_from_the_point_before_to_the_same_bits(
         n, resumes_from, reference, fast_data, tmp_path):
     folder = tmp_path / "run"
@@ -116,12 +117,13 @@ def test_a_run_stopped_while_saving_resumes_from_the_point_before_to_the_same_bi
     assert_same_run(folder, reference)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_its_report_resumes_to_the_same_bits(reference, fast_data, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     with monkeypatch.context() as mp:
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
-        mp.setattr(prunet.pipeline, "write_report", interrupted)
+        mp.setattr(prunet.phases, "write_report", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(recipe_from_dict(copy.deepcopy(RECIPE)), run_dir=folder, log=lambda line: None)
     resume(folder, log=lambda line: None)
@@ -135,18 +137,14 @@ def test_a_run_killed_with_sigkill_mid_round_resumes_to_the_same_bits(reference,
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     folder = tmp_path / "killed"
-    metrics = folder / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "prunet", "run", str(path), "--run-dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        # Kill as soon as round 1 has finished an epoch: inside the round, with a resume point in it.
-        while '"phase": "round1"' not in (metrics.read_text() if metrics.is_file() else ""):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run never reached round 1"
-            time.sleep(0.005)
+        # Killed once round 1 has logged an epoch: inside the round, with a resume point in it.
+        wait_until(proc, lambda: logged(folder, event="epoch", phase="round1"), "round 1's first epoch")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        proc.kill()  # no-op once it is dead; a failed wait leaves no run behind
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (folder / "summary.json").exists() and (folder / PROGRESS).is_file()
@@ -209,15 +207,24 @@ def test_from_a_dense_checkpoint_matches_the_run_it_came_from(reference, fast_da
     assert not (tmp_path / "again" / PROGRESS).exists()
 
 
-def test_a_killed_overwrite_run_is_offered_for_resume_not_deleted(reference, fast_data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_killed_overwrite_run_is_offered_for_resume_not_deleted(reference, fast_data, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(reference, folder)  # a finished run the next one replaces
-    with monkeypatch.context() as mp:
-        stop_at_save(mp, 6)
-        # kill -9: nothing is put back; the kernel drops the lock.
-        mp.setattr(RunFolder, "abandon", lambda self: self._unlock_run() or "killed")
-        with pytest.raises(KeyboardInterrupt):
-            run(recipe_from_dict(copy.deepcopy(RECIPE)), run_dir=folder, overwrite=True, log=lambda line: None)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path)}))
+    proc = subprocess.Popen([sys.executable, "-m", "prunet", "run", str(path), "--run-dir", str(folder), "--overwrite"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # kill -9 inside round 1: nothing is put back; the kernel drops the lock. The resume point
+        # appears once the earlier run is aside, so the metrics read are the new run's.
+        wait_until(proc, lambda: (folder / PROGRESS).is_file() and logged(folder, event="epoch", phase="round1"),
+                   "round 1's first epoch")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     assert (folder / ".prunet-previous").is_dir() and (folder / PROGRESS).is_file()
     with pytest.raises(RunError, match="unfinished run.*--resume"):
         run(recipe_from_dict(copy.deepcopy(RECIPE)), run_dir=folder, log=lambda line: None)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import REAL_FASHION, TINY_RECIPE
 from safetensors.torch import load_file
 
+import prunet.phases
 import prunet.pipeline
 
 from prunet import Pruner, Sparsity
@@ -203,6 +204,7 @@ SHARED_RECIPE["quantize"] = {"bits": {"fc": 4, "fc3": 5}, "epochs": 1}
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.slow
 def test_a_run_with_weight_sharing_writes_the_shared_model_and_resumes_to_it(fast_data, tmp_path, monkeypatch):
     summary = run(recipe_from_dict(copy.deepcopy(SHARED_RECIPE)), run_dir=tmp_path / "a", log=lambda line: None)
     q = summary["quantize"]
@@ -236,7 +238,7 @@ def test_a_run_with_weight_sharing_writes_the_shared_model_and_resumes_to_it(fas
     with monkeypatch.context() as mp:
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
-        mp.setattr(prunet.pipeline, "write_report", interrupted)
+        mp.setattr(prunet.phases, "write_report", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(recipe_from_dict(copy.deepcopy(SHARED_RECIPE)), run_dir=tmp_path / "b", log=lambda line: None)
     resume(tmp_path / "b", log=lambda line: None)

@@ -129,8 +129,23 @@ def test_csv_round_trip_and_plot(study, tmp_path):
     assert back == rows
     assert float(records[0]["val_loss_pts"]) == pytest.approx(rows[0].val_loss_pts)
 
-    png = plot_tradeoff(back, tmp_path / "t" / "tradeoff.png", "tiny")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot_tradeoff(back, tmp_path / "t" / "tradeoff.png", "tiny")
+    assert (tmp_path / "t" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax_all, ax_zoom = fig.axes
+    assert fig.get_suptitle() == "tiny"
+    legend = {"l1_noretrain": "L1 regularization w/o retrain", "l2_noretrain": "L2 regularization w/o retrain",
+              "l1_retrain": "L1 regularization w/ retrain", "l2_retrain": "L2 regularization w/ retrain",
+              "l2_iterative": "L2 w/ iterative prune and retrain"}  # the paper's Figure 5 legend
+    by_label = {line.get_label(): line for line in ax_all.get_lines()}
+    for curve in CURVES[:-1]:  # every curve but the one-shot star has a line, its y the loss in points, down is worse
+        line = by_label[legend[curve]]
+        pts = sorted((r for r in rows if r.curve == curve), key=lambda r: r.fraction_pruned)
+        assert list(line.get_xdata()) == pytest.approx([100 * r.fraction_pruned for r in pts])
+        assert list(line.get_ydata()) == pytest.approx([-r.val_loss_pts for r in pts])
+    zoomed = {line.get_label() for line in ax_zoom.get_lines()}
+    assert legend["l1_noretrain"] not in zoomed and legend["l2_retrain"] in zoomed
+    stars = [line for line in ax_all.get_lines() if line.get_marker() == "*"]
+    assert len(stars) == sum(r.curve == "oneshot_equal_epochs" for r in rows)
 
     table = format_tradeoff_table(rows)
     assert table.count("\n| ") == len(FRACTIONS)  # one line per fraction after the header

@@ -11,7 +11,7 @@ from prunet import Pruner, Threshold
 from prunet.config import TrainConfig
 from prunet.data import Split
 from prunet.schedule import lr_at
-from prunet.train import Normalization, evaluate, fit, make_optimizer
+from prunet.train import FitOptions, Normalization, evaluate, fit, make_optimizer
 
 CFG = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9, regularization="l2", reg_strength=5e-4,
                   lr_schedule="cosine")
@@ -23,7 +23,7 @@ def norm_of(data) -> Normalization:
 
 def train(lenet, data, cfg=CFG, seed=0, **kwargs):
     model = lenet(seed=seed)
-    records = fit(model, data.train, data.val, cfg, norm_of(data), seed=seed, **kwargs)
+    records = fit(model, data.train, data.val, cfg, norm_of(data), FitOptions(seed=seed, **kwargs))
     return model, records
 
 
@@ -56,7 +56,8 @@ def test_model_left_at_best_validation_epoch(lenet, fashion):
     snapshots = []
     model = lenet()
     cfg = dataclasses.replace(CFG, epochs=3, lr=0.2, lr_schedule="constant")  # a noisy run
-    records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), on_epoch=lambda r: snapshots.append(state(model)))
+    records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(
+                  on_epoch=lambda r: snapshots.append(state(model))))
     accs = [r.val_acc for r in records]
     best = accs.index(max(accs))  # the first best epoch
     assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshots[best].items())
@@ -73,7 +74,7 @@ def test_frozen_parameters_are_bit_identical(lenet, fashion):
     model = lenet()
     before = state(model)
     trainable = [model.fc2.weight, model.fc2.bias]
-    fit(model, fashion.train, fashion.val, CFG, norm_of(fashion), trainable=trainable)
+    fit(model, fashion.train, fashion.val, CFG, norm_of(fashion), FitOptions(trainable=trainable))
     after = model.state_dict()
     for k in ("fc1.weight", "fc1.bias", "fc3.weight", "fc3.bias"):
         assert torch.equal(after[k], before[k]), k
@@ -90,7 +91,7 @@ def test_pruned_weights_stay_zero_through_fit(lenet, fashion):
     before = state(model)
     for opt in ("sgd", "adamw"):
         fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, optimizer=opt, lr=0.01), norm_of(fashion),
-            pruner=pruner)
+            FitOptions(pruner=pruner))
     for t in pruner.targets:
         assert torch.equal(t.mask, masks[t.param])
         assert bool((t.weight.detach()[t.mask == 0] == 0).all())
@@ -104,7 +105,8 @@ def test_fit_detaches_the_optimizers_it_attached(lenet, fashion, monkeypatch):
     pruner.prune(Threshold(0.5))
     attached = []
     monkeypatch.setattr(pruner, "attach", lambda opt, *a, **k: (attached.append(opt), Pruner.attach(pruner, opt)))
-    fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, epochs=1), norm_of(fashion), pruner=pruner)
+    fit(model, fashion.train, fashion.val, dataclasses.replace(CFG, epochs=1), norm_of(fashion), FitOptions(
+        pruner=pruner))
     (opt,) = attached
     momentum = opt.state[model.fc1.weight]["momentum_buffer"].clone()
     pruner.prune(Threshold(1.0))  # prunes more: an attached optimizer's state would be zeroed there

@@ -24,6 +24,7 @@ from prunet.checkpoint import load_model
 from prunet.cli import main
 from prunet.config import recipe_from_dict
 from prunet.factory import UntrustedFactoryError
+from prunet.phases import RESUME_FORMAT
 from prunet.pipeline import run
 from prunet.runfolder import PROGRESS, PROGRESS_FORMAT, Run
 from prunet.sparse import compact
@@ -145,8 +146,8 @@ def test_from_a_checkpoint_naming_code_runs_nothing(evil_run, tmp_path, capsys):
 def test_resume_of_a_run_naming_code_runs_nothing(evil_run, capsys):
     run_dir, marker = evil_run
     recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
-    torch.save({"format": PROGRESS_FORMAT, "metrics_bytes": 0, "recipe": recipe, "world_size": 1},
-               run_dir / PROGRESS)
+    torch.save({"format": PROGRESS_FORMAT, "resume_format": RESUME_FORMAT, "metrics_bytes": 0, "recipe": recipe,
+                "world_size": 1}, run_dir / PROGRESS)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert main(["run", "--resume", str(run_dir)]) == 2
     err = one_line(capsys)

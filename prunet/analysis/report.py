@@ -19,9 +19,10 @@ recorded as the run's; the document model and its two renderers are
 The report is built from tables first (summary, rounds, layers, energy) and the
 figures are drawn from those tables, never from training state.
 
-Example:
-    >>> md, html = write_report("runs/lenet_300_100")
-    >>> print(html)  # open it in a browser
+Example, on the folder of a finished run (so not run as a test); open the HTML file in a browser:
+    >>> md, html = write_report("runs/lenet300_fashion")  # doctest: +SKIP
+    >>> html  # doctest: +SKIP
+    PosixPath('runs/lenet300_fashion/report.html')
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +64,9 @@ from prunet.runfolder import (
     RunFolder,
 )
 from prunet.sparse.compact import shared_stats, stored_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Act% is a fraction of non-zero activations; a couple of thousand images pin it
 # to well under a percent and keep the report fast even for conv nets.
@@ -118,24 +122,36 @@ def _safe_file_part(name: str) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def plot_rounds(summary: Mapping[str, Any], path: str | Path) -> Path:
+def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> Figure:
     """Accuracy and compression per round, from ``summary.json``'s data.
 
     Left axis: validation and test accuracy after each round's retraining, and
     validation accuracy just after pruning (before retraining); right axis: the
-    compression of the prunable weights. Round 0 is the dense model.
+    compression of the prunable weights. Round 0 is the dense model; a rejected
+    round is shaded.
 
     Args:
         summary: the run's summary (``dense`` and ``rounds`` are used).
-        path: the PNG file; parent folders are created.
+        path: also write the figure to this PNG file (parent folders are created).
 
     Returns:
-        The path written.
+        The figure: the accuracy axes and, sharing its x axis, the compression axes.
+
+    Example:
+        >>> summary = {"dense": {"val_acc": 89.8, "test_acc": 89.1},
+        ...            "rounds": [{"round": 1, "val_acc": 89.9, "test_acc": 89.0, "val_acc_pruned": 88.2,
+        ...                        "compression": 3.1},
+        ...                       {"round": 2, "val_acc": 89.5, "test_acc": 88.8, "val_acc_pruned": 85.0,
+        ...                        "compression": 8.4}]}
+        >>> fig = plot_rounds(summary, "rounds.png")
+        >>> accuracy, compression = fig.axes
+        >>> [line.get_label() for line in accuracy.lines]
+        ['validation (after retraining)', 'test (after retraining)', 'validation (pruned, before retraining)']
+        >>> compression.get_ylabel(), compression.lines[0].get_ydata().tolist()
+        ('compression (×, prunable weights)', [1.0, 3.1, 8.4])
     """
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rounds = list(summary.get("rounds") or [])
     dense = summary["dense"]
     x = [0] + [r.get("round", i + 1) for i, r in enumerate(rounds)]
@@ -166,7 +182,9 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path) -> Path:
     # Below the axes: inside, it would cover the curves whatever corner it took.
     fig.legend(lines + lines2, labels + labels2, fontsize=8, loc="outside lower center", ncol=4)
     ax.set_title("accuracy and compression per round" + (" (shaded: rejected)" if rejected else ""), fontsize=10)
-    return save_figure(fig, path, dpi=90)
+    if path is not None:
+        save_figure(fig, path, dpi=90)
+    return fig
 
 
 # --------------------------------------------------------------------------- sections
@@ -244,7 +262,9 @@ def _rounds_section(summary: Mapping[str, Any], folder: RunFolder) -> list[D.Blo
         D.Table(header, rows, "llllllrrrrrl"),
     ]
     if summary["rounds"]:
-        blocks.append(D.Image(plot_rounds(summary, folder.record(ROUNDS_PNG)), "accuracy and compression per round"))
+        png = folder.record(ROUNDS_PNG)
+        plot_rounds(summary, png)
+        blocks.append(D.Image(png, "accuracy and compression per round"))
     return blocks
 
 
@@ -283,7 +303,7 @@ def _histogram_section(
     if key not in dense_state:
         return blocks + [D.Para(f"`{DENSE}` has no `{key}`: no histogram.")]
     png = folder.record(f"report_weights_{_safe_file_part(layer)}.png")
-    plot_weight_histogram(dense_state[key], final_state[key], png, layer)
+    plot_weight_histogram(dense_state[key], final_state[key], layer, png)
     return blocks + [
         D.Para(f"The paper's Figure 7 for {layer}, the largest layer unless chosen: its weights before pruning, and "
               "its surviving weights after pruning and retraining. Magnitude pruning cuts the band around zero; "
@@ -464,8 +484,8 @@ def write_report(
         prunet.runfolder.RunError: a corrupt file; :class:`ReportError`: a ``histogram_layer`` that is not a layer.
         prunet.data.DataError: the run's dataset cannot be found (pass ``data``).
 
-    Example:
-        >>> md, html = write_report("runs/lenet_300_100", sram_bytes=2 * 2**20)
+    Example, on the folder of a finished run (so not run as a test):
+        >>> md, html = write_report("runs/lenet300_fashion", sram_bytes=2 * 2**20)  # doctest: +SKIP
     """
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     folder = RunFolder.open(run.path)
@@ -484,16 +504,9 @@ def write_report(
 
         steps.set_postfix_str("layer tables")
         act = _activation_batches(data, activation_examples)
-        example = act[0][0][:1].to(device)  # (1, C, H, W): the model's real input size fixes conv FLOPs
-        n_act = sum(len(y) for _, y in act)
-        final_rows = layer_table(model, example, masks=pruner.masks if pruner else None, activation_data=act)
+        final_rows, dense_rows = _layer_tables(run, model, pruner, act, device)
         write_table_csv(final_rows, folder.record(LAYERS_CSV))
-        dense_rows = None
-        if run.has(DENSE):  # the comparison costs one more pass over the activation images
-            dense_model, _, _ = run.load(DENSE)
-            dense_model.to(device)
-            dense_rows = layer_table(dense_model, example, activation_data=act)
-            del dense_model
+        n_act = sum(len(y) for _, y in act)
         steps.update()
 
         blocks: list[D.Block] = []
@@ -521,6 +534,17 @@ def write_report(
         html_path = folder.write_text(REPORT_HTML, D.render_html(title, blocks))
         steps.update()
     return md_path, html_path
+
+
+def _layer_tables(run: Run, model: torch.nn.Module, pruner, act, device) -> tuple[list, list | None]:
+    """The per-layer rows of the final model and, when the run has one, of its dense model (one more pass)."""
+    example = act[0][0][:1].to(device)  # (1, C, H, W): the model's real input size fixes conv FLOPs
+    final_rows = layer_table(model, example, masks=pruner.masks if pruner else None, activation_data=act)
+    dense_rows = None
+    if run.has(DENSE):  # the comparison costs one more pass over the activation images
+        dense_model, _, _ = run.load(DENSE)
+        dense_rows = layer_table(dense_model.to(device), example, activation_data=act)
+    return final_rows, dense_rows
 
 
 def _files_section(run: Run) -> list[D.Block]:

@@ -11,11 +11,11 @@ as it was: only one layer's weights are changed at a time, saved before and
 copied back after (bit for bit), and masks are never touched. A model that is
 already pruned is pruned further from its current survivors.
 
-Example:
-    >>> rows = sensitivity(model, data.val, Normalization(data.mean, data.std))
-    >>> write_sensitivity_csv(rows, "runs/lenet/sensitivity.csv")
-    >>> plot_sensitivity(rows, "runs/lenet/sensitivity.png")
-    >>> pruner.prune(Threshold(propose_qualities(rows, max_drop=0.5)))
+Example, on a trained model and its validation split (so not run as a test):
+    >>> rows = sensitivity(model, data.val, Normalization(data.mean, data.std))  # doctest: +SKIP
+    >>> write_sensitivity_csv(rows, "runs/lenet/sensitivity.csv")  # doctest: +SKIP
+    >>> fig = plot_sensitivity(rows, "runs/lenet/sensitivity.png")  # doctest: +SKIP
+    >>> pruner.prune(Threshold(propose_qualities(rows, max_drop=0.5)))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 
 from prunet.analysis.plots import save_figure
 from prunet.analysis.tables import write_csv
-from prunet.criteria import CRITERIA as ALL_CRITERIA
+from prunet.criteria import CRITERIA, criteria_names
 from prunet.data import Split
 from prunet.distributed import SINGLE, Ranks
 from prunet.layers import find_layers, select
 from prunet.train import Normalization, evaluate
 
-# The criteria that prune one layer alone by a per-layer rule (a global cut has no per-layer sweep).
-CRITERIA: tuple[str, ...] = tuple(name for name, c in ALL_CRITERIA.items() if c.per_layer)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CSV_COLUMNS = ["layer", "kind", "criterion", "setting", "kept_frac", "pruned_frac", "val_acc", "acc_drop"]
 
@@ -83,9 +83,9 @@ class SensitivityRow:
 def default_settings(criterion: str) -> tuple[float, ...]:
     """The settings swept when none are given (the criterion's ``sweep``): qualities 0..2 or sparsities 0..0.95."""
     _check_criterion(criterion)
-    if not ALL_CRITERIA[criterion].sweep:
+    if not CRITERIA[criterion].sweep:
         raise ValueError(f"qualities: criterion {criterion!r} has no default sweep; give the settings")
-    return ALL_CRITERIA[criterion].sweep
+    return CRITERIA[criterion].sweep
 
 
 def sensitivity(
@@ -135,7 +135,7 @@ def sensitivity(
     settings = sorted(float(s) for s in (default_settings(criterion) if qualities is None else qualities))
     if not settings:
         raise ValueError("qualities: give at least one setting")
-    cls = ALL_CRITERIA[criterion]
+    cls = CRITERIA[criterion]
     for s in settings:
         try:
             cls.check_value(s)
@@ -180,13 +180,13 @@ def sensitivity(
 
 def setting_label(criterion: str) -> str:
     """What a criterion's setting is called: ``quality`` (threshold) or ``sparsity``."""
-    cls = ALL_CRITERIA.get(criterion)
+    cls = CRITERIA.get(criterion)
     return cls.setting_field if cls is not None and cls.setting_field else "setting"
 
 
 def _check_criterion(criterion: str) -> None:
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if criterion not in criteria_names(per_layer=True):
+        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(criteria_names(per_layer=True))}")
 
 
 def _by_layer(rows: Sequence[SensitivityRow]) -> dict[str, list[SensitivityRow]]:
@@ -214,8 +214,13 @@ def propose_qualities(rows: Sequence[SensitivityRow], max_drop: float) -> dict[s
         already costs too much is left out, and so is left unpruned by those criteria.
 
     Example:
+        >>> base = 90.0  # validation accuracy of the unpruned model
+        >>> rows = [SensitivityRow(layer, "fc", "threshold", q, kept, acc, base - acc)
+        ...         for layer, q, kept, acc in [("fc1", 0.5, 0.62, 89.9), ("fc1", 1.0, 0.32, 89.5),
+        ...                                     ("fc1", 1.5, 0.13, 88.0), ("fc3", 0.5, 0.62, 89.4),
+        ...                                     ("fc3", 1.0, 0.32, 85.0), ("fc3", 1.5, 0.13, 70.0)]]
         >>> propose_qualities(rows, max_drop=1.0)
-        {'fc1': 1.75, 'fc2': 1.5, 'fc3': 1.0}
+        {'fc1': 1.0, 'fc3': 0.5}
     """
     if not math.isfinite(max_drop):
         raise ValueError(f"max_drop must be a finite number of points, got {max_drop}")
@@ -301,7 +306,7 @@ def format_sensitivity_table(rows: Sequence[SensitivityRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sensitivity(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
+def plot_sensitivity(rows: Sequence[SensitivityRow], path: str | Path | None = None) -> Figure:
     """Figure 6: validation accuracy against the fraction of one layer pruned, a curve per layer.
 
     Convolutional and fully connected layers get separate panels (one panel
@@ -310,18 +315,25 @@ def plot_sensitivity(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
 
     Args:
         rows: from :func:`sensitivity` or :func:`read_sensitivity_csv`.
-        path: the PNG file; parent folders are created.
+        path: also write the figure to this PNG file (parent folders are created).
 
     Returns:
-        The path written.
+        The figure: one axes per kind of layer (``conv`` first), a line per layer
+        (x: percent pruned, y: validation accuracy) and the dashed ``unpruned`` line.
+
+    Example:
+        >>> rows = [SensitivityRow("fc1", "fc", "threshold", q, kept, acc, 90.0 - acc)
+        ...         for q, kept, acc in [(0.5, 0.62, 89.9), (1.0, 0.32, 89.5), (1.5, 0.13, 88.0)]]
+        >>> fig = plot_sensitivity(rows, "sensitivity.png")
+        >>> ax, = fig.axes
+        >>> ax.get_title(), ax.get_legend_handles_labels()[1]
+        ('fully connected layers: pruned alone, no retraining', ['fc1', 'unpruned'])
     """
     # Figure without pyplot: no global backend and no GUI, safe on a headless server.
     from matplotlib.figure import Figure
 
     if not rows:
         raise ValueError("plot_sensitivity: no rows to plot")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     groups = _by_layer(rows)
     kinds = [k for k in ("conv", "fc") if any(g[0].kind == k for g in groups.values())]
     kinds += sorted({g[0].kind for g in groups.values()} - set(kinds))
@@ -342,4 +354,6 @@ def plot_sensitivity(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2 if len(groups) > 6 else 1)
     axes[0].set_ylabel("validation accuracy (%)")
-    return save_figure(fig, path, dpi=90)
+    if path is not None:
+        save_figure(fig, path, dpi=90)
+    return fig

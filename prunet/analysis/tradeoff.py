@@ -23,10 +23,10 @@ and iterative pruning is best.
 Every choice (the best retraining epoch) is made on the validation split; the
 test split is only reported.
 
-Example:
-    >>> rows = tradeoff_study(load_recipe("recipes/lenet300_fashion.yaml"), dense_epochs=15)
-    >>> write_tradeoff_csv(rows, "runs/tradeoff/lenet300.csv")
-    >>> plot_tradeoff(rows, "runs/tradeoff/lenet300.png", "LeNet-300-100, Fashion-MNIST")
+Example, minutes of training on real data (so not run as a test):
+    >>> rows = tradeoff_study(load_recipe("recipes/lenet300_fashion.yaml"), dense_epochs=15)  # doctest: +SKIP
+    >>> write_tradeoff_csv(rows, "runs/tradeoff/lenet300.csv")  # doctest: +SKIP
+    >>> fig = plot_tradeoff(rows, "runs/tradeoff/lenet300.png", "LeNet-300-100, Fashion-MNIST")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from prunet.analysis.plots import save_figure
 from prunet.analysis.tables import write_csv
 from prunet.config import Recipe
-from prunet.criteria import CRITERIA as ALL_CRITERIA
+from prunet.criteria import CRITERIA, criteria_names
 from prunet.criteria import Criterion
 from prunet.data import DatasetSplits, load_data
 from prunet.devices import resolve_device
@@ -55,7 +55,7 @@ from prunet.layers import totals
 from prunet.models import create_model
 from prunet.pruner import Pruner
 from prunet.regularize import DropoutAdjuster
-from prunet.train import Normalization, evaluate_splits, fit
+from prunet.train import FitOptions, Normalization, evaluate_splits, fit
 
 Log = Callable[[str], None]
 
@@ -77,9 +77,6 @@ CURVES: tuple[str, ...] = (
     "l2_iterative",
     "oneshot_equal_epochs",
 )
-# The criteria whose setting is the fraction of weights pruned: they reach a fraction exactly.
-CRITERIA: tuple[str, ...] = tuple(name for name, c in ALL_CRITERIA.items() if c.setting_field == "sparsity")
-
 CSV_COLUMNS = [
     "network",
     "curve",
@@ -195,8 +192,9 @@ def train_dense(
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model.spec, **recipe.model.arguments()).to(resolve_device(recipe.device))
-    fit(model, data.train, data.val, cfg, norm, seed=recipe.seed, phase=f"dense_{regularizer}",
-        batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
+    fit(model, data.train, data.val, cfg, norm, FitOptions(
+        seed=recipe.seed, phase=f"dense_{regularizer}", batch_size=recipe.data.batch_size,
+        eval_batch_size=recipe.data.eval_batch_size))
     acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
     val_acc, test_acc = acc["val_acc"], acc["test_acc"]
     seconds = time.perf_counter() - start
@@ -213,9 +211,9 @@ def prune_criterion(criterion: str, fraction: float) -> Criterion:
             weights; ``"global"``: one magnitude cut over all layers.
         fraction: in [0, 1].
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
-    return ALL_CRITERIA[criterion](fraction)
+    if criterion not in criteria_names(setting="sparsity"):  # they reach a fraction exactly
+        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(criteria_names(setting='sparsity'))}")
+    return CRITERIA[criterion](fraction)
 
 
 def check_study_args(
@@ -244,8 +242,8 @@ def check_study_args(
         raise ValueError(f"retrain_epochs: must be >= 1, got {retrain_epochs}")
     if dense_epochs is not None and dense_epochs < 1:
         raise ValueError(f"dense_epochs: must be >= 1, got {dense_epochs}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if criterion not in criteria_names(setting="sparsity"):  # they reach a fraction exactly
+        raise ValueError(f"criterion: {criterion!r} is not one of {', '.join(criteria_names(setting='sparsity'))}")
     for name, value in (("l1_strength", l1_strength), ("l2_strength", l2_strength)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
@@ -304,112 +302,107 @@ def tradeoff_study(
         ValueError: no fractions, a fraction outside (0, 1), ``retrain_epochs`` < 1,
             an unknown criterion, a negative strength.
 
-    Example:
-        >>> recipe = load_recipe("recipes/lenet300_fashion.yaml", {"threads": 1})
-        >>> rows = tradeoff_study(recipe, fractions=(0.8, 0.9, 0.95), dense_epochs=15)
-        >>> print(format_tradeoff_table(rows))
+    Example, minutes of training on real data (so not run as a test):
+        >>> recipe = load_recipe("recipes/lenet300_fashion.yaml", {"threads": 1})  # doctest: +SKIP
+        >>> rows = tradeoff_study(recipe, fractions=(0.8, 0.9, 0.95), dense_epochs=15)  # doctest: +SKIP
+        >>> print(format_tradeoff_table(rows))  # doctest: +SKIP
     """
     ladder = check_study_args(fractions, retrain_epochs, dense_epochs, l1_strength, l2_strength, criterion)
     l2_strength = recipe.train.reg_strength if l2_strength is None else float(l2_strength)
-
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     resolve_device(recipe.device)  # a device this machine lacks fails before any data is read
     if data is None:
         data = load_data(recipe.data)
-    norm = Normalization(data.mean, data.std)
-    network = recipe.model.spec
-    log(f"tradeoff: {network} on {data.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}); "
-        f"fractions {', '.join(f'{f:g}' for f in ladder)}; {criterion} pruning; retrain {retrain_epochs} epochs")
-
+    log(f"tradeoff: {recipe.model.spec} on {data.name} (train {len(data.train)}, val {len(data.val)}, "
+        f"test {len(data.test)}); fractions {', '.join(f'{f:g}' for f in ladder)}; {criterion} pruning; "
+        f"retrain {retrain_epochs} epochs")
     dense = {
         "l1": train_dense(recipe, data, "l1", l1_strength, dense_epochs, log),
         "l2": train_dense(recipe, data, "l2", l2_strength, dense_epochs, log),
     }
-
-    def point(model: nn.Module, pruner: Pruner, curve: str, reg: str, target: float, epochs: int) -> TradeoffRow:
-        acc = evaluate_splits(model, data.val, data.test, norm, recipe.data.eval_batch_size)
-        val_acc, test_acc = acc["val_acc"], acc["test_acc"]
-        d = dense[reg]
-        row = TradeoffRow(network, curve, reg, target, pruned_fraction(pruner), val_acc, test_acc,
-                          d.val_acc, d.test_acc, epochs)
-        log(f"  {curve:<21} {100 * row.fraction_pruned:6.2f}% pruned  val {val_acc:6.2f}% "
-            f"(loss {row.val_loss_pts:+6.2f})  test {test_acc:6.2f}%  [{epochs} retrain epochs]")
-        return row
-
+    study = _Study(recipe, data, Normalization(data.mean, data.std), dense, criterion, log)
     rows: list[TradeoffRow] = []
     steps = 2 * len(ladder) + len(ladder) + 1
-    with tqdm(total=steps, desc=f"tradeoff {network}", disable=None if progress else True, leave=False) as bar:
+    with tqdm(total=steps, desc=f"tradeoff {recipe.model.spec}", disable=None if progress else True,
+              leave=False) as bar:
         # One-shot: each fraction pruned from the dense model, then retrained.
         for target in ladder:
             for reg in ("l1", "l2"):
-                model, pruner, dropout = _pruned_copy(recipe, dense[reg], criterion, target)
-                rows.append(point(model, pruner, f"{reg}_noretrain", reg, target, 0))
-                _retrain(model, pruner, dropout, recipe, data, norm, dense[reg], retrain_epochs, seed=recipe.seed + 1)
-                rows.append(point(model, pruner, f"{reg}_retrain", reg, target, retrain_epochs))
+                rows += study.one_shot(reg, target, retrain_epochs)
                 bar.update()
-
         # Iterative: the L2 model walks up the ladder, pruning its survivors further each step.
-        model, pruner, dropout = _pruned_copy(recipe, dense["l2"], criterion, None)
+        model, pruner, dropout = study.pruned_copy("l2", None)
         for k, target in enumerate(ladder):
             pruner.prune(prune_criterion(criterion, target))
             # The first step's seed equals the one-shot seed: both start identical there.
-            _retrain(model, pruner, dropout, recipe, data, norm, dense["l2"], retrain_epochs,
-                     seed=recipe.seed + 1 + k)
-            rows.append(point(model, pruner, "l2_iterative", "l2", target, (k + 1) * retrain_epochs))
+            study.retrain(model, pruner, dropout, "l2", retrain_epochs, seed=recipe.seed + 1 + k)
+            rows.append(study.point(model, pruner, "l2_iterative", "l2", target, (k + 1) * retrain_epochs))
             bar.update()
-
         # One-shot to the last fraction with the ladder's whole retraining budget.
-        total = len(ladder) * retrain_epochs
-        model, pruner, dropout = _pruned_copy(recipe, dense["l2"], criterion, ladder[-1])
-        _retrain(model, pruner, dropout, recipe, data, norm, dense["l2"], total, seed=recipe.seed + 1)
-        rows.append(point(model, pruner, "oneshot_equal_epochs", "l2", ladder[-1], total))
+        rows += study.one_shot("l2", ladder[-1], len(ladder) * retrain_epochs, curve="oneshot_equal_epochs")
         bar.update()
     return rows
+
+
+@dataclass
+class _Study:
+    """One trade-off study's fixed parts: the recipe, the data, the two dense models, the criterion."""
+
+    recipe: Recipe
+    data: DatasetSplits
+    norm: Normalization
+    dense: dict[str, DenseModel]
+    criterion: str
+    log: Log
+
+    def one_shot(self, reg: str, target: float, epochs: int, curve: str | None = None) -> list[TradeoffRow]:
+        """The ``reg`` dense model pruned to ``target`` and retrained ``epochs``: its rows before (unless
+        ``curve`` names a single curve) and after retraining."""
+        model, pruner, dropout = self.pruned_copy(reg, target)
+        rows = [] if curve else [self.point(model, pruner, f"{reg}_noretrain", reg, target, 0)]
+        self.retrain(model, pruner, dropout, reg, epochs, seed=self.recipe.seed + 1)
+        return rows + [self.point(model, pruner, curve or f"{reg}_retrain", reg, target, epochs)]
+
+    def point(self, model: nn.Module, pruner: Pruner, curve: str, reg: str, target: float,
+              epochs: int) -> TradeoffRow:
+        acc = evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size)
+        d = self.dense[reg]
+        row = TradeoffRow(self.recipe.model.spec, curve, reg, target, pruned_fraction(pruner), acc["val_acc"],
+                          acc["test_acc"], d.val_acc, d.test_acc, epochs)
+        self.log(f"  {curve:<21} {100 * row.fraction_pruned:6.2f}% pruned  val {row.val_acc:6.2f}% "
+                 f"(loss {row.val_loss_pts:+6.2f})  test {row.test_acc:6.2f}%  [{epochs} retrain epochs]")
+        return row
+
+    def pruned_copy(self, reg: str, fraction: float | None) -> tuple[nn.Module, Pruner, DropoutAdjuster]:
+        """A fresh model holding the ``reg`` dense weights, its pruner and dropout adjuster, pruned to
+        ``fraction`` (None: unpruned)."""
+        recipe = self.recipe
+        # A new model each time: masks, hooks and dropout ratios never leak between points.
+        model = create_model(recipe.model.spec, **recipe.model.arguments()).to(resolve_device(recipe.device))
+        model.load_state_dict(self.dense[reg].state)
+        pruner = Pruner(model)
+        dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the original ratios, D_o
+        if fraction is not None:
+            pruner.prune(prune_criterion(self.criterion, fraction))
+        return model, pruner, dropout
+
+    def retrain(self, model: nn.Module, pruner: Pruner, dropout: DropoutAdjuster, reg: str, epochs: int,
+                seed: int) -> None:
+        """Retrain the survivors with the dense model's regulariser at the recipe's pruning learning rate."""
+        recipe, dense = self.recipe, self.dense[reg]
+        if recipe.prune.adjust_dropout:
+            rows = pruner.summary()
+            dropout.adjust({r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
+        cfg = recipe.retrain_config(epochs, regularization=dense.regularizer, reg_strength=dense.strength)
+        fit(model, self.data.train, self.data.val, cfg, self.norm, FitOptions(
+            seed=seed, pruner=pruner, phase=f"retrain_{dense.regularizer}", batch_size=recipe.data.batch_size,
+            eval_batch_size=recipe.data.eval_batch_size))
 
 
 def pruned_fraction(pruner: Pruner) -> float:
     """Fraction of the pruner's prunable weights that are pruned: ``1 - kept / weights``."""
     return totals(pruner.summary()).pruned_frac
-
-
-def _pruned_copy(
-    recipe: Recipe, dense: DenseModel, criterion: str, fraction: float | None
-) -> tuple[nn.Module, Pruner, DropoutAdjuster]:
-    """A fresh model holding the dense weights, its pruner and dropout adjuster, pruned to ``fraction``.
-
-    ``fraction`` None leaves it unpruned.
-    """
-    # A new model each time: masks, hooks and dropout ratios never leak between points.
-    model = create_model(recipe.model.spec, **recipe.model.arguments()).to(resolve_device(recipe.device))
-    model.load_state_dict(dense.state)
-    pruner = Pruner(model)
-    dropout = DropoutAdjuster(model, [t.layer for t in pruner.targets])  # the original ratios, D_o
-    if fraction is not None:
-        pruner.prune(prune_criterion(criterion, fraction))
-    return model, pruner, dropout
-
-
-def _retrain(
-    model: nn.Module,
-    pruner: Pruner,
-    dropout: DropoutAdjuster,
-    recipe: Recipe,
-    data: DatasetSplits,
-    norm: Normalization,
-    dense: DenseModel,
-    epochs: int,
-    seed: int,
-) -> None:
-    """Retrain the survivors with the dense model's regulariser at the recipe's pruning learning rate."""
-    if recipe.prune.adjust_dropout:
-        rows = pruner.summary()
-        dropout.adjust({r.layer: r.kept for r in rows}, {r.layer: r.weights for r in rows})
-    cfg = recipe.retrain_config(epochs, regularization=dense.regularizer, reg_strength=dense.strength)
-    fit(model, data.train, data.val, cfg, norm, seed=seed, pruner=pruner, phase=f"retrain_{dense.regularizer}",
-        batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size)
-
-
 
 
 # --- tables ---------------------------------------------------------------------------------
@@ -513,7 +506,7 @@ _STYLE: Mapping[str, dict] = {
 }
 
 
-def plot_tradeoff(rows: Sequence[TradeoffRow], path: str | Path, title: str | None = None) -> Path:
+def plot_tradeoff(rows: Sequence[TradeoffRow], path: str | Path | None = None, title: str | None = None):
     """Figure 5: validation accuracy loss against parameters pruned away, a line per curve.
 
     Two panels share the x axis: all five curves on the left; on the right a
@@ -523,19 +516,17 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], path: str | Path, title: str | No
 
     Args:
         rows: from :func:`tradeoff_study` or :func:`read_tradeoff_csv`.
-        path: the PNG file; parent folders are created.
+        path: where to save it as PNG (parent folders are created); None saves nothing.
         title: figure title; default the network name.
 
     Returns:
-        The path written.
+        The matplotlib ``Figure``.
     """
     # Figure without pyplot: no global backend and no GUI, safe on a headless server.
     from matplotlib.figure import Figure
 
     if not rows:
         raise ValueError("plot_tradeoff: no rows to plot")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     by_curve: dict[str, list[TradeoffRow]] = {}
     for r in rows:
         by_curve.setdefault(r.curve, []).append(r)
@@ -560,4 +551,6 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], path: str | Path, title: str | No
     for ax in (ax_all, ax_zoom):
         ax.legend(fontsize=8, loc="lower left", handlelength=3.5)  # long enough to show dashed vs solid
     fig.suptitle(title or rows[0].network)
-    return save_figure(fig, path, dpi=90)
+    if path is not None:
+        save_figure(fig, path, dpi=90)
+    return fig

@@ -13,8 +13,17 @@ model whose outputs equal the pruned model's; ``sparse=True`` gives its pruned
 layers sparse kernels (:mod:`prunet.sparse.modules`).
 
 Example:
-    >>> export("runs/lenet300_fashion", "lenet.prunet")
-    >>> model = load("lenet.prunet")
+    >>> from prunet import Pruner, Sparsity, create_model
+    >>> from prunet.checkpoint import save_checkpoint
+    >>> model = create_model("lenet_300_100")
+    >>> _ = Pruner(model).prune(Sparsity(0.9))
+    >>> _ = save_checkpoint("lenet.safetensors", model, {"model": "lenet_300_100"})
+    >>> done = export("lenet.safetensors", "lenet.prunet")  # or a run folder: its final.safetensors
+    >>> done.ratio > 5
+    True
+    >>> x = torch.randn(2, 1, 28, 28)
+    >>> torch.allclose(load("lenet.prunet")(x), model(x), atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -213,7 +222,7 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
         import onnx  # noqa: F401  (torch.onnx needs it; a clear message when it is missing)
     except ImportError:
         raise ExportError("--format onnx needs the onnx package: pip install 'prunet[onnx]'") from None
-    shape = _input_shape(meta)
+    shape = _recorded_input_shape(meta)
     if shape is None:
         raise ExportError("--format onnx: the checkpoint names neither a registry model nor its input shape")
     example = torch.zeros(1, *shape)
@@ -273,7 +282,7 @@ def load(
         raise CompactFileError(f"{path} does not exist")
     plain, meta = _load_plain(path, model, trust_factory)
     plain.eval()
-    shape = _input_shape(meta)
+    shape = _recorded_input_shape(meta)
     _check_runs(plain, shape, path)
     if not sparse:
         return plain
@@ -330,7 +339,7 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _input_shape(meta: dict[str, Any]) -> list[int] | None:
+def _recorded_input_shape(meta: dict[str, Any]) -> list[int] | None:
     """One example's shape: recorded by the run (every model), else the registry's (its own models)."""
     if meta.get("input_shape"):
         return list(meta["input_shape"])
