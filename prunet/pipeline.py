@@ -148,6 +148,9 @@ def _device(recipe: Recipe, ranks: Ranks) -> torch.device:
     device = resolve_device(recipe.device, local_rank=ranks.local_rank if ranks.distributed else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # cuDNN's fastest convolution algorithms sum in a varying order: a resumed run would not end
+        # bit-identical to one never stopped (nor one run to the next).
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         if recipe.train.amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise ConfigError(f"train.amp: bf16 needs a GPU that computes in bfloat16, and {device} "
                               f"({torch.cuda.get_device_name(device)}) does not; use fp16")

@@ -32,6 +32,7 @@ RECIPE = {
     "name": "ddp",
     "seed": 0,
     "threads": 1,
+    "device": "cpu",  # gloo on the CPU: the same test on a machine with one GPU (two ranks cannot share it)
     "model": {"name": "lenet_300_100"},
     "data": {"dataset": "fashion-mnist", "data_dir": str(REAL_FASHION), "train_subset": 3000, "val_size": 1000,
              "batch_size": 64, "eval_batch_size": 500},
@@ -217,7 +218,7 @@ def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_
     from prunet.train import Normalization, evaluate
 
     example = ROOT / "examples" / "resnet.py"
-    recipe = {"name": "bn", "seed": 0, "threads": 1,
+    recipe = {"name": "bn", "seed": 0, "threads": 1, "device": "cpu",
               "model": {"factory": f"{example}:resnet", "kwargs": {"depth": 8, "width": 8, "num_classes": 4}},
               "data": {"factory": f"{example}:synthetic_splits",
                        "kwargs": {"n_train": 512, "n_val": 128, "n_test": 128, "size": 12},

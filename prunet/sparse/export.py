@@ -358,10 +358,13 @@ def _header_model(path: Path, meta: dict[str, Any], trust: Trust) -> nn.Module:
     if not name:
         raise CompactFileError(f"{path} names no registry model; pass the model: load(path, model=...)")
     check_trusted(name, trust, str(path))
+    kwargs = meta.get("model_kwargs", {})
     try:
-        return create_model(name, **meta.get("model_kwargs", {}))
-    except (ValueError, TypeError) as e:
-        raise CompactFileError(f"{path}: {e}") from None
+        return create_model(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, MemoryError, OverflowError) as e:
+        # torch's argument errors run over many lines; the first says what is wrong
+        raise CompactFileError(f"{path}: cannot build {name} {kwargs} "
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 @dataclass
