@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 import prunet.phases
 import prunet.pipeline
-import prunet.runfolder
 from prunet.checkpoint import CheckpointError
 from prunet.cli import main
 from prunet.config import recipe_from_dict
@@ -98,7 +97,7 @@ def stop_at_save(mp: pytest.MonkeyPatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(obj, f, *args, **kwargs)
 
-    mp.setattr(prunet.runfolder.torch, "save", dying_save)
+    mp.setattr(torch, "save", dying_save)
 
 
 # Resume points: 1 the start, 2-3 dense epochs, 4 dense done, 5-6 round 1's epochs, 7 round 1 done,

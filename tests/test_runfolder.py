@@ -167,7 +167,7 @@ def test_a_killed_replacement_is_undone_by_the_next_run(tmp_path):
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
     folder = RunFolder.create(tmp_path / "run", overwrite=True)
     folder.write_text("round1.safetensors", "partial")
-    folder._unlock_run()  # as if the process were killed: no commit, no abandon
+    folder.lock.release()  # as if the process were killed (the kernel drops its lock): no commit, no abandon
     with pytest.raises(RunError, match="already holds a run"):  # the earlier run is back, and protected
         RunFolder.create(tmp_path / "run")
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
@@ -195,7 +195,7 @@ def visible(folder):
 def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path, monkeypatch):
     a_run(tmp_path / "run")
     before = visible(tmp_path / "run")
-    real_replace, calls = F.os.replace, []
+    real_replace, calls = os.replace, []
 
     def third_fails(src, dst):
         calls.append(src)
@@ -203,7 +203,7 @@ def test_an_interrupt_while_moving_the_earlier_run_aside_loses_nothing(tmp_path,
             raise KeyboardInterrupt  # Ctrl-C: the files moved so far are put back at once
         return real_replace(src, dst)
 
-    monkeypatch.setattr(F.os, "replace", third_fails)
+    monkeypatch.setattr(os, "replace", third_fails)
     with pytest.raises(KeyboardInterrupt):
         RunFolder.create(tmp_path / "run", overwrite=True)
     monkeypatch.undo()

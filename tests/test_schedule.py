@@ -143,7 +143,6 @@ def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_dat
     assert whole["compression"] == pytest.approx(12, rel=0.01)
     assert whole["rounds"][0]["criterion"] == "gradual sparsity"
 
-    import prunet.runfolder
     real, calls = torch.save, {"n": 0}
 
     def dying(obj, f, *args, **kwargs):  # the resume point after the gradual phase's first epoch dies
@@ -153,7 +152,7 @@ def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_dat
         return real(obj, f, *args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(prunet.runfolder.torch, "save", dying)
+        mp.setattr(torch, "save", dying)
         with pytest.raises(KeyboardInterrupt):
             run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "stopped", log=lambda line: None)
     resumed = resume(tmp_path / "stopped", log=lambda line: None)
