@@ -105,7 +105,7 @@ def call_factory(spec: str, kwargs: dict[str, Any], field: str = "factory") -> A
         return fn(**kwargs)
     except KeyboardInterrupt:
         raise
-    except BaseException as e:  # the user's code (SystemExit and other BaseExceptions included): any error is theirs, told with where it came from
+    except BaseException as e:  # the user's code, sys.exit included: its error is told with where it came from
         detail = str(e).splitlines()[0] if str(e) else ""
         raise FactoryError(f"{field}: {spec}({_kwargs(kwargs)}) raised {type(e).__name__}"
                            f"{f': {detail}' if detail else ''}") from e

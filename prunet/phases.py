@@ -100,7 +100,7 @@ class RunState:
         """The saved training state of ``phase``, if the run stopped inside it."""
         return self.fit if self.fit_phase == phase else None
 
-    def save(self, folder: F.RunFolder, fit: dict[str, Any] | None = None, phase: str | None = None) -> None:
+    def save(self, folder: F.Folder, fit: dict[str, Any] | None = None, phase: str | None = None) -> None:
         """Write a resume point: this state, with ``fit`` the training phase in progress (if any)."""
         self.fit, self.fit_phase = fit, phase
         folder.save_progress({
@@ -206,7 +206,7 @@ class RunContext:
         summary: ``summary.json`` as the phases after the rounds build it.
     """
 
-    def __init__(self, state: RunState, data: DatasetSplits, folder: F.RunFolder, log: Log, ranks: Ranks,
+    def __init__(self, state: RunState, data: DatasetSplits, folder: F.Folder, log: Log, ranks: Ranks,
                  started: float):
         self.recipe, self.state, self.data, self.folder, self.log = state.recipe, state, data, folder, log
         self.ranks, self.started = ranks, started

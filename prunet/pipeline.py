@@ -187,7 +187,7 @@ def _example_shape(data: DatasetSplits) -> list[int]:
     return list(x.shape[1:])
 
 
-def _guarded(folder: F.RunFolder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _guarded(folder: F.Folder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body`` in ``folder``: commit when it finishes, abandon (and say what is left) when it does not."""
     try:
         summary = body()
