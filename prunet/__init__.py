@@ -53,14 +53,20 @@ __all__ = [
     "threshold_mask",
     "export",
     "load",
+    "save",
 ]
 
 # Loaded on first use: the sparse package brings checkpoints, data and training with it, which
 # `import prunet.layers` or `import prunet.criteria` must not load.
-_LAZY = {"export": "prunet.sparse", "load": "prunet.sparse"}
+_LAZY = {"export": "prunet.sparse", "load": "prunet.sparse", "save": "prunet.sparse"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'prunet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Exactly the public API (``__all__``): what ``dir(prunet)`` and tab completion show."""
+    return sorted(__all__)

@@ -41,7 +41,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         path: destination, conventionally ``*.safetensors``.
         model: the model (masks are saved with it).
         meta: JSON-serialisable metadata; ``model`` (name) and ``model_kwargs`` let
-            :func:`load_model` rebuild it.
+            :func:`load_checkpoint` rebuild it.
     """
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, meta
 
 
-def load_model(path: str | Path, trust_factory: Trust = False) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
+def load_checkpoint(path: str | Path, trust_factory: Trust = False) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
     """Rebuild the model of a checkpoint, with its masks if it has any.
 
     Args:

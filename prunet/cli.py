@@ -26,7 +26,7 @@ from prunet.analysis.tradeoff import (
     tradeoff_study,
     write_tradeoff_csv,
 )
-from prunet.checkpoint import CheckpointError, load_model
+from prunet.checkpoint import CheckpointError, load_checkpoint
 from prunet.checks import check_model_fits_data, model_data_mismatch
 from prunet.config import ConfigError, load_recipe, parse_override
 from prunet.criteria import criteria_names
@@ -125,7 +125,7 @@ def _model_and_data(args: argparse.Namespace, checkpoint: Path, recipe=None):
             recipe.check_trusted(args.trust_factory, source)
     trust = True if args.trust_factory else recipe.factories()  # a config.yaml's are checked just above
     device = resolve_device(recipe.device, "--device")
-    model, _, _ = load_model(checkpoint, trust)
+    model, _, _ = load_checkpoint(checkpoint, trust)
     data = load_data(recipe.data)
     model.to(device)
     check_model_fits_data(recipe, model, data)
@@ -140,18 +140,18 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise UsageError(f"--values takes numbers separated by commas, got {args.values!r}") from None
     if not args.max_drop >= 0:
         raise UsageError(f"--max-drop takes a number of points >= 0, got {args.max_drop}")
-    target = Path(args.target)
-    if target.suffix in (".yaml", ".yml"):
-        recipe = _recipe(args, target)
+    source = Path(args.source)
+    if source.suffix in (".yaml", ".yml"):
+        recipe = _recipe(args, source)
         out = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
         checkpoint = out / "dense.safetensors"
         if not checkpoint.is_file():
             print(f"no {checkpoint}: training the dense model first")
             run(recipe.dense_only(), run_dir=out)
     else:
-        checkpoint = target
+        checkpoint = source
         if not checkpoint.is_file():
-            raise UsageError(f"{target} is neither a recipe (.yaml) nor an existing checkpoint")
+            raise UsageError(f"{source} is neither a recipe (.yaml) nor an existing checkpoint")
         out = Path(args.run_dir) if args.run_dir else checkpoint.parent
         recipe = None
     recipe, model, data = _model_and_data(args, checkpoint, recipe)
@@ -333,7 +333,7 @@ def _tradeoff_parser(sub) -> None:
 
 def _sensitivity_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="prune each layer alone over a range of thresholds, no retraining (Fig. 6)")
-    p.add_argument("target", metavar="RECIPE|CHECKPOINT",
+    p.add_argument("source", metavar="RECIPE|CHECKPOINT",
                    help="a recipe (uses its run folder's dense.safetensors, trained first if missing) or a checkpoint")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set data.val_size=2000 (repeatable)")

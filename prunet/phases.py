@@ -41,7 +41,7 @@ from prunet.regularize import DropoutAdjuster
 from prunet.schedule import PruningSchedule
 from prunet.share import share, shared_layers, unshare
 from prunet.sparse import export
-from prunet.sparse.export import write_model
+from prunet.sparse.export import save_compact
 from prunet.train import EpochRecord, FitOptions, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -503,7 +503,7 @@ def write_shared(path: str | Path, shared_model: nn.Module, meta: dict[str, Any]
     shared_model = shared_model.cpu()
     layers = shared_layers(shared_model)
     unshare(shared_model)
-    path = write_model(path, shared_model, meta, keep={k: v.bool().cpu() for k, v in masks.items()}, shared=layers)
+    path = save_compact(path, shared_model, meta, keep={k: v.bool().cpu() for k, v in masks.items()}, shared=layers)
     return path, layers
 
 

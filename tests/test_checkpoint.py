@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from prunet import Pruner, Sparsity, Threshold
-from prunet.checkpoint import CheckpointError, load_model, load_state, read_checkpoint, save_checkpoint
+from prunet.checkpoint import CheckpointError, load_checkpoint, load_state, read_checkpoint, save_checkpoint
 from prunet.models import create_model
 
 META = {"model": "lenet_300_100", "model_kwargs": {}}
@@ -25,7 +25,7 @@ def outputs(model: nn.Module, seed: int = 0) -> torch.Tensor:
 def test_plain_model_round_trip(lenet, tmp_path):
     model = lenet()
     path = save_checkpoint(tmp_path / "dense.safetensors", model, {**META, "phase": "dense"})
-    loaded, pruner, meta = load_model(path)
+    loaded, pruner, meta = load_checkpoint(path)
     assert pruner is None
     assert meta == {**META, "phase": "dense"}
     assert torch.equal(outputs(loaded), outputs(model))
@@ -38,7 +38,7 @@ def test_masked_model_round_trip(tmp_path):
     pruner = Pruner(model)
     pruner.prune(Sparsity({"conv": 0.5, "fc": 0.9}))
     path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "lenet_5", "model_kwargs": {}})
-    loaded, loaded_pruner, _ = load_model(path)
+    loaded, loaded_pruner, _ = load_checkpoint(path)
     assert torch.equal(outputs(loaded), outputs(model))
     assert loaded_pruner.compression() == pruner.compression()
     assert set(loaded.state_dict()) == set(model.state_dict())
@@ -52,7 +52,7 @@ def test_model_kwargs_are_used(tmp_path):
     path = save_checkpoint(
         tmp_path / "c.safetensors", model, {"model": "lenet_300_100", "model_kwargs": {"num_classes": 4, "dropout": 0.3}}
     )
-    loaded, _, _ = load_model(path)
+    loaded, _, _ = load_checkpoint(path)
     assert loaded.fc3.out_features == 4
     assert loaded.drop1.p == 0.3
     assert torch.equal(outputs(loaded), outputs(model))
@@ -63,7 +63,7 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(lenet, tmp_path):
     save_checkpoint(path, lenet(seed=0), META)
     save_checkpoint(path, lenet(seed=1), META)
     assert [p.name for p in path.parent.iterdir()] == ["c.safetensors"]
-    assert torch.equal(outputs(load_model(path)[0]), outputs(lenet(seed=1)))
+    assert torch.equal(outputs(load_checkpoint(path)[0]), outputs(lenet(seed=1)))
 
 
 def test_failed_save_keeps_the_previous_checkpoint(lenet, tmp_path):
@@ -79,7 +79,7 @@ def test_failed_save_keeps_the_previous_checkpoint(lenet, tmp_path):
 def test_missing_file_names_the_path(tmp_path):
     path = tmp_path / "absent.safetensors"
     with pytest.raises(CheckpointError, match=f"{path}.*does not exist"):
-        load_model(path)
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -93,7 +93,7 @@ def test_corrupt_file_names_the_path(lenet, tmp_path, damage):
     else:
         path.write_bytes(b"")
     with pytest.raises(CheckpointError) as err:
-        load_model(path)
+        load_checkpoint(path)
     message = str(err.value)
     assert str(path) in message and "corrupt" in message and "\n" not in message
 
@@ -108,13 +108,13 @@ def test_unreadable_metadata(tmp_path):
 def test_checkpoint_without_model_name(lenet, tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", lenet(), {})
     with pytest.raises(CheckpointError, match=f"{path}.*which model"):
-        load_model(path)
+        load_checkpoint(path)
 
 
 def test_checkpoint_of_unknown_model(lenet, tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", lenet(), {"model": "resnet"})
     with pytest.raises(CheckpointError, match=f"{path}.*unknown model 'resnet'"):
-        load_model(path)
+        load_checkpoint(path)
 
 
 def test_state_that_does_not_fit(lenet, tmp_path):
@@ -138,7 +138,7 @@ def shrunken_lenet(seed: int = 0) -> nn.Sequential:
 def test_shrunken_model_loads_via_resize(tmp_path):
     model = shrunken_lenet()
     path = save_checkpoint(tmp_path / "small.safetensors", model, META)
-    loaded, pruner, _ = load_model(path)
+    loaded, pruner, _ = load_checkpoint(path)
     assert pruner is None
     assert (loaded.fc1.out_features, loaded.fc2.in_features) == (200, 200)
     assert loaded.fc1.weight.shape == (200, 784)
@@ -151,7 +151,7 @@ def test_shrunken_and_masked_model_loads(tmp_path):
     pruner = Pruner(model)
     pruner.prune(Threshold(1.0))
     path = save_checkpoint(tmp_path / "small.safetensors", model, META)
-    loaded, loaded_pruner, _ = load_model(path)
+    loaded, loaded_pruner, _ = load_checkpoint(path)
     assert loaded_pruner.masks["fc1.weight"].shape == (200, 784)
     assert torch.equal(loaded_pruner.masks["fc1.weight"], pruner.masks["fc1.weight"])
     assert torch.equal(outputs(loaded), outputs(model))
@@ -163,7 +163,7 @@ def test_shrunken_conv_model_loads(tmp_path):
     model.conv2 = nn.Conv2d(20, 30, 5)
     model.fc1 = nn.Linear(30 * 16, 500)
     path = save_checkpoint(tmp_path / "small.safetensors", model, {"model": "lenet_5"})
-    loaded, _, _ = load_model(path)
+    loaded, _, _ = load_checkpoint(path)
     assert (loaded.conv2.out_channels, loaded.fc1.in_features) == (30, 480)
     assert torch.equal(outputs(loaded), outputs(model))
 
@@ -184,7 +184,7 @@ def test_a_mask_for_a_parameter_the_model_lacks_is_a_checkpoint_error(tmp_path):
     state["fc9.weight_mask"] = torch.ones(3, 3, dtype=torch.bool)
     save_file(state, str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps({"model": "lenet_300_100"})})
     with pytest.raises(CheckpointError, match=r"masks for parameters lenet_300_100 does not have \(fc9\.weight\)"):
-        load_model(tmp_path / "c.safetensors")
+        load_checkpoint(tmp_path / "c.safetensors")
 
 
 def test_a_model_too_big_to_build_is_a_checkpoint_error(tmp_path):
@@ -192,4 +192,4 @@ def test_a_model_too_big_to_build_is_a_checkpoint_error(tmp_path):
     meta = {"model": "lenet_300_100", "model_kwargs": {"num_classes": 10**12}}
     save_file(dict(state), str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps(meta)})
     with pytest.raises(CheckpointError, match=r"model_kwargs.num_classes: 1000000000000 is not a whole number"):
-        load_model(tmp_path / "c.safetensors")
+        load_checkpoint(tmp_path / "c.safetensors")

@@ -35,7 +35,7 @@ from prunet.models import create_model
 from prunet.share import share, unshare
 from prunet.sparse import CompactFileError, huffman
 from prunet.sparse.compact import _META_KEY, _checksum, read_header
-from prunet.sparse.export import write_model
+from prunet.sparse.export import save_compact
 from prunet.sparse.modules import sparsify
 
 META = {"model": "lenet_300_100", "model_kwargs": {"num_classes": 10, "dropout": 0.0}, "input_shape": [1, 28, 28],
@@ -54,7 +54,7 @@ def base(tmp_path_factory) -> Path:
     plain = baked_copy(model).eval()
     shared = share(plain, {"fc2": 4}, masks=keep)
     unshare(plain)
-    return write_model(tmp_path_factory.mktemp("base") / "base.prunet", plain, META, keep=keep, shared=shared)
+    return save_compact(tmp_path_factory.mktemp("base") / "base.prunet", plain, META, keep=keep, shared=shared)
 
 
 def header_of(path: Path) -> dict[str, Any]:

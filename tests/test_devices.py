@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from prunet import Pruner, Threshold
-from prunet.checkpoint import load_model
+from prunet.checkpoint import load_checkpoint
 from prunet.cli import main
 from prunet.config import ConfigError, TrainConfig, recipe_from_dict
 from prunet.devices import DeviceError, resolve_device
@@ -108,8 +108,8 @@ def test_an_fp16_run_resumes_with_its_gradient_scaler(tmp_path, tiny_recipe, fas
         pipeline.run(recipe, run_dir=tmp_path / "stopped", log=lambda s: None)
     monkeypatch.setattr(runfolder.RunFolder, "save_progress", real)
     pipeline.resume(tmp_path / "stopped", log=lambda s: None)
-    a, _, _ = load_model(tmp_path / "whole" / "final.safetensors")
-    b, _, _ = load_model(tmp_path / "stopped" / "final.safetensors")
+    a, _, _ = load_checkpoint(tmp_path / "whole" / "final.safetensors")
+    b, _, _ = load_checkpoint(tmp_path / "stopped" / "final.safetensors")
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -124,7 +124,7 @@ def test_a_run_on_cuda_writes_checkpoints_that_load_on_the_cpu(tmp_path, capsys,
     run_dir = tmp_path / "runs" / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["compression"] > 1.5 and summary["final"]["val_acc"] > 50.0
-    model, pruner, _ = load_model(run_dir / "final.safetensors")  # on the CPU
+    model, pruner, _ = load_checkpoint(run_dir / "final.safetensors")  # on the CPU
     assert next(model.parameters()).device.type == "cpu"
     for t in pruner.targets:
         assert torch.all(t.module.weight[t.mask == 0] == 0)

@@ -212,7 +212,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_path):
     """Batch-norm statistics are rank 0's on every rank before evaluation: the reported accuracy is the saved model's."""
-    from prunet.checkpoint import load_model
+    from prunet.checkpoint import load_checkpoint
     from prunet.config import recipe_from_dict
     from prunet.data import load_data
     from prunet.train import Normalization, evaluate
@@ -228,7 +228,7 @@ def test_a_factory_resnet_with_batch_norm_evaluates_as_its_saved_checkpoint(tmp_
     path = write(tmp_path, recipe)
     launch(torchrun("run", str(path), "--run-dir", str(tmp_path / "bn")), tmp_path)
     summary = json.loads((tmp_path / "bn" / "summary.json").read_text())
-    model, _, _ = load_model(tmp_path / "bn" / "final.safetensors", trust_factory=True)
+    model, _, _ = load_checkpoint(tmp_path / "bn" / "final.safetensors", trust_factory=True)
     data = load_data(recipe_from_dict(recipe).data)
     val_loss, val_acc = evaluate(model, data.val, Normalization(data.mean, data.std), 64)
     assert val_acc == summary["final"]["val_acc"]

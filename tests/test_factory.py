@@ -16,7 +16,7 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from prunet import sparse
-from prunet.checkpoint import load_model
+from prunet.checkpoint import load_checkpoint
 from prunet.cli import main
 from prunet.config import ConfigError, recipe_from_dict, set_dotted
 from prunet.data import Split, head, load_data, loader
@@ -72,8 +72,8 @@ def test_a_factory_model_and_dataset_run_through_run_sensitivity_and_report(tmp_
 
     # The checkpoint records the factory and rebuilds the model through it, masks exact: once trusted.
     with pytest.raises(UntrustedFactoryError, match="--trust-factory"):
-        load_model(run_dir / "final.safetensors")
-    model, pruner, meta = load_model(run_dir / "final.safetensors", trust_factory=True)
+        load_checkpoint(run_dir / "final.safetensors")
+    model, pruner, meta = load_checkpoint(run_dir / "final.safetensors", trust_factory=True)
     assert type(model).__name__ == "ResNet" and meta["model"] == recipe["model"]["factory"]
     assert meta["model_kwargs"] == recipe["model"]["kwargs"] and meta["input_shape"] == [1, 12, 12]
     for t in pruner.targets:
@@ -133,8 +133,8 @@ def test_a_factory_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     resumed = pipeline.resume(tmp_path / "stopped", trust_factory=True, log=lambda s: None)
     assert resumed["weights_kept"] == whole["weights_kept"]
     assert resumed["final"] == whole["final"]
-    a, _, _ = load_model(tmp_path / "whole" / "final.safetensors", trust_factory=True)
-    b, _, _ = load_model(tmp_path / "stopped" / "final.safetensors", trust_factory=True)
+    a, _, _ = load_checkpoint(tmp_path / "whole" / "final.safetensors", trust_factory=True)
+    b, _, _ = load_checkpoint(tmp_path / "stopped" / "final.safetensors", trust_factory=True)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -292,7 +292,7 @@ def test_a_relative_factory_path_works_from_any_folder_later(tmp_path, monkeypat
     run_dir = tmp_path / "runs" / "toy"
     monkeypatch.chdir(tmp_path)
     assert main(["report", str(run_dir), "--trust-factory"]) == 0
-    model, _, meta = load_model(run_dir / "final.safetensors", trust_factory=True)
+    model, _, meta = load_checkpoint(run_dir / "final.safetensors", trust_factory=True)
     assert meta["model"] == f"{EXAMPLE}:resnet" and type(model).__name__ == "ResNet"
     assert type(sparse.load(run_dir / "final.prunet", trust_factory=True)).__name__ == "ResNet"
 
@@ -401,7 +401,7 @@ def user_recipe(tmp_path: Path, model: str = "tied", labels: str = "good") -> di
 def test_a_model_with_a_tied_weight_runs_saves_and_reloads_with_the_tie(tmp_path):
     assert main(["run", str(write(tmp_path, user_recipe(tmp_path)))]) == 0
     run_dir = tmp_path / "runs" / "user"
-    model, pruner, _ = load_model(run_dir / "final.safetensors", trust_factory=True)
+    model, pruner, _ = load_checkpoint(run_dir / "final.safetensors", trust_factory=True)
     assert model.proj2.weight is model.proj.weight  # one parameter, one mask
     assert [t.layer for t in pruner.targets] == ["head", "proj", "inp"]
     x = torch.randn(3, 1, 12, 12)

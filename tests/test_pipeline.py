@@ -17,7 +17,7 @@ from conftest import REAL_FASHION, TINY_RECIPE, cached_load_dataset, use_data_ca
 import prunet.phases
 import prunet.pipeline
 from prunet.analysis.sensitivity import SensitivityRow, write_sensitivity_csv
-from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
+from prunet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from prunet.config import ConfigError, load_recipe, recipe_from_dict
 from prunet.data import DataError
 from prunet.pipeline import run
@@ -122,7 +122,7 @@ def test_final_is_the_last_round_and_its_accuracy_is_reported(base_run):
     final, _ = read_checkpoint(folder / "final.safetensors")
     last, _ = read_checkpoint(folder / "round2.safetensors")
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
-    model, pruner, meta = load_model(folder / "final.safetensors")
+    model, pruner, meta = load_checkpoint(folder / "final.safetensors")
     assert meta["phase"] == "final" and meta["model"] == "lenet_300_100"
     full = cached_load_dataset("fashion-mnist", data_dir=data["data"]["data_dir"], val_size=500, seed=0)
     _, test_acc = evaluate(model, full.test, Normalization(full.mean, full.std))
@@ -131,8 +131,8 @@ def test_final_is_the_last_round_and_its_accuracy_is_reported(base_run):
 
 def test_final_shrunk_computes_what_final_computes(base_run):
     _, folder, summary = base_run
-    final, _, _ = load_model(folder / "final.safetensors")
-    small, _, meta = load_model(folder / "final_shrunk.safetensors")
+    final, _, _ = load_checkpoint(folder / "final.safetensors")
+    small, _, meta = load_checkpoint(folder / "final_shrunk.safetensors")
     assert meta["phase"] == "final_shrunk"
     assert sum(p.numel() for p in small.parameters()) == summary["neurons"]["params_after"]
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -166,7 +166,7 @@ def test_dropout_adjusted_while_retraining(tiny_recipe, fast_data, tmp_path):
         "drop1": pytest.approx(0.5 * (kept["fc2"] / 30_000) ** 0.5),
         "drop2": pytest.approx(0.5 * (kept["fc3"] / 1000) ** 0.5),
     }
-    model, _, _ = load_model(folder / "final.safetensors")  # rebuilt with the recipe's ratio
+    model, _, _ = load_checkpoint(folder / "final.safetensors")  # rebuilt with the recipe's ratio
     assert (model.drop1.p, model.drop2.p) == (0.5, 0.5)
 
 
@@ -315,7 +315,7 @@ def test_the_recipe_seed_fixes_the_initial_model(tiny_recipe, fast_data, tmp_pat
 
 def test_the_compact_file_is_the_final_model_and_smaller(base_run):
     _, folder, summary = base_run
-    final, _, _ = load_model(folder / "final.safetensors")
+    final, _, _ = load_checkpoint(folder / "final.safetensors")
     compact = load(folder / "final.prunet")
     x = torch.randn(16, 1, 28, 28)
     assert (compact(x) - final.eval()(x)).abs().max() <= 1e-6
@@ -361,8 +361,8 @@ def test_a_diverging_round_stops_the_ladder_and_keeps_the_last_good_round(tiny_r
     assert [r["accepted"] for r in summary["rounds"]] == [True, False]
     assert "round 2: train.lr: the training loss became nan" in summary["stopped"] or \
         "round 2: train.lr: the training loss became inf" in summary["stopped"]
-    round1, _, _ = load_model(tmp_path / "nan" / "round1.safetensors")
-    final, _, _ = load_model(tmp_path / "nan" / "final.safetensors")
+    round1, _, _ = load_checkpoint(tmp_path / "nan" / "round1.safetensors")
+    final, _, _ = load_checkpoint(tmp_path / "nan" / "final.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(round1.state_dict().values(), final.state_dict().values()))
 
 
@@ -398,7 +398,7 @@ def test_target_rounds_take_relative_qualities_from_the_sensitivity_analysis(bas
     summary = run_recipe(data, tmp_path / "sens")
     recipe = recipe_from_dict(data)
     split = load_data(recipe.data)
-    dense, _, _ = load_model(base_folder / "dense.safetensors")  # the same dense model: same seed and data
+    dense, _, _ = load_checkpoint(base_folder / "dense.safetensors")  # the same dense model: same seed and data
     proposal = propose_qualities(sensitivity(dense, split.val, Normalization(split.mean, split.std), progress=False),
                                  2.0)
     for r, target in zip(summary["rounds"], (3, 6)):

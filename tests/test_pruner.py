@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import prunet
 from prunet import GlobalMagnitude, Pruner, Sparsity, Threshold
-from prunet.checkpoint import load_model, save_checkpoint
+from prunet.checkpoint import load_checkpoint, save_checkpoint
 from prunet.models import create_model
 from prunet.criteria import Criterion
 
@@ -356,7 +356,7 @@ def test_kept_count_exact_for_a_layer_larger_than_float32_counts():
 
 
 def test_second_pruner_on_the_same_model_then_bake(lenet, mnist_batch):
-    """E.g. ``model, pruner, _ = load_model(path)`` and then ``Pruner(model)`` as the docstring suggests."""
+    """E.g. ``model, pruner, _ = load_checkpoint(path)`` and then ``Pruner(model)`` as the docstring suggests."""
     model = lenet()
     Pruner(model).prune(Threshold(1.0))
     again = Pruner(model)  # the masks are found and kept
@@ -404,7 +404,7 @@ def test_reload_into_fresh_model_with_optimizer_state(lenet, opt_name, mode):
 def test_reload_through_checkpoint_then_train(lenet, tmp_path):
     model, _, pruner = pruned_and_trained(lenet)
     path = save_checkpoint(tmp_path / "pruned.safetensors", model, {"model": "lenet_300_100", "model_kwargs": {}})
-    loaded, loaded_pruner, meta = load_model(path)
+    loaded, loaded_pruner, meta = load_checkpoint(path)
     assert meta["model"] == "lenet_300_100"
     assert [t.param for t in loaded_pruner.targets] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert all(torch.equal(loaded_pruner.masks[k], m) for k, m in pruner.masks.items())

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import prunet
+from prunet.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,15 +26,20 @@ def test_the_readme_has_a_python_example():
 def test_readme_python_examples_run(tmp_path, monkeypatch, mnist_batch):
     # The blocks run in order in one namespace, as a reader would type them.
     first, *rest = python_blocks()
-    monkeypatch.chdir(tmp_path)  # the first saves pruned.pt
+    monkeypatch.chdir(tmp_path)  # the first saves pruned.safetensors
     namespace = {"loader": [mnist_batch(8, seed=i) for i in range(3)]}  # "your loop" needs batches
     exec(compile(first, str(README), "exec"), namespace)
     pruner, model = namespace["pruner"], namespace["model"]
-    # What the example promises: masks in the saved state, pruned weights zero, same outputs after bake.
-    saved = torch.load(tmp_path / "pruned.pt")
-    pruned = saved["fc1.weight_mask"] == 0
+    # What the example promises: masks in the saved file, pruned weights zero, same outputs after bake,
+    # and the file is one the command line reads (prunet export).
+    saved = load_file(tmp_path / "pruned.safetensors")
+    pruned = ~saved["fc1.weight_mask"]
     assert pruned.any() and (saved["fc1.weight"][pruned] == 0).all()
     assert namespace["plain"] is model and pruner.targets == []
+    assert main(["export", str(tmp_path / "pruned.safetensors"), "-o", str(tmp_path / "pruned.prunet")]) == 0
+    x = mnist_batch(4)[0]
+    with torch.no_grad():
+        assert torch.allclose(prunet.load(tmp_path / "pruned.prunet")(x), model(x), atol=1e-6)
 
     monkeypatch.chdir(README.parent)  # the others name files of the repository
     for code in rest:

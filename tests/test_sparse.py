@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import prunet
 from prunet import Pruner, Sparsity
-from prunet.checkpoint import save_checkpoint
+from prunet.checkpoint import load_checkpoint, save_checkpoint
 from prunet.masks import set_mask
 from prunet.models import create_model, get_model_info
 from prunet.sparse import (
@@ -314,3 +314,29 @@ def test_export_refuses_to_overwrite_its_source(tmp_path):
         export(tmp_path, tmp_path / "final.safetensors", format="safetensors")
     with pytest.raises(ExportError, match="is a folder"):
         export(tmp_path, tmp_path)
+
+
+def test_save_then_load_is_a_pair_that_keeps_masks_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    pruner.prune(Sparsity(0.9))
+    x = torch.randn(3, 1, 28, 28)
+    path = prunet.save(model, tmp_path / "m.safetensors", {"model": "lenet_300_100"})
+    with torch.no_grad():
+        for back in (prunet.load(path), prunet.load(path, model=create_model("lenet_300_100"))):
+            assert torch.equal(back(x), model(x))
+    _, reloaded, _ = load_checkpoint(path)  # the masks themselves are in the file, to go on training with
+    assert {k: torch.equal(m, reloaded.masks[k]) for k, m in pruner.masks.items()} == dict.fromkeys(pruner.masks, True)
+    # Without a registry name in its metadata, the file loads into the user's own module only.
+    bare = prunet.save(model, tmp_path / "bare.safetensors")
+    with pytest.raises(CompactFileError, match="does not say which model"):
+        prunet.load(bare)
+    with torch.no_grad():
+        assert torch.equal(prunet.load(bare, model=create_model("lenet_300_100"))(x), model(x))
+
+
+def test_dir_of_prunet_is_its_public_api_and_every_name_resolves():
+    assert dir(prunet) == sorted(prunet.__all__)
+    assert all(getattr(prunet, name) is not None for name in prunet.__all__)
+    assert {"save", "load", "export", "Pruner"} <= set(dir(prunet))

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import prunet
-from prunet.checkpoint import load_model
+from prunet.checkpoint import load_checkpoint
 from prunet.cli import main
 from prunet.config import recipe_from_dict
 from prunet.factory import UntrustedFactoryError
@@ -160,8 +160,8 @@ def test_the_python_api_runs_nothing_without_trust(evil_run):
     run_dir, marker = evil_run
     for call in (lambda: prunet.load(run_dir / "final.prunet"),
                  lambda: prunet.load(run_dir / "final.safetensors", sparse=True),
-                 lambda: load_model(run_dir / "final.safetensors"),
-                 lambda: load_model(run_dir / "final.safetensors", trust_factory=["mypkg.nets:resnet"]),
+                 lambda: load_checkpoint(run_dir / "final.safetensors"),
+                 lambda: load_checkpoint(run_dir / "final.safetensors", trust_factory=["mypkg.nets:resnet"]),
                  lambda: Run(run_dir).recipe,
                  lambda: prunet.export(run_dir, run_dir.parent / "x.prunet")):
         with pytest.raises(UntrustedFactoryError, match="subprocess:run"):

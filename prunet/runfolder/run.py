@@ -11,7 +11,7 @@ from typing import Any
 import torch.nn as nn
 import yaml
 
-from prunet.checkpoint import CheckpointError, load_model, read_checkpoint
+from prunet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from prunet.config import ConfigError, Recipe, recipe_from_dict
 from prunet.factory import Trust
 from prunet.pruner import Pruner
@@ -87,9 +87,9 @@ class Run:
         return summary
 
     def load(self, name: str) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
-        """Rebuild the model of checkpoint ``name`` (:func:`prunet.checkpoint.load_model`)."""
+        """Rebuild the model of checkpoint ``name`` (:func:`prunet.checkpoint.load_checkpoint`)."""
         try:
-            return load_model(self.require(name), self.trust_factory)
+            return load_checkpoint(self.require(name), self.trust_factory)
         except CheckpointError as e:
             raise RunError(str(e)) from None
 

@@ -2,7 +2,7 @@
 
 * :func:`export`: a run folder or checkpoint -> a compact file (survivors and
   bit-packed relative indices), a baked dense safetensors file, or ONNX;
-* :func:`load`: any of prunet's files -> a plain model with the pruned model's
+* :func:`save`: a model, masks included, as a checkpoint; :func:`load`: any of prunet's files -> a plain model with the pruned model's
   outputs; ``sparse=True`` runs pruned layers with sparse kernels where they are faster;
 * :mod:`~prunet.sparse.compact` (the file format), :mod:`~prunet.sparse.codec`
   (relative indices), :mod:`~prunet.sparse.modules` (the sparse layers).
@@ -23,6 +23,7 @@ from prunet.sparse.export import (
     export,
     load,
     measure,
+    save,
 )
 from prunet.sparse.modules import SparseConv2d, SparseLinear, plan, sparsify
 
@@ -41,6 +42,7 @@ __all__ = [
     "plan",
     "read_compact",
     "read_header",
+    "save",
     "sparsify",
     "write_compact",
 ]

@@ -14,10 +14,9 @@ layers sparse kernels (:mod:`prunet.sparse.modules`).
 
 Example:
     >>> from prunet import Pruner, Sparsity, create_model
-    >>> from prunet.checkpoint import save_checkpoint
     >>> model = create_model("lenet_300_100")
     >>> _ = Pruner(model).prune(Sparsity(0.9))
-    >>> _ = save_checkpoint("lenet.safetensors", model, {"model": "lenet_300_100"})
+    >>> _ = save(model, "lenet.safetensors", {"model": "lenet_300_100"})
     >>> done = export("lenet.safetensors", "lenet.prunet")  # or a run folder: its final.safetensors
     >>> done.ratio > 5
     True
@@ -40,7 +39,7 @@ from torch.utils.data import Dataset
 
 from prunet.checkpoint import (
     CheckpointError,
-    load_model,
+    load_checkpoint,
     load_state,
     read_checkpoint,
     resize_to_state,
@@ -153,7 +152,7 @@ def export(
             raise ExportError(f"-o {out} is {taken}; export writes only files of its own: choose another name")
     if Path(out).is_dir():
         raise ExportError(f"-o {out} is a folder; give a file name")
-    model, pruner, meta = load_model(ckpt, trust_factory)  # before `out` is touched: a bad checkpoint changes nothing
+    model, pruner, meta = load_checkpoint(ckpt, trust_factory)  # before `out` is touched: a bad checkpoint changes nothing
     dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
     keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}
     plain = baked_copy(model).eval()
@@ -175,7 +174,7 @@ def export(
             except ValueError as e:
                 raise ExportError(f"--bits: {e}") from None
             unshare(plain)
-        write_model(out, plain, meta, keep=keep or None, shared=shared, value_dtype=value_dtype)
+        save_compact(out, plain, meta, keep=keep or None, shared=shared, value_dtype=value_dtype)
     elif format == "safetensors":
         save_checkpoint(out, plain, meta)
     else:
@@ -183,7 +182,7 @@ def export(
     return Exported(out, format, out.stat().st_size, ckpt, shrink, dense_bytes)
 
 
-def write_model(
+def save_compact(
     out: str | Path,
     model: nn.Module,
     meta: dict[str, Any],
@@ -249,6 +248,31 @@ def file_kind(path: str | Path) -> str:
     return "foreign"
 
 
+def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` with its masks as a prunet checkpoint (safetensors, written whole): :func:`load` reads it.
+
+    Args:
+        model: any model; a pruned one keeps its masks (its ``*_mask`` buffers) in the file.
+        path: the file, conventionally ``*.safetensors``.
+        meta: JSON metadata; ``{"model": "lenet_300_100"}`` (a registry name) lets :func:`load` build the
+            model itself; otherwise load into your own module (``load(path, model=MyNet())``).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import prunet
+        >>> model = prunet.create_model("lenet_300_100")
+        >>> _ = prunet.Pruner(model).prune(prunet.Sparsity(0.9))
+        >>> _ = prunet.save(model, "pruned.safetensors")
+        >>> back = prunet.load("pruned.safetensors", model=prunet.create_model("lenet_300_100"))
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> torch.equal(back(x), model(x))
+        True
+    """
+    return save_checkpoint(path, model, dict(meta or {}))
+
+
 def load(
     path: str | Path,
     sparse: bool = False,
@@ -300,7 +324,7 @@ def _load_plain(path: Path, model: nn.Module | None, trust: Trust) -> tuple[nn.M
     if kind == "checkpoint":
         try:
             if model is None:
-                loaded, pruner, meta = load_model(path, trust)
+                loaded, pruner, meta = load_checkpoint(path, trust)
             else:  # the user's own module: nothing the file names is built
                 state, meta = read_checkpoint(path)
                 loaded, pruner = state_into(model, state, path)
