@@ -34,7 +34,7 @@ from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
 from prunet.distributed import SINGLE, RankFailed, Ranks, from_env
 from prunet.factory import FactoryError
-from prunet.files import write_text
+from prunet.files import name_problem, write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
 from prunet.runfolder import BITS_CSV, BITS_PNG, SENSITIVITY_CSV, SENSITIVITY_PNG, Run, RunError, RunFolder, \
@@ -440,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise error
         if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
             resolve_device(args.device, "--device")
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir is not None and name_problem(run_dir):  # '' would silently mean the recipe's folder
+            raise UsageError(f"{'RUN_DIR' if args.command == 'report' else '--run-dir'}: {run_dir!r} "
+                             f"{name_problem(run_dir)}; choose another folder")
         return args.func(args)
     except USER_ERRORS as e:
         if args.debug:

@@ -22,6 +22,7 @@ from prunet.criteria import CRITERIA, Criterion, TargetThreshold
 from prunet.data import DATASETS
 from prunet.devices import check_device_spec
 from prunet.factory import Trust, absolute, check_trusted, is_factory
+from prunet.files import name_problem
 from prunet.models import list_models
 
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
@@ -428,6 +429,10 @@ class Recipe:
     def validate(self) -> "Recipe":
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
             raise ConfigError(f"name: must be a plain name (not '.' or '..', no '/' or '\\'), got {self.name!r}")
+        for field_name in ("name", "output_dir"):
+            problem = name_problem(getattr(self, field_name))
+            if problem:
+                raise ConfigError(f"{field_name}: {getattr(self, field_name)!r} {problem}; choose another")
         _range("seed", self.seed, 0, MAX_SEED)
         if self.threads is not None:
             _range("threads", self.threads, 1, None)

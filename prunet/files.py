@@ -20,10 +20,23 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+HIDDEN_PREFIX = ".prunet"  # prunet's own files and folders in a run folder (manifest, lock, aside, resume point)
+
+
+class WriteFailed(OSError):
+    """A file could not be written whole (a full disk, most often); nothing of it was left behind.
+
+    An ``OSError`` whatever the writer raised (torch's writer raises ``RuntimeError``,
+    safetensors its own error): ``filename`` is the file, ``strerror`` one line saying
+    why and how much room its folder has.
+    """
 
 
 @contextlib.contextmanager
@@ -46,7 +59,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden, and ending in the destination's suffix: writers that infer the format
     # from the name (matplotlib's savefig) write the right one.
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as e:
+        raise _failed(path, e, 0) from e
     os.close(fd)
     tmp = Path(name)
     try:
@@ -55,10 +71,68 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        raise
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not _write_error(e):
+            raise
+        raise _failed(path, e, written) from e
     _fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def _write_error(e: BaseException) -> bool:
+    """Whether ``e`` is a writer's failure to write (torch's and safetensors' errors are no ``OSError``)."""
+    if isinstance(e, WriteFailed):
+        return False  # already told
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return any(sign in text for sign in ("No space left on device", "os error 28", "unexpected pos",
+                                         "file write failed", "PytorchStreamWriter failed"))
+
+
+def _failed(path: Path, e: BaseException, written: int) -> WriteFailed:
+    """The one-line error for a file not written: the disk's own words where it is full, and the room left."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e) or \
+        (free is not None and free < max(written, 1) + 2**20)
+    room = f"{_size(free)} free in {path.parent}" if free is not None else f"in {path.parent}"
+    if full:
+        need = f"; it needed more than the {_size(written)} written before it failed" if written else ""
+        return WriteFailed(errno.ENOSPC, f"No space left on device ({room}{need}); free some space and run "
+                                         f"the command again", str(path))
+    detail = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return WriteFailed(getattr(e, "errno", None) or errno.EIO, f"could not be written ({detail}; {room})", str(path))
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def name_problem(text: str) -> str | None:
+    """Why ``text`` cannot name a folder prunet writes a run in (a recipe's ``name``, ``output_dir``,
+    ``--run-dir``); None when it can.
+
+    Example:
+        >>> name_problem("runs/lenet"), name_problem("runs/.prunet-previous")
+        (None, "names prunet's own hidden folder '.prunet-previous'")
+    """
+    if not text.strip():
+        return "is empty"
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"holds a control character ({bad!r})"
+    hidden = next((part for part in Path(text).parts if part.startswith(HIDDEN_PREFIX)), None)
+    if hidden is not None:
+        return f"names prunet's own hidden folder {hidden!r}"
+    return None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -25,6 +25,7 @@ from prunet.data import DatasetSplits, first_batch, load_data
 from prunet.devices import resolve_device
 from prunet.distributed import Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
 from prunet.factory import Trust
+from prunet.files import name_problem
 from prunet.layers import find_layers, totals
 from prunet.models import create_model
 from prunet.phases import Log, Phase, PhaseResult, RunContext, RunState, build, phases_for
@@ -71,6 +72,8 @@ def run(
         try:
             # The device first (`device: cuda` on a machine without one), then the inputs: bad data, a
             # bad checkpoint or a layer-name typo fails before an earlier run's folder is touched.
+            if run_dir is not None and name_problem(str(run_dir)):
+                raise ConfigError(f"--run-dir: {str(run_dir)!r} {name_problem(str(run_dir))}; choose another folder")
             device = _device(recipe, ranks)
             check_ranks(recipe, ranks.world_size)
             data = load_data(recipe.data)

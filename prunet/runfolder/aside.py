@@ -56,8 +56,9 @@ class Aside:
         """Replace the (unfinished) new run's files by the earlier run's.
 
         Safe to interrupt and to run again: the aside manifest is read (and checked)
-        before anything changes and removed last; a name both runs wrote is never
-        deleted, only replaced by the earlier run's file.
+        before anything changes and moved over the folder's last; a name both runs wrote
+        is never deleted, only replaced by the earlier run's file. It needs no free space
+        (renames and deletions only), so it works on the full disk that stopped the new run.
         """
         if not self.exists():
             return
@@ -66,11 +67,10 @@ class Aside:
         for name in current:
             if name not in names and (self.folder / name).is_file():
                 (self.folder / name).unlink()  # only the new run's own files
-        self.manifest.save(names)
         for name in names:
             if (self.path / name).is_file():
                 os.replace(self.path / name, self.folder / name)
-        (self.path / MANIFEST).unlink(missing_ok=True)
+        os.replace(self.path / MANIFEST, self.manifest.path)  # the earlier run's record, as it was
         if not any(self.path.iterdir()):  # anything else there is not ours: left alone
             self.path.rmdir()
 

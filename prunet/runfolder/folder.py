@@ -61,6 +61,17 @@ class RunFolder:
         self.aside = Aside(self.manifest)
         self.progress = Progress(self.manifest)
         self._resumed = False
+        self._moved_aside = False  # by this create: what a failing create puts back
+
+    def _undo_create(self) -> None:
+        """A create that failed (a full disk) puts back the earlier run it moved aside, at once (renames need
+        no room), and unlocks; a run it found aside from before (a killed one, to resume) stays as it is."""
+        try:
+            if self._moved_aside:
+                with self.manifest.locked():
+                    self.aside.put_back()
+        finally:
+            self.lock.release()
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
@@ -80,11 +91,10 @@ class RunFolder:
             with folder.manifest.locked():
                 folder._make_room(overwrite)
             folder.write_text(METRICS, "")
-        except OSError as e:
-            folder.lock.release()
-            raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
-        except BaseException:
-            folder.lock.release()
+        except BaseException as e:
+            folder._undo_create()
+            if isinstance(e, OSError):
+                raise RunError(f"cannot write run folder {folder.path}: {e.strerror or e}") from None
             raise
         return folder
 
@@ -101,6 +111,7 @@ class RunFolder:
                            f"replace it, or --run-dir / a new recipe name to keep it")
         if earlier:
             self.aside.move(earlier)
+            self._moved_aside = True
         self.manifest.save([])
 
     @classmethod

@@ -1,0 +1,173 @@
+"""A full disk and odd run names: one line, exit 2, and an earlier run put back at once.
+
+The disk fills in two ways here: a writer that fails from its N-th file on (torch's writer raises
+``RuntimeError``, safetensors and Python ``OSError``), and, where this process may mount one, a real
+tmpfs a few megabytes large.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prunet.files
+from prunet.cli import main
+
+from conftest import REAL_FASHION, TINY_RECIPE, use_data_cache
+
+pytestmark = pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+def recipe_file(tmp_path: Path, output_dir: Path, rounds: int = 1) -> Path:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["output_dir"] = str(output_dir)
+    recipe["prune"]["rounds"] = recipe["prune"]["rounds"][:rounds]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("prunet: error: ")
+    return err
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".prunet-lock"}
+
+
+def full_from(monkeypatch, n: int, error: BaseException) -> None:
+    """From the n-th whole-file write on, every write fails with ``error`` (as on a disk that filled up)."""
+    calls = {"n": 0}
+    real = prunet.files.tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        calls["n"] += 1
+        fd, name = real(*args, **kwargs)
+        if calls["n"] >= n:
+            os.close(fd)
+            os.unlink(name)
+            raise error
+        return fd, name
+
+    monkeypatch.setattr(prunet.files.tempfile, "mkstemp", mkstemp)
+
+
+def torch_writer_fails_from(monkeypatch, n: int) -> None:
+    """torch.save raising what it raises on a full disk, from its n-th call on (the resume points)."""
+    calls = {"n": 0}
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= n:
+            Path(f).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 946752 vs 946624")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("how", ["torch", "oserror"])
+def test_a_full_disk_in_a_fresh_run_and_its_resume_is_one_line(tmp_path, capsys, monkeypatch, how):
+    use_data_cache(monkeypatch)
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    with monkeypatch.context() as mp:
+        if how == "torch":
+            torch_writer_fails_from(mp, 3)  # the start, dense epoch 1, then epoch 2's resume point fails
+        else:
+            full_from(mp, 10, OSError(errno.ENOSPC, "No space left on device"))  # at dense.safetensors
+        assert main(["run", str(path)]) == 2
+    err = one_line(capsys)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert str(run_dir) in err and "free in" in err
+    assert ("No space left on device" if how == "oserror" else "could not be written") in err
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # no half-written file left
+    with monkeypatch.context() as mp:  # the disk is still full: resuming says so, in one line too
+        full_from(mp, 1, OSError(errno.ENOSPC, "No space left on device"))
+        assert main(["run", "--resume", str(run_dir)]) == 2
+    assert "No space left on device" in one_line(capsys)
+    assert main(["run", "--resume", str(run_dir)]) == 0  # room again: the run goes on
+
+
+@pytest.mark.parametrize("n", [3, 11])  # while the folder is made ready; at the new run's dense checkpoint
+def test_a_full_disk_during_overwrite_puts_the_earlier_run_back_before_exiting(tmp_path, capsys, monkeypatch, n):
+    use_data_cache(monkeypatch)
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "notes.txt").write_text("mine")
+    before = files(run_dir)
+    capsys.readouterr()
+    with monkeypatch.context() as mp:  # full from the n-th write on: no write succeeds after it
+        full_from(mp, n, OSError(errno.ENOSPC, "No space left on device"))
+        assert main(["run", str(path), "--overwrite"]) == 2
+        assert "No space left on device" in one_line(capsys)
+        assert files(run_dir) == before  # put back with the disk still full: renames need no room
+    assert not (run_dir / ".prunet-previous").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("name", ".prunet-previous"), ("name", "a\nb"), ("name", ""), ("output_dir", ""),
+    ("output_dir", "runs/x/.prunet-previous"), ("output_dir", "runs\x07"),
+])
+def test_odd_run_names_are_refused_in_one_line(tmp_path, capsys, field, value):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["output_dir"] = str(tmp_path / "runs")
+    recipe[field] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) == 2
+    assert f"{field}:" in one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("run_dir", ["", "X/.prunet-previous", "x\ny"])
+def test_odd_run_dirs_are_refused_in_one_line(tmp_path, capsys, monkeypatch, run_dir):
+    monkeypatch.chdir(tmp_path)
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    for command in (["run", str(path)], ["train", str(path)], ["tradeoff", str(path)]):
+        assert main([*command, "--run-dir", run_dir]) == 2
+        assert "--run-dir:" in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # nothing written anywhere
+
+
+def mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_real_small_filesystem(tmp_path, capsys, monkeypatch):
+    """The same on a real tmpfs: a finished run, the disk filled to 300 KB free, then --overwrite."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "24m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount)")
+    try:
+        use_data_cache(monkeypatch)
+        path = recipe_file(tmp_path, disk)
+        assert main(["run", str(path)]) == 0
+        run_dir = disk / "tiny"
+        before = files(run_dir)
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 300 * 1024))
+        capsys.readouterr()
+        assert main(["run", str(path), "--overwrite"]) == 2
+        err = one_line(capsys)
+        assert "No space left on device" in err and "free in" in err
+        assert files(run_dir) == before and not (run_dir / ".prunet-previous").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
