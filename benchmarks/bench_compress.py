@@ -33,7 +33,7 @@ from prunet import Pruner, create_model  # noqa: E402
 from prunet.checkpoint import save_checkpoint  # noqa: E402
 from prunet.data import load_dataset  # noqa: E402
 from prunet.models import paper_sparsity  # noqa: E402
-from prunet.checkpoint import load_model  # noqa: E402
+from prunet.checkpoint import load_checkpoint  # noqa: E402
 from prunet.config import QuantizeConfig  # noqa: E402
 from prunet.phases import retrain_shared, write_shared  # noqa: E402
 from prunet.runfolder import Run  # noqa: E402
@@ -86,7 +86,7 @@ def lenets(log) -> list[dict]:
 def retrained(folder: Path, bits: dict, data, norm, out: Path, log) -> dict:
     """The recipe's ``quantize`` phase on the run's final model: shared, centroids retrained, written."""
     recipe = Run(folder).recipe
-    model, pruner, meta = load_model(folder / "final.safetensors")
+    model, pruner, meta = load_checkpoint(folder / "final.safetensors")
     q = QuantizeConfig(bits=bits, epochs=RETRAIN_EPOCHS)
     cfg = recipe.retrain_config(q.epochs, q.lr_fraction)
     shared = retrain_shared(model, pruner.masks, bits, cfg, data, norm,

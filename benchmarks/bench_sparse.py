@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 import prunet
-from prunet.checkpoint import load_model, save_checkpoint
+from prunet.checkpoint import load_checkpoint, save_checkpoint
 from prunet.masks import set_mask
 from prunet.sparse import SparseLinear, export, load, plan, read_header, sparsify
 from prunet.sparse.codec import entropy_bits_per_survivor
@@ -76,7 +76,7 @@ def pruned_checkpoint(name: str, folder: Path) -> tuple[Path, str]:
 
 def size_of(name: str, folder: Path) -> dict:
     ckpt, origin = pruned_checkpoint(name, folder)
-    model, pruner, meta = load_model(ckpt)
+    model, pruner, meta = load_checkpoint(ckpt)
     dense = folder / f"{name}_dense.safetensors"
     save_checkpoint(dense, pruner.bake() if pruner else model, meta)  # dense float32, no masks
     compact = export(ckpt, folder / f"{name}.prunet")
@@ -162,7 +162,7 @@ def main(repeats: int) -> dict:
                   f"[{r['weights']}]")
         shapes = [(label, torch.randn(o, i) * (torch.rand(o, i) < d)) for label, i, o, d in LAYERS]
         ckpt, _ = pruned_checkpoint("lenet_300_100", Path(tmp))
-        demo, _, _ = load_model(ckpt)
+        demo, _, _ = load_checkpoint(ckpt)
         shapes += [(f"lenet_300_100_{n}", getattr(demo, n).weight.detach() * getattr(demo, n).weight_mask)
                    for n in ("fc1", "fc2")]
         for label, weight in shapes:
