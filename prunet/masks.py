@@ -14,9 +14,10 @@ Enforcement does not depend on what the user's loop calls, or in which order.
 PyTorch's global optimizer step hooks run for every ``step()`` of every
 ``torch.optim`` optimizer, told about prunet or not:
 
-* before the step, every masked gradient is multiplied by its mask (so a
-  gradient changed after ``backward()``, by noise or by assignment, cannot move
-  a pruned weight), and per-weight optimizer state (momentum, Adam moments) is
+* before the step, every masked gradient is zeroed where its mask is 0
+  (``masked_fill``: a NaN or inf gradient there is cleared too, where a multiply
+  would leave NaN; a gradient changed after ``backward()``, by noise or by
+  assignment, cannot move a pruned weight), and per-weight optimizer state (momentum, Adam moments) is
   zeroed where the mask is 0 whenever the optimizer has not yet seen the mask
   (the first step after pruning, after ``load_state_dict``);
 * after the step, pruned weights are set to exactly zero (``masked_fill``,
@@ -71,7 +72,35 @@ def _mask_grad(p: torch.Tensor) -> None:
     """Mask a gradient the moment it is accumulated (a module-level function: picklable, unlike a closure)."""
     mask = mask_of(p)
     if mask is not None:  # None once baked: a stale hook does nothing
-        p.grad.mul_(mask)
+        zero_pruned(p.grad, p, mask)
+
+
+def zero_pruned(grad: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero ``grad`` (of ``p``) where ``mask`` is 0, in place, a NaN or inf there included.
+
+    On the CPU a multiply by the mask and one sum are several times faster than ``masked_fill``;
+    but NaN * 0 is NaN, so where the sum is not finite the pruned entries are filled as well
+    (a kept NaN stays: that is the user's divergence to see). On an accelerator, ``masked_fill``
+    is as fast and needs no look at the sum (which would wait for the device).
+    """
+    if grad.device.type == "cpu":
+        grad.mul_(mask)
+        if bool(torch.isfinite(grad.sum())):
+            return
+    grad.masked_fill_(pruned_of(p, mask), 0)
+
+
+def pruned_of(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Where ``mask`` is 0, as a boolean tensor: cached on the parameter until the mask changes.
+
+    Gradients are zeroed there with ``masked_fill``, not multiplied by the mask: a NaN or inf
+    gradient times 0 is NaN, and would make every pruned weight NaN at the next step.
+    """
+    key = (mask.data_ptr(), mask._version, mask.device)
+    cached = getattr(p, "_prunet_pruned", None)
+    if cached is None or cached[0] != key:
+        cached = p._prunet_pruned = (key, mask == 0)
+    return cached[1]
 
 
 def mask_of(param: torch.Tensor) -> torch.Tensor | None:
@@ -251,7 +280,6 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if seen is None:
         seen = _SEEN[optimizer] = {}
     state = optimizer.state
-    grads, masks = [], []
     for p, mask in _masked_params(optimizer):
         after = after or p.dtype not in _EXACT_FLOATS
         # State is new after load_state_dict or an assignment; the version, after a new mask.
@@ -263,12 +291,9 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             mask_optimizer_state(optimizer, p, mask)
             seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
         if p.grad is not None:
-            grads.append(p.grad)
-            masks.append(mask)
-    if grads:
-        # Every step: a gradient can change after backward() in ways no counter shows
-        # (p.grad.data.add_, a mask changed in between), and one fused multiply is cheap.
-        torch._foreach_mul_(grads, masks)
+            # Every step: a gradient can change after backward() in ways no counter shows
+            # (p.grad.data.add_, a mask changed in between).
+            zero_pruned(p.grad, p, mask)
     if after and seen:
         _ZERO_AFTER.add(optimizer)
     else:
@@ -282,7 +307,7 @@ def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if optimizer not in _ZERO_AFTER:
         return  # the common case: a torch first-order optimizer on float32 weights leaves zeros zero
     for p, mask in _masked_params(optimizer):
-        p.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN
+        p.masked_fill_(pruned_of(p, mask), 0)  # not a multiply: NaN * 0 is NaN
         mask_optimizer_state(optimizer, p, mask)
 
 

@@ -139,6 +139,26 @@ def test_float16_with_adam_keeps_pruned_weights_zero_not_nan():
     assert_invariant(pruner)  # exactly 0, not NaN (NaN * 0 would be NaN)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["sgd momentum wd", "adam", "adamw"])
+def test_a_nan_or_inf_gradient_at_pruned_positions_moves_no_weight(name, bad):
+    """One bad gradient where the mask is 0 (a loss spike, a user's hook): pruned weights stay exactly 0
+    and the kept ones finite; a multiply by the mask would have made every pruned weight NaN."""
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    opt = OPTIMIZERS[name](model.parameters())
+    pruner = Pruner(model)
+    pruner.prune(Sparsity(0.9))
+
+    def poison(m: nn.Module) -> None:
+        for t in pruner.targets:
+            t.weight.grad[t.mask == 0] = bad
+
+    train(model, opt, steps=3, after_backward=poison)
+    assert_invariant(pruner)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_a_saved_whole_model_comes_back_enforced(how):
     torch.manual_seed(0)
