@@ -8,6 +8,7 @@ shapes in the file itself. Nothing is unpickled on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,22 @@ from prunet.models import create_model
 from prunet.pruner import Pruner
 
 _META_KEY = "prunet"
+_CHECKSUM_KEY = "prunet_checksum"  # SHA-256 of the metadata and every tensor; checkpoints written before it have none
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 of ``meta_json`` and of every tensor's name, dtype, shape and bytes: a flipped bit is an error.
+
+    Example:
+        >>> checksum({"w": torch.zeros(2)}, "{}")[:15]
+        'sha256:25387ddd'
+    """
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
 
 
 class CheckpointError(ValueError):
@@ -48,7 +65,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     # Masks are 0/1 in the weight's dtype in memory (fast to multiply); store them as bool.
     state = {k: v.bool() if k.endswith(MASK_SUFFIX) else v for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(own_storage(state), str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        raw = json.dumps(meta)
+        save_file(own_storage(state), str(tmp), metadata={_META_KEY: raw, _CHECKSUM_KEY: checksum(state, raw)})
     return path
 
 
@@ -77,12 +95,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         state = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY, "{}")
+            header = f.metadata() or {}
+        raw = header.get(_META_KEY, "{}")
         meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
     except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
+    if _CHECKSUM_KEY in header and checksum(state, raw) != header[_CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match its contents")
     try:
         meta = validate_meta(meta, f"checkpoint {path}")
     except ValueError as e:

@@ -49,6 +49,8 @@ class UsageError(ValueError):
     """Bad command-line input; printed as one line, exit code 2."""
 
 
+MESSAGE_LIMIT = 1000  # characters of one error line
+
 # What a user can cause: one line and exit code 2 (the traceback only with --debug).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileError, ExportError, UsageError,
                DeviceError, FactoryError, RankFailed)
@@ -456,9 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         _error(e, f"{where}{e.strerror or e}")
         return 2
-    except KeyboardInterrupt:
-        print("prunet: interrupted; checkpoints written so far are complete (an earlier run that --overwrite "
-              "was replacing is back in place)", file=sys.stderr)
+    except KeyboardInterrupt:  # a run has said what it left ("run stopped: ..."); nothing else is claimed here
+        print("prunet: interrupted; files written so far are complete", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -471,6 +472,9 @@ def _error(e: BaseException, text: str) -> None:
     if quiet:
         return
     rank = _ranks().rank
+    text = " ".join(text.split())  # one line, whatever the message holds
+    if len(text) > MESSAGE_LIMIT:  # a file or recipe can make a message of any size (a YAML alias bomb)
+        text = text[:MESSAGE_LIMIT - 40] + f" ... ({len(text):,} characters in all)"
     print(f"prunet: error: {f'rank {rank}: ' if rank else ''}{text}", file=sys.stderr)
 
 

@@ -25,6 +25,8 @@ from prunet.factory import Trust, absolute, check_trusted, is_factory
 from prunet.files import name_problem
 from prunet.models import list_models
 
+MAX_WORKERS = 256  # DataLoader processes: more is a typo that would fork without bound
+MAX_THREADS = 4096  # torch intra-op threads: far beyond any machine; 100000 crashes torch
 MAX_CLASSES = 1_000_000  # more would be a last layer of gigabytes: a typo, not a model
 # torch takes 64-bit seeds; a run derives more by adding small offsets (seed + round, + 1000, + rank),
 # so a seed stays below 2^63 and every derived one still fits.
@@ -142,7 +144,7 @@ class DataConfig:
             _choice(where + ".dataset", self.dataset, DATASETS)
             if self.kwargs:
                 raise ConfigError(f"{where}.kwargs: applies to a data.factory")
-        _range(where + ".workers", self.workers, 0, None)
+        _range(where + ".workers", self.workers, 0, MAX_WORKERS)
         _range(where + ".split_seed", self.split_seed, 0, MAX_SEED)
         # Every choice (best epoch, stopping) is made on the validation split: it can't be empty.
         _range(where + ".val_size", self.val_size, 1, None)
@@ -435,7 +437,7 @@ class Recipe:
                 raise ConfigError(f"{field_name}: {getattr(self, field_name)!r} {problem}; choose another")
         _range("seed", self.seed, 0, MAX_SEED)
         if self.threads is not None:
-            _range("threads", self.threads, 1, None)
+            _range("threads", self.threads, 1, MAX_THREADS)
         problem = check_device_spec(self.device, "device")
         if problem:
             raise ConfigError(problem)

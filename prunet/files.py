@@ -56,6 +56,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         hidden (``.name.XXXX.tmp.suffix``).
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device (/dev/null as root), a FIFO, a folder: never replaced
+        raise WriteFailed(errno.EEXIST, "is not a regular file; prunet writes only files of its own (choose another "
+                                        "name)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden, and ending in the destination's suffix: writers that infer the format
     # from the name (matplotlib's savefig) write the right one.

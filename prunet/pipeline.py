@@ -309,6 +309,10 @@ def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple
     if from_checkpoint:
         state, ckpt_meta = read_checkpoint(from_checkpoint)
         check_checkpoint_fits(recipe, ckpt_meta, from_checkpoint)  # before anything is built: the recipe's model
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # its weights could not be ranked: a NaN std would prune a whole layer
+            raise CheckpointError(f"--from {from_checkpoint} holds NaN or inf values ({', '.join(bad[:3])}); "
+                                  f"it is no dense model to prune")
         model, pruner = build(recipe, state, Path(from_checkpoint))
         if pruner is not None and totals(pruner.summary()).kept < totals(pruner.summary()).weights:
             phase = ckpt_meta.get("phase")

@@ -193,3 +193,14 @@ def test_a_model_too_big_to_build_is_a_checkpoint_error(tmp_path):
     save_file(dict(state), str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps(meta)})
     with pytest.raises(CheckpointError, match=r"model_kwargs.num_classes: 1000000000000 is not a whole number"):
         load_checkpoint(tmp_path / "c.safetensors")
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_an_error_not_a_different_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    path = save_checkpoint(tmp_path / "c.safetensors", model, {"model": "lenet_300_100"})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # an exponent bit of the last float
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        load_checkpoint(path)

@@ -171,3 +171,31 @@ def test_a_real_small_filesystem(tmp_path, capsys, monkeypatch):
         assert files(run_dir) == before and not (run_dir / ".prunet-previous").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_export_onto_a_device_or_fifo_replaces_nothing(tmp_path, capsys):
+    from prunet import Pruner, Sparsity, create_model
+    from prunet.checkpoint import save_checkpoint
+
+    model = create_model("lenet_300_100")
+    Pruner(model).prune(Sparsity(0.9))
+    save_checkpoint(tmp_path / "final.safetensors", model, {"model": "lenet_300_100"})
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # stands for /dev/null, which only root could replace
+    assert main(["export", str(tmp_path), "-o", str(fifo)]) == 2
+    assert "is not a regular file" in one_line(capsys)
+    assert fifo.is_fifo()
+
+
+@pytest.mark.parametrize("field, value", [("data.workers", 10**30), ("threads", 100000)])
+def test_unbounded_resources_are_refused_in_one_line(tmp_path, capsys, field, value):
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    assert main(["run", str(path), "--set", f"{field}={value}"]) == 2
+    assert f"{field}:" in one_line(capsys) and not (tmp_path / "runs").exists()
+
+
+def test_an_error_message_is_capped_in_length(tmp_path, capsys):
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    assert main(["run", str(path), "--set", "name=" + "x/" * 5000]) == 2
+    err = one_line(capsys)
+    assert len(err) < 1100 and "characters in all" in err
