@@ -47,7 +47,7 @@ def test_a_folder_holding_a_run_is_not_reused_without_overwrite(tmp_path):
 
 def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     a_run(tmp_path / "run")
-    mine = dict.fromkeys(["notes.txt", "report_notes.txt", "my_export.safetensors", "round9.safetensors"], "mine")
+    mine = dict.fromkeys(["notes.txt", "report_notes.txt", "my_export.safetensors"], "mine")
     for name, text in mine.items():
         (tmp_path / "run" / name).write_text(text)
     (tmp_path / "run" / "report_archive").mkdir()
@@ -59,15 +59,30 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     assert (folder.path / F.METRICS).read_text() == ""
 
 
-def test_a_folder_from_before_the_manifest_is_recognised_by_prunets_names(tmp_path):
+@pytest.mark.parametrize("name", ["round2.safetensors", "sensitivity.csv", "final_shared.prunet", "report.md"])
+def test_a_users_file_named_like_prunets_is_never_replaced(tmp_path, name):
+    """Not on the earlier run's record: the user's. The run is refused, the earlier run stays in place."""
+    a_run(tmp_path / "run")
+    (tmp_path / "run" / name).write_text("mine")
+    before = visible(tmp_path / "run")
+    with pytest.raises(RunError, match=f"holds {name}, named like prunet's files but not written by it"):
+        RunFolder.create(tmp_path / "run", overwrite=True)
+    assert visible(tmp_path / "run") == before and not (tmp_path / "run" / F.PREVIOUS).exists()
+    with pytest.raises(RunError, match="is there and prunet did not write it"):  # nor by a later command
+        RunFolder.open(tmp_path / "run").write_text(name, "prunet's")
+    assert (tmp_path / "run" / name).read_text() == "mine"
+
+
+def test_a_folder_without_a_manifest_holds_no_file_of_prunets(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
-    for name in ("summary.json", "round3.safetensors", "report_weights_fc1.png", "notes.txt", "report_notes.txt"):
+    for name in ("summary.json", "round3.safetensors", "report.md", "notes.txt"):
         (old / name).write_text("x")
-    with pytest.raises(RunError, match="already holds a run"):
-        RunFolder.create(old)
-    RunFolder.create(old, overwrite=True).commit()
-    assert {p.name for p in old.iterdir()} == {"notes.txt", "report_notes.txt", F.MANIFEST, F.METRICS, F.LOCK}
+    for overwrite in (False, True):
+        with pytest.raises(RunError, match="named like prunet's files but not written by it"):
+            RunFolder.create(old, overwrite=overwrite)
+    assert {p.name for p in old.iterdir() if p.name != F.LOCK} == {"summary.json", "round3.safetensors", "report.md",
+                                                                   "notes.txt"}
 
 
 def test_a_folder_with_only_user_files_is_free(tmp_path):
@@ -129,16 +144,17 @@ def test_a_corrupt_manifest_deletes_nothing(tmp_path, manifest):
     assert {p.name for p in folder.iterdir()} - {F.LOCK} == {"c", "o", "config.yaml", F.MANIFEST}
 
 
-def test_writing_into_an_older_folder_keeps_its_files_on_record(tmp_path):
+def test_writing_into_a_folder_without_a_manifest_records_only_what_prunet_writes(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     for name in ("config.yaml", "round3.safetensors", "final_shrunk.safetensors"):
         (old / name).write_text("x")
-    RunFolder.open(old).write_text(F.REPORT_MD, "# report")  # e.g. `prunet report` on the old run
-    assert set(RunFolder(old).written()) == {"config.yaml", "round3.safetensors", "final_shrunk.safetensors",
-                                             F.REPORT_MD}
-    RunFolder.create(old, overwrite=True).commit()
-    assert {p.name for p in old.iterdir()} == {F.MANIFEST, F.METRICS, F.LOCK}
+    RunFolder.open(old).write_text(F.REPORT_MD, "# report")  # e.g. `prunet report` there
+    assert RunFolder(old).written() == [F.REPORT_MD]
+    with pytest.raises(RunError, match="named like prunet's files but not written by it"):
+        RunFolder.create(old, overwrite=True)
+    assert {p.name for p in old.iterdir() if p.name != F.LOCK} == {"config.yaml", "round3.safetensors",
+                                                                   "final_shrunk.safetensors", F.REPORT_MD, F.MANIFEST}
 
 
 def test_a_name_recorded_before_its_file_exists_stays_recorded(tmp_path):
@@ -252,3 +268,30 @@ def test_a_stray_file_among_the_earlier_runs_files_does_not_break_commit(tmp_pat
     kept = list((tmp_path / "run").glob(".prunet-discard-*/mine.txt"))
     assert [p.read_text() for p in kept] == ["mine"]
     RunFolder.create(tmp_path / "run", overwrite=True).commit()  # and the folder is usable
+
+
+def test_a_replacement_that_finished_but_died_before_cleanup_is_kept_not_undone(tmp_path):
+    """The new run wrote its summary and dropped its resume point, then died before deleting the earlier run:
+    a refused plain run must not put the earlier run back over the finished one."""
+    a_run(tmp_path / "run")
+    folder = RunFolder.create(tmp_path / "run", overwrite=True)
+    folder.write_yaml(F.CONFIG, {"name": "new"})
+    folder.write_json(F.SUMMARY, {"model": "new", "dense": {}, "final": {}, "rounds": []})
+    folder.lock.release()  # killed before commit: the earlier run is still aside, whole
+    finished = visible(tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a run"):
+        RunFolder.create(tmp_path / "run")
+    assert visible(tmp_path / "run") == finished and not (tmp_path / "run" / F.PREVIOUS).exists()
+
+
+def test_leftovers_of_an_interrupted_cleanup_are_finished_and_an_empty_aside_does_not_wedge(tmp_path):
+    a_run(tmp_path / "run")
+    leftover = tmp_path / "run" / ".prunet-discard-1-2"
+    leftover.mkdir()
+    (leftover / "dense.safetensors").write_text("old")
+    (leftover / F.MANIFEST).write_text('["dense.safetensors"]\n')
+    (tmp_path / "run" / F.PREVIOUS).mkdir()  # killed after making the aside folder, before its manifest
+    with pytest.raises(RunError, match="already holds a run"):
+        RunFolder.create(tmp_path / "run")
+    assert not leftover.exists() and not (tmp_path / "run" / F.PREVIOUS).exists()
+    RunFolder.create(tmp_path / "run", overwrite=True).commit()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 from prunet.files import write_text
 from prunet.runfolder.manifest import Manifest
 from prunet.runfolder.names import MANIFEST, PREVIOUS, RunError, plain_name
+
+MOVED = ".prunet-moved"  # in the aside folder: the earlier run moved there whole
 
 
 def names_in(aside: Path) -> list[str]:
@@ -48,9 +51,14 @@ class Aside:
         try:
             for name in earlier:
                 os.replace(self.folder / name, self.path / name)
+            (self.path / MOVED).touch()  # all moved: from here the new run's files are the folder's
         except BaseException:
             self.put_back()
             raise
+
+    def complete(self) -> bool:
+        """Whether the earlier run was moved aside whole (a kill half-way leaves it split between the folders)."""
+        return (self.path / MOVED).is_file()
 
     def put_back(self) -> None:
         """Replace the (unfinished) new run's files by the earlier run's.
@@ -62,6 +70,9 @@ class Aside:
         """
         if not self.exists():
             return
+        if not (self.path / MANIFEST).exists() and not [p for p in self.path.iterdir() if ".tmp" not in p.name]:
+            shutil.rmtree(self.path)  # stopped before its manifest was written: nothing had moved yet
+            return
         names = names_in(self.path)
         current = self.manifest.names() if self.manifest.path.is_file() else []
         for name in current:
@@ -71,8 +82,25 @@ class Aside:
             if (self.path / name).is_file():
                 os.replace(self.path / name, self.folder / name)
         os.replace(self.path / MANIFEST, self.manifest.path)  # the earlier run's record, as it was
+        (self.path / MOVED).unlink(missing_ok=True)
         if not any(self.path.iterdir()):  # anything else there is not ours: left alone
             self.path.rmdir()
+
+    def clean_discarded(self) -> None:
+        """Finish deleting earlier runs whose deletion was cut short (``.prunet-discard-*``): only their files."""
+        for leftover in self.folder.glob(".prunet-discard-*"):
+            if not leftover.is_dir():
+                continue
+            try:
+                names = names_in(leftover)
+            except RunError:
+                names = []
+            for name in names:
+                (leftover / name).unlink(missing_ok=True)
+            (leftover / MANIFEST).unlink(missing_ok=True)
+            (leftover / MOVED).unlink(missing_ok=True)
+            if leftover.is_dir() and not any(leftover.iterdir()):
+                leftover.rmdir()
 
     def discard(self) -> None:
         """The new run finished: delete the earlier run's files.
@@ -92,5 +120,6 @@ class Aside:
         for name in names:
             (discard / name).unlink(missing_ok=True)
         (discard / MANIFEST).unlink(missing_ok=True)
+        (discard / MOVED).unlink(missing_ok=True)
         if not any(discard.iterdir()):
             discard.rmdir()

@@ -15,7 +15,7 @@ from prunet.files import write_text
 from prunet.runfolder.aside import Aside
 from prunet.runfolder.lock import RunLock
 from prunet.runfolder.manifest import Manifest
-from prunet.runfolder.names import METRICS, PROGRESS, SUMMARY, MissingRunFileError, RunError
+from prunet.runfolder.names import METRICS, PRUNET_NAMES, PROGRESS, SUMMARY, MissingRunFileError, RunError
 from prunet.runfolder.progress import Progress
 
 
@@ -104,7 +104,12 @@ class RunFolder:
         if not overwrite and PROGRESS in self.written():
             raise RunError(f"run folder {self.path} holds an unfinished run; continue it with 'prunet run --resume "
                            f"{self.path}', or pass --overwrite to replace it")
-        self.aside.put_back()  # a run killed mid-way left the one before it aside
+        self.aside.clean_discarded()
+        written = self.written()
+        if self.aside.exists() and self.aside.complete() and SUMMARY in written and PROGRESS not in written:
+            self.aside.discard()  # a replacement that finished and died before deleting the earlier run
+        else:
+            self.aside.put_back()  # a run killed mid-way left the one before it aside
         earlier = self.written()
         if earlier and not overwrite:
             raise RunError(f"run folder {self.path} already holds a run ({earlier[0]}, ...); pass --overwrite to "
@@ -112,6 +117,13 @@ class RunFolder:
         if earlier:
             self.aside.move(earlier)
             self._moved_aside = True
+        recorded = set(self.manifest.names())
+        strangers = sorted(p.name for p in self.path.iterdir()
+                           if p.is_file() and PRUNET_NAMES.fullmatch(p.name) and p.name not in recorded)
+        if strangers:  # the run would write over them: they are the user's, not prunet's
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise RunError(f"run folder {self.path} holds {shown}, named like prunet's files but not written by it; "
+                           f"move them away, or choose another --run-dir")
         self.manifest.save([])
 
     @classmethod

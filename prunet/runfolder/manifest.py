@@ -15,14 +15,14 @@ except ImportError:  # not on Windows
     fcntl = None
 
 from prunet.files import write_text
-from prunet.runfolder.names import _LEGACY, MANIFEST, RunError, plain_name
+from prunet.runfolder.names import MANIFEST, RunError, plain_name
 
 
 class Manifest:
     """The files prunet wrote in ``folder``, in the order they were first written.
 
-    A folder written before manifests existed has none: there, the files named as prunet
-    names them count as its own.
+    A folder without a manifest holds no file of prunet's: a file there named like one of
+    prunet's (``report.md``, ``round7.safetensors``) is the user's, and is never replaced.
     """
 
     def __init__(self, folder: Path):
@@ -32,9 +32,7 @@ class Manifest:
     def names(self) -> list[str]:
         """Every name on record (also those whose file is gone)."""
         if not self.path.is_file():
-            if not self.folder.is_dir():
-                return []
-            return sorted(p.name for p in self.folder.iterdir() if p.is_file() and _LEGACY.fullmatch(p.name))
+            return []
         try:
             names = json.loads(self.path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -52,13 +50,20 @@ class Manifest:
         write_text(self.path, json.dumps(names) + "\n")
 
     def add(self, name: str) -> Path:
-        """Put ``name`` on record (an older folder's files stay on record too); its path."""
+        """Put ``name`` on record and return its path, for a writer that writes it whole.
+
+        Raises:
+            RunError: a file of that name is there and prunet did not write it (the user's own).
+        """
         if not plain_name(name):
             raise ValueError(f"{name!r} is not a file name in the run folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.locked():
             names = self.names()
             if name not in names:
+                if (self.folder / name).exists():
+                    raise RunError(f"{self.folder / name} is there and prunet did not write it; move it away, or "
+                                   f"choose another folder")
                 self.save(names + [name])
         return self.folder / name
 

@@ -27,10 +27,11 @@ LOCK = ".prunet-lock"  # held (flock) by the run writing the folder
 PROGRESS = ".prunet-progress.pt"  # an unfinished run's resume point; removed when the run finishes
 PROGRESS_FORMAT = 1
 
-# What a folder written before the manifest existed holds; only these names are replaced there.
-_LEGACY = re.compile(
-    r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors|final\.prunet"
-    r"|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv|sensitivity\.(csv|png))"
+# The names a run writes: a file so named in a folder, that prunet did not write, is the user's.
+PRUNET_NAMES = re.compile(
+    r"(config\.yaml|metrics\.jsonl|summary\.json|(dense|final|final_shrunk|round\d+)\.safetensors"
+    r"|final(_shared)?\.prunet|report\.(md|html)|report_[A-Za-z0-9_.-]+\.png|layers\.csv"
+    r"|(sensitivity|bits)\.(csv|png))"
 )
 
 
