@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import reprlib
 import sys
 import zlib
 from pathlib import Path
@@ -192,5 +193,12 @@ def absolute(spec: str) -> str:
     return spec
 
 
+_SHORT = reprlib.Repr()  # keyword arguments to Repr() came in Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 40, 40
+
+
 def _kwargs(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    """The arguments, shortened: a value can be huge (a YAML alias bomb is 9^9 elements), its message not."""
+    text = ", ".join(f"{k}={_SHORT.repr(v)}" for k, v in list(kwargs.items())[:8])
+    text += ", ..." if len(kwargs) > 8 else ""
+    return text if len(text) <= 160 else text[:156] + " ..."

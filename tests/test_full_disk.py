@@ -199,3 +199,33 @@ def test_an_error_message_is_capped_in_length(tmp_path, capsys):
     assert main(["run", str(path), "--set", "name=" + "x/" * 5000]) == 2
     err = one_line(capsys)
     assert len(err) < 1100 and "characters in all" in err
+
+
+def test_a_yaml_alias_bomb_in_factory_kwargs_is_a_short_line(tmp_path, capsys):
+    """9 levels of 9 aliases are 387 million elements if expanded; the message names them without expanding."""
+    (tmp_path / "boom.py").write_text("def splits(**kwargs):\n    raise ValueError('no data here')\n")
+    levels = ["    a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    recipe = yaml.safe_load(yaml.safe_dump({**TINY_RECIPE, "output_dir": str(tmp_path / "runs")}))
+    text = yaml.safe_dump(recipe).replace("data:\n", f"data:\n  factory: {tmp_path / 'boom.py'}:splits\n"
+                                                    "  kwargs:\n" + "\n".join(levels) + "\n", 1)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 2
+    err = one_line(capsys)
+    assert "raised ValueError: no data here" in err and len(err) < 1000
+
+
+def test_from_a_checkpoint_holding_nan_is_one_line(tmp_path, capsys, monkeypatch):
+    from prunet import create_model
+    from prunet.checkpoint import save_checkpoint
+
+    use_data_cache(monkeypatch)
+    model = create_model("lenet_300_100")
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    ckpt = save_checkpoint(tmp_path / "dense.safetensors", model, {"model": "lenet_300_100", "model_kwargs":
+                                                                    {"num_classes": 10}})
+    path = recipe_file(tmp_path, tmp_path / "runs")
+    assert main(["run", str(path), "--from", str(ckpt)]) == 2
+    assert "fc2.weight" in one_line(capsys) and not (tmp_path / "runs").exists()
