@@ -163,3 +163,17 @@ def mnist_batch():
         return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
     return make
+
+
+@pytest.fixture
+def figures():
+    """``figures(fig)`` -> fig, closed after the test. The plot functions draw without pyplot, so
+    none of their figures may show up in pyplot's list (where a long session would pile them up)."""
+    import matplotlib.pyplot as plt
+
+    made = []
+    yield lambda fig: made.append(fig) or fig
+    open_in_pyplot = plt.get_fignums()
+    for fig in made:
+        plt.close(fig)
+    assert open_in_pyplot == []

@@ -6,7 +6,6 @@ import csv
 import functools
 from decimal import ROUND_HALF_UP, Decimal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -335,17 +334,6 @@ def test_energy_options_and_description():
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.fixture
-def figures():
-    """``figures(fig)`` -> fig, closed after the test. The plot functions draw without pyplot, so
-    none of their figures may show up in pyplot's list (where a long session would pile them up)."""
-    made = []
-    yield lambda fig: made.append(fig) or fig
-    open_in_pyplot = plt.get_fignums()
-    for fig in made:
-        plt.close(fig)
-    assert open_in_pyplot == []
 
 
 def test_weight_histogram_shows_all_weights_then_the_survivors(figures, tmp_path):

@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pytest
 
 from prunet.analysis.report import ReportError, plot_rounds, write_report
@@ -214,16 +213,6 @@ SUMMARY = {
     ],
 }
 
-
-@pytest.fixture
-def figures():
-    """``figures(fig)`` -> fig, closed after the test; the plot functions leave pyplot no figure of theirs."""
-    made = []
-    yield lambda fig: made.append(fig) or fig
-    open_in_pyplot = plt.get_fignums()
-    for fig in made:
-        plt.close(fig)
-    assert open_in_pyplot == []
 
 
 def test_rounds_figure_plots_the_summary(figures, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn as nn
@@ -272,16 +271,6 @@ def test_format_table():
     assert "| fc2 | 90.00 | 90.00 (0%) |  | 89.90 (50%) | 89.60 (75%) |" in lines
     assert format_sensitivity_table([]) == ""
 
-
-@pytest.fixture
-def figures():
-    """``figures(fig)`` -> fig, closed after the test; the plot functions leave pyplot no figure of theirs."""
-    made = []
-    yield lambda fig: made.append(fig) or fig
-    open_in_pyplot = plt.get_fignums()
-    for fig in made:
-        plt.close(fig)
-    assert open_in_pyplot == []
 
 
 def test_plot_has_a_panel_per_kind_and_a_curve_per_layer(figures, tmp_path):

@@ -89,18 +89,8 @@ class Aside:
     def clean_discarded(self) -> None:
         """Finish deleting earlier runs whose deletion was cut short (``.prunet-discard-*``): only their files."""
         for leftover in self.folder.glob(".prunet-discard-*"):
-            if not leftover.is_dir():
-                continue
-            try:
-                names = names_in(leftover)
-            except RunError:
-                names = []
-            for name in names:
-                (leftover / name).unlink(missing_ok=True)
-            (leftover / MANIFEST).unlink(missing_ok=True)
-            (leftover / MOVED).unlink(missing_ok=True)
-            if leftover.is_dir() and not any(leftover.iterdir()):
-                leftover.rmdir()
+            if leftover.is_dir():
+                _delete_run(leftover)
 
     def discard(self) -> None:
         """The new run finished: delete the earlier run's files.
@@ -113,13 +103,16 @@ class Aside:
             return
         discard = self.folder / f".prunet-discard-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(self.path, discard)
-        try:
-            names = names_in(discard)
-        except RunError:
-            names = []
-        for name in names:
-            (discard / name).unlink(missing_ok=True)
-        (discard / MANIFEST).unlink(missing_ok=True)
-        (discard / MOVED).unlink(missing_ok=True)
-        if not any(discard.iterdir()):
-            discard.rmdir()
+        _delete_run(discard)
+
+
+def _delete_run(folder: Path) -> None:
+    """Delete the earlier run's files in a discarded aside folder, then the folder if nothing else is in it."""
+    try:
+        names = names_in(folder)
+    except RunError:
+        names = []
+    for name in [*names, MANIFEST, MOVED]:
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):  # anything else there is not ours: left alone
+        folder.rmdir()
