@@ -92,9 +92,9 @@ class PruningSchedule:
     """A recipe's pruning (the paper's ladder or gradual pruning) and learning rates, in any training loop.
 
     Call :meth:`step` once at the start of every training step, before the forward
-    pass: it prunes when the schedule says so and, given the optimizer, sets the
-    learning rate the recipe gives that step: the recipe's pruning and learning
-    rates. What ``prunet run`` adds around them is not in it: choosing each
+    pass: it prunes when the schedule says so. Your optimizer's learning rate (and your
+    learning-rate scheduler) stay yours: only a schedule built with ``lr=True`` sets the
+    rate the recipe gives each step. What ``prunet run`` adds around them is not in it: choosing each
     round's best epoch on validation, stopping the ladder, dropout adjustment,
     distillation, relative qualities from sensitivity, checkpoints and the report.
 
@@ -112,10 +112,10 @@ class PruningSchedule:
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         >>> loader = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]  # your data
         >>> pruner = Pruner(model)
-        >>> schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=len(loader))
+        >>> schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=len(loader), lr=True)
         >>> for epoch in range(schedule.epochs):
         ...     for x, y in loader:
-        ...         for event in schedule.step(optimizer):  # prunes on schedule, sets the lr
+        ...         for event in schedule.step(optimizer):  # prunes on schedule, sets the recipe's lr (lr=True)
         ...             print(f"epoch {epoch}: {event.label}, lr {optimizer.param_groups[0]['lr']:g}")
         ...         loss = F.cross_entropy(model(x), y)
         ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
@@ -140,8 +140,8 @@ class PruningSchedule:
         self._next = 0  # index of the first event not yet applied
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, pruner: Pruner, steps_per_epoch: int, dense: bool = True
-                    ) -> "PruningSchedule":
+    def from_recipe(cls, recipe: Recipe, pruner: Pruner, steps_per_epoch: int, dense: bool = True,
+                    lr: bool = False) -> "PruningSchedule":
         """The schedule of ``recipe``: its dense epochs (unless ``dense`` is False), then its rounds or gradual phase.
 
         Args:
@@ -149,6 +149,8 @@ class PruningSchedule:
             pruner: the model's pruner.
             steps_per_epoch: optimizer steps in one epoch of the user's loop.
             dense: include the recipe's dense training (False: the model is trained already).
+            lr: also set the optimizer's learning rate to the recipe's at every :meth:`step`
+                (default: the learning rate is the user's, never touched).
         """
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -172,13 +174,13 @@ class PruningSchedule:
             phases.append((epoch, recipe.retrain_config(rnd.epochs, rnd.lr_fraction)))
             epoch += rnd.epochs
 
-        def lr(step: int) -> float:
+        def rate(step: int) -> float:
             e = min(step // steps_per_epoch, max(epoch - 1, 0))
             first, cfg = next(((f, c) for f, c in reversed(phases) if f <= e and c.epochs), phases[-1])
             return lr_at(min(e - first, max(cfg.epochs - 1, 0)), max(cfg.epochs, 1), cfg.lr, cfg.lr_schedule,
                          cfg.lr_step_epochs, cfg.lr_gamma)
 
-        return cls(pruner, events, lr if phases else None, epoch * steps_per_epoch, steps_per_epoch)
+        return cls(pruner, events, rate if lr and phases else None, epoch * steps_per_epoch, steps_per_epoch)
 
     @property
     def epochs(self) -> int | None:
@@ -188,7 +190,8 @@ class PruningSchedule:
         return -(-self.total_steps // self.steps_per_epoch)
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneEvent]:
-        """Start one training step: apply the prunes due now, set ``optimizer``'s learning rate.
+        """Start one training step: apply the prunes due now (their optimizer state masked), and set
+        ``optimizer``'s learning rate only if the schedule was built with one (``lr=True``).
 
         Returns:
             The events applied (usually none).

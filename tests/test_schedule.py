@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REAL_FASHION, TINY_RECIPE
 
@@ -55,7 +56,7 @@ def test_gradual_schedule_in_a_user_loop_follows_the_cubic_curve():
     torch.manual_seed(0)
     model = create_model("lenet_300_100")
     pruner = Pruner(model)
-    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=10)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=10, lr=True)
     assert schedule.total_steps == 50 and schedule.epochs == 5
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     g = torch.Generator().manual_seed(0)
@@ -86,7 +87,7 @@ def test_the_papers_ladder_in_a_user_loop_prunes_at_each_round_and_sets_its_lr()
     torch.manual_seed(0)
     model = create_model("lenet_300_100")
     pruner = Pruner(model)
-    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=4)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=4, lr=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     seen = user_loop(model, schedule, optimizer, schedule.total_steps)
     assert [(i, labels) for i, labels, _ in seen if labels] == [(8, ["round 1"]), (16, ["round 2"])]
@@ -95,6 +96,29 @@ def test_the_papers_ladder_in_a_user_loop_prunes_at_each_round_and_sets_its_lr()
     assert lrs[8:16] == [pytest.approx(lr_at(e, 2, 0.01, "cosine")) for e in (0, 0, 0, 0, 1, 1, 1, 1)]
     assert lrs[16] == pytest.approx(0.01) and lrs[-1] == pytest.approx(lr_at(2, 3, 0.01, "cosine"))
     assert pruner.compression() == pytest.approx(20, rel=0.01)
+
+
+def test_the_users_optimizer_and_lr_scheduler_keep_their_learning_rate():
+    """AdamW at 1e-3 under CosineAnnealingLR: the schedule prunes on time and never sets the rate."""
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"}, "train": {"epochs": 1, "lr": 0.05},
+                               "prune": {"rounds": [{"quality": 1.0, "epochs": 2}]}})
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.total_steps)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3),
+                                                           T_max=schedule.total_steps)
+    fired = []
+    for step in range(schedule.total_steps):
+        fired += [(step, e.label) for e in schedule.step(optimizer)]
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0]), step
+        optimizer.step()
+        cosine.step()
+        reference.optimizer.step()
+        reference.step()
+    assert fired == [(4, "round 1")] and pruner.compression() > 1
 
 
 def test_a_schedule_resumes_from_its_state_dict():
