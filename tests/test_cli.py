@@ -141,6 +141,10 @@ def test_train_then_run_from_its_checkpoint(tmp_path, capsys, fast_data):
     assert "rounds" not in summary and summary["parameters"] == 266_610
     assert (dense_dir / "dense.safetensors").is_file()
     assert not list(dense_dir.glob("round*.safetensors")) and not (dense_dir / "final.safetensors").exists()
+    # The report of a dense-only run: its dense model, no rounds ("lacks 'final'" before).
+    assert main(["report", str(dense_dir)]) == 0
+    report = (dense_dir / "report.md").read_text()
+    assert "0 of 0 accepted" in report and "1.0× fewer weights" in report and "fc1" in report
 
     assert main(["run", str(recipe), "--from", str(dense_dir / "dense.safetensors"),
                  "--set", "prune.rounds=[{criterion: sparsity, sparsity: 0.5, epochs: 1}]",

@@ -51,7 +51,6 @@ from prunet.layers import LayerRow, Totals, format_table, totals
 from prunet.runfolder import (
     COMPACT,
     DENSE,
-    FINAL,
     LAYERS_CSV,
     REPORT_HTML,
     REPORT_MD,
@@ -496,7 +495,7 @@ def write_report(
         steps.set_postfix_str("reading the run")
         summary = run.summary
         # Every run file is read before the dataset, so a broken folder fails fast.
-        model, pruner, _ = run.load(FINAL)
+        model, pruner, _ = run.load(run.final_checkpoint)
         model.to(device)
         if data is None:
             data = load_data(run.recipe.data)

@@ -16,7 +16,7 @@ from prunet.config import ConfigError, Recipe, recipe_from_dict
 from prunet.factory import Trust
 from prunet.pruner import Pruner
 from prunet.runfolder.manifest import Manifest
-from prunet.runfolder.names import CONFIG, MANIFEST, METRICS, SUMMARY, MissingRunFileError, RunError
+from prunet.runfolder.names import CONFIG, DENSE, FINAL, MANIFEST, METRICS, SUMMARY, MissingRunFileError, RunError
 
 
 class Run:
@@ -73,7 +73,8 @@ class Run:
 
     @cached_property
     def summary(self) -> dict[str, Any]:
-        """``summary.json`` of a run with pruning rounds."""
+        """``summary.json`` of a run. A dense-only run (``prunet train``) reads as a run of no rounds whose
+        final model is its dense one."""
         path = self.require(SUMMARY)
         try:
             summary = json.loads(path.read_text())
@@ -81,10 +82,20 @@ class Run:
             raise RunError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(summary, dict):
             raise RunError(f"{path}: expected a JSON object, got {type(summary).__name__}")
-        for key in ("model", "dense", "final", "rounds"):
+        for key in ("model", "dense"):
+            if key not in summary:
+                raise RunError(f"{path} lacks '{key}'; is it a prunet run summary?")
+        if "final" not in summary and "rounds" not in summary:  # dense training only
+            summary = {**summary, "final": summary["dense"], "rounds": [], "compression": 1.0}
+        for key in ("final", "rounds"):
             if key not in summary:
                 raise RunError(f"{path} lacks '{key}'; is it a prunet run summary?")
         return summary
+
+    @property
+    def final_checkpoint(self) -> str:
+        """The run's final model: ``final.safetensors``, or a dense-only run's ``dense.safetensors``."""
+        return DENSE if not self.summary["rounds"] and not self.has(FINAL) else FINAL
 
     def load(self, name: str) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
         """Rebuild the model of checkpoint ``name`` (:func:`prunet.checkpoint.load_checkpoint`)."""

@@ -2,8 +2,8 @@
 
 * :func:`export`: a run folder or checkpoint -> a compact file (survivors and
   bit-packed relative indices), a baked dense safetensors file, or ONNX;
-* :func:`save`: a model, masks included, as a checkpoint; :func:`load`: any of prunet's files -> a plain model with the pruned model's
-  outputs; ``sparse=True`` runs pruned layers with sparse kernels where they are faster;
+* :func:`save`: a model, masks included, as a checkpoint; :func:`load`: any of prunet's files
+  -> a plain model with the pruned model's outputs; ``sparse=True`` runs pruned layers with sparse kernels where they are faster;
 * :mod:`~prunet.sparse.compact` (the file format), :mod:`~prunet.sparse.codec`
   (relative indices), :mod:`~prunet.sparse.modules` (the sparse layers).
 """

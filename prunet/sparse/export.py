@@ -152,7 +152,7 @@ def export(
             raise ExportError(f"-o {out} is {taken}; export writes only files of its own: choose another name")
     if Path(out).is_dir():
         raise ExportError(f"-o {out} is a folder; give a file name")
-    model, pruner, meta = load_checkpoint(ckpt, trust_factory)  # before `out` is touched: a bad checkpoint changes nothing
+    model, pruner, meta = load_checkpoint(ckpt, trust_factory)  # before `out` is touched
     dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
     keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}
     plain = baked_copy(model).eval()
