@@ -1,6 +1,6 @@
 """Checkpoints: safetensors weights (masks included) plus JSON metadata, written atomically.
 
-A checkpoint holds the model's ``state_dict`` (with any ``*_mask`` buffers) and
+A checkpoint holds the model's ``state_dict`` (with any ``*_prunet_mask`` buffers) and
 enough metadata to rebuild the model from the registry: its name, keyword
 arguments and, for a model whose layers were shrunk by neuron removal, the
 shapes in the file itself. Nothing is unpickled on load.
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from prunet.factory import Trust, check_trusted
 from prunet.files import atomic_path
-from prunet.masks import MASK_SUFFIX, masked_params
+from prunet.masks import MASK_SUFFIX, masked_params, upgrade_state
 from prunet.meta import validate_meta
 from prunet.models import create_model
 from prunet.pruner import Pruner
@@ -104,6 +104,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
     if _CHECKSUM_KEY in header and checksum(state, raw) != header[_CHECKSUM_KEY]:
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match its contents")
+    state = upgrade_state(state)  # masks saved as *_mask before they were *_prunet_mask
     try:
         meta = validate_meta(meta, f"checkpoint {path}")
     except ValueError as e:
@@ -210,7 +211,7 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         prefix = f"{name}." if name else ""
         for attr, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             new = state.get(prefix + attr)
-            if new is None or new.shape == tensor.shape or attr.endswith("_mask"):
+            if new is None or new.shape == tensor.shape or attr.endswith(MASK_SUFFIX):
                 continue
             if new.dim() != tensor.dim():  # a layer keeps its kind: only its sizes change
                 raise CheckpointError(f"{prefix + attr}: the file holds a {new.dim()}-D tensor {tuple(new.shape)}, "

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune as torch_prune
 
 from prunet import masks as M
 
@@ -75,7 +76,7 @@ class Layer:
 
     Attributes:
         layer: the owning module's name, e.g. ``"fc1"`` (what tables and recipes name).
-        param: the full parameter name, e.g. ``"fc1.weight"`` (its mask is ``fc1.weight_mask``).
+        param: the full parameter name, e.g. ``"fc1.weight"`` (its mask is ``fc1.weight_prunet_mask``).
         module: the owning module.
         attr: the attribute on the module, e.g. ``"weight"``.
         kind: ``"fc"`` or ``"conv"`` (the layer group).
@@ -168,6 +169,11 @@ def unprunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRU
     return found
 
 
+def torch_pruned(module: nn.Module) -> bool:
+    """Whether ``torch.nn.utils.prune`` reparametrizes ``module`` (its weight computed from ``weight_orig``)."""
+    return any(isinstance(h, torch_prune.BasePruningMethod) for h in module._forward_pre_hooks.values())
+
+
 def _how_held(module: nn.Module) -> str:
     """How ``module`` holds a weight that is not its parameter, and what makes it one."""
     parametrizations = getattr(module, "parametrizations", None)
@@ -175,6 +181,9 @@ def _how_held(module: nn.Module) -> str:
         kinds = ", ".join(type(p).__name__.lstrip("_") for p in parametrizations["weight"])
         return (f"computed by a parametrization ({kinds}); fold it into a plain weight (same outputs) with "
                 f"torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
+    if torch_pruned(module):
+        return ("pruned by torch.nn.utils.prune (weight = weight_orig * its weight_mask); make that permanent "
+                "with torch.nn.utils.prune.remove(layer, 'weight'), then prune it with prunet")
     hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
     hook = next((h for h in hooks if h in _FOLD_HOOKS), None)
     if hook is not None:

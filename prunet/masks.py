@@ -4,7 +4,7 @@ A pruned parameter keeps its identity (no re-parametrisation, so optimizers
 that already hold it keep working). Next to it lives a 0/1 buffer
 ``<param>_mask`` on the same module, in the parameter's dtype (multiplying by a
 boolean tensor costs several times more: it is converted on every use), so
-masks are part of ``state_dict`` under stable names (``fc1.weight_mask``), move
+masks are part of ``state_dict`` under stable names (``fc1.weight_prunet_mask``), move
 with ``model.to(device)`` and are broadcast like any buffer under DDP. The
 parameter knows where its mask lives (an attribute; its class and identity are
 unchanged, so optimizers keep their fast paths), through ``copy.deepcopy``,
@@ -41,7 +41,8 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-MASK_SUFFIX = "_mask"
+MASK_SUFFIX = "_prunet_mask"  # not torch.nn.utils.prune's "_mask": the two can be on one model without clashing
+LEGACY_MASK_SUFFIX = "_mask"  # what prunet's checkpoints called masks before; read, never written
 
 # Optimizers whose update of an entry is exactly zero when its gradient, its state and the
 # weight itself are zero (weight decay of a zero weight is zero). Exact types only: a subclass
@@ -54,7 +55,7 @@ _EXACT_FLOATS = (torch.float32, torch.float64)
 
 
 def mask_buffer_name(param_name: str) -> str:
-    """The buffer name holding the mask of ``param_name`` (``weight`` -> ``weight_mask``)."""
+    """The buffer name holding the mask of ``param_name`` (``weight`` -> ``weight_prunet_mask``)."""
     return param_name + MASK_SUFFIX
 
 
@@ -358,5 +359,24 @@ def baked_copy(model: nn.Module) -> nn.Module:
 
 
 def masked_params(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Parameter names that have a mask in a state dict (``fc1.weight_mask`` -> ``fc1.weight``)."""
+    """Parameter names that have a mask in a state dict (``fc1.weight_prunet_mask`` -> ``fc1.weight``)."""
     return [k[: -len(MASK_SUFFIX)] for k in state if k.endswith(MASK_SUFFIX)]
+
+
+def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of prunet's from before its masks were ``*_prunet_mask``: ``fc1.weight_mask`` renamed.
+
+    Only a mask beside its own weight is renamed; ``torch.nn.utils.prune``'s ``weight_mask`` sits
+    beside ``weight_orig`` and stays as it is.
+
+    Example:
+        >>> sorted(upgrade_state({"w": torch.ones(1), "w_mask": torch.ones(1)}))
+        ['w', 'w_prunet_mask']
+    """
+    out = {}
+    for key, value in state.items():
+        base = key[: -len(LEGACY_MASK_SUFFIX)]
+        legacy = key.endswith(LEGACY_MASK_SUFFIX) and not key.endswith(MASK_SUFFIX) and base in state \
+            and base + "_orig" not in state and base + MASK_SUFFIX not in state
+        out[base + MASK_SUFFIX if legacy else key] = value
+    return out

@@ -22,7 +22,17 @@ import torch.nn as nn
 
 from prunet import masks as M
 from prunet.criteria import Criterion
-from prunet.layers import PRUNABLE_TYPES, Layer, LayerRow, check_names, find_layers, rows_of, select, totals
+from prunet.layers import (
+    PRUNABLE_TYPES,
+    Layer,
+    LayerRow,
+    check_names,
+    find_layers,
+    rows_of,
+    select,
+    totals,
+    unprunable_layers,
+)
 from prunet.masks import ZERO_PRESERVING
 
 __all__ = ["Pruner", "ZERO_PRESERVING"]
@@ -41,7 +51,7 @@ class Pruner:
         exclude: regex patterns on parameter names to leave alone (applied after include).
         types: module types whose weights are pruned by default.
 
-    The masks live on the model as buffers (``fc1.weight_mask``), so
+    The masks live on the model as buffers (``fc1.weight_prunet_mask``), so
     ``model.state_dict()`` holds them. To resume, build the model, wrap it in a
     ``Pruner`` and ``load_state_dict``: the masks come back with the weights.
     Every ``torch.optim`` optimizer's step enforces them (see :mod:`prunet.masks`),
@@ -58,6 +68,10 @@ class Pruner:
         types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
     ):
         self.model = model
+        under_torch = [(name, how) for name, how in unprunable_layers(model, types) if "torch.nn.utils.prune" in how]
+        if under_torch:  # skipping it would report a compression the model does not have
+            name, how = under_torch[0]
+            raise ValueError(f"layer {name!r} is {how}")
         self.targets: list[Layer] = find_layers(model, include, exclude, types)
         if not self.targets:
             raise ValueError("no prunable parameters found (check include/exclude patterns)")

@@ -99,7 +99,7 @@ def share(model: nn.Module, bits: Setting, masks: dict[str, torch.Tensor] | None
     """Cluster the surviving weights of every layer ``bits`` names and make them shared, in place.
 
     Args:
-        model: a pruned model (masks baked or not: ``masks`` or the model's ``*_mask``
+        model: a pruned model (masks baked or not: ``masks`` or the model's ``*_prunet_mask``
             buffers say what survives; otherwise its non-zero weights).
         bits: bits per weight index, one number or per layer / group / glob
             (``{"conv": 8, "fc": 5}``, the paper's AlexNet setting). Layers not named stay as they are.

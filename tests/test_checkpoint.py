@@ -181,7 +181,7 @@ def test_metadata_is_json_in_the_file(lenet, tmp_path):
 def test_a_mask_for_a_parameter_the_model_lacks_is_a_checkpoint_error(tmp_path):
     model = create_model("lenet_300_100")
     state = {k: v for k, v in model.state_dict().items()}
-    state["fc9.weight_mask"] = torch.ones(3, 3, dtype=torch.bool)
+    state["fc9.weight_prunet_mask"] = torch.ones(3, 3, dtype=torch.bool)
     save_file(state, str(tmp_path / "c.safetensors"), metadata={"prunet": json.dumps({"model": "lenet_300_100"})})
     with pytest.raises(CheckpointError, match=r"masks for parameters lenet_300_100 does not have \(fc9\.weight\)"):
         load_checkpoint(tmp_path / "c.safetensors")

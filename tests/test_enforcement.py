@@ -125,8 +125,8 @@ def test_a_deep_copy_trains_with_its_masks():
     train(twin, opt)
     for name in ("fc1", "fc2", "fc3"):
         layer = getattr(twin, name)
-        assert torch.count_nonzero(layer.weight.detach()[layer.weight_mask == 0]) == 0
-        assert torch.equal(layer.weight_mask, getattr(model, name).weight_mask)
+        assert torch.count_nonzero(layer.weight.detach()[layer.weight_prunet_mask == 0]) == 0
+        assert torch.equal(layer.weight_prunet_mask, getattr(model, name).weight_prunet_mask)
 
 
 def test_float16_with_adam_keeps_pruned_weights_zero_not_nan():
@@ -174,7 +174,7 @@ def test_a_saved_whole_model_comes_back_enforced(how):
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(back(x), model(x))
     train(back, torch.optim.SGD(back.parameters(), lr=0.1, momentum=0.9))
-    assert torch.count_nonzero(back.fc1.weight.detach()[back.fc1.weight_mask == 0]) == 0
+    assert torch.count_nonzero(back.fc1.weight.detach()[back.fc1.weight_prunet_mask == 0]) == 0
 
 
 def test_a_shared_parameter_is_one_target_with_one_mask():
@@ -226,7 +226,7 @@ def test_more_ways_a_loop_can_touch_gradients_and_state(case):
         opt.step()
     for name in ("fc1", "fc2", "fc3"):
         layer = getattr(model, name)
-        assert torch.count_nonzero(layer.weight.detach()[layer.weight_mask == 0]) == 0, name
+        assert torch.count_nonzero(layer.weight.detach()[layer.weight_prunet_mask == 0]) == 0, name
 
 
 def test_a_copy_of_an_unpickled_model_is_enforced_too():
@@ -235,4 +235,4 @@ def test_a_copy_of_an_unpickled_model_is_enforced_too():
     Pruner(model).prune(Sparsity(0.8))
     twin = copy.deepcopy(pickle.loads(pickle.dumps(model)))
     train(twin, torch.optim.Adam(twin.parameters(), lr=1e-2))
-    assert torch.count_nonzero(twin.fc1.weight.detach()[twin.fc1.weight_mask == 0]) == 0
+    assert torch.count_nonzero(twin.fc1.weight.detach()[twin.fc1.weight_prunet_mask == 0]) == 0

@@ -30,10 +30,10 @@ def checkerboard(shape) -> torch.Tensor:
 def test_mask_is_a_buffer_under_param_name_mask():
     layer = linear()
     M.attach_mask(layer, "weight")
-    assert M.mask_buffer_name("weight") == "weight_mask"
+    assert M.mask_buffer_name("weight") == "weight_prunet_mask"
     state = layer.state_dict()
-    assert set(state) == {"weight", "bias", "weight_mask"}
-    assert torch.equal(state["weight_mask"], torch.ones_like(state["weight_mask"]))  # a fresh mask keeps all
+    assert set(state) == {"weight", "bias", "weight_prunet_mask"}
+    assert torch.equal(state["weight_prunet_mask"], torch.ones_like(state["weight_prunet_mask"]))  # a fresh mask keeps all
 
 
 def test_attach_applies_the_given_mask_and_keeps_identity():
@@ -51,7 +51,7 @@ def test_attach_keeps_a_mask_already_on_the_module():
     """A mask loaded from a checkpoint before the hook is attached is not reset to all ones."""
     layer = linear()
     mask = checkerboard(layer.weight.shape)
-    layer.register_buffer("weight_mask", mask.clone())
+    layer.register_buffer("weight_prunet_mask", mask.clone())
     M.attach_mask(layer, "weight")
     assert torch.equal(M.get_mask(layer, "weight") != 0, mask)
     assert bool((layer.weight.detach()[~mask] == 0).all())
@@ -182,7 +182,7 @@ def test_bake_removes_buffer_and_hook_and_keeps_values():
     x = torch.randn(8, 6)
     masked_out = layer(x).detach()
     M.bake(layer, "weight", handle)
-    assert "weight_mask" not in layer.state_dict()
+    assert "weight_prunet_mask" not in layer.state_dict()
     assert M.get_mask(layer, "weight") is None
     assert torch.equal(layer(x).detach(), masked_out)
     layer(x).pow(2).sum().backward()
@@ -198,7 +198,7 @@ def test_baked_copy_is_plain_and_leaves_the_original_pruned():
 
     plain = M.baked_copy(model)
     assert not any(k.endswith("_mask") for k in plain.state_dict())
-    assert "0.weight_mask" in model.state_dict()
+    assert "0.weight_prunet_mask" in model.state_dict()
     assert torch.equal(plain(x).detach(), expected)
     assert bool((plain[0].weight.detach()[~mask] == 0).all())
 

@@ -106,7 +106,7 @@ def test_masks_only_lose_entries_from_round_to_round(base_run):
     _, folder, _ = base_run
     assert masks_of(folder / "dense.safetensors") == {}
     first, second = masks_of(folder / "round1.safetensors"), masks_of(folder / "round2.safetensors")
-    assert set(first) == set(second) == {"fc1.weight_mask", "fc2.weight_mask", "fc3.weight_mask"}
+    assert set(first) == set(second) == {"fc1.weight_prunet_mask", "fc2.weight_prunet_mask", "fc3.weight_prunet_mask"}
     for k in first:
         assert not bool(((second[k] != 0) & (first[k] == 0)).any()), k
         assert int(second[k].sum()) < int(first[k].sum()), k
@@ -148,12 +148,12 @@ def test_round_retrains_only_the_named_layers(tiny_recipe, fast_data, tmp_path):
     run_recipe(tiny_recipe, folder)
     dense, _ = read_checkpoint(folder / "dense.safetensors")
     after, _ = read_checkpoint(folder / "round1.safetensors")
-    assert torch.equal(after["fc1.weight"], dense["fc1.weight"] * after["fc1.weight_mask"])  # pruned, not trained
-    assert int(after["fc1.weight_mask"].sum()) < 235_200
+    assert torch.equal(after["fc1.weight"], dense["fc1.weight"] * after["fc1.weight_prunet_mask"])  # pruned, not trained
+    assert int(after["fc1.weight_prunet_mask"].sum()) < 235_200
     for k in ("fc1.bias", "fc2.weight", "fc2.bias"):
         assert torch.equal(after[k], dense[k]), k
     assert not torch.equal(after["fc3.weight"], dense["fc3.weight"])
-    assert int(after["fc2.weight_mask"].sum()) == 30_000 and int(after["fc3.weight_mask"].sum()) == 1000
+    assert int(after["fc2.weight_prunet_mask"].sum()) == 30_000 and int(after["fc3.weight_prunet_mask"].sum()) == 1000
 
 
 def test_dropout_adjusted_while_retraining(tiny_recipe, fast_data, tmp_path):
@@ -383,7 +383,7 @@ def test_distillation_from_the_dense_model_retrains_the_rounds(base_run, fast_da
     a, _ = read_checkpoint(tmp_path / "distilled" / "round1.safetensors")
     b, _ = read_checkpoint(base_folder / "round1.safetensors")
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
-    assert torch.equal(a["fc1.weight_mask"], b["fc1.weight_mask"])
+    assert torch.equal(a["fc1.weight_prunet_mask"], b["fc1.weight_prunet_mask"])
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_default_targets_are_linear_and_conv_weights_not_biases():
     pruner = Pruner(create_model("lenet_5"))
     assert [t.param for t in pruner.targets] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     assert [t.kind for t in pruner.targets] == ["conv", "conv", "fc", "fc"]
-    assert not any(k.endswith("bias_mask") for k in pruner.model.state_dict())
+    assert not any(k.endswith("bias_prunet_mask") for k in pruner.model.state_dict())
 
 
 def test_masks_in_state_dict_under_stable_names(lenet):
@@ -72,10 +72,10 @@ def test_masks_in_state_dict_under_stable_names(lenet):
     Pruner(model).prune(Threshold(1.0))
     state = model.state_dict()
     for layer in ("fc1", "fc2", "fc3"):
-        mask = state[f"{layer}.weight_mask"]
+        mask = state[f"{layer}.weight_prunet_mask"]
         assert mask.shape == state[f"{layer}.weight"].shape
         assert set(mask.unique().tolist()) == {0, 1}  # 1 kept, 0 pruned
-        assert f"{layer}.bias_mask" not in state
+        assert f"{layer}.bias_prunet_mask" not in state
         assert bool((state[f"{layer}.weight"][mask == 0] == 0).all())
 
 
@@ -92,7 +92,7 @@ def test_included_bias_is_pruned(lenet):
     model = lenet()
     pruner = Pruner(model, include=[r"\.bias$"])
     pruner.prune(Sparsity(0.5))
-    assert int(model.fc1.bias_mask.sum()) == 150
+    assert int(model.fc1.bias_prunet_mask.sum()) == 150
     assert int((model.fc1.bias.detach() == 0).sum()) == 150
 
 
@@ -159,7 +159,7 @@ def test_select_unknown_layer_lists_the_layers(lenet):
     message = str(err.value)
     assert "fc9" in message and "fc1, fc2, fc3" in message
     assert "'fc1'" not in message.split("layers are")[0]  # only the unknown key is blamed
-    assert int(pruner.model.fc1.weight_mask.sum()) == 235200  # nothing pruned on error
+    assert int(pruner.model.fc1.weight_prunet_mask.sum()) == 235200  # nothing pruned on error
 
 
 def test_prune_restricted_to_layers(lenet):
@@ -476,7 +476,7 @@ def test_reloading_old_optimizer_state_does_not_revive_pruned_weights(lenet, mni
     pruner.prune(Sparsity(0.9))
     opt.load_state_dict(dense_state)
     buf = opt.state[model.fc1.weight]["momentum_buffer"]
-    assert torch.count_nonzero(buf[model.fc1.weight_mask == 0]) == 0
+    assert torch.count_nonzero(buf[model.fc1.weight_prunet_mask == 0]) == 0
     pruner.bake()  # no more enforcement: only clean state keeps the weights at zero
     pruned = model.fc1.weight == 0
     for _ in range(3):
@@ -495,7 +495,7 @@ def test_prune_cleans_the_state_of_attached_optimizers(lenet, mnist_batch):
     pruner.attach(opt)
     _step(model, opt, *mnist_batch())
     pruner.prune(Sparsity(0.8))  # no optimizer= here: the attached one is cleaned anyway
-    pruned = model.fc2.weight_mask == 0
+    pruned = model.fc2.weight_prunet_mask == 0
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.count_nonzero(opt.state[model.fc2.weight][key][pruned]) == 0
 
@@ -506,7 +506,7 @@ def test_loading_dense_weights_keeps_pruned_weights_at_zero(lenet):
     pruner = Pruner(model)
     pruner.prune(Sparsity(0.5))
     model.load_state_dict(dense, strict=False)  # weights only: the masks stay
-    assert torch.count_nonzero(model.fc1.weight[model.fc1.weight_mask == 0]) == 0
+    assert torch.count_nonzero(model.fc1.weight[model.fc1.weight_prunet_mask == 0]) == 0
     assert pruner.summary()[0].kept == 235_200 // 2
 
 

@@ -33,7 +33,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, mnist_batch):
     # What the example promises: masks in the saved file, pruned weights zero, same outputs after bake,
     # and the file is one the command line reads (prunet export).
     saved = load_file(tmp_path / "pruned.safetensors")
-    pruned = ~saved["fc1.weight_mask"]
+    pruned = ~saved["fc1.weight_prunet_mask"]
     assert pruned.any() and (saved["fc1.weight"][pruned] == 0).all()
     assert namespace["plain"] is model and pruner.targets == []
     assert main(["export", str(tmp_path / "pruned.safetensors"), "-o", str(tmp_path / "pruned.prunet")]) == 0

@@ -110,7 +110,7 @@ def test_fit_detaches_the_optimizers_it_attached(lenet, fashion, monkeypatch):
     (opt,) = attached
     momentum = opt.state[model.fc1.weight]["momentum_buffer"].clone()
     pruner.prune(Threshold(1.0))  # prunes more: an attached optimizer's state would be zeroed there
-    newly_pruned = (model.fc1.weight_mask == 0) & (momentum != 0)
+    newly_pruned = (model.fc1.weight_prunet_mask == 0) & (momentum != 0)
     assert newly_pruned.any()
     assert torch.equal(opt.state[model.fc1.weight]["momentum_buffer"], momentum)
 

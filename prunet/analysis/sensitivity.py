@@ -103,7 +103,7 @@ def sensitivity(
     """Prune each layer alone at each setting, without retraining, and measure validation accuracy.
 
     Each step prunes one layer's ``weight`` by ``criterion`` relative to its
-    current survivors (its ``weight_mask`` when the model has masks, otherwise
+    current survivors (its ``weight_prunet_mask`` when the model has masks, otherwise
     its non-zero weights), evaluates, and copies the saved weight back. The
     model ends bit-for-bit as it started, also when evaluation fails or is
     interrupted; its masks are never modified, and its train/eval mode is kept.

@@ -252,7 +252,7 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None)
     """Write ``model`` with its masks as a prunet checkpoint (safetensors, written whole): :func:`load` reads it.
 
     Args:
-        model: any model; a pruned one keeps its masks (its ``*_mask`` buffers) in the file.
+        model: any model; a pruned one keeps its masks (its ``*_prunet_mask`` buffers) in the file.
         path: the file, conventionally ``*.safetensors``.
         meta: JSON metadata; ``{"model": "lenet_300_100"}`` (a registry name) lets :func:`load` build the
             model itself; otherwise load into your own module (``load(path, model=MyNet())``).
