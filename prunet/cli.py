@@ -28,19 +28,19 @@ from prunet.analysis.tradeoff import (
 )
 from prunet.checkpoint import CheckpointError, load_checkpoint
 from prunet.checks import check_model_fits_data, model_data_mismatch
-from prunet.config import ConfigError, load_recipe, parse_override
+from prunet.config import ConfigError, DataConfig, load_recipe, parse_override
 from prunet.criteria import criteria_names
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
 from prunet.distributed import SINGLE, RankFailed, Ranks, from_env
-from prunet.factory import FactoryError
+from prunet.factory import FactoryError, check_trusted
 from prunet.files import name_problem, write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
 from prunet.runfolder import BITS_CSV, BITS_PNG, SENSITIVITY_CSV, SENSITIVITY_PNG, Run, RunError, RunFolder, \
     run_file_at
 from prunet.sparse import FORMATS, CompactFileError, ExportError, export, load, measure
-from prunet.sparse.export import source_checkpoint
+from prunet.sparse.export import file_meta, source_checkpoint
 from prunet.sparse.compact import VALUE_DTYPES
 from prunet.train import Normalization
 
@@ -58,7 +58,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, CompactFileErr
 
 def _recipe(args: argparse.Namespace, path: str | Path | None = None):
     """The recipe named on the command line, with ``--set`` and ``--data-dir`` applied."""
-    overrides = dict(parse_override(s) for s in args.set or [])
+    overrides = dict(parse_override(s) for s in getattr(args, "set", None) or [])
     if getattr(args, "data_dir", None):
         overrides["data.data_dir"] = args.data_dir
     if getattr(args, "device", None):
@@ -227,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
     device = resolve_device(args.device, "--device")
     model = load(args.file, sparse=args.sparse, trust_factory=args.trust_factory).to(device)
-    data = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
+    data = _eval_data(args, file_meta(args.file))
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
         raise UsageError(f"{args.file}: {mismatch[1]}")
@@ -236,6 +236,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("latency: " + ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in result.latency_ms.items()))
     print("layers: " + ", ".join(f"{name} {path}" for name, path in result.plan.items()))
     return 0
+
+
+def _eval_data(args: argparse.Namespace, meta: dict):
+    """What ``eval`` measures on: ``--recipe``'s data, ``--dataset``, else the data the file records it was
+    trained on (a data factory only with ``--trust-factory``)."""
+    if args.recipe:
+        return load_data(_recipe(args, args.recipe).data)
+    if args.dataset:
+        return load_dataset(args.dataset, data_dir=args.data_dir, val_size=0)
+    split = meta.get("split")
+    if not isinstance(split, dict) or not split.get("dataset"):
+        raise UsageError(f"{args.file} does not record the data it was trained on; pass --dataset NAME or "
+                         f"--recipe RECIPE")
+    name = split["dataset"]
+    if name in DATASETS:
+        return load_dataset(name, data_dir=args.data_dir, val_size=0)
+    check_trusted(name, args.trust_factory, args.file, "data.factory")
+    cfg = DataConfig(factory=name, kwargs=dict(split.get("kwargs") or {}), val_size=split.get("val_size", 0),
+                     split_seed=split.get("split_seed", 0))
+    cfg.validate("data")
+    return load_data(cfg)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -386,7 +407,9 @@ def _export_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="test accuracy and latency of an exported file or a checkpoint")
     p.add_argument("file", metavar="FILE", help="a file from 'prunet export', or a checkpoint")
-    p.add_argument("--dataset", choices=list(DATASETS), default="fashion-mnist", help="default fashion-mnist")
+    p.add_argument("--dataset", choices=list(DATASETS),
+                   help="evaluate on this dataset (default: the data the file records it was trained on)")
+    p.add_argument("--recipe", help="evaluate on this recipe's data (a data.factory, say)")
     p.add_argument("--data-dir", help="folder with the dataset's four IDX files")
     p.add_argument("--sparse", action="store_true", help="run pruned layers with sparse kernels where faster")
     p.add_argument("--batch-sizes", default="1,64", metavar="B,B,...", help="batch sizes to time (default 1,64)")

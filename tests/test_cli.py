@@ -176,7 +176,9 @@ def test_export_then_eval_the_compact_file(tmp_path, capsys):
     assert f"wrote {tmp_path / 'm.prunet'} (prunet)" in out and "smaller than the dense float32 tensors" in out
     if not REAL_FASHION.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    assert main(["eval", str(tmp_path / "m.prunet"), "--batch-sizes", "1,8", "--sparse"]) == 0
+    assert main(["eval", str(tmp_path / "m.prunet"), "--batch-sizes", "1,8", "--sparse"]) == 2  # records no data
+    assert "--dataset" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "m.prunet"), "--batch-sizes", "1,8", "--sparse", "--dataset", "fashion-mnist"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"test accuracy \d+\.\d\d% on 10,000 fashion-mnist test images", out)
     assert "batch 1 " in out and "batch 8 " in out and re.search(r"layers: fc1 (dense|sparse CSR)", out)
@@ -264,6 +266,33 @@ def test_eval_of_a_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys
         pytest.skip("dataset-fashion-mnist not installed")
     save_checkpoint(tmp_path / "c.safetensors", create_model("lenet_300_100", num_classes=5),
                     {"model": "lenet_300_100", "model_kwargs": {"num_classes": 5}})
-    assert main(["eval", str(tmp_path / "c.safetensors")]) == 2
+    assert main(["eval", str(tmp_path / "c.safetensors"), "--dataset", "fashion-mnist"]) == 2
     err = capsys.readouterr().err
     assert "has 5 outputs, fashion-mnist has 10 classes" in err and err.count("\n") == 1
+
+
+def test_eval_measures_on_the_data_the_file_was_trained_on(tmp_path, capsys, fast_data):
+    """A model trained on npz data was evaluated on Fashion-MNIST (10.07%, exit 0); eval now reads the file's data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 1, 28, 28, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, :14].mean(dim=(1, 2)) > 0).long()  # 4 learnable classes
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    import numpy as np
+
+    for split, sl in (("train", slice(0, 400)), ("val", slice(400, 500)), ("test", slice(500, 600))):
+        np.savez(folder / f"{split}.npz", x=x[sl].numpy(), y=y[sl].numpy())
+    recipe = {**TINY_RECIPE, "output_dir": str(tmp_path / "runs"), "model": {"name": "lenet_300_100", "num_classes": 4},
+              "data": {"factory": "prunet.data.npz:splits", "kwargs": {"folder": str(folder)}, "batch_size": 50},
+              "train": {"epochs": 3, "lr": 0.05}}
+    assert main(["run", str(write_recipe(tmp_path, recipe))]) == 0
+    final = tmp_path / "runs" / "tiny" / "final.prunet"
+    capsys.readouterr()
+    assert main(["eval", str(final), "--batch-sizes", "1"]) == 2  # its data is a factory: trust is asked for
+    assert "--trust-factory" in capsys.readouterr().err
+    assert main(["eval", str(final), "--batch-sizes", "1", "--trust-factory"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert f"test accuracy {summary['final']['test_acc']:.2f}% on 100 " in out  # the run's own test split
+    assert main(["eval", str(final), "--batch-sizes", "1", "--dataset", "fashion-mnist"]) == 2  # 4 outputs, 10 classes
+    assert "outputs" in capsys.readouterr().err

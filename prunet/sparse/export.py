@@ -56,7 +56,7 @@ from prunet.models import create_model, get_model_info
 from prunet.neurons import remove_dead_neurons
 from prunet.runfolder import FINAL, RunFolder, run_file_at
 from prunet.share import share, unshare
-from prunet.sparse.compact import CompactFileError, read_compact, write_compact
+from prunet.sparse.compact import CompactFileError, read_compact, read_header, write_compact
 from prunet.sparse.modules import median_seconds, plan, sparsify
 from prunet.train import Normalization, evaluate
 
@@ -231,6 +231,20 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+def file_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata a prunet file records (model, its arguments, the data split it was trained on), checked,
+    without building anything."""
+    kind = file_kind(path)
+    if kind == "foreign":
+        raise CompactFileError(f"{path} is a safetensors file but not one prunet wrote (no prunet header)")
+    if kind == "checkpoint":
+        try:
+            return read_checkpoint(path)[1]
+        except CheckpointError as e:
+            raise CompactFileError(str(e)) from None
+    return read_header(path).get("meta") or {}
 
 
 def file_kind(path: str | Path) -> str:
