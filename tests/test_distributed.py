@@ -130,7 +130,7 @@ def test_masks_are_identical_on_both_ranks_after_every_round(runs):
         assert a == b
     # The digest is of the masks rank 0 wrote: the final checkpoint holds them.
     state = final_state(tmp / "two")
-    masks = {k[: -len("_mask")]: v for k, v in state.items() if k.endswith("_mask")}
+    masks = {k[: -len("_prunet_mask")]: v for k, v in state.items() if k.endswith("_prunet_mask")}
     assert mask_digest(masks) == summary["rounds"][-1]["mask_digests"][0]
 
 

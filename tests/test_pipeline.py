@@ -48,7 +48,7 @@ def base_run(tmp_path_factory):
 
 def masks_of(path) -> dict[str, torch.Tensor]:
     state, _ = read_checkpoint(path)
-    return {k: v for k, v in state.items() if k.endswith("_mask")}
+    return {k: v for k, v in state.items() if k.endswith("_prunet_mask")}
 
 
 def read_metrics(folder) -> list[dict]:
@@ -113,7 +113,7 @@ def test_masks_only_lose_entries_from_round_to_round(base_run):
     for name in ("round1", "round2", "final"):
         state, _ = read_checkpoint(folder / f"{name}.safetensors")
         for k in first:
-            weight = state[k[: -len("_mask")]]
+            weight = state[k[: -len("_prunet_mask")]]
             assert bool((weight[state[k] == 0] == 0).all()), f"{name}: {k}"
 
 

@@ -444,7 +444,7 @@ def test_baked_model_equals_a_hand_masked_copy(lenet, mnist_batch):
     reference = lenet(seed=5)
     with torch.no_grad():
         for name, p in reference.named_parameters():
-            mask = model.state_dict().get(name + "_mask")
+            mask = model.state_dict().get(name + "_prunet_mask")
             src = model.state_dict()[name]
             p.copy_(src * mask if mask is not None else src)
     x, _ = mnist_batch(32)

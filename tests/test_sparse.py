@@ -250,8 +250,8 @@ def test_a_user_model_loads_into_the_model_given(tmp_path):
     save_checkpoint(tmp_path / "c.safetensors", net, {"model": None})
     with pytest.raises(Exception):  # the registry cannot rebuild it from the checkpoint
         export(tmp_path / "c.safetensors", tmp_path / "x.prunet")
-    state = {k: v for k, v in net.state_dict().items() if not k.endswith("_mask")}
-    keep = {k[: -len("_mask")]: v.bool() for k, v in net.state_dict().items() if k.endswith("_mask")}
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("_prunet_mask")}
+    keep = {k[: -len("_prunet_mask")]: v.bool() for k, v in net.state_dict().items() if k.endswith("_prunet_mask")}
     write_compact(tmp_path / "u.prunet", state, keep, {})
     with pytest.raises(CompactFileError, match="pass the model"):
         load(tmp_path / "u.prunet")
