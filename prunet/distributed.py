@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -73,9 +74,25 @@ def init_process_group(ranks: Ranks, device: torch.device | None = None) -> bool
     return True
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(together: bool = True) -> None:
+    """Leave the process group; ``together``: once every rank has come here (a barrier first).
+
+    Ranks that leave at different moments can abort in gloo's teardown (a peer's connection
+    closing under a rank still tearing down its own), so a run that finished, or that every rank
+    stopped alike (an agreed error), leaves together. A rank that failed alone leaves at once:
+    the others may never reach a barrier.
+    """
+    if not dist.is_initialized():
+        return
+    if together:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))  # never a hang: a peer gone is an error
+            else:
+                dist.barrier()
+        except RuntimeError:  # a peer already gone: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def _device() -> torch.device:

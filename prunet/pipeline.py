@@ -23,7 +23,7 @@ from prunet.config import ConfigError, Recipe
 from prunet.criteria import TargetError
 from prunet.data import DatasetSplits, first_batch, load_data
 from prunet.devices import resolve_device
-from prunet.distributed import Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
+from prunet.distributed import RankFailed, Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
 from prunet.factory import Trust
 from prunet.files import name_problem
 from prunet.layers import find_layers, totals
@@ -169,9 +169,9 @@ class _process_group:
     def __enter__(self) -> None:
         self.joined = init_process_group(self.ranks)
 
-    def __exit__(self, *exc) -> None:
-        if self.joined:
-            shutdown()
+    def __exit__(self, exc_type, error, tb) -> None:
+        if self.joined:  # every rank meets a clean end, or an error the ranks agreed on (it carries `quiet`)
+            shutdown(together=error is None or hasattr(error, "quiet") or isinstance(error, RankFailed))
 
 
 def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
