@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from prunet.criteria import CRITERIA, Criterion, TargetThreshold
+from prunet.criteria import CRITERIA, LADDER_STEP, Criterion, TargetThreshold, ladder_targets
 from prunet.data import DATASETS
 from prunet.devices import check_device_spec
 from prunet.factory import Trust, absolute, check_trusted, is_factory
@@ -36,7 +36,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
 TARGET_CRITERIA = ("threshold", "global")  # the criteria a round's target compression can drive
-LADDER_STEP = 2.2  # a target ladder's compression grows about this much per round
 
 
 class _Loader(yaml.SafeLoader):
@@ -518,9 +517,7 @@ class Recipe:
         template = dataclasses.replace(first, criterion=criterion, sparsity=None, target=None,
                                        quality=first.quality if keep_quality else None,
                                        prune=["all"], train=["all"])
-        n = max(1, math.ceil(math.log(target) / math.log(step) - 1e-9))
-        rounds = [dataclasses.replace(template, target=round(target ** (k / n), 4)) for k in range(1, n + 1)]
-        rounds[-1].target = target
+        rounds = [dataclasses.replace(template, target=t) for t in ladder_targets(target, step)]
         recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds, gradual=None))
         recipe.validate()
         return recipe

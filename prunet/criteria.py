@@ -463,6 +463,22 @@ CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity,
 """Criterion name (as recipes spell it) -> class. A new criterion is one entry here."""
 
 
+LADDER_STEP = 2.2  # a target ladder's compression grows about this much per round
+
+
+def ladder_targets(target: float, step: float = LADDER_STEP) -> list[float]:
+    """The compressions of a ladder of rounds up to ``target``, each about ``step`` times the one before.
+
+    Example:
+        >>> ladder_targets(12)
+        [1.8612, 3.4641, 6.4474, 12]
+    """
+    if not (math.isfinite(target) and target >= 1):
+        raise ValueError(f"target: a compression >= 1, got {target}")
+    n = max(1, math.ceil(math.log(target) / math.log(step) - 1e-9))
+    return [round(target ** (k / n), 4) for k in range(1, n)] + [target]
+
+
 def criteria_names(*, per_layer: bool | None = None, setting: str | None = None) -> tuple[str, ...]:
     """Names of the registered criteria: all, those that take a setting per layer (``per_layer``: what a
     sensitivity sweep varies), or those whose recipe field is ``setting`` (``"sparsity"``: what a trade-off

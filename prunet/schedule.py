@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from prunet.config import Recipe, TrainConfig
-from prunet.criteria import Criterion, GlobalMagnitude, Sparsity
+from prunet.criteria import LADDER_STEP, Criterion, GlobalMagnitude, Sparsity, TargetThreshold, ladder_targets
 from prunet.pruner import Pruner
 
 
@@ -181,6 +181,45 @@ class PruningSchedule:
                          cfg.lr_step_epochs, cfg.lr_gamma)
 
         return cls(pruner, events, rate if lr and phases else None, epoch * steps_per_epoch, steps_per_epoch)
+
+    @classmethod
+    def gradual(cls, pruner: Pruner, target: float, start: int, end: int, every: int = 100,
+                initial: float = 0.0, criterion: str = "sparsity") -> "PruningSchedule":
+        """Gradual magnitude pruning (Zhu & Gupta) in your loop, no recipe needed.
+
+        From step ``start`` to ``end`` the masks follow the cubic sparsity curve, updated every
+        ``every`` steps, up to ``target`` times fewer weights (per layer, or one ``global`` cut).
+
+        Example:
+            >>> pruner = Pruner(torch.nn.Linear(100, 10))
+            >>> schedule = PruningSchedule.gradual(pruner, target=10, start=0, end=40, every=10)
+            >>> [e.step for e in schedule.events]
+            [0, 10, 20, 30, 40]
+        """
+        if not (math.isfinite(target) and target >= 1):
+            raise ValueError(f"target: a compression >= 1, got {target}")
+        if not (0 <= start <= end) or every < 1 or criterion not in ("sparsity", "global"):
+            raise ValueError(f"gradual: needs 0 <= start <= end, every >= 1 and criterion sparsity or global; got "
+                             f"start={start}, end={end}, every={every}, criterion={criterion!r}")
+        return cls(pruner, gradual_events(start, end, every, initial, 1 - 1 / target, criterion), total_steps=end + 1)
+
+    @classmethod
+    def ladder(cls, pruner: Pruner, target: float, steps_per_round: int,
+               quality: float | dict[str, float] = 1.0, step: float = LADDER_STEP) -> "PruningSchedule":
+        """The paper's iterative pruning in your loop: a round every ``steps_per_round`` steps, each the σ rule
+        (relative ``quality`` per layer) at about ``step`` times the compression before, the last at ``target``.
+
+        Example:
+            >>> schedule = PruningSchedule.ladder(Pruner(torch.nn.Linear(100, 10)), target=12, steps_per_round=50)
+            >>> [(e.step, e.label) for e in schedule.events][-1], schedule.total_steps
+            ((150, 'round 4'), 200)
+        """
+        if steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
+        targets = ladder_targets(target, step)
+        events = [PruneEvent(k * steps_per_round, TargetThreshold(t, quality), None, f"round {k + 1}")
+                  for k, t in enumerate(targets)]
+        return cls(pruner, events, total_steps=len(targets) * steps_per_round, steps_per_epoch=steps_per_round)
 
     @property
     def epochs(self) -> int | None:

@@ -203,3 +203,20 @@ def test_a_round_whose_target_is_out_of_reach_stops_the_ladder_there(fast_data, 
     summary = run(recipe_from_dict(recipe), run_dir=tmp_path / "far", log=lambda line: None)
     assert "round 2: target 40x is out of reach" in summary["stopped"]
     assert summary["compression"] == pytest.approx(3, rel=0.01)  # round 1's model
+
+
+def test_gradual_and_ladder_schedules_without_a_recipe_reach_their_target_in_a_users_loop():
+    for make, target in ((lambda p: PruningSchedule.gradual(p, target=10, start=2, end=12, every=3), 10),
+                         (lambda p: PruningSchedule.ladder(p, target=8, steps_per_round=4), 8)):
+        torch.manual_seed(0)
+        model = create_model("lenet_300_100")
+        pruner = Pruner(model)
+        schedule = make(pruner)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        user_loop(model, schedule, optimizer, schedule.total_steps)
+        assert optimizer.param_groups[0]["lr"] == 1e-3  # untouched
+        assert pruner.compression() == pytest.approx(target, rel=0.02)
+        for name, mask in pruner.masks.items():
+            assert not bool((dict(model.named_parameters())[name][mask == 0] != 0).any())
+    with pytest.raises(ValueError, match="target: a compression >= 1"):
+        PruningSchedule.gradual(Pruner(create_model("lenet_300_100")), target=0.5, start=0, end=10)
