@@ -90,26 +90,44 @@ def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load ``(state_dict, meta)`` from a checkpoint; a clear error for a bad file."""
     path = Path(path)
+    header = _header(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
+    raw = header.get(_META_KEY, "{}")
+    if _CHECKSUM_KEY in header and checksum(state, raw) != header[_CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match its contents")
+    return upgrade_state(state), _checked_meta(raw, path)  # masks saved as *_mask before they were *_prunet_mask
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata, checked, without reading its tensors (what it holds, not the model)."""
+    path = Path(path)
+    return _checked_meta(_header(path).get(_META_KEY, "{}"), path)
+
+
+def _header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        raw = header.get(_META_KEY, "{}")
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
+
+
+def _checked_meta(raw: str, path: Path) -> dict[str, Any]:
+    try:
         meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
-    except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({str(e).splitlines()[0]})") from None
-    if _CHECKSUM_KEY in header and checksum(state, raw) != header[_CHECKSUM_KEY]:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match its contents")
-    state = upgrade_state(state)  # masks saved as *_mask before they were *_prunet_mask
     try:
-        meta = validate_meta(meta, f"checkpoint {path}")
+        return validate_meta(meta, f"checkpoint {path}")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return state, meta
 
 
 def load_checkpoint(path: str | Path, trust_factory: Trust = False) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:

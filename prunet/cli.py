@@ -466,9 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "device", None):  # a device this machine lacks fails before anything is read
             resolve_device(args.device, "--device")
         run_dir = getattr(args, "run_dir", None)
-        if run_dir is not None and name_problem(run_dir):  # '' would silently mean the recipe's folder
-            raise UsageError(f"{'RUN_DIR' if args.command == 'report' else '--run-dir'}: {run_dir!r} "
-                             f"{name_problem(run_dir)}; choose another folder")
+        if run_dir is not None and (problem := name_problem(run_dir)):  # '' silently meant the recipe's folder
+            raise UsageError(f"{'RUN_DIR' if args.command == 'report' else '--run-dir'}: {run_dir!r} {problem}; "
+                             f"choose another folder")
         return args.func(args)
     except USER_ERRORS as e:
         if args.debug:

@@ -72,8 +72,8 @@ def run(
         try:
             # The device first (`device: cuda` on a machine without one), then the inputs: bad data, a
             # bad checkpoint or a layer-name typo fails before an earlier run's folder is touched.
-            if run_dir is not None and name_problem(str(run_dir)):
-                raise ConfigError(f"--run-dir: {str(run_dir)!r} {name_problem(str(run_dir))}; choose another folder")
+            if run_dir is not None and (problem := name_problem(str(run_dir))):
+                raise ConfigError(f"--run-dir: {str(run_dir)!r} {problem}; choose another folder")
             device = _device(recipe, ranks)
             check_ranks(recipe, ranks.world_size)
             data = load_data(recipe.data)

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from prunet.checkpoint import own_storage
+from prunet.checkpoint import checksum, own_storage
 from prunet.files import atomic_path
 from prunet.meta import MAX_SHARED_BITS, check_int, check_mapping, check_str, shown, validate_meta
 from prunet.sparse import codec, huffman
@@ -478,10 +477,4 @@ def _decode_shared(name: str, tensors: Mapping[str, torch.Tensor], shape: tuple[
 
 def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
     """SHA-256 of the header (without its checksum) and of every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name in sorted(tensors):
-        shape = tuple(tensors[name].shape)
-        t = tensors[name].contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{shape}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + digest.hexdigest()
+    return checksum(dict(tensors), json.dumps(header, sort_keys=True))

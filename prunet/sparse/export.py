@@ -42,6 +42,7 @@ from prunet.checkpoint import (
     load_checkpoint,
     load_state,
     read_checkpoint,
+    read_meta,
     resize_to_state,
     save_checkpoint,
     state_into,
@@ -241,7 +242,7 @@ def file_meta(path: str | Path) -> dict[str, Any]:
         raise CompactFileError(f"{path} is a safetensors file but not one prunet wrote (no prunet header)")
     if kind == "checkpoint":
         try:
-            return read_checkpoint(path)[1]
+            return read_meta(path)
         except CheckpointError as e:
             raise CompactFileError(str(e)) from None
     return read_header(path).get("meta") or {}
