@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
@@ -47,27 +46,68 @@ import torch.nn.utils.prune as torch_prune
 from prunet import masks as M
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Module types whose ``weight`` is pruned by default (biases are not, as in the paper)."""
+"""Module types whose ``weight`` is pruned by default (biases are not, as in the paper).
 
-GROUPS: tuple[str, ...] = ("fc", "conv", "all")
-"""Names that select layers by group rather than by name."""
+Beside them, by default: Hugging Face's ``Conv1D`` (GPT-2's linear layers, recognised by
+duck type) in ``fc`` and ``nn.MultiheadAttention``'s in-projections in ``attn``; on request
+(``include=["embed"]`` or ``["all"]``): ``nn.Embedding`` and ``nn.EmbeddingBag`` weights.
+"""
+
+GROUPS: tuple[str, ...] = ("fc", "conv", "attn", "embed", "all")
+"""Names that select layers by group rather than by name: ``fc`` (Linear, HF Conv1D),
+``conv`` (Conv1d/2d/3d), ``attn`` (MultiheadAttention in-projections), ``embed``
+(Embedding, opt-in), ``all`` (every one of these, embeddings included)."""
+
+DEFAULT_GROUPS: tuple[str, ...] = ("fc", "conv", "attn")
+"""The groups pruned when no ``include`` is given (embeddings are opt-in)."""
+
+_ATTN_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_REGEX_CHARS = frozenset("^$\\()|+{}")
 
 Setting = Union[float, Mapping[str, float]]
 """A per-layer setting: one number for every layer, or layer name / group / glob -> number."""
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (a Linear whose weight is stored (in, out)).
+
+    Recognised by duck type, so prunet needs no ``transformers`` import.
+    """
+    weight = module._parameters.get("weight")
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+
+
 def layer_kind(module: nn.Module) -> str:
-    """The layer group a module belongs to: ``"fc"`` for Linear, ``"conv"`` for convolutions."""
-    if isinstance(module, nn.Linear):
+    """The layer group a module belongs to: ``fc``, ``conv``, ``attn``, ``embed``, else its type's name."""
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return "fc"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attn"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embed"
     return type(module).__name__.lower()
 
 
+def param_kind(module: nn.Module, attr: str, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> str | None:
+    """The group of ``module.<attr>`` when it is a weight prunet knows how to prune, else None.
+
+    >>> param_kind(nn.MultiheadAttention(8, 2), "in_proj_weight"), param_kind(nn.Linear(2, 2), "bias")
+    ('attn', None)
+    """
+    if attr == "weight" and (isinstance(module, types) or is_hf_conv1d(module)):
+        return layer_kind(module)
+    if isinstance(module, nn.MultiheadAttention) and attr in _ATTN_PARAMS:
+        return "attn"
+    if attr == "weight" and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embed"
+    return None
+
+
 def is_prunable(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer whose weight is pruned by default (:data:`PRUNABLE_TYPES`)."""
-    return isinstance(module, PRUNABLE_TYPES)
+    """Whether ``module`` is a layer whose ``weight`` is pruned by default (Linear, ConvNd, HF Conv1D)."""
+    return isinstance(module, PRUNABLE_TYPES) or is_hf_conv1d(module)
 
 
 @dataclass
@@ -79,7 +119,8 @@ class Layer:
         param: the full parameter name, e.g. ``"fc1.weight"`` (its mask is ``fc1.weight_prunet_mask``).
         module: the owning module.
         attr: the attribute on the module, e.g. ``"weight"``.
-        kind: ``"fc"`` or ``"conv"`` (the layer group).
+        kind: the layer group (``fc``, ``conv``, ``attn``, ``embed``), or ``other`` for a
+            parameter named by a glob that is none of these.
     """
 
     layer: str
@@ -103,41 +144,166 @@ class Layer:
         return self.weight.numel() if mask is None else int(mask.count_nonzero())
 
 
+class PatternError(ValueError):
+    """An include/exclude pattern that is a regular expression, or that names nothing."""
+
+
+def check_patterns(patterns: Iterable[str] | None, field: str = "include") -> list[str] | None:
+    """``patterns`` as a list, refusing regular expressions with a hint (they take globs and groups).
+
+    Raises:
+        PatternError: a pattern with a character only a regex uses (``^ $ \\ ( ) | + { }``).
+    """
+    if patterns is None:
+        return None
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise PatternError(f"{field} takes layer names, globs or groups as strings, got {pattern!r}")
+        if _REGEX_CHARS & set(pattern):
+            raise PatternError(
+                f"{field} pattern {pattern!r} looks like a regular expression; {field} takes globs on layer or "
+                f"parameter names (fc*, encoder.*.weight, fc1.bias) and groups ({', '.join(GROUPS)})")
+    return patterns
+
+
+def _named(pattern: str, name: str, param: str, kind: str | None) -> bool:
+    """Whether ``pattern`` (a group or a glob) names the parameter ``param`` of the module ``name``.
+
+    A group or a layer name takes the layer's prunable weights only; a glob on the full
+    parameter name takes any parameter (``fc1.bias``, ``pos_embedding``).
+    """
+    if pattern in GROUPS:
+        return kind is not None and (pattern == "all" or pattern == kind)
+    if fnmatch.fnmatchcase(param, pattern):
+        return True
+    return kind is not None and fnmatch.fnmatchcase(name, pattern)
+
+
+def _candidates(model: nn.Module, types: tuple[type[nn.Module], ...]):
+    """``(layer name, module, attr, full name, kind or None, param)`` per distinct floating parameter."""
+    seen = set()
+    for name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.is_floating_point():
+                continue  # a parameter shared by two modules is one layer, with one mask: its first owner's
+            seen.add(id(param))
+            full = f"{name}.{attr}" if name else attr
+            yield name, module, attr, full, param_kind(module, attr, types), param
+
+
 def find_layers(
     model: nn.Module,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+    strict: bool = False,
 ) -> list[Layer]:
     """The prunable parameters of ``model``, in ``named_modules`` order.
 
     Args:
         model: any ``nn.Module``.
-        include: regex patterns on full parameter names to take; default the
-            ``weight`` of every module of one of ``types``.
-        exclude: regex patterns on full parameter names to leave out (after include).
-        types: the module types taken when ``include`` is None.
+        include: what to take: groups (``fc``, ``conv``, ``attn``, ``embed``, ``all``), layer
+            names or globs on layer or parameter names (``encoder.*``, ``*.in_proj_weight``);
+            default :data:`DEFAULT_GROUPS`.
+        exclude: the same kinds of names, left out (after include).
+        types: the module types whose ``weight`` is in ``fc``/``conv``.
+        strict: raise :class:`PatternError` for an include or exclude glob that names no parameter.
 
     Returns:
         One :class:`Layer` per parameter; a parameter that two modules share appears
         once, under the first module that holds it.
+
+    Raises:
+        PatternError: a pattern that is a regular expression (they take globs).
     """
-    inc = [re.compile(p) for p in include] if include is not None else None
-    exc = [re.compile(p) for p in (exclude or [])]
-    found, seen = [], set()
-    for name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue  # a parameter shared by two modules is one layer, with one mask: its first owner's
-            seen.add(id(param))
-            full = f"{name}.{attr}" if name else attr
-            if inc is None:
-                wanted = isinstance(module, types) and attr == "weight"
-            else:
-                wanted = any(p.search(full) for p in inc)
-            if wanted and not any(p.search(full) for p in exc):
-                found.append(Layer(name, full, module, attr, layer_kind(module)))
+    inc = check_patterns(include, "include")
+    exc = check_patterns(exclude, "exclude") or []
+    inc = list(DEFAULT_GROUPS) if inc is None else inc
+    used, found = set(), []
+    for name, module, attr, full, kind, _ in _candidates(model, types):
+        taken = {p for p in inc if _named(p, name, full, kind)}
+        left = {p for p in exc if _named(p, name, full, kind)}
+        used |= taken | left
+        if taken and not left:
+            found.append(Layer(name, full, module, attr, kind or "other"))
+    unused = [p for p in inc + exc if p not in used and p not in GROUPS]
+    if strict and unused:
+        raise PatternError(f"{unused[0]!r} names no parameter of {type(model).__name__} (globs on layer or "
+                           f"parameter names, or a group: {', '.join(GROUPS)})")
     return found
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Matrix parameters left unpruned for one reason: what they are, their weights, their names, the way in."""
+
+    what: str
+    weights: int
+    names: tuple[str, ...]
+    hint: str
+
+    def __str__(self) -> str:
+        names = ", ".join(self.names[:3]) + (f", ... {len(self.names) - 3} more" if len(self.names) > 3 else "")
+        return f"{self.what} {self.weights:,} ({names}; {self.hint})"
+
+
+_SKIP_REASONS = {  # kind -> (what, how to prune them)
+    "embed": ("embeddings", "opt-in: include embed or all"),
+    None: ("not a known layer type", "name them in include to prune them"),
+}
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a set of layers covers of a model's matrix weights (every floating parameter of 2+ dimensions).
+
+    Attributes:
+        pruned: weights in the pruned layers.
+        total: weights in all matrix parameters of the model (and any 1-D parameter pruned).
+        skipped: the matrix parameters not pruned, one :class:`Skipped` per reason.
+    """
+
+    pruned: int
+    total: int
+    skipped: tuple[Skipped, ...]
+
+    @property
+    def line(self) -> str:
+        """One line: ``prunes 16 of 56 matrix weights (28.6%); skipped: embeddings 40 (0.weight; opt-in: ...)``."""
+        share = f" ({100 * self.pruned / self.total:.1f}%)" if self.total else ""
+        text = f"prunes {self.pruned:,} of {self.total:,} matrix weights{share}"
+        return text + ("; skipped: " + "; ".join(map(str, self.skipped)) if self.skipped else "")
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def coverage(model: nn.Module, layers: Iterable[Layer], types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> Coverage:
+    """How much of ``model``'s matrix weights ``layers`` prune, and what is left out and why.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+        >>> print(coverage(model, find_layers(model)))
+        prunes 16 of 56 matrix weights (28.6%); skipped: embeddings 40 (0.weight; opt-in: include embed or all)
+    """
+    taken = {layer.param for layer in layers}
+    left: dict[str | None, list[tuple[str, int]]] = {}
+    pruned = total = 0
+    for _, _, _, full, kind, param in _candidates(model, types):
+        if param.dim() < 2 and full not in taken:
+            continue
+        total += param.numel()
+        if full in taken:
+            pruned += param.numel()
+        else:
+            reason = kind if kind in _SKIP_REASONS else ("left out" if kind else None)
+            left.setdefault(reason, []).append((full, param.numel()))
+    skipped = []
+    for reason, items in left.items():
+        what, hint = _SKIP_REASONS.get(reason, ("left out", "by include/exclude"))
+        skipped.append(Skipped(what, sum(n for _, n in items), tuple(n for n, _ in items), hint))
+    return Coverage(pruned, total, tuple(skipped))
 
 
 # How a layer computes a weight it does not hold, and what folds it into a plain parameter (same outputs).
@@ -164,7 +330,8 @@ def unprunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRU
     """
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, types) and not isinstance(module._parameters.get("weight"), nn.Parameter):
+        held = isinstance(module, types) and not isinstance(module._parameters.get("weight"), nn.Parameter)
+        if held or torch_pruned(module):
             found.append((name, _how_held(module)))
     return found
 
@@ -182,8 +349,11 @@ def _how_held(module: nn.Module) -> str:
         return (f"computed by a parametrization ({kinds}); fold it into a plain weight (same outputs) with "
                 f"torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
     if torch_pruned(module):
-        return ("pruned by torch.nn.utils.prune (weight = weight_orig * its weight_mask); make that permanent "
-                "with torch.nn.utils.prune.remove(layer, 'weight'), then prune it with prunet")
+        name = next(h._tensor_name for h in module._forward_pre_hooks.values()
+                    if isinstance(h, torch_prune.BasePruningMethod))
+        return (f"pruned by torch.nn.utils.prune ({name} = {name}_orig * its {name}_mask); make that permanent "
+                f"with torch.nn.utils.prune.remove(layer, {name!r}) or take its masks over with "
+                f"Pruner.from_torch_prune(model)")
     hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
     hook = next((h for h in hooks if h in _FOLD_HOOKS), None)
     if hook is not None:

@@ -14,19 +14,23 @@ Example:
 from __future__ import annotations
 
 import copy
-import re
-from typing import Iterable
+import warnings
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune as torch_prune
 
 from prunet import masks as M
 from prunet.criteria import Criterion
 from prunet.layers import (
+    DEFAULT_GROUPS,
     PRUNABLE_TYPES,
+    Coverage,
     Layer,
     LayerRow,
     check_names,
+    coverage,
     find_layers,
     rows_of,
     select,
@@ -46,17 +50,24 @@ class Pruner:
     Args:
         model: any ``nn.Module``.
         criterion: the default criterion of :meth:`prune`.
-        include: regex patterns on parameter names to prune; default: the
-            ``weight`` of every Linear and Conv layer (biases are not pruned, as in the paper).
-        exclude: regex patterns on parameter names to leave alone (applied after include).
-        types: module types whose weights are pruned by default.
+        include: what to prune: groups (``fc``: Linear and Hugging Face ``Conv1D``; ``conv``;
+            ``attn``: ``nn.MultiheadAttention`` in-projections; ``embed``: embeddings; ``all``),
+            layer names, or globs on layer or parameter names (``encoder.*``, ``fc1.bias``);
+            default ``fc``, ``conv`` and ``attn`` (biases are not pruned, as in the paper).
+        exclude: the same kinds of names, left alone (applied after include).
+        types: module types whose ``weight`` is in ``fc``/``conv``.
+
+    A glob or name that names no parameter is an error, and so is a regular expression.
+    :meth:`coverage` says what share of the model's matrix weights is pruned and what is
+    skipped; a matrix parameter of a type prunet does not know is named in a warning.
 
     The masks live on the model as buffers (``fc1.weight_prunet_mask``), so
     ``model.state_dict()`` holds them. To resume, build the model, wrap it in a
-    ``Pruner`` and ``load_state_dict``: the masks come back with the weights.
-    Every ``torch.optim`` optimizer's step enforces them (see :mod:`prunet.masks`),
-    whether or not it was given to :meth:`prune` or :meth:`attach`; so does the
-    step of a ``copy.deepcopy``, an unpickled or a ``torch.load``-ed copy of the model.
+    ``Pruner`` and ``load_state_dict``: the masks come back with the weights
+    (:meth:`state_dict` holds the masks alone). Every ``torch.optim`` optimizer's
+    step enforces them (see :mod:`prunet.masks`), whether or not it was given to
+    :meth:`prune` or :meth:`attach`; so does the step of a ``copy.deepcopy``, an
+    unpickled or a ``torch.load``-ed copy of the model.
     """
 
     def __init__(
@@ -72,13 +83,95 @@ class Pruner:
         if under_torch:  # skipping it would report a compression the model does not have
             name, how = under_torch[0]
             raise ValueError(f"layer {name!r} is {how}")
-        self.targets: list[Layer] = find_layers(model, include, exclude, types)
+        self.include = None if include is None else ([include] if isinstance(include, str) else list(include))
+        self.exclude = None if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
+        self.targets: list[Layer] = find_layers(model, self.include, self.exclude, types, strict=True)
+        self._types = types
         if not self.targets:
-            raise ValueError("no prunable parameters found (check include/exclude patterns)")
+            raise ValueError(f"no prunable parameters found in {type(model).__name__}: {self.coverage()}")
+        unknown = [s for s in self.coverage().skipped if s.what == "not a known layer type"]
+        if unknown and self.include is None:
+            warnings.warn(f"Pruner({type(model).__name__}) {self.coverage()}", stacklevel=2)
         self.criterion = criterion
         self._handles = {t.param: M.attach_mask(t.module, t.attr) for t in self.targets}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._optimizer_handles: list = []
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module, **kwargs: Any) -> "Pruner":
+        """A Pruner whose masks prune exactly the weights that are zero now (sparsity made elsewhere).
+
+        Use it on a model pruned by other means, e.g. after ``torch.nn.utils.prune.remove``,
+        so that its zeros count as pruned and stay zero.
+
+        Args:
+            model: the model; ``kwargs`` as for :class:`Pruner`.
+
+        Example:
+            >>> layer = nn.Sequential(nn.Linear(4, 4))
+            >>> with torch.no_grad():
+            ...     layer[0].weight[0] = 0
+            >>> Pruner.from_zeros(layer).summary()[0].kept
+            12
+        """
+        pruner = cls(model, **kwargs)
+        for t in pruner.targets:
+            M.set_mask(t.module, t.attr, t.weight.detach() != 0)
+        return pruner
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module, **kwargs: Any) -> "Pruner":
+        """Take over ``torch.nn.utils.prune``'s masks: make them permanent and enforce them with prunet's.
+
+        Every parameter torch prunes (``weight_orig`` with ``weight_mask``) becomes a plain
+        parameter again (``torch.nn.utils.prune.remove``, same values) with a prunet mask
+        equal to torch's, taken even when not in the default groups (a pruned bias).
+
+        Args:
+            model: the model; ``kwargs`` as for :class:`Pruner`.
+        """
+        masks = _take_torch_masks(model)
+        include = kwargs.pop("include", None)
+        names = [n for n in masks if not any(t.param == n for t in find_layers(model, include))]
+        pruner = cls(model, include=[*(include if include is not None else DEFAULT_GROUPS), *names], **kwargs)
+        for t in pruner.targets:
+            if t.param in masks:
+                M.set_mask(t.module, t.attr, masks[t.param])
+        return pruner
+
+    def coverage(self) -> Coverage:
+        """What share of the model's matrix weights this pruner prunes, and what it skips and why.
+
+        ``print(pruner.coverage())`` prints one line, e.g. ``prunes 16,384 of 22,784 matrix
+        weights (71.9%); skipped: embeddings 6,400 (embed.weight; opt-in: include embed or all)``.
+        """
+        return coverage(self.model, self.targets, self._types)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks, by parameter name (bool tensors), and what was included and excluded.
+
+        ``model.state_dict()`` holds the masks already; this is for a checkpoint of its own.
+        """
+        return {"include": self.include, "exclude": self.exclude,
+                "masks": {t.param: t.mask.detach().to(torch.bool).clone() for t in self.targets}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Set the masks to those of :meth:`state_dict` (and zero what they prune; optimizers cleaned).
+
+        Raises:
+            ValueError: the masks name other parameters than this pruner's.
+        """
+        masks = state["masks"]
+        mine = [t.param for t in self.targets]
+        if sorted(masks) != sorted(mine):
+            extra = sorted(set(masks) - set(mine))
+            missing = sorted(set(mine) - set(masks))
+            raise ValueError(f"the pruner state does not fit: masks for {extra[:3] or 'none'} not pruned here; "
+                             f"no mask for {missing[:3] or 'none'}")
+        for t in self.targets:
+            M.set_mask(t.module, t.attr, masks[t.param].to(t.weight.device))
+            for opt in self._optimizers:
+                M.mask_optimizer_state(opt, t.weight, t.mask)
 
     # --- pruning -----------------------------------------------------------------------------
 
@@ -124,7 +217,7 @@ class Pruner:
         Criteria keep their statistics in float64, which some accelerators (Apple's MPS) lack.
         """
         twin = copy.deepcopy(self.model).to("cpu")
-        targets = {t.param: t for t in find_layers(twin, [f"^{re.escape(t.param)}$" for t in self.targets])}
+        targets = {t.param: t for t in find_layers(twin, [t.param for t in self.targets])}
         new = criterion.masks_in([targets[t.param] for t in selected], [targets[t.param] for t in self.targets])
         devices = {t.param: t.weight.device for t in self.targets}
         return {name: mask.to(devices[name]) for name, mask in new.items()}
@@ -209,3 +302,15 @@ class Pruner:
             M.bake(t.module, t.attr, self._handles.pop(t.param, ()))
         self.targets = []
         return self.model
+
+
+def _take_torch_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove ``torch.nn.utils.prune``'s reparametrizations from ``model``; their masks by parameter name."""
+    masks = {}
+    for name, module in model.named_modules():
+        hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
+        for hook in hooks:
+            attr = hook._tensor_name
+            masks[f"{name}.{attr}" if name else attr] = getattr(module, attr + "_mask").detach() != 0
+            torch_prune.remove(module, attr)
+    return masks

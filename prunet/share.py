@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from prunet.layers import Setting, check_names, find_layers, resolve
-from prunet.masks import bake
+from prunet.layers import DEFAULT_GROUPS, GROUPS, Setting, check_names, find_layers, resolve
+from prunet.masks import MASK_SUFFIX, bake
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,9 +109,11 @@ def share(model: nn.Module, bits: Setting, masks: dict[str, torch.Tensor] | None
         Parameter name -> :class:`SharedLayer`.
     """
     shared = {}
-    layers = find_layers(model)
+    masked = [name for name in (masks or {})] + [n[: -len(MASK_SUFFIX)] for n, _ in model.named_buffers()
+                                               if n.endswith(MASK_SUFFIX)]
+    layers = find_layers(model, include=[*DEFAULT_GROUPS, *dict.fromkeys(masked)])  # pruned embeddings too
     if isinstance(bits, dict):  # a typo is an error, not an unshared layer; a group may match nothing (conv=8 on an MLP)
-        check_names(layers, [k for k in bits if k not in ("fc", "conv", "all")], type(model).__name__)
+        check_names(layers, [k for k in bits if k not in GROUPS], type(model).__name__)
     for layer in layers:
         b = resolve(bits, layer)
         if b is None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import torch.nn as nn
 
 from prunet import Pruner, Sparsity
 from prunet.layers import (
     LayerNameError,
     LayerRow,
+    PatternError,
     check_names,
+    coverage,
     find_layers,
     format_table,
     human_count,
@@ -38,11 +41,89 @@ def test_find_layers_finds_linear_and_conv_weights_in_order():
     assert [layer.layer for layer in find_layers(create_model("lenet_5"))] == ["conv1", "conv2", "fc1", "fc2"]
 
 
-def test_find_layers_include_and_exclude_patterns():
+def test_find_layers_include_and_exclude_take_globs_and_groups():
     model = create_model("lenet_5")
     biases = ["conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias"]
-    assert [layer.param for layer in find_layers(model, include=[r"bias$"])] == biases
-    assert [layer.param for layer in find_layers(model, exclude=["^conv"])] == ["fc1.weight", "fc2.weight"]
+    assert [layer.param for layer in find_layers(model, include=["*.bias"])] == biases
+    assert [layer.param for layer in find_layers(model, exclude=["conv*"])] == ["fc1.weight", "fc2.weight"]
+    assert [layer.param for layer in find_layers(model, exclude=["conv"])] == ["fc1.weight", "fc2.weight"]
+    assert [layer.param for layer in find_layers(model, include=["fc1", "conv2.weight"])] == ["conv2.weight", "fc1.weight"]
+
+
+@pytest.mark.parametrize("pattern", [r"^fc1$", r"fc\.weight", "fc(1|2)", "fc1.weight$", ".+"])
+def test_a_regular_expression_is_refused_with_a_hint(pattern):
+    with pytest.raises(PatternError, match=r"looks like a regular expression; include takes globs .*groups \(fc, conv"):
+        find_layers(create_model("lenet_5"), include=[pattern])
+
+
+def test_a_glob_that_names_nothing_is_an_error_when_strict():
+    with pytest.raises(PatternError, match="'fc9' names no parameter of Sequential"):
+        find_layers(create_model("lenet_5"), exclude=["fc9"], strict=True)
+
+
+def test_transformer_encoder_attention_in_projections_are_covered():
+    """nn.MultiheadAttention holds its q/k/v projection as in_proj_weight: 10,240 of 16,384 weights were found."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2, enable_nested_tensor=False)
+    found = find_layers(model)
+    assert ("layers.0.self_attn.in_proj_weight", "attn") in [(layer.param, layer.kind) for layer in found]
+    assert sum(layer.weight.numel() for layer in found) == 16_384
+    cover = coverage(model, found)
+    assert (cover.pruned, cover.total, cover.skipped) == (16_384, 16_384, ())
+    assert cover.line == "prunes 16,384 of 16,384 matrix weights (100.0%)"
+    assert [layer.param for layer in find_layers(model, include=["attn"])] == [
+        "layers.0.self_attn.in_proj_weight", "layers.1.self_attn.in_proj_weight"]
+
+
+def test_separate_qkv_projections_are_covered():
+    attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+    assert [layer.param for layer in find_layers(attn)] == [
+        "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D as GPT-2 defines it: a Linear whose weight is stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_hugging_face_conv1d_is_found_by_duck_type():
+    model = nn.Sequential(Conv1D(12, 4), nn.ReLU(), Conv1D(3, 12))
+    assert [(layer.param, layer.kind) for layer in find_layers(model)] == [("0.weight", "fc"), ("2.weight", "fc")]
+
+
+def test_embeddings_are_opt_in_and_the_coverage_line_says_so():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    assert [layer.param for layer in find_layers(model)] == ["1.weight"]
+    line = coverage(model, find_layers(model)).line
+    assert line == "prunes 16 of 56 matrix weights (28.6%); skipped: embeddings 40 (0.weight; opt-in: include embed or all)"
+    assert [layer.param for layer in find_layers(model, include=["all"])] == ["0.weight", "1.weight"]
+    assert [(layer.param, layer.kind) for layer in find_layers(model, include=["embed"])] == [("0.weight", "embed")]
+
+
+class PositionalModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x + self.pos[: x.shape[-2]])
+
+
+def test_a_matrix_parameter_of_no_known_type_is_named_in_the_coverage_and_prunable_by_glob():
+    model = PositionalModel()
+    assert coverage(model, find_layers(model)).line == (
+        "prunes 16 of 48 matrix weights (33.3%); skipped: not a known layer type 32 (pos; name them in include to "
+        "prune them)")
+    assert [(layer.param, layer.kind) for layer in find_layers(model, include=["pos", "fc"])] == [
+        ("pos", "other"), ("fc.weight", "fc")]
 
 
 # --- naming layers ----------------------------------------------------------------------------
@@ -69,7 +150,7 @@ def test_a_name_that_names_no_layer_is_one_clear_error():
     layers = find_layers(create_model("lenet_300_100"))
     with pytest.raises(LayerNameError) as info:
         select(layers, ["fc1", "fc9"], "lenet_300_100")
-    assert str(info.value) == "'fc9' names no layer of lenet_300_100; layers: fc1, fc2, fc3 (groups: fc, conv, all)"
+    assert str(info.value) == "'fc9' names no layer of lenet_300_100; layers: fc1, fc2, fc3 (groups: fc, conv, attn, embed, all)"
     with pytest.raises(LayerNameError, match="'conv' names no layer"):
         check_names(layers, ["conv"])  # a group with no member is a typo too
     check_names(layers, ["fc?", "all"])  # no error

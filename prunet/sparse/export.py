@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from prunet.checkpoint import (
     CheckpointError,
+    is_torch_file,
     load_checkpoint,
     load_state,
     read_checkpoint,
@@ -114,11 +115,13 @@ def export(
     quantize: Setting | None = None,
     trust_factory: Trust = False,
     owner: RunFolder | None = None,
+    model: nn.Module | None = None,
 ) -> Exported:
     """Write the pruned model of ``source`` as ``out``.
 
     Args:
-        source: a run folder (its ``final.safetensors`` is used) or a checkpoint.
+        source: a run folder (its ``final.safetensors`` is used), a checkpoint (:func:`save`), or
+            a ``torch.save``-d state dict (with ``model``).
         out: the file to write (replaced whole).
         format: ``prunet`` (compact), ``safetensors`` (baked, dense) or ``onnx``.
         shrink: remove dead neurons first, so layers are physically smaller
@@ -130,6 +133,8 @@ def export(
             :func:`load` then gives the shared model.
         trust_factory: build a model whose checkpoint names a factory (``mypkg.nets:resnet20``):
             ``True``, or a collection of the trusted specs (see :func:`prunet.factory.check_trusted`).
+        model: a fresh instance of the model the checkpoint holds, loaded into instead of the
+            one it names; needed for a file that names none (a ``torch.save``-d state dict).
         owner: the run folder ``out`` belongs to, when its run writes it (the pipeline's
             ``final.prunet``): ``out`` is recorded as a file of that run. Otherwise ``out``
             must not be a file a run recorded, nor in prunet's hidden folders.
@@ -153,7 +158,7 @@ def export(
             raise ExportError(f"-o {out} is {taken}; export writes only files of its own: choose another name")
     if Path(out).is_dir():
         raise ExportError(f"-o {out} is a folder; give a file name")
-    model, pruner, meta = load_checkpoint(ckpt, trust_factory)  # before `out` is touched
+    model, pruner, meta = load_checkpoint(ckpt, trust_factory, model)  # before `out` is touched
     dense_bytes = sum(4 * t.numel() for k, t in model.state_dict().items() if not k.endswith(MASK_SUFFIX))
     keep = {p: m.bool() for p, m in pruner.masks.items()} if pruner is not None else {}
     plain = baked_copy(model).eval()
@@ -203,7 +208,7 @@ def save_compact(
     """
     shared = shared or {}
     if keep is None:
-        keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(model)}
+        keep = {layer.param: layer.weight.detach() != 0 for layer in find_layers(model, include=["all"])}
     if shared:
         meta = {**meta, "shared_bits": {name: layer.bits for name, layer in shared.items()}}
     state = model.state_dict()
@@ -249,7 +254,9 @@ def file_meta(path: str | Path) -> dict[str, Any]:
 
 
 def file_kind(path: str | Path) -> str:
-    """``compact``, ``checkpoint`` or ``foreign``, from a safetensors file's metadata."""
+    """``compact``, ``checkpoint`` or ``foreign``, from a safetensors file's metadata (a torch state dict: ``checkpoint``)."""
+    if is_torch_file(Path(path)):
+        return "checkpoint"
     try:
         with safe_open(str(path), "pt") as f:
             keys = set(f.metadata() or {})

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunet.layers import find_layers, is_prunable
+from prunet.layers import find_layers, is_hf_conv1d
 
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -40,13 +40,15 @@ class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as a CSR matrix of its survivors.
 
     Args:
-        linear: the (baked) Linear layer; its zero weights are the pruned ones.
+        linear: the (baked) Linear layer, or Hugging Face ``Conv1D`` (its weight stored
+            transposed); its zero weights are the pruned ones.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Module):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        weight = weight.t() if is_hf_conv1d(linear) else weight  # Conv1D holds (in, out)
+        self.out_features, self.in_features = weight.shape
         self.kept = int(torch.count_nonzero(weight))
         self.register_buffer("weight", weight.to_sparse_csr(), persistent=False)  # (out, in)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
@@ -104,13 +106,13 @@ class SparseConv2d(nn.Module):
 
 
 def sparse_twin(module: nn.Module) -> nn.Module | None:
-    """The sparse replacement of a Linear or Conv2d layer, or None where there is none."""
-    if isinstance(module, nn.Linear):
-        return SparseLinear(module)
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-            and not isinstance(module.padding, str):
-        return SparseConv2d(module)
-    return None
+    """The sparse replacement of a Linear, HF Conv1D or Conv2d layer, or None where there is none.
+
+    None for attention in-projections, embeddings, grouped or 1-D/3-D convolutions: they run dense.
+    """
+    if not sparse_twin_type(module):
+        return None
+    return SparseConv2d(module) if isinstance(module, nn.Conv2d) else SparseLinear(module)
 
 
 # Larger than the last-level cache of the machines this runs on (32 MiB here): reading it
@@ -204,11 +206,25 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
 
 
 def plan(model: nn.Module) -> dict[str, str]:
-    """Layer name -> the path each weight layer of a (sparsified) model runs: ``sparse CSR`` or ``dense``."""
+    """Layer name -> the path each prunable layer of a (sparsified) model runs.
+
+    ``sparse CSR``; ``dense`` (a sparse kernel exists but was not faster, or the layer is
+    not pruned); ``dense (no sparse kernel)`` for a type :func:`sparse_twin` does not cover
+    (attention in-projections, embeddings, grouped convolutions).
+    """
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
             out[name] = "sparse CSR"
-        elif is_prunable(module):
-            out[name] = "dense"
+    for layer in find_layers(model, include=["all"]):
+        if layer.layer not in out:
+            out[layer.layer] = "dense" if sparse_twin_type(layer.module) else "dense (no sparse kernel)"
     return out
+
+
+def sparse_twin_type(module: nn.Module) -> bool:
+    """Whether :func:`sparse_twin` has a sparse kernel for ``module``."""
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)
