@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from prunet.factory import Trust, check_trusted
 from prunet.files import atomic_path
-from prunet.masks import MASK_SUFFIX, masked_params, upgrade_state
+from prunet.masks import MASK_SUFFIX, from_torch_pruned_state, masked_params, upgrade_state
 from prunet.meta import validate_meta
 from prunet.models import create_model
 from prunet.pruner import Pruner
@@ -88,8 +88,15 @@ def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load ``(state_dict, meta)`` from a checkpoint; a clear error for a bad file."""
+    """Load ``(state_dict, meta)`` from a checkpoint; a clear error for a bad file.
+
+    Besides prunet's own files (safetensors), a ``torch.save``-d state dict is read (with
+    ``weights_only=True``: no code runs), with empty metadata; one saved under
+    ``torch.nn.utils.prune`` (``weight_orig``, ``weight_mask``) comes with its masks.
+    """
     path = Path(path)
+    if is_torch_file(path):
+        return _read_torch(path), {}
     header = _header(path)
     try:
         state = load_file(str(path))
@@ -104,7 +111,40 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def read_meta(path: str | Path) -> dict[str, Any]:
     """A checkpoint's metadata, checked, without reading its tensors (what it holds, not the model)."""
     path = Path(path)
+    if is_torch_file(path):
+        return {}
     return _checked_meta(_header(path).get(_META_KEY, "{}"), path)
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file: a zip archive, or the legacy format (a protocol-2 pickle
+    of torch's magic number first; a safetensors file starts with its header's length, which these bytes
+    would make over 40 GB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a ``torch.save`` file holds (``weights_only``: no code runs), as prunet names masks."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... for one cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path} is a torch file prunet reads only as a state dict of tensors, and this one is not "
+            f"({first[:200]}); save the weights with torch.save(model.state_dict(), path) or prunet.save(model, path)"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a training checkpoint holding the state dict among other things
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in obj.items())):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors; save "
+                              f"model.state_dict() with torch.save, or use prunet.save(model, path)")
+    return upgrade_state(from_torch_pruned_state(dict(obj)))
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -130,14 +170,18 @@ def _checked_meta(raw: str, path: Path) -> dict[str, Any]:
         raise CheckpointError(str(e)) from None
 
 
-def load_checkpoint(path: str | Path, trust_factory: Trust = False) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, trust_factory: Trust = False, model: nn.Module | None = None
+) -> tuple[nn.Module, Pruner | None, dict[str, Any]]:
     """Rebuild the model of a checkpoint, with its masks if it has any.
 
     Args:
-        path: a checkpoint prunet wrote.
+        path: a checkpoint prunet wrote, or a ``torch.save``-d state dict.
         trust_factory: a checkpoint of the user's own model names the factory that builds it
             (``mypkg.nets:resnet20``), code that loading would run: it is called only when
             ``True`` or in this collection of trusted specs. Registry models need no trust.
+        model: load into this model (a fresh instance of the saved one) instead of building
+            the one the file names; needed for a file that names none (a torch state dict).
 
     Returns:
         ``(model, pruner, meta)``; ``pruner`` is None for a checkpoint without masks.
@@ -148,8 +192,12 @@ def load_checkpoint(path: str | Path, trust_factory: Trust = False) -> tuple[nn.
     """
     state, meta = read_checkpoint(path)
     name = meta.get("model")
+    if model is not None:
+        model, pruner = state_into(model, state, path, name or type(model).__name__)
+        return model, pruner, meta
     if not name:
-        raise CheckpointError(f"checkpoint {path} does not say which model it holds (no 'model' in its metadata)")
+        raise CheckpointError(f"checkpoint {path} does not say which model it holds; name it: --model "
+                              f"module:function (a factory that builds it), or load(path, model=MyNet()) in Python")
     check_trusted(name, trust_factory, f"checkpoint {path}")
     model, pruner = model_from_state(name, meta.get("model_kwargs", {}), state, path)
     return model, pruner, meta
@@ -192,7 +240,7 @@ def state_into(
     if strays:
         raise CheckpointError(f"{path} does not fit the model: masks for parameters "
                               f"{name or type(model).__name__} does not have ({', '.join(strays[:3])})")
-    pruner = Pruner(model, include=[f"^{k}$".replace(".", r"\.") for k in masked]) if masked else None
+    pruner = Pruner(model, include=masked) if masked else None
     load_state(model, state, path)
     if pruner is not None:
         pruner.enforce()

@@ -33,7 +33,7 @@ from prunet.criteria import criteria_names
 from prunet.data import DATASETS, DataError, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
 from prunet.distributed import SINGLE, RankFailed, Ranks, from_env
-from prunet.factory import FactoryError, check_trusted
+from prunet.factory import FactoryError, call_factory, check_trusted, is_factory
 from prunet.files import name_problem, write_text
 from prunet.models import create_model, get_model_info, list_models
 from prunet.pipeline import resume, run
@@ -127,7 +127,7 @@ def _model_and_data(args: argparse.Namespace, checkpoint: Path, recipe=None):
             recipe.check_trusted(args.trust_factory, source)
     trust = True if args.trust_factory else recipe.factories()  # a config.yaml's are checked just above
     device = resolve_device(recipe.device, "--device")
-    model, _, _ = load_checkpoint(checkpoint, trust)
+    model, _, _ = load_checkpoint(checkpoint, trust, _given_model(args))
     data = load_data(recipe.data)
     model.to(device)
     check_model_fits_data(recipe, model, data)
@@ -211,7 +211,7 @@ def cmd_bits(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     quantize = _bits(args.bits) if args.quantized else None
     done = export(args.source, args.output, format=args.format, shrink=args.shrink, value_dtype=args.dtype,
-                  quantize=quantize, trust_factory=args.trust_factory)
+                  quantize=quantize, trust_factory=args.trust_factory, model=_given_model(args))
     than = f"{done.ratio:.1f}x smaller than" if done.ratio >= 1 else f"{1 / done.ratio:.2f}x the size of"
     print(f"wrote {done.path} ({done.format}{', shrunk' if done.shrunk else ''}): {done.bytes:,} bytes, "
           f"{than} the dense float32 tensors ({done.dense_bytes:,} bytes) of {done.source}")
@@ -226,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise UsageError(f"--batch-sizes takes integers >= 1, got {args.batch_sizes!r}")
     device = resolve_device(args.device, "--device")
-    model = load(args.file, sparse=args.sparse, trust_factory=args.trust_factory).to(device)
+    model = load(args.file, sparse=args.sparse, trust_factory=args.trust_factory, model=_given_model(args)).to(device)
     data = _eval_data(args, file_meta(args.file))
     mismatch = model_data_mismatch(model, data)
     if mismatch is not None:
@@ -335,7 +335,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from this dense checkpoint instead of training")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
-    _trust_arg(p, "the --resume folder's recipe")
+    _trust_arg(p, "the --resume folder's recipe", model=False)
     p.set_defaults(func=cmd_run)
 
 
@@ -425,7 +425,7 @@ def _report_parser(sub) -> None:
     p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the activation pass runs: cpu (default), auto, cuda, cuda:N or mps")
-    _trust_arg(p, "the run folder")
+    _trust_arg(p, "the run folder", model=False)
     p.set_defaults(func=cmd_report)
 
 
@@ -438,10 +438,25 @@ def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     _device_arg(p, "sets the recipe's device")
 
 
-def _trust_arg(p: argparse.ArgumentParser, what: str) -> None:
+def _trust_arg(p: argparse.ArgumentParser, what: str, model: bool = True) -> None:
     p.add_argument("--trust-factory", action="store_true",
                    help=f"build the user's own model or data that {what} names by a factory (module:function): "
                         f"that runs its code, so only for files you trust; registry models need no trust")
+    if model:
+        p.add_argument("--model", metavar="NAME|FACTORY",
+                       help="the model the file holds, a registry name or module:function (for a file that names "
+                            "none, such as torch.save(model.state_dict(), 'model.pt')); built instead of the file's own")
+
+
+def _given_model(args: argparse.Namespace):
+    """The model ``--model`` names, built (a factory the user typed is trusted), or None."""
+    spec = getattr(args, "model", None)
+    if spec is None:
+        return None
+    try:
+        return call_factory(spec, {}, "--model") if is_factory(spec) else create_model(spec)
+    except (FactoryError, ValueError, TypeError) as e:
+        raise UsageError(f"--model {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _device_arg(p: argparse.ArgumentParser, what: str = "") -> None:

@@ -380,3 +380,23 @@ def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             and base + "_orig" not in state and base + MASK_SUFFIX not in state
         out[base + MASK_SUFFIX if legacy else key] = value
     return out
+
+
+def from_torch_pruned_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved under ``torch.nn.utils.prune`` as prunet's: ``w_orig`` and ``w_mask`` -> ``w``, its mask.
+
+    The weight is ``w_orig * w_mask`` (what torch's forward computes); the mask becomes ``w_prunet_mask``.
+
+    Example:
+        >>> state = {"w_orig": torch.tensor([2.0, 3.0]), "w_mask": torch.tensor([1.0, 0.0])}
+        >>> {k: v.tolist() for k, v in from_torch_pruned_state(state).items()}
+        {'w': [2.0, 0.0], 'w_prunet_mask': [1.0, 0.0]}
+    """
+    out = dict(state)
+    for key in [k for k in state if k.endswith("_orig") and k[: -len("_orig")] + LEGACY_MASK_SUFFIX in state]:
+        base = key[: -len("_orig")]
+        mask = out.pop(base + LEGACY_MASK_SUFFIX)
+        orig = out.pop(key)
+        out[base] = orig * mask.to(orig.dtype)
+        out[base + MASK_SUFFIX] = (mask != 0).to(orig.dtype)
+    return out
