@@ -368,7 +368,7 @@ def _sensitivity_parser(sub) -> None:
                    help="sweep the quality parameter (the paper) or per-layer sparsity")
     p.add_argument("--values", metavar="V,V,...",
                    help="settings to sweep (default: quality 0,0.25,...,2 or sparsity 0,0.1,...,0.9,0.95)")
-    p.add_argument("--layers", metavar="L,L,...", help="layers, groups (fc, conv) or globs (default: all)")
+    p.add_argument("--layers", metavar="L,L,...", help="layers, groups (fc, conv, attn, embed, all) or globs (default: all)")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="print the largest setting per layer costing at most this much accuracy (default 1.0)")
     _device_arg(p, "sets the recipe's device")

@@ -186,7 +186,7 @@ class Pruner:
         Args:
             criterion: e.g. ``Threshold(1.0)``, ``Sparsity({"fc1": 0.9})``, ``GlobalMagnitude(0.9)``;
                 default the one given to the constructor.
-            layers: restrict to these layers (names, groups such as ``fc``/``conv``,
+            layers: restrict to these layers (names, groups such as ``fc``/``conv``/``attn``,
                 globs); default all targets.
             optimizer: its state is zeroed at the pruned entries (so is the state of
                 every optimizer given to :meth:`attach`).

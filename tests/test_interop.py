@@ -89,6 +89,15 @@ def test_a_torch_saved_state_dict_exports_with_model_and_loads_back_equal(tmp_pa
     assert out.stat().st_size < (tmp_path / "pruned.pt").stat().st_size / 4  # survivors only, masks as positions
 
 
+def test_a_torch_saved_state_dict_is_evaluated_with_model_and_dataset(tmp_path, capsys):
+    torch.save(pruned_lenet().state_dict(), tmp_path / "pruned.pt")
+    assert main(["eval", str(tmp_path / "pruned.pt"), "--model", "lenet_300_100", "--dataset", "fashion-mnist",
+                 "--batch-sizes", "1"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "pruned.pt"), "--model", "no_such_net", "--dataset", "fashion-mnist"]) == 2
+    assert "--model no_such_net:" in capsys.readouterr().err
+
+
 def test_a_state_dict_that_names_no_model_is_one_line_naming_the_flag(tmp_path, capsys):
     torch.save(pruned_lenet().state_dict(), tmp_path / "pruned.pt")
     assert main(["export", str(tmp_path / "pruned.pt"), "-o", str(tmp_path / "x.prunet")]) == 2
