@@ -24,6 +24,7 @@ from prunet.devices import check_device_spec
 from prunet.factory import Trust, absolute, check_trusted, is_factory
 from prunet.files import name_problem
 from prunet.models import list_models
+from prunet.tasks import Task, make_loss, make_metric, spec_problem
 
 MAX_WORKERS = 256  # DataLoader processes: more is a typo that would fork without bound
 MAX_THREADS = 4096  # torch intra-op threads: far beyond any machine; 100000 crashes torch
@@ -176,8 +177,33 @@ class TrainConfig:
     amp: str = "none"
     """Mixed precision: ``bf16`` (autocast), ``fp16`` (autocast and a gradient scaler) or ``none``.
     Weights, masks and optimizer state stay float32; masked weights stay exactly zero."""
+    loss: str = "cross_entropy"
+    """What training minimises: ``cross_entropy`` (over the outputs' last dimension: classes, or a language
+    model's vocabulary) or your own ``"mypkg.tasks:loss"`` / ``"tasks.py:loss"``, a function called with
+    ``loss_kwargs`` returning ``loss(outputs, targets) -> scalar tensor``. A relative ``.py`` path is made absolute."""
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``loss``."""
+    metric: str = "accuracy"
+    """What chooses (best epoch, stop rule, sensitivity) and what reports show: ``accuracy`` (%, higher is
+    better), ``bits_per_token`` (lower is better; ``metric_kwargs: {name: bits/char}``) or your own factory
+    returning a :class:`prunet.tasks.Metric`."""
+    metric_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``metric``."""
+
+    def make_task(self) -> Task:
+        """The loss and metric this recipe names, built (a factory is imported and called).
+
+        Raises:
+            prunet.factory.FactoryError: one line naming ``train.loss`` or ``train.metric``.
+        """
+        return Task(make_loss(self.loss, self.loss_kwargs), make_metric(self.metric, self.metric_kwargs))
 
     def validate(self, where: str) -> None:
+        for name in ("loss", "metric"):
+            problem = spec_problem(getattr(self, name), getattr(self, name + "_kwargs"), f"{where}.{name}")
+            if problem is not None:
+                raise ConfigError(problem)
+            setattr(self, name, absolute(getattr(self, name)))
         _choice(where + ".amp", self.amp, AMP_MODES)
         _range(where + ".epochs", self.epochs, 0, None)
         _range(where + ".lr", self.lr, 0.0, None, lo_open=True)
@@ -339,11 +365,13 @@ class PruneConfig:
     reg_strength: Optional[float] = None
     """Its coefficient; None keeps ``train.reg_strength``."""
     max_accuracy_drop: Optional[float] = None
-    """Stop the ladder when validation accuracy falls more than this (points, e.g. 0.5) below dense."""
+    """Stop the ladder when the validation metric (``train.metric``) gets worse than dense by more than this:
+    points of accuracy (e.g. 0.5), or the metric's own units (bits/char rising by 0.02, say)."""
     relative_from_sensitivity: Optional[float] = None
     """For threshold rounds with a ``target`` and no ``quality``: take the relative per-layer qualities
     from the sensitivity analysis of the dense model, per layer the largest quality that costs at
-    most this many points of validation accuracy (as the paper chose its thresholds). None: 1 everywhere."""
+    most this much of the validation metric (points of accuracy; as the paper chose its thresholds). None: 1
+    everywhere."""
     distill_alpha: float = 0.0
     """Retrain with distillation from the dense model: weight of its soft targets in the loss (0: off)."""
     distill_temperature: float = 4.0
@@ -452,8 +480,15 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def factories(self) -> frozenset[str]:
-        """The user's code this recipe names (model and data factories): what trusting the recipe trusts."""
-        return frozenset(f for f in (self.model.factory, self.data.factory) if f)
+        """The user's code this recipe names (model, data, loss and metric factories): what trusting the recipe
+        trusts."""
+        return frozenset(spec for _, spec in self._named_code())
+
+    def _named_code(self) -> list[tuple[str, str]]:
+        """``(field, spec)`` of every factory the recipe names (a built-in loss or metric is none)."""
+        named = [("model.factory", self.model.factory), ("data.factory", self.data.factory),
+                 ("train.loss", self.train.loss), ("train.metric", self.train.metric)]
+        return [(name, spec) for name, spec in named if spec and is_factory(spec)]
 
     def check_trusted(self, trust: Trust, source: str | Path) -> None:
         """Refuse a recipe read from a file (a run folder's, a resume point's) whose factories are not trusted.
@@ -461,8 +496,8 @@ class Recipe:
         Raises:
             prunet.factory.UntrustedFactoryError: before anything is imported.
         """
-        check_trusted(self.model.factory, trust, str(source), "model.factory")
-        check_trusted(self.data.factory, trust, str(source), "data.factory")
+        for name, spec in self._named_code():
+            check_trusted(spec, trust, str(source), name)
 
     def retrain_config(
         self,

@@ -42,6 +42,7 @@ from prunet.schedule import PruningSchedule
 from prunet.share import share, shared_layers, unshare
 from prunet.sparse import export
 from prunet.sparse.export import save_compact
+from prunet.tasks import Task
 from prunet.train import EpochRecord, FitOptions, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
@@ -55,11 +56,11 @@ class RunState:
         recipe, model, pruner: the run's recipe, its model (masks included) and pruner
             (None until the first round, or for a dense checkpoint).
         finished: the names of the phases done (a resumed run skips them).
-        dense: the dense model's accuracies, once the dense phase is done.
+        dense: the dense model's losses and metric values (``val_acc``, ...), once the dense phase is done.
         rounds: the results of the finished rounds.
         stopped: why the ladder stopped early, if it did.
         accepted: the model state of the last accepted round (what a failing round falls back to).
-        open_round: the round being retrained: ``{"round", "val_acc_pruned", "dropout", "setting"}``.
+        open_round: the round being retrained: ``{"round", "val_<key>_pruned", "dropout", "setting"}``.
         fit: :func:`prunet.train.fit`'s state after its last finished epoch, in the phase ``fit_phase``.
     """
 
@@ -204,12 +205,16 @@ class RunContext:
 
     Attributes:
         summary: ``summary.json`` as the phases after the rounds build it.
+        task, metric: the recipe's loss and metric (``train.loss``, ``train.metric``): every value a phase
+            logs or records, and every choice, goes through the metric.
     """
 
     def __init__(self, state: RunState, data: DatasetSplits, folder: F.Folder, log: Log, ranks: Ranks,
-                 started: float):
+                 started: float, task: Task | None = None):
         self.recipe, self.state, self.data, self.folder, self.log = state.recipe, state, data, folder, log
         self.ranks, self.started = ranks, started
+        self.task = task or state.recipe.train.make_task()
+        self.metric = self.task.metric
         self.model = state.model
         self.norm = Normalization(data.mean, data.std)
         self.device = model_device(state.model)
@@ -234,10 +239,16 @@ class RunContext:
 
     def on_epoch(self, rec: EpochRecord) -> None:
         self.folder.log_metrics("epoch", **rec.to_dict())
+        m = self.metric
         self.log(
             f"  {rec.phase} epoch {rec.epoch}: lr {rec.lr:.4g}  train loss {rec.train_loss:.4f} "
-            f"acc {rec.train_acc:.2f}%  val {rec.val_acc:.2f}%  ({rec.seconds:.1f}s)"
+            f"{m.key} {m.format(rec.train_metric)}  val {m.format(rec.val_metric)}  ({rec.seconds:.1f}s)"
         )
+
+    def values(self, where: dict[str, Any]) -> str:
+        """``val 89.12%  test 88.90%``: a result's validation and test metric, for the log."""
+        m = self.metric
+        return f"val {m.format(where[m.field('val')])}  test {m.format(where[m.field('test')])}"
 
     def fit(self, model: nn.Module, cfg, *, seed: int, phase: str, **options) -> None:
         """Train one phase, saving a resume point after each epoch; continue it if the run stopped inside it.
@@ -258,7 +269,7 @@ class RunContext:
         save = (lambda s: self.state.save(self.folder, s, phase)) if resumable else None
         return FitOptions(batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=seed, phase=phase,
                           on_epoch=self.on_epoch, on_checkpoint=save, resume=resume, ranks=self.ranks,
-                          workers=d.workers, **options)
+                          workers=d.workers, task=self.task, **options)
 
     def teacher(self) -> nn.Module:
         """The dense model, from the run's dense checkpoint (the same after a resume), on the run's device."""
@@ -274,12 +285,14 @@ class RunContext:
         return build(self.recipe, state, path)[0].to(self.device)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Loss and metric on the validation and test splits (``val_loss``, ``val_acc``, ...)."""
         return evaluate_splits(model, self.data.val, self.data.test, self.norm, self.recipe.data.eval_batch_size,
-                               ranks=self.ranks, workers=self.recipe.data.workers)
+                               ranks=self.ranks, workers=self.recipe.data.workers, task=self.task)
 
     def evaluate_val(self, model: nn.Module) -> float:
+        """The metric on the validation split."""
         return evaluate(model, self.data.val, self.norm, self.recipe.data.eval_batch_size, ranks=self.ranks,
-                        workers=self.recipe.data.workers)[1]
+                        workers=self.recipe.data.workers, task=self.task)[1]
 
     def check_masks_agree(self, pruner: Pruner, where: str) -> list[str] | None:
         """Under several ranks: every rank's masks, as digests; an error if they differ (they are computed alike)."""
@@ -305,14 +318,14 @@ def dense(ctx: RunContext) -> PhaseResult:
     ctx.folder.save_checkpoint(F.DENSE, ctx.model, {**state.meta, "phase": "dense"})
     state.dense = ctx.evaluate(ctx.model)
     ctx.folder.log_metrics("dense", **state.dense)
-    ctx.log(f"dense: val {state.dense['val_acc']:.2f}%  test {state.dense['test_acc']:.2f}%")
+    ctx.log(f"dense: {ctx.values(state.dense)}")
     return PhaseResult()
 
 
 def dense_summary(ctx: RunContext) -> PhaseResult:
     """A recipe without rounds (``prunet train``): the dense model's summary."""
     summary = {"recipe": ctx.recipe.name, "model": ctx.recipe.model.spec, "dataset": ctx.data.name,
-               "dense": ctx.state.dense, "parameters": _parameters(ctx.model),
+               **_metric_entry(ctx), "dense": ctx.state.dense, "parameters": _parameters(ctx.model),
                "seconds": time.perf_counter() - ctx.started}
     ctx.folder.write_json(F.SUMMARY, summary)
     ctx.folder.forget(F.PROGRESS)
@@ -323,6 +336,7 @@ def prune_round(ctx: RunContext, i: int, rnd: RoundConfig) -> PhaseResult:
     """One round: prune the named layers, adjust dropout, retrain the named layers."""
     start = time.perf_counter()
     recipe, state, model = ctx.recipe, ctx.state, ctx.model
+    pruned_field = ctx.metric.field("val") + "_pruned"
     pruner, dropout = ctx.pruning()
     opened = state.open_round if state.open_round and state.open_round["round"] == i else None
     if opened is None:
@@ -334,9 +348,9 @@ def prune_round(ctx: RunContext, i: int, rnd: RoundConfig) -> PhaseResult:
         pruned_val = ctx.evaluate_val(model)
         kept = {r.layer: r.kept for r in pruner.summary()}
         ratios = dropout.adjust(kept, ctx._dense_weights) if recipe.prune.adjust_dropout else {}
-        state.open_round = {"round": i, "val_acc_pruned": pruned_val, "dropout": ratios, "setting": setting}
+        state.open_round = {"round": i, pruned_field: pruned_val, "dropout": ratios, "setting": setting}
     else:  # resumed inside this round: pruned and adjusted already
-        pruned_val, ratios, setting = opened["val_acc_pruned"], opened["dropout"], opened["setting"]
+        pruned_val, ratios, setting = opened[pruned_field], opened["dropout"], opened["setting"]
     trainable = None
     if not any(k in ("all", "*") for k in rnd.train):
         modules = {id(t.module): t.module for t in pruner.select(rnd.train)}
@@ -344,13 +358,13 @@ def prune_round(ctx: RunContext, i: int, rnd: RoundConfig) -> PhaseResult:
     cfg = recipe.retrain_config(rnd.epochs, rnd.lr_fraction)
     found = f", target {rnd.target:g}x: {format_setting(setting)}" if rnd.target else ""
     ctx.log(f"round {i}: pruned {', '.join(rnd.prune)} ({rnd.criterion}{found}); val before retraining "
-            f"{pruned_val:.2f}%; retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
+            f"{ctx.metric.format(pruned_val)}; retraining {', '.join(rnd.train)} for {cfg.epochs} epochs at lr {cfg.lr:.3g}"
             + (f"; dropout {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}" if ratios else ""))
     ctx.fit(model, cfg, seed=recipe.seed + i, phase=f"round{i}", pruner=pruner, trainable=trainable)
     return PhaseResult(round={
         "round": i, "criterion": rnd.criterion, "setting": setting, "target": rnd.target,
         "pruned_layers": rnd.prune, "trained_layers": rnd.train, "epochs": cfg.epochs, "lr": cfg.lr,
-        "val_acc_pruned": pruned_val, "dropout": ratios, **_outcome(ctx, pruner, f"round {i}", start),
+        pruned_field: pruned_val, "dropout": ratios, **_outcome(ctx, pruner, f"round {i}", start),
     })
 
 
@@ -384,21 +398,22 @@ def _relative_qualities(ctx: RunContext) -> dict[str, float] | None:
         return None
     if ctx.state.relative is None:  # every rank sweeps its part of the validation split
         rows = sensitivity(ctx.dense_model(), ctx.data.val, ctx.norm, batch_size=ctx.recipe.data.eval_batch_size,
-                           progress=False, model_name=ctx.recipe.model.spec, ranks=ctx.ranks)
+                           progress=False, model_name=ctx.recipe.model.spec, ranks=ctx.ranks, task=ctx.task)
         proposal = propose_qualities(rows, max_drop)
         ctx.state.relative = {r.layer: proposal.get(r.layer, 0.0) for r in rows}
         ctx.log("relative qualities from sensitivity (largest within "
-                f"{max_drop:g} points): {format_setting(ctx.state.relative)}")
+                f"{max_drop:g} {ctx.metric.points}): {format_setting(ctx.state.relative)}")
     return ctx.state.relative
 
 
 def _outcome(ctx: RunContext, pruner: Pruner, label: str, start: float) -> dict[str, Any]:
-    """A round's results: accuracies, the per-layer table (logged too), totals, time, the ranks' mask digests."""
+    """A round's results: losses and metric, the per-layer table (logged too), totals, time, the ranks' mask
+    digests."""
     digests = ctx.check_masks_agree(pruner, label)
     acc = ctx.evaluate(ctx.model)
     rows = pruner.summary()
     ctx.log(format_table(rows))
-    ctx.log(f"{label}: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%")
+    ctx.log(f"{label}: {ctx.values(acc)}")
     t = totals(rows)
     return {**({"mask_digests": digests} if digests else {}), **acc, "layers": [r.to_dict() for r in rows],
             "weights": t.weights, "weights_kept": t.kept, "compression": t.compression_or_none(),
@@ -417,21 +432,31 @@ def final(ctx: RunContext) -> PhaseResult:
 
 
 def _summary(ctx: RunContext, pruner: Pruner, final_acc: dict[str, float]) -> dict[str, Any]:
-    """``summary.json``: accuracies before and after, compression of weights and of all parameters, rounds."""
-    state, rows = ctx.state, pruner.summary()
+    """``summary.json``: the metric before and after, compression of weights and of all parameters, rounds.
+
+    A change is after minus before (``accuracy_change_test``): positive is better for accuracy, worse for a
+    lower-is-better metric (``summary["metric"]`` says which, and is there only when it is not accuracy).
+    """
+    state, rows, m = ctx.state, pruner.summary(), ctx.metric
     t = totals(rows)
     params_dense = _parameters(ctx.model)
     params_kept = params_dense - (t.weights - t.kept)
     return {
-        "recipe": ctx.recipe.name, "model": ctx.recipe.model.spec, "dataset": ctx.data.name,
+        "recipe": ctx.recipe.name, "model": ctx.recipe.model.spec, "dataset": ctx.data.name, **_metric_entry(ctx),
         "dense": state.dense, "final": final_acc,
-        "accuracy_change_test": final_acc["test_acc"] - state.dense["test_acc"],
-        "accuracy_change_val": final_acc["val_acc"] - state.dense["val_acc"],
+        m.change_field("test"): final_acc[m.field("test")] - state.dense[m.field("test")],
+        m.change_field("val"): final_acc[m.field("val")] - state.dense[m.field("val")],
         "weights": t.weights, "weights_kept": t.kept, "compression": t.compression_or_none(),
         "parameters": params_dense, "parameters_kept": params_kept,
         "parameter_compression": params_dense / params_kept if params_kept else None,
         "layers": [r.to_dict() for r in rows], "rounds": state.rounds, "stopped": state.stopped,
     }
+
+
+def _metric_entry(ctx: RunContext) -> dict[str, Any]:
+    """``summary.json``'s ``metric`` (name, key, direction, unit): only for a metric other than accuracy, so a
+    classifier's summary stays as it always was (a summary without one is read as accuracy)."""
+    return {} if ctx.metric.key == "acc" else {"metric": ctx.metric.describe()}
 
 
 def neurons(ctx: RunContext) -> PhaseResult:
@@ -514,7 +539,7 @@ def shared_file(ctx: RunContext) -> PhaseResult:
                                 {**ctx.state.meta, "phase": "final_shared"}, pruner.masks)
     acc, compact_file = ctx.summary["quantize"], ctx.summary["compact"]
     size, dense_file = path.stat().st_size, compact_file["dense_file_bytes"]
-    ctx.log(f"quantize: val {acc['val_acc']:.2f}%  test {acc['test_acc']:.2f}%; {F.SHARED_COMPACT} {size:,} bytes, "
+    ctx.log(f"quantize: {ctx.values(acc)}; {F.SHARED_COMPACT} {size:,} bytes, "
             f"{dense_file / size:.1f}x smaller than {F.DENSE} "
             f"(pruned only: {compact_file['ratio_to_dense_file']:.1f}x)")
     return PhaseResult(summary={"quantize": {

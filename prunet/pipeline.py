@@ -25,12 +25,14 @@ from prunet.data import DatasetSplits, first_batch, load_data
 from prunet.devices import resolve_device
 from prunet.distributed import RankFailed, Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
 from prunet.factory import Trust
+from prunet.devices import model_device
 from prunet.files import name_problem
 from prunet.layers import find_layers, totals
 from prunet.models import create_model
 from prunet.phases import Log, Phase, PhaseResult, RunContext, RunState, build, phases_for
 from prunet.pruner import Pruner
-from prunet.train import DivergedError
+from prunet.tasks import Metric, Task
+from prunet.train import DivergedError, output_problem
 
 
 def _silent(line: str) -> None:
@@ -78,6 +80,8 @@ def run(
             check_ranks(recipe, ranks.world_size)
             data = load_data(recipe.data)
             model, pruner = _starting_model(recipe, from_checkpoint)
+            task = recipe.train.make_task()
+            check_task_fits(recipe, model, data, task)
             check_model_fits_data(recipe, model, data)
             check_rounds(recipe, pruner.targets if pruner else find_layers(model))
             model.to(device)
@@ -87,7 +91,7 @@ def run(
         _agree(ranks, error, folder)
         state = RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
         state.input_shape = _example_shape(data)
-        ctx = RunContext(state, data, folder, log, ranks, started)
+        ctx = RunContext(state, data, folder, log, ranks, started, task)
         return _guarded(folder, log, lambda: drive(ctx, phases_for(recipe), resumed=False))
 
 
@@ -136,13 +140,15 @@ def resume(run_dir: str | Path, *, trust_factory: Trust = False, log: Log = prin
             if state.recipe.threads:
                 torch.set_num_threads(state.recipe.threads)
             data = load_data(state.recipe.data)
-            check_model_fits_data(state.recipe, state.model, data)  # a factory edited since the run started
+            task = state.recipe.train.make_task()
+            check_task_fits(state.recipe, state.model, data, task)  # factories edited since the run started
+            check_model_fits_data(state.recipe, state.model, data)
         except BaseException as e:
             error = e
         _agree(ranks, error, folder)
         folder.rewind(saved)  # only now that the run goes on: a refused resume leaves the folder as it was
         log(f"resume: {folder.path} from {state.where()}")
-        ctx = RunContext(state, data, folder, log, ranks, started)
+        ctx = RunContext(state, data, folder, log, ranks, started, task)
         return _guarded(folder, log, lambda: drive(ctx, phases_for(state.recipe), resumed=True))
 
 
@@ -230,7 +236,7 @@ def drive(ctx: RunContext, phases: list[Phase], resumed: bool) -> dict[str, Any]
             state.save(ctx.folder)
     summary = broadcast_object(ctx.summary, ctx.ranks)
     if "final" in summary:  # a pruned run's last line
-        ctx.log(_closing_line(summary))
+        ctx.log(_closing_line(summary, ctx.metric))
     return summary
 
 
@@ -247,7 +253,7 @@ def _start(ctx: RunContext, resumed: bool) -> None:
         ctx.log(f"device: {ctx.device}" + (f", {ranks.world_size} processes (rank 0 writes)"
                                            if ranks.distributed else ""))
     if state.dense is not None:  # resumed after the dense phase
-        ctx.log(f"dense: val {state.dense['val_acc']:.2f}%  test {state.dense['test_acc']:.2f}%")
+        ctx.log(f"dense: {ctx.values(state.dense)}")
 
 
 def _on_ranks(ctx: RunContext, phase: Phase) -> PhaseResult:
@@ -268,8 +274,9 @@ def _on_ranks(ctx: RunContext, phase: Phase) -> PhaseResult:
 def _judge(ctx: RunContext, phase: Phase) -> None:
     """Run a pruning round and apply the stop rule.
 
-    A round that fails (training diverged, a target out of reach) or loses more validation accuracy
-    than ``prune.max_accuracy_drop`` stops the ladder, and the model goes back to the last accepted
+    A round that fails (training diverged, a target out of reach) or whose validation metric is worse
+    than dense by more than ``prune.max_accuracy_drop`` (:meth:`prunet.tasks.Metric.worse_by`: lower
+    accuracy, or higher bits/char) stops the ladder, and the model goes back to the last accepted
     round; an accepted round is saved as ``round<i>.safetensors``.
     """
     state, i = ctx.state, phase.what["round"]
@@ -278,9 +285,8 @@ def _judge(ctx: RunContext, phase: Phase) -> None:
     except (DivergedError, TargetError) as e:  # keep the last good round, say why the ladder stopped
         record, stop = {**phase.what, "error": str(e)}, f"round {i}: {e}"
     else:
-        drop, limit = state.dense["val_acc"] - record["val_acc"], ctx.recipe.prune.max_accuracy_drop
-        stop = None if limit is None or drop <= limit else \
-            f"round {i}: validation accuracy fell {drop:.2f} points below dense (> {limit})"
+        stop = _stop_rule(ctx.metric, state.dense, record, ctx.recipe.prune.max_accuracy_drop)
+        stop = stop and f"round {i}: {stop}"
     record["accepted"] = stop is None
     state.rounds.append(record)
     state.open_round = None
@@ -294,11 +300,78 @@ def _judge(ctx: RunContext, phase: Phase) -> None:
     ctx.folder.save_checkpoint(F.round_checkpoint(i), ctx.model, {**state.meta, "phase": f"round{i}"})
 
 
-def _closing_line(summary: dict[str, Any]) -> str:
+def _stop_rule(metric: Metric, dense: dict[str, float], record: dict[str, Any], limit: float | None) -> str | None:
+    """Why a round's validation metric stops the ladder (worse than dense by more than ``limit``), or None.
+
+    Example:
+        >>> from prunet.tasks import bits_per_token
+        >>> bits = bits_per_token("bits/char")
+        >>> _stop_rule(bits, {"val_bits": 2.0}, {"val_bits": 2.3}, 0.1)
+        'validation bits/char rose 0.3000 above dense (> 0.1)'
+        >>> _stop_rule(bits, {"val_bits": 2.0}, {"val_bits": 1.5}, 0.1) is None  # lower is better: no stop
+        True
+    """
+    key = metric.field("val")
+    drop = metric.worse_by(dense[key], record[key])
+    if limit is None or drop <= limit:
+        return None
+    if metric.unit == "%":
+        return f"validation {metric.name} fell {drop:.2f} points below dense (> {limit})"
+    moved = "fell" if metric.higher_is_better else "rose"
+    where = "below" if metric.higher_is_better else "above"
+    return f"validation {metric.name} {moved} {drop:.{metric.digits}f} {where} dense (> {limit})"
+
+
+def _closing_line(summary: dict[str, Any], metric: Metric) -> str:
     compression, final, dense = summary["compression"], summary["final"], summary["dense"]
+    test, change = metric.field("test"), summary[metric.change_field("test")]
     return (f"final: {f'{compression:.1f}x fewer weights' if compression else 'every weight pruned'} "
-            f"({summary['weights_kept']:,} of {summary['weights']:,}); test {final['test_acc']:.2f}% "
-            f"(dense {dense['test_acc']:.2f}%, change {summary['accuracy_change_test']:+.2f})")
+            f"({summary['weights_kept']:,} of {summary['weights']:,}); test {metric.format(final[test])} "
+            f"(dense {metric.format(dense[test])}, change {change:+.{metric.digits}f})")
+
+
+def check_task_fits(recipe: Recipe, model: nn.Module, data: DatasetSplits, task: Task) -> None:
+    """The recipe's loss and metric take what the model returns for the data's targets: two examples go
+    through the model, then through ``train.loss`` and ``train.metric``, before anything is trained or written.
+
+    A model that does not take the inputs at all, or labels past its classes, are left to
+    :func:`prunet.checks.check_model_fits_data`, which says so in the same words as ever.
+
+    Raises:
+        ConfigError: one line naming the field at fault (``model.factory``, ``train.loss``, ``train.metric``).
+    """
+    split = data.val if len(data.val) else data.test
+    x, y = first_batch(split, 2, mean=data.mean, std=data.std, device=model_device(model))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception:  # the model's own code: check_model_fits_data tells what it raised
+        return
+    factory = recipe.model.factory is not None
+    problem = output_problem(out, len(x), y, task.loss)
+    if problem is not None:
+        field, subject = ("model.factory", "") if factory else ("model.name", f"{recipe.model.spec} ")
+        raise ConfigError(f"{field}: {subject}returned {problem}")
+    bad_label = getattr(task.loss, "bad_label", None)
+    if bad_label is not None and bad_label(out, y) is not None:  # check_model_fits_data names model.num_classes
+        return
+    t = recipe.train
+    shapes = f"outputs {tuple(out.shape)} and targets {tuple(y.shape) if hasattr(y, 'shape') else type(y).__name__}"
+    for field, spec, call in (("train.loss", t.loss, lambda: task.loss(out.float(), y)),
+                              ("train.metric", t.metric, lambda: task.metric.batch(out, y))):
+        try:
+            value = call()
+        except Exception as e:  # the user's loss or metric, or a built-in one given what it cannot take
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise ConfigError(f"{field}: {spec} on {shapes} raised {type(e).__name__}"
+                              f"{f': {detail}' if detail else ''}") from None
+        if field == "train.loss" and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"train.loss: {spec} returned {got} on {shapes}; expected a scalar tensor "
+                              f"(the batch's mean loss)")
+        if field == "train.metric" and not (isinstance(value, tuple) and len(value) == 2):
+            raise ConfigError(f"train.metric: {spec}'s batch returned {type(value).__name__}; expected "
+                              f"(total, count), the batch's sum and its number of targets")
 
 
 def _starting_model(recipe: Recipe, from_checkpoint: str | Path | None) -> tuple[nn.Module, Pruner | None]:

@@ -33,6 +33,7 @@ from prunet.distributed import SINGLE, Ranks, all_reduce_sum, broadcast_buffers,
 from prunet.pruner import Pruner
 from prunet.regularize import decayed_parameters, l1_penalty
 from prunet.schedule import lr_at
+from prunet.tasks import CrossEntropy, Loss, Metric, Task  # noqa: F401 (CrossEntropy: output_problem's example)
 
 
 class DivergedError(ConfigError):
@@ -40,24 +41,50 @@ class DivergedError(ConfigError):
 
 
 class ModelOutputError(ConfigError):
-    """The model's output is not one row of class scores per example (a tuple, the wrong shape)."""
+    """The model's output does not fit the targets (a tuple, the wrong shape for the loss)."""
 
 
 @dataclass
 class EpochRecord:
-    """One line of ``metrics.jsonl``."""
+    """One line of ``metrics.jsonl``: losses and the run's metric (``train.metric``) on both splits.
+
+    Attributes:
+        train_metric, val_metric: the metric's values; ``to_dict`` names them by its ``key``
+            (``train_acc``, ``val_acc`` for accuracy, the default).
+        key: the metric's :attr:`prunet.tasks.Metric.key`.
+    """
 
     phase: str
     epoch: int
     lr: float
     train_loss: float
-    train_acc: float
+    train_metric: float
     val_loss: float
-    val_acc: float
+    val_metric: float
     seconds: float
+    key: str = "acc"
+
+    @property
+    def train_acc(self) -> float:
+        """``train_metric``, by the name it had when the metric was always accuracy."""
+        return self.train_metric
+
+    @property
+    def val_acc(self) -> float:
+        """``val_metric``, by the name it had when the metric was always accuracy."""
+        return self.val_metric
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        key = d.pop("key")
+        names = {"train_metric": f"train_{key}", "val_metric": f"val_{key}"}
+        return {names.get(k, k): v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, key: str = "acc") -> "EpochRecord":
+        """The record :meth:`to_dict` wrote, for a metric of ``key``."""
+        names = {f"train_{key}": "train_metric", f"val_{key}": "val_metric"}
+        return cls(**{names.get(k, k): v for k, v in d.items()}, key=key)
 
 
 @dataclass
@@ -88,35 +115,55 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float) 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Dataset, norm: Normalization, batch_size: int = 1000, *,
-             ranks: Ranks = SINGLE, workers: int = 0) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (%) of ``model`` on ``split``.
+             ranks: Ranks = SINGLE, workers: int = 0, task: Task | None = None) -> tuple[float, float]:
+    """Mean loss and metric of ``model`` on ``split``: cross-entropy and accuracy (%) unless ``task`` says.
 
-    Batches go to the model's device. Under several ``ranks`` each evaluates its part of
-    the split and the sums are reduced: every rank gets the accuracy of the whole split.
+    The loss is the mean over every target (over examples for a classifier, over tokens for a
+    language model); the metric sums its batches' ``(total, count)``. Batches go to the model's
+    device. Under several ``ranks`` each evaluates its part of the split and the sums are reduced:
+    every rank gets the values of the whole split.
+
+    Returns:
+        ``(loss, metric)``; ``(0.0, 0.0)`` for an empty split.
     """
+    task = task or Task()
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss total and count, metric total and count
     for x, y in loader(split, batch_size, shuffle=False, mean=norm.mean, std=norm.std, device=model_device(model),
                        rank=ranks.rank, world_size=ranks.world_size, workers=workers):
-        logits = model(x)
-        _check_output(logits, len(y), "evaluation")
-        _check_labels(y, logits, "evaluation")
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        out = model(x)
+        _check_output(out, y, "evaluation", task.loss)
+        for i, value in enumerate((*_loss_sums(task.loss, out, y), *task.metric.batch(out, y))):
+            sums[i] += value
     model.train(was_training)
     if ranks.distributed:
-        loss_sum, correct = all_reduce_sum([loss_sum, correct], ranks)
-    n = max(len(split), 1)
-    return loss_sum / n, 100.0 * correct / n
+        sums = all_reduce_sum(sums, ranks)
+    loss = sums[0] / sums[1] if sums[1] else 0.0
+    return loss, task.metric.value(sums[2], sums[3])
+
+
+def _loss_sums(loss: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """A batch's summed loss and its count: the loss's own ``sums``, else its mean times the batch."""
+    sums = getattr(loss, "sums", None)
+    if sums is not None:
+        return sums(out, y)
+    return float(loss(out.float(), y)) * len(y), len(y)
 
 
 def evaluate_splits(model: nn.Module, val: Dataset, test: Dataset, norm: Normalization,
-                    batch_size: int = 1000, *, ranks: Ranks = SINGLE, workers: int = 0) -> dict[str, float]:
-    """Loss and accuracy on the validation split (which chooses) and the test split (only reported)."""
-    val_loss, val_acc = evaluate(model, val, norm, batch_size, ranks=ranks, workers=workers)
-    test_loss, test_acc = evaluate(model, test, norm, batch_size, ranks=ranks, workers=workers)
-    return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
+                    batch_size: int = 1000, *, ranks: Ranks = SINGLE, workers: int = 0,
+                    task: Task | None = None) -> dict[str, float]:
+    """Loss and metric on the validation split (which chooses) and the test split (only reported).
+
+    Returns:
+        ``{"val_loss", "val_<key>", "test_loss", "test_<key>"}``, the metric's key: ``val_acc`` by default.
+    """
+    task = task or Task()
+    val_loss, val_metric = evaluate(model, val, norm, batch_size, ranks=ranks, workers=workers, task=task)
+    test_loss, test_metric = evaluate(model, test, norm, batch_size, ranks=ranks, workers=workers, task=task)
+    m = task.metric
+    return {"val_loss": val_loss, m.field("val"): val_metric, "test_loss": test_loss, m.field("test"): test_metric}
 
 
 @dataclass
@@ -141,7 +188,9 @@ class FitOptions:
             call's epochs (from 1; a resumed fit counts the epochs before it), e.g. to prune
             on a schedule.
         choose_after: the best epoch is chosen among the epochs after this many (masks
-            that change during the first epochs: their accuracy is not the final model's).
+            that change during the first epochs: their metric is not the final model's).
+        task: the loss trained on and the metric that chooses the best epoch (by its direction);
+            default: the ones ``cfg`` names (``cfg.make_task()``).
         teacher: distil from this model (Hinton et al.): the loss becomes
             ``(1 - alpha) CE + alpha T² KL(softmax(teacher / T) || softmax(model / T))``.
         distill_alpha, distill_temperature: ``alpha`` and ``T`` of that loss.
@@ -167,11 +216,12 @@ class FitOptions:
     distill_temperature: float = 4.0
     ranks: Ranks = SINGLE
     workers: int = 0
+    task: Task | None = None
 
 
 def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: Normalization,
         options: FitOptions | None = None) -> list[EpochRecord]:
-    """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch.
+    """Train ``model`` for ``cfg.epochs`` and leave it at its best validation epoch (by the task's metric).
 
     Args:
         model: the network, trained in place.
@@ -200,8 +250,8 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: 
             if o.on_epoch is not None:
                 o.on_epoch(record)
             # With no validation split there is nothing to choose by: the last epoch is kept.
-            if len(val) and epoch + 1 > o.choose_after and record.val_acc > loop.best_acc:
-                loop.best_acc, loop.best_state = record.val_acc, copy.deepcopy(model.state_dict())
+            if len(val) and epoch + 1 > o.choose_after and loop.metric.better(record.val_metric, loop.best):
+                loop.best, loop.best_state = record.val_metric, copy.deepcopy(model.state_dict())
             if o.on_checkpoint is not None:
                 o.on_checkpoint(loop.checkpoint(epoch))
     finally:
@@ -217,6 +267,8 @@ class _Loop:
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: Normalization,
                  o: FitOptions):
         self.model, self.train, self.val, self.cfg, self.norm, self.o = model, train, val, cfg, norm, o
+        self.task = o.task or cfg.make_task()
+        self.metric: Metric = self.task.metric
         ranks = o.ranks
         self.device = model_device(model)
         # Dropout differs per rank (each its own part of the batch); rank 0 draws as a single process does.
@@ -234,7 +286,8 @@ class _Loop:
         if ranks.distributed:
             self.net = DistributedDataParallel(model, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None)
-        self.best_acc, self.best_state, self.records, self.first = -1.0, None, [], 0
+        self.best: float | None = None  # the best validation metric so far
+        self.best_state, self.records, self.first = None, [], 0
         if o.resume is not None:
             self._restore(o.resume)
         self.steps = loader_batches(len(train), o.batch_size, ranks.world_size, train=True)
@@ -249,8 +302,9 @@ class _Loop:
         self.generator.set_state(resume["generator"])
         if self.scaler is not None and resume.get("scaler"):
             self.scaler.load_state_dict(resume["scaler"])
-        self.best_acc, self.best_state, self.first = resume["best_acc"], resume["best_state"], resume["epoch"]
-        self.records = [EpochRecord(**r) for r in resume["records"]]
+        # "best_acc": the field's name when the metric was always accuracy (whose start was -1)
+        self.best, self.best_state, self.first = resume["best_acc"], resume["best_state"], resume["epoch"]
+        self.records = [EpochRecord.from_dict(r, self.metric.key) for r in resume["records"]]
 
     def epoch(self, epoch: int) -> EpochRecord:
         """Train one epoch and evaluate on the validation split."""
@@ -260,7 +314,7 @@ class _Loop:
             group["lr"] = lr
         self.model.train()
         start = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, seen, total, count = 0.0, 0, 0.0, 0  # loss over examples; the metric's sums
         bar = tqdm(
             loader(self.train, o.batch_size, shuffle=True, generator=self.generator, mean=self.norm.mean,
                    std=self.norm.std, device=self.device, rank=ranks.rank, world_size=ranks.world_size, train=True,
@@ -271,30 +325,32 @@ class _Loop:
             disable=None if ranks.main else True,  # no bar when stderr is not a terminal (CI logs)
         )
         for batch, (x, y) in enumerate(bar):
-            loss, logits = self.step(x, y, epoch, lr)
+            loss, out = self.step(x, y, epoch, lr)
             if o.on_step is not None:
                 o.on_step(epoch * self.steps + batch + 1)
             loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+            batch_total, batch_count = self.metric.batch(out.detach(), y)
+            total, count = total + batch_total, count + batch_count
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", **{self.metric.key: self.metric.format(
+                self.metric.value(total, count))})
         if ranks.distributed:
-            loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ranks)
+            loss_sum, seen, total, count = all_reduce_sum([loss_sum, seen, total, count], ranks)
             # Each rank's last batch left its own batch-norm statistics: evaluate (and save) rank 0's on all.
             broadcast_buffers(self.model, ranks)
-        val_loss, val_acc = evaluate(self.model, self.val, self.norm, o.eval_batch_size, ranks=ranks,
-                                     workers=o.workers)
-        return EpochRecord(o.phase, epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, val_loss, val_acc,
-                           time.perf_counter() - start)
+        val_loss, val_metric = evaluate(self.model, self.val, self.norm, o.eval_batch_size, ranks=ranks,
+                                        workers=o.workers, task=self.task)
+        return EpochRecord(o.phase, epoch + 1, lr, loss_sum / seen, self.metric.value(total, count), val_loss,
+                           val_metric, time.perf_counter() - start, key=self.metric.key)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> tuple[float, torch.Tensor]:
-        """One optimizer step; ``(this rank's loss, logits)``. A non-finite loss stops before the step."""
+        """One optimizer step; ``(this rank's loss, outputs)``. A non-finite loss stops before the step."""
         o, ranks = self.o, self.o.ranks
         with self.autocast():
             logits = self.net(x)
-            _check_output(logits, len(y), "training")
-            _check_labels(y, logits, "training")
-            loss = F.cross_entropy(logits, y)
+            _check_output(logits, y, "training", self.task.loss)
+            loss = self.task.loss(logits, y)
+            _check_loss(loss)
         value = own = loss.item()
         if ranks.distributed:  # every rank stops together, or none does
             value = all_reduce_sum([value], ranks)[0] / ranks.world_size
@@ -327,7 +383,7 @@ class _Loop:
         return {
             "epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
             "rng": gather_objects(rng, ranks) if ranks.distributed else rng,
-            "generator": self.generator.get_state(), "best_acc": self.best_acc, "best_state": self.best_state,
+            "generator": self.generator.get_state(), "best_acc": self.best, "best_state": self.best_state,
             "records": [r.to_dict() for r in self.records],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
@@ -339,36 +395,48 @@ class _Loop:
             p.requires_grad_(True)
 
 
-def output_problem(out: object, n: int) -> str | None:
-    """What is wrong with a model's output for a batch of ``n`` examples; None for ``(n, classes)`` float scores.
+def output_problem(out: object, n: int, targets: torch.Tensor | None = None, loss: Loss | None = None) -> str | None:
+    """What is wrong with a model's output for a batch of ``n`` examples; None when it fits.
+
+    Any loss needs one floating-point tensor of at least two dimensions, ``n`` first: ``(n, classes)``
+    scores, or a language model's ``(n, T, vocabulary)``. Given the batch's ``targets``, a loss that
+    says what it needs (:meth:`prunet.tasks.CrossEntropy.problem`) judges the shape too.
 
     Example:
-        >>> output_problem(torch.zeros(2, 3, 2), 2)
+        >>> output_problem(torch.zeros(2), 2)
+        'shape (2,) for a batch of 2; expected (2, classes), one score per class'
+        >>> output_problem(torch.zeros(2, 3, 2), 2, torch.zeros(2, dtype=torch.long), CrossEntropy())
         'shape (2, 3, 2) for a batch of 2; expected (2, classes), one score per class'
     """
     if not isinstance(out, torch.Tensor):
         return (f"a {type(out).__name__}, not a tensor; prunet trains on one (batch, classes) tensor of scores "
                 f"(return only the main output)")
-    if out.dim() != 2 or out.shape[0] != n:
+    if out.dim() < 2 or out.shape[0] != n:
         return f"shape {tuple(out.shape)} for a batch of {n}; expected ({n}, classes), one score per class"
     if not out.is_floating_point():
         return f"{out.dtype} scores; expected floating-point scores (logits), one per class"
-    return None
+    problem = getattr(loss, "problem", None)
+    return problem(out, targets) if problem is not None and targets is not None else None
 
 
-def _check_output(out: object, n: int, where: str) -> None:
-    problem = output_problem(out, n)
+def _check_output(out: object, y: torch.Tensor, where: str, loss: Loss) -> None:
+    """The output fits the loss, and every label names one of its classes (when the loss takes class labels)."""
+    problem = output_problem(out, len(y), y, loss)
     if problem is not None:  # a registry model's output always fits: this is the user's model
         raise ModelOutputError(f"model.factory: in {where} the model returned {problem}")
-
-
-def _check_labels(y: torch.Tensor, logits: torch.Tensor, where: str) -> None:
-    """Every label names one of the model's outputs (a wrong one would be an IndexError, or a CUDA assert)."""
-    classes = logits.shape[-1]
-    if bool(((y < 0) | (y >= classes)).any()):
-        bad = int(y[(y < 0) | (y >= classes)][0])
+    bad_label = getattr(loss, "bad_label", None)
+    bad = bad_label(out, y) if bad_label is not None else None
+    if bad is not None:  # a wrong one would be an IndexError, or a CUDA assert
+        classes = out.shape[-1]
         raise DataError(f"data: a {where} batch has label {bad}, but the model has {classes} outputs "
                         f"(labels are class indices 0..{classes - 1}; see model.num_classes or your factory)")
+
+
+def _check_loss(loss: object) -> None:
+    """The loss is what ``backward`` takes: one number, a tensor that requires grad."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ModelOutputError(f"train.loss: returned {shape}; expected a scalar tensor (the batch's mean loss)")
 
 
 def _mixed_precision(amp: str, device: torch.device):
@@ -392,10 +460,11 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor,
     with torch.no_grad():
         was_training = teacher.training
         teacher.eval()
-        soft = F.log_softmax(teacher(x) / temperature, dim=1)
+        soft = F.log_softmax(teacher(x) / temperature, dim=-1)
         teacher.train(was_training)
-    return F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean",
-                    log_target=True) * temperature**2
+    classes = logits.shape[-1]  # (N, ..., classes) -> (N·..., classes): a language model's every token counts once
+    return F.kl_div(F.log_softmax(logits.reshape(-1, classes) / temperature, dim=-1), soft.reshape(-1, classes),
+                    reduction="batchmean", log_target=True) * temperature**2
 
 
 def _freeze_others(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:

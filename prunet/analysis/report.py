@@ -63,6 +63,7 @@ from prunet.runfolder import (
     RunFolder,
 )
 from prunet.sparse.compact import shared_stats, stored_bytes
+from prunet.tasks import Metric
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -100,10 +101,6 @@ def _setting(value: Any) -> str:
     return str(value)
 
 
-def _acc(value: Any) -> str:
-    return f"{value:.2f}%" if isinstance(value, (int, float)) else "–"
-
-
 def _times(value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "–"
@@ -122,12 +119,13 @@ def _safe_file_part(name: str) -> str:
 
 
 def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> Figure:
-    """Accuracy and compression per round, from ``summary.json``'s data.
+    """Accuracy (or the run's metric) and compression per round, from ``summary.json``'s data.
 
     Left axis: validation and test accuracy after each round's retraining, and
     validation accuracy just after pruning (before retraining); right axis: the
     compression of the prunable weights. Round 0 is the dense model; a rejected
-    round is shaded.
+    round is shaded. A summary whose ``metric`` is not accuracy (bits/char, say)
+    plots and names that metric instead.
 
     Args:
         summary: the run's summary (``dense`` and ``rounds`` are used).
@@ -152,11 +150,12 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> F
     from matplotlib.figure import Figure
 
     rounds = list(summary.get("rounds") or [])
-    dense = summary["dense"]
+    dense, m = summary["dense"], Metric.described(summary.get("metric"))
+    val_key, test_key = m.field("val"), m.field("test")
     x = [0] + [r.get("round", i + 1) for i, r in enumerate(rounds)]
-    val = [dense["val_acc"]] + [r.get("val_acc") for r in rounds]
-    test = [dense["test_acc"]] + [r.get("test_acc") for r in rounds]
-    before = [r.get("val_acc_pruned") for r in rounds]
+    val = [dense[val_key]] + [r.get(val_key) for r in rounds]
+    test = [dense[test_key]] + [r.get(test_key) for r in rounds]
+    before = [r.get(val_key + "_pruned") for r in rounds]
     comp = [1.0] + [r.get("compression") or float("nan") for r in rounds]
 
     fig = Figure(figsize=(9, 4.2), layout="constrained")
@@ -169,7 +168,8 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> F
     for rnd in rejected:
         ax.axvspan(rnd - 0.5, rnd + 0.5, color="tab:red", alpha=0.08)
     ax.set_xlabel("round (0 = dense)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{m.name} (%)" if m.unit == "%" else f"{m.name} ({'higher' if m.higher_is_better else 'lower'} "
+                  f"is better)")
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
@@ -180,7 +180,7 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> F
     lines2, labels2 = ax2.get_legend_handles_labels()
     # Below the axes: inside, it would cover the curves whatever corner it took.
     fig.legend(lines + lines2, labels + labels2, fontsize=8, loc="outside lower center", ncol=4)
-    ax.set_title("accuracy and compression per round" + (" (shaded: rejected)" if rejected else ""), fontsize=10)
+    ax.set_title(f"{m.name} and compression per round" + (" (shaded: rejected)" if rejected else ""), fontsize=10)
     if path is not None:
         save_figure(fig, path, dpi=90)
     return fig
@@ -189,20 +189,30 @@ def plot_rounds(summary: Mapping[str, Any], path: str | Path | None = None) -> F
 # --------------------------------------------------------------------------- sections
 
 
+def _metric_rows(summary: Mapping[str, Any], m: Metric) -> list[list[str]]:
+    """The summary table's rows of the metric: validation and test, dense and pruned, and the test change."""
+    dense, final, val, test = summary["dense"], summary["final"], m.field("val"), m.field("test")
+    direction = "" if m.unit == "%" else f" ({'higher' if m.higher_is_better else 'lower'} is better)"
+    rows = [
+        [f"Validation {m.name}{direction}", f"{m.format(dense.get(val))} dense → {m.format(final.get(val))} pruned"],
+        [f"Test {m.name}", f"{m.format(dense.get(test))} dense → {m.format(final.get(test))} pruned"],
+    ]
+    change = summary.get(m.change_field("test"))
+    if isinstance(change, (int, float)):
+        rows.append([f"Test {m.name} change", f"{change:+.{m.digits}f} {m.points}"])
+    return rows
+
+
 def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> list[D.Block]:
-    dense, final = summary["dense"], summary["final"]
+    dense, final, m = summary["dense"], summary["final"], Metric.described(summary.get("metric"))
     weights, kept = summary.get("weights"), summary.get("weights_kept")
     params, params_kept = summary.get("parameters"), summary.get("parameters_kept")
     compression = summary.get("compression")
     rows = [
         ["Model", str(summary["model"])],
         ["Dataset", str(summary.get("dataset", "?"))],
-        ["Validation accuracy", f"{_acc(dense.get('val_acc'))} dense → {_acc(final.get('val_acc'))} pruned"],
-        ["Test accuracy", f"{_acc(dense.get('test_acc'))} dense → {_acc(final.get('test_acc'))} pruned"],
+        *_metric_rows(summary, m),
     ]
-    change = summary.get("accuracy_change_test")
-    if isinstance(change, (int, float)):
-        rows.append(["Test accuracy change", f"{change:+.2f} points"])
     if isinstance(weights, int) and isinstance(kept, int):
         rows.append(["Weights (prunable layers)", f"{kept:,} of {weights:,} kept ({100 * kept / weights:.2f}%)"])
     rows.append(["Compression", f"{_times(compression)} fewer weights"])
@@ -221,8 +231,8 @@ def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> li
         bits = ", ".join(f"{k} {v}" for k, v in (shared.get("bits") or {}).items())
         rows.append(["Weight sharing + Huffman", f"`{shared.get('file')}` {shared['bytes']:,} bytes, "
                      f"{_times(shared.get('ratio_to_dense_file'))} smaller than `{DENSE}`; bits per index: {bits}; "
-                     f"test {shared.get('test_acc', float('nan')):.2f}%, validation "
-                     f"{shared.get('val_acc', float('nan')):.2f}%"])
+                     f"test {m.format(shared.get(m.field('test'), float('nan')))}, validation "
+                     f"{m.format(shared.get(m.field('val'), float('nan')))}"])
     n_rounds = len(summary["rounds"])
     accepted = sum(1 for r in summary["rounds"] if r.get("accepted", True))
     rows.append(["Rounds", f"{accepted} of {n_rounds} accepted"])
@@ -233,37 +243,38 @@ def _summary_section(summary: Mapping[str, Any], t: Totals, run_dir: Path) -> li
     rows.append(["Run folder", str(run_dir)])
     headline = (
         f"{summary['model']} on {summary.get('dataset', '?')}: {_times(compression)} fewer weights, "
-        f"test accuracy {_acc(dense.get('test_acc'))} → {_acc(final.get('test_acc'))}."
+        f"test {m.name} {m.format(dense.get(m.field('test')))} → {m.format(final.get(m.field('test')))}."
     )
     return [D.Heading("Summary"), D.Para(headline), D.Table(["Quantity", "Value"], rows, "ll")]
 
 
 def _rounds_section(summary: Mapping[str, Any], folder: RunFolder) -> list[D.Block]:
-    dense = summary["dense"]
+    dense, m = summary["dense"], Metric.described(summary.get("metric"))
+    val, test, fmt = m.field("val"), m.field("test"), m.format
     weights = summary.get("weights")
     header = ["Round", "Criterion", "Setting", "Pruned", "Trained", "Epochs", "Kept weights", "Compression",
               "Val pruned", "Val", "Test", "Accepted"]  # fmt: skip
     rows = [["dense", "", "", "", "", "", f"{weights:,}" if isinstance(weights, int) else "", "1.0×", "",
-             _acc(dense.get("val_acc")), _acc(dense.get("test_acc")), ""]]  # fmt: skip
+             fmt(dense.get(val)), fmt(dense.get(test)), ""]]  # fmt: skip
     for r in summary["rounds"]:
         kept = r.get("weights_kept")
         rows.append([
             str(r.get("round", "")), str(r.get("criterion", "")), _setting(r.get("setting")),
             _names(r.get("pruned_layers")), _names(r.get("trained_layers")), str(r.get("epochs", "")),
             f"{kept:,}" if isinstance(kept, int) else "", _times(r.get("compression")),
-            _acc(r.get("val_acc_pruned")), _acc(r.get("val_acc")), _acc(r.get("test_acc")),
+            fmt(r.get(val + "_pruned")), fmt(r.get(val)), fmt(r.get(test)),
             {True: "yes", False: "no"}.get(r.get("accepted"), ""),
         ])  # fmt: skip
     blocks: list[D.Block] = [
         D.Heading("Rounds"),
         D.Para("Each round prunes the named layers, then retrains the named ones with the pruned connections "
-              "held at zero. “Val pruned” is validation accuracy right after pruning, before retraining."),
+              f"held at zero. “Val pruned” is validation {m.name} right after pruning, before retraining."),
         D.Table(header, rows, "llllllrrrrrl"),
     ]
     if summary["rounds"]:
         png = folder.record(ROUNDS_PNG)
         plot_rounds(summary, png)
-        blocks.append(D.Image(png, "accuracy and compression per round"))
+        blocks.append(D.Image(png, f"{m.name} and compression per round"))
     return blocks
 
 

@@ -37,6 +37,7 @@ from prunet.criteria import CRITERIA, criteria_names
 from prunet.data import Split
 from prunet.distributed import SINGLE, Ranks
 from prunet.layers import find_layers, select
+from prunet.tasks import Task
 from prunet.train import Normalization, evaluate
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ CSV_COLUMNS = ["layer", "kind", "criterion", "setting", "kept_frac", "pruned_fra
 
 @dataclass(frozen=True)
 class SensitivityRow:
-    """Validation accuracy with one layer pruned at one setting, nothing retrained.
+    """Validation accuracy (or the run's metric) with one layer pruned at one setting, nothing retrained.
 
     Attributes:
         layer: module name, e.g. ``"conv1"``.
@@ -56,9 +57,11 @@ class SensitivityRow:
         setting: the quality parameter or the target sparsity.
         kept_frac: fraction of the whole layer's weights kept (weights pruned
             before the analysis count as pruned).
-        val_acc: validation accuracy in percent.
-        acc_drop: unpruned validation accuracy minus ``val_acc``, in points
-            (negative when pruning happens to help).
+        val_acc: validation accuracy in percent (with a ``task``: its metric).
+        acc_drop: how much worse ``val_acc`` is than the unpruned model's, in points (the metric's
+            units): unpruned minus pruned accuracy, or pruned minus unpruned bits/char for a
+            lower-is-better metric; negative when pruning happens to help.
+        higher_is_better: the metric's direction (accuracy's: True).
     """
 
     layer: str
@@ -68,6 +71,7 @@ class SensitivityRow:
     kept_frac: float
     val_acc: float
     acc_drop: float
+    higher_is_better: bool = True
 
     @property
     def pruned_frac(self) -> float:
@@ -76,8 +80,8 @@ class SensitivityRow:
 
     @property
     def base_acc(self) -> float:
-        """Validation accuracy of the model as given (no extra pruning)."""
-        return self.val_acc + self.acc_drop
+        """Validation accuracy (metric) of the model as given (no extra pruning)."""
+        return self.val_acc + self.acc_drop if self.higher_is_better else self.val_acc - self.acc_drop
 
 
 def default_settings(criterion: str) -> tuple[float, ...]:
@@ -99,8 +103,9 @@ def sensitivity(
     progress: bool = True,
     model_name: str | None = None,
     ranks: Ranks = SINGLE,
+    task: Task | None = None,
 ) -> list[SensitivityRow]:
-    """Prune each layer alone at each setting, without retraining, and measure validation accuracy.
+    """Prune each layer alone at each setting, without retraining, and measure validation accuracy (or metric).
 
     Each step prunes one layer's ``weight`` by ``criterion`` relative to its
     current survivors (its ``weight_prunet_mask`` when the model has masks, otherwise
@@ -124,6 +129,8 @@ def sensitivity(
         progress: show a tqdm bar over (layer, setting) pairs.
         model_name: how errors name the model (e.g. its registry name); default its class name.
         ranks: under torchrun, every rank calls this alike and each evaluates its part of the split.
+        task: the loss and metric to evaluate with (a run's ``train.metric``); default accuracy. Each
+            row's ``acc_drop`` is how much worse the metric got, in its direction.
 
     Returns:
         One row per (layer, setting), layers in forward order, settings ascending.
@@ -149,7 +156,8 @@ def sensitivity(
     except ValueError as e:
         raise ValueError(f"layers: {e}") from None
 
-    _, base_acc = evaluate(model, val_split, norm, batch_size, ranks=ranks)
+    task = task or Task()
+    _, base_acc = evaluate(model, val_split, norm, batch_size, ranks=ranks, task=task)
     rows: list[SensitivityRow] = []
     bar = tqdm(
         total=len(chosen) * len(settings),
@@ -168,9 +176,10 @@ def sensitivity(
                     mask = cls.rule(saved, survivors, s)
                     with torch.no_grad():
                         weight.copy_(saved).mul_(mask)
-                    _, acc = evaluate(model, val_split, norm, batch_size, ranks=ranks)
+                    _, acc = evaluate(model, val_split, norm, batch_size, ranks=ranks, task=task)
                     kept = int(mask.sum()) / mask.numel()
-                    rows.append(SensitivityRow(layer.layer, layer.kind, criterion, s, kept, acc, base_acc - acc))
+                    rows.append(SensitivityRow(layer.layer, layer.kind, criterion, s, kept, acc,
+                                               task.metric.worse_by(base_acc, acc), task.metric.higher_is_better))
                     bar.update()
             finally:
                 with torch.no_grad():
@@ -198,7 +207,8 @@ def _by_layer(rows: Sequence[SensitivityRow]) -> dict[str, list[SensitivityRow]]
 
 
 def propose_qualities(rows: Sequence[SensitivityRow], max_drop: float) -> dict[str, float]:
-    """Per layer, the largest setting that costs at most ``max_drop`` points of validation accuracy.
+    """Per layer, the largest setting that costs at most ``max_drop`` points of validation accuracy (or of the
+    metric the rows measured, in its direction: ``acc_drop`` is how much worse it got).
 
     Settings are scanned upwards and the scan stops at the first one that costs
     more than ``max_drop``: a larger setting that happens to score well again

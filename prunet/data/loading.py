@@ -216,10 +216,12 @@ def _stack(items: list[Any]) -> Batch:
     xs, ys = zip(*items)
     x = torch.stack(_tensors(xs, "input", "a tensor or an array of numbers, all of one shape (resize or pad "
                                           "in your dataset)"))
-    y = torch.stack(_tensors(ys, "label", "one integer, the class index (map class names to 0..N-1)"))
-    if y.dim() != 1:
-        raise _BadExamples(f"a label must be one integer (the class), got one of shape {tuple(y.shape[1:])} "
-                           f"(one-hot labels: give the class index)")
+    y = torch.stack(_tensors(ys, "label", "one integer, the class index (map class names to 0..N-1), or a row "
+                                          "of integers (a sequence's next tokens)"))
+    if y.dim() != 1 and (y.is_floating_point() or y.dtype == torch.bool):
+        # Integer rows are targets per position (a language model's next tokens); float rows are one-hot labels.
+        raise _BadExamples(f"a label must be one integer (the class) or a row of integers, got floats of shape "
+                           f"{tuple(y.shape[1:])} (one-hot labels: give the class index)")
     if y.is_floating_point():
         if not torch.equal(y, y.round()):
             raise _BadExamples(f"labels must be whole numbers (class indices), got {y[y != y.round()][0].item()}")
