@@ -19,6 +19,12 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+def own_model_blocks() -> list[str]:
+    """The Python blocks of the section "Your own model: three routes"."""
+    section = README.read_text().split("## Your own model: three routes", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
 def test_the_readme_has_a_python_example():
     assert len(python_blocks()) >= 1
 
@@ -43,8 +49,41 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, mnist_batch):
 
     monkeypatch.chdir(README.parent)  # the others name files of the repository
     for code in rest:
+        if code in own_model_blocks():
+            break  # test_readme_own_model_routes runs those
         exec(compile(code, str(README), "exec"), namespace)
     # The schedule block: the recipe's gradual phase reached its target in the loop.
     schedule, pruner = namespace["schedule"], namespace["pruner"]
     assert schedule.steps == schedule.total_steps
     assert pruner.compression() == pytest.approx(25, rel=0.01)
+
+
+@pytest.mark.slow
+def test_readme_own_model_routes(tmp_path, monkeypatch):
+    """'Your own model': the own-loop example reaches its target and exports; the Trainer example prunes GPT-2."""
+    own_loop, trainer = own_model_blocks()
+    monkeypatch.chdir(tmp_path)  # the examples write their files where they run
+    namespace: dict = {}
+    exec(compile(own_loop, str(README), "exec"), namespace)
+    pruner, back = namespace["pruner"], namespace["back"]
+    assert pruner.compression() == pytest.approx(10, rel=0.01)
+    assert namespace["scheduler"].get_last_lr()[0] < 1e-3 / 2  # the learning rate stayed the user's cosine
+    for name, mask in pruner.masks.items():  # the loaded compact file: same survivors
+        assert torch.equal(back.get_parameter(name).detach() != 0, mask.bool()), name
+    pytest.importorskip("transformers")
+    exec(compile(trainer, str(README), "exec"), namespace)
+    callback, gpt, gpt_back = namespace["callback"], namespace["gpt"], namespace["gpt_back"]
+    assert callback.pruner.compression() == pytest.approx(4, rel=0.01)
+    assert "transformer.h.0.attn.c_attn.weight" in callback.pruner.masks
+    ids = torch.randint(0, 64, (2, 8))
+    gpt.eval()
+    with torch.no_grad():
+        assert torch.equal(gpt_back(input_ids=ids).logits, gpt(input_ids=ids).logits)
+
+
+def test_the_readme_recipe_route_is_the_shipped_example_recipe():
+    """The README's recipe is examples/char_lm.yaml, field for field (a slow test runs that recipe)."""
+    yaml = pytest.importorskip("yaml")
+    section = README.read_text().split("## Your own model: three routes", 1)[1].split("\n## ", 1)[0]
+    shown = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, re.S)[0])
+    assert shown == yaml.safe_load((README.parent / "examples" / "char_lm.yaml").read_text())
