@@ -141,7 +141,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--values takes numbers separated by commas, got {args.values!r}") from None
     if not args.max_drop >= 0:
-        raise UsageError(f"--max-drop takes a number of points >= 0, got {args.max_drop}")
+        raise UsageError(f"--max-drop takes a number >= 0 (points of accuracy, or the recipe metric's units), "
+                         f"got {args.max_drop}")
     source = Path(args.source)
     if source.suffix in (".yaml", ".yml"):
         recipe = _recipe(args, source)
@@ -157,20 +158,24 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         out = Path(args.run_dir) if args.run_dir else checkpoint.parent
         recipe = None
     recipe, model, data = _model_and_data(args, checkpoint, recipe)
+    task = recipe.train.make_task()
     try:
         rows = sensitivity(model, data.val, Normalization(data.mean, data.std), qualities=values,
                            criterion=args.criterion, layers=args.layers.split(",") if args.layers else None,
-                           batch_size=recipe.data.eval_batch_size, model_name=recipe.model.spec)
+                           batch_size=recipe.data.eval_batch_size, model_name=recipe.model.spec,
+                           task=task)
     except ValueError as e:
         raise UsageError(str(e)) from None
     folder = RunFolder(out)
     csv_path = write_sensitivity_csv(rows, folder.record(SENSITIVITY_CSV))
     png_path = folder.record(SENSITIVITY_PNG)
     plot_sensitivity(rows, png_path)
-    print(f"{checkpoint}: validation accuracy (fraction of the layer pruned), each layer pruned alone")
+    metric = task.metric
+    print(f"{checkpoint}: validation {metric.name} (fraction of the layer pruned), each layer pruned alone")
     print(format_sensitivity_table(rows))
     proposal = ", ".join(f"{k}: {v:g}" for k, v in propose_qualities(rows, args.max_drop).items()) or "none"
-    print(f"largest {args.criterion} setting per layer within {args.max_drop:g} points: {proposal}")
+    units = "points" if metric.higher_is_better and metric.name == "accuracy" else metric.name
+    print(f"largest {args.criterion} setting per layer within {args.max_drop:g} {units} of {metric.name}: {proposal}")
     print(f"wrote {csv_path} and {png_path}")
     return 0
 

@@ -235,6 +235,7 @@ class RunContext:
                 modules[name].p = ratio
             self.state.dropout = {}
             self._dense_weights = {r.layer: r.weights for r in pruner.summary()}
+            self.log(f"pruner: {pruner.coverage()}")
         return self.state.pruner, self._dropout
 
     def on_epoch(self, rec: EpochRecord) -> None:

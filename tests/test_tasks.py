@@ -227,6 +227,8 @@ def test_a_language_model_recipe_runs_end_to_end_in_bits_per_character(tmp_path)
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert len(epochs) == 5 and all({"train_bpc", "val_bpc"} <= set(e) and "val_acc" not in e for e in epochs)
     assert any(line.startswith("dense: val ") and line.endswith(" bits/char") for line in lines)
+    coverage = [line for line in lines if line.startswith("pruner: ")]  # what the run prunes, said once
+    assert len(coverage) == 1 and coverage[0].startswith("pruner: prunes ") and "skipped: embeddings" in coverage[0]
     report = (folder / "report.md").read_text()
     assert "Validation bits/char (lower is better)" in report and "Test bits/char change" in report
     assert "accuracy" not in report.split("## Layers")[0]
