@@ -10,6 +10,7 @@ from typing import Sequence
 
 from prunet import __version__
 from prunet.analysis.bits import bits_sweep, plot_bits, write_bits_csv
+from prunet.analysis.file_report import FileReportError, write_file_report
 from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import (
     format_sensitivity_table,
@@ -268,6 +269,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sram_mib is not None and not args.sram_mib > 0:
         raise UsageError(f"--sram-mib takes a size in MiB > 0, got {args.sram_mib}")
     sram = int(args.sram_mib * 2**20) if args.sram_mib is not None else None
+    source = Path(args.run_dir)
+    if source.is_file():  # a model file, not a run folder: what the file shows
+        out = Path(args.output) if args.output else source.with_name(f"{source.stem}_report")
+        try:
+            md, html = write_file_report(source, out, model=_given_model(args), trust_factory=args.trust_factory,
+                                         sram_bytes=sram)
+        except FileReportError as e:
+            raise UsageError(str(e)) from None
+        print(f"wrote {md}\nwrote {html}")
+        return 0
+    if args.output or args.model:
+        raise UsageError("-o and --model are for a report of a model file; a run folder's report goes into it")
     md, html = write_report(Run(args.run_dir, trust_factory=args.trust_factory), sram_bytes=sram,
                             histogram_layer=args.layer, device=resolve_device(args.device, "--device"))
     print(f"wrote {md}\nwrote {html}")
@@ -424,13 +437,16 @@ def _eval_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'prunet run'")
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run folder or a file")
+    p.add_argument("run_dir", metavar="RUN_DIR|FILE",
+                   help="a folder written by 'prunet run', or a model file (checkpoint, compact file, torch state dict)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="with a FILE: the folder for report.md and report.html (default FILE's stem + _report)")
     p.add_argument("--layer", help="layer whose weights are histogrammed (default: the largest)")
     p.add_argument("--sram-mib", type=float, metavar="MIB", help="on-chip SRAM for the energy estimate (default 4)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the activation pass runs: cpu (default), auto, cuda, cuda:N or mps")
-    _trust_arg(p, "the run folder", model=False)
+    _trust_arg(p, "the run folder or file")
     p.set_defaults(func=cmd_report)
 
 

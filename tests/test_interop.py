@@ -175,3 +175,19 @@ def test_pruner_state_dict_restores_the_masks_in_a_fresh_model():
     assert int(torch.count_nonzero(fresh.fc1.weight.detach()[pruner.masks["fc1.weight"] == 0])) == 0
     with pytest.raises(ValueError, match=r"does not fit: masks for \['fc1.weight', 'fc2.weight'\] not pruned here"):
         Pruner(create_model("lenet_300_100"), include=["fc3"]).load_state_dict(saved)
+
+
+def test_report_of_a_file_without_a_run_folder(tmp_path, capsys):
+    """report needed a run folder; a torch state dict, a checkpoint or a compact file now has one of its own."""
+    torch.save(pruned_lenet().state_dict(), tmp_path / "pruned.pt")
+    assert main(["report", str(tmp_path / "pruned.pt"), "--model", "lenet_300_100"]) == 0
+    md = (tmp_path / "pruned_report" / "report.md").read_text()
+    assert "26,620 of 266,200 weights kept, 10.0× fewer" in md and "| Total | 266K |" in md
+    assert "<script" not in (tmp_path / "pruned_report" / "report.html").read_text()
+    assert main(["report", str(tmp_path / "pruned.pt"), "--model", "lenet_300_100"]) == 0  # its own: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "pruned.pt"), "--model", "lenet_300_100", "-o", str(tmp_path / "mine")]) == 2
+    assert "is not a report prunet wrote about a file; choose -o" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes\n"

@@ -227,7 +227,7 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
         import onnx  # noqa: F401  (torch.onnx needs it; a clear message when it is missing)
     except ImportError:
         raise ExportError("--format onnx needs the onnx package: pip install 'prunet[onnx]'") from None
-    shape = _recorded_input_shape(meta)
+    shape = recorded_input_shape(meta)
     if shape is None:
         raise ExportError("--format onnx: the checkpoint names neither a registry model nor its input shape")
     example = torch.zeros(1, *shape)
@@ -328,7 +328,7 @@ def load(
         raise CompactFileError(f"{path} does not exist")
     plain, meta = _load_plain(path, model, trust_factory)
     plain.eval()
-    shape = _recorded_input_shape(meta)
+    shape = recorded_input_shape(meta)
     _check_runs(plain, shape, path)
     if not sparse:
         return plain
@@ -385,7 +385,7 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _recorded_input_shape(meta: dict[str, Any]) -> list[int] | None:
+def recorded_input_shape(meta: dict[str, Any]) -> list[int] | None:
     """One example's shape: recorded by the run (every model), else the registry's (its own models)."""
     if meta.get("input_shape"):
         return list(meta["input_shape"])
