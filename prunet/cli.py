@@ -198,18 +198,22 @@ def cmd_bits(args: argparse.Namespace) -> int:
         raise UsageError(f"--values takes whole numbers separated by commas, got {args.values!r}") from None
     checkpoint = source_checkpoint(args.source)
     recipe, model, data = _model_and_data(args, checkpoint)
+    task = recipe.train.make_task()
     try:
-        rows = bits_sweep(model, data.val, Normalization(data.mean, data.std), values, recipe.data.eval_batch_size)
+        rows = bits_sweep(model, data.val, Normalization(data.mean, data.std), values, recipe.data.eval_batch_size,
+                          task=task)
     except ValueError as e:
         raise UsageError(f"--values: {e}") from None
+    metric = task.metric
     folder = RunFolder(checkpoint.parent)
     csv_path = write_bits_csv(rows, folder.record(BITS_CSV))
     png_path = folder.record(BITS_PNG)
-    plot_bits(rows, png_path)
-    print(f"{checkpoint}: validation accuracy with one group's weights shared (no retraining); "
-          f"not shared {rows[0].base_acc:.2f}%")
+    plot_bits(rows, png_path, ylabel=f"validation {metric.name}" + (" (%)" if metric.name == "accuracy" else ""))
+    print(f"{checkpoint}: validation {metric.name} with one group's weights shared (no retraining); "
+          f"not shared {metric.format(rows[0].base_acc)}")
     for group in dict.fromkeys(r.group for r in rows):
-        print(f"  {group:<4} " + "  ".join(f"{r.bits} bits {r.val_acc:.2f}%" for r in rows if r.group == group))
+        print(f"  {group:<4} " + "  ".join(f"{r.bits} bits {metric.format(r.val_acc)}" for r in rows
+                                           if r.group == group))
     print(f"wrote {csv_path} and {png_path}")
     return 0
 

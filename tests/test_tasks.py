@@ -22,6 +22,7 @@ from prunet.cli import main
 from prunet.config import ConfigError, DataConfig, TrainConfig, recipe_from_dict
 from prunet.data import first_batch, load_data
 from prunet.factory import UntrustedFactoryError
+from prunet.analysis.bits import bits_sweep
 from prunet.pipeline import _stop_rule, run
 from prunet.runfolder import Run
 from prunet.tasks import CrossEntropy, Metric, Task, accuracy, bits_per_token, make_loss, make_metric
@@ -321,3 +322,16 @@ def flat_sequences():
     """Targets of one label per sequence, for a model that scores every character: the shapes do not fit."""
     train, val, test = sequences()
     return tuple(TensorDataset(s.tensors[0], s.tensors[1][:, 0]) for s in (train, val, test))
+
+
+def test_bits_sweep_measures_the_recipe_metric_not_accuracy():
+    """prunet bits judged an LM in accuracy; it measures the task's metric (bits/char here)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    _, val, _ = sequences()
+    task = Task(CrossEntropy(), bits_per_token(name="bits/char"))
+    rows = bits_sweep(model, val, Normalization(0.0, 1.0), [1, 8], batch_size=32, task=task)
+    base = evaluate(model, val, Normalization(0.0, 1.0), 32, task=task)[1]
+    assert [r.bits for r in rows] == [1, 8] and all(r.base_acc == base for r in rows)
+    assert base == pytest.approx(math.log2(VOCAB), abs=0.5)  # an untrained model: about log2(V) bits per character
+    assert rows[1].val_acc == pytest.approx(base, abs=0.02) and rows[0].val_acc != rows[1].val_acc

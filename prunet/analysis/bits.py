@@ -26,6 +26,7 @@ from prunet.data import Split
 from prunet.layers import find_layers
 from prunet.masks import baked_copy
 from prunet.share import share
+from prunet.tasks import Task
 from prunet.train import Normalization, evaluate
 
 if TYPE_CHECKING:
@@ -45,21 +46,23 @@ class BitsRow:
 
 
 def bits_sweep(model: nn.Module, val: Split, norm: Normalization, bits: Sequence[int] = DEFAULT_BITS,
-               batch_size: int = 1000) -> list[BitsRow]:
-    """Validation accuracy with the conv layers, then the FC layers, shared at each bit width (no retraining).
+               batch_size: int = 1000, task: Task | None = None) -> list[BitsRow]:
+    """The validation metric with the conv layers, then the FC layers, then the attention in-projections
+    shared at each bit width (no retraining).
 
-    The model is not changed (each point works on a baked copy).
+    The model is not changed (each point works on a baked copy). ``task``: the metric (accuracy
+    unless given; ``val_acc`` holds whichever metric it is).
     """
     if not bits or any(not (1 <= b <= 16) or int(b) != b for b in bits):
         raise ValueError(f"bits: whole numbers in 1..16, got {list(bits)}")
-    base = evaluate(model, val, norm, batch_size)[1]
-    kinds = [k for k in ("conv", "fc") if any(layer.kind == k for layer in find_layers(model))]
+    base = evaluate(model, val, norm, batch_size, task=task)[1]
+    kinds = [k for k in ("conv", "fc", "attn") if any(layer.kind == k for layer in find_layers(model))]
     rows = []
     for kind in kinds:
         for b in sorted(int(b) for b in bits):
             copy = baked_copy(model)
             share(copy, {kind: b})
-            rows.append(BitsRow(kind, b, evaluate(copy, val, norm, batch_size)[1], base))
+            rows.append(BitsRow(kind, b, evaluate(copy, val, norm, batch_size, task=task)[1], base))
     return rows
 
 
@@ -69,12 +72,14 @@ def write_bits_csv(rows: Sequence[BitsRow], path: str | Path) -> Path:
                      ([r.group, r.bits, f"{r.val_acc:.4f}", f"{r.base_acc:.4f}"] for r in rows))
 
 
-def plot_bits(rows: Sequence[BitsRow], path: str | Path | None = None) -> Figure:
+def plot_bits(rows: Sequence[BitsRow], path: str | Path | None = None,
+              ylabel: str = "validation accuracy (%)") -> Figure:
     """Validation accuracy against bits per weight, a curve per group, the unshared accuracy dashed.
 
     Args:
         rows: from :func:`bits_sweep`.
         path: also write the figure to this PNG file (parent folders are created).
+        ylabel: what the rows measured (another task's metric, e.g. ``validation bits/char``).
 
     Returns:
         The figure: one axes, a line per group in the rows' order, then the ``not shared`` line.
@@ -94,14 +99,15 @@ def plot_bits(rows: Sequence[BitsRow], path: str | Path | None = None) -> Figure
         raise ValueError("plot_bits: no rows to plot")
     fig = Figure(figsize=(5.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    names = {"conv": "conv layers shared", "fc": "fully connected layers shared"}
+    names = {"conv": "conv layers shared", "fc": "fully connected layers shared",
+             "attn": "attention in-projections shared"}
     for group in dict.fromkeys(r.group for r in rows):
         points = [r for r in rows if r.group == group]
         ax.plot([r.bits for r in points], [r.val_acc for r in points], marker="o", label=names.get(group, group))
     ax.axhline(rows[0].base_acc, linestyle="--", color="gray", label="not shared")
     ax.set_xticks(sorted({r.bits for r in rows}))
     ax.set_xlabel("bits per weight index")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Accuracy against bits (no retraining)")
     ax.legend()
     if path is not None:
