@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import prunet
 from prunet import Pruner, Sparsity
+from prunet.analysis.tables import count_flops
 from prunet.share import share, shared_layers
 from prunet.sparse.modules import plan, sparse_twin
 
@@ -122,3 +123,13 @@ def test_pruned_embeddings_opt_in_and_are_shared_with_the_rest():
     assert str(pruner.coverage()) == "prunes 3,328 of 3,328 matrix weights (100.0%)"
     pruner.prune(Sparsity(0.5))
     assert "wte.weight" in share(model, 3)
+
+
+def test_layer_table_counts_attention_and_conv1d_flops():
+    """The FLOP hook read module.weight, which MultiheadAttention lacks: a report of any transformer crashed."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 1, enable_nested_tensor=False)
+    flops = count_flops(model, torch.randn(1, 5, 32))
+    assert flops["layers.0.self_attn"] == 2 * 96 * 32 * 5  # in-projection: (3E, E) for each of 5 tokens
+    assert flops["layers.0.linear1"] == 2 * 32 * 64 * 5
+    gpt = TinyGPT()
+    assert count_flops(gpt, torch.randint(0, 16, (1, 4)))["c_attn"] == 2 * 16 * 48 * 4  # Conv1D (in, out) = (16, 48)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from prunet.files import write_text
-from prunet.layers import LayerRow, find_layers
+from prunet.layers import LayerRow, find_layers, is_hf_conv1d
 
 
 @contextlib.contextmanager
@@ -68,21 +68,34 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     Returns:
         ``{layer name: FLOPs for one example}``; 0 for a layer the pass did not run.
     """
-    layers = [(layer.layer, layer.module) for layer in find_layers(model)]
-    flops = {name: 0 for name, _ in layers}
+    layers = find_layers(model)
+    flops = {layer.layer: 0 for layer in layers}
     batch = example_input.shape[0]
 
-    def hook(name: str):
-        def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            macs_per_output = module.weight.numel() // module.weight.shape[0]
-            flops[name] += 2 * macs_per_output * output.numel() // batch  # += : shared layers run twice
+    def hook(layer):
+        def record(module: nn.Module, inputs, output) -> None:
+            flops[layer.layer] += 2 * _macs(layer, inputs[0], output) // batch  # += : shared layers run twice
 
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers]
+    handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     with _hooked(handles), _inference(model):
         model(example_input)
     return flops
+
+
+def _macs(layer, x: torch.Tensor, output) -> int:
+    """Multiply-adds of one call of ``layer``'s weight: a dot product per output element.
+
+    An attention in-projection (``E*3, E``) multiplies every token of the query by its weight;
+    Hugging Face's ``Conv1D`` holds its weight ``(in, out)``, so a dot product is ``in`` long.
+    """
+    weight = layer.weight
+    if layer.kind == "attn":
+        return weight.numel() * (x.numel() // x.shape[-1])  # (out, in) x tokens
+    if is_hf_conv1d(layer.module):
+        return weight.shape[0] * output.numel()
+    return weight.numel() // weight.shape[0] * output.numel()
 
 
 def _batches(data: torch.Tensor | Iterable) -> Iterator[torch.Tensor]:
