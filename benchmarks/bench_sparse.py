@@ -137,6 +137,9 @@ def latency_of(label: str, weight: torch.Tensor, batch: int, repeats: int) -> di
             "prunet_path": "dense" if ours is linear else "sparse CSR", "max_abs_diff": err}
 
 
+PLAN_RUNS = 5  # sparsify runs per model and batch size whose plans are compared
+
+
 @torch.no_grad()
 def model_latency_of(name: str, ckpt: Path, batch: int, repeats: int) -> dict:
     """A whole model: dense (masks multiplied in) against prunet.load(sparse=True) for this batch size."""
@@ -144,8 +147,12 @@ def model_latency_of(name: str, ckpt: Path, batch: int, repeats: int) -> dict:
     dense = load(ckpt)
     sparse = load(ckpt, sparse=True, example_input=x)
     ms = time_methods({"dense": lambda: dense(x), "prunet": lambda: sparse(x)}, repeats)
+    # The plan again, from scratch, PLAN_RUNS - 1 more times: the paths (the text before the reason) must agree.
+    plans = [plan(sparse)] + [plan(load(ckpt, sparse=True, example_input=x)) for _ in range(PLAN_RUNS - 1)]
+    paths = [json.dumps({k: v.split(" (")[0] for k, v in p.items()}) for p in plans]
     return {"model": name, "batch": batch, "ms": ms, "speedup_vs_dense": ms["dense"] / ms["prunet"],
-            "plan": plan(sparse), "max_abs_diff": (sparse(x) - dense(x)).abs().max().item()}
+            "plan": plans[0], "plans": plans, "same_plan": max(paths.count(p) for p in paths),
+            "max_abs_diff": (sparse(x) - dense(x)).abs().max().item()}
 
 
 def main(repeats: int) -> dict:
@@ -180,7 +187,8 @@ def main(repeats: int) -> dict:
                 r["weights"] = origin
                 results["models"].append(r)
                 print(f"model {name} batch {batch}: dense {r['ms']['dense']:.3f} ms, prunet sparse "
-                      f"{r['ms']['prunet']:.3f} ms ({r['speedup_vs_dense']:.2f}x); {r['plan']}")
+                      f"{r['ms']['prunet']:.3f} ms ({r['speedup_vs_dense']:.2f}x); {r['plan']}; "
+                      f"the same plan in {r['same_plan']} of {PLAN_RUNS} runs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written {RESULTS}")
@@ -214,12 +222,13 @@ def tables(results: dict) -> str:
         lines.append(f"| {r['layer']} | {100 * r['density']:.1f}% | {r['batch']} | {r['ms']['dense']:.3f} | "
                      f"{s['torch_csr']:.2f}× | {s['scipy_csr']:.2f}× | {s['prunet']:.2f}× | {r['prunet_path']} | "
                      f"{verdict} |")
-    lines += ["", "| model | weights | batch | dense ms | prunet sparse ms | speed-up | layers |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", "| model | weights | batch | dense ms | prunet sparse ms | speed-up | layers (why) | same plan |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in results["models"]:
         layers = ", ".join(f"{k} {v}" for k, v in r["plan"].items())
+        same = f"{r['same_plan']} of {len(r['plans'])}" if "plans" in r else "–"
         lines.append(f"| {r['model']} | {r['weights']} | {r['batch']} | {r['ms']['dense']:.3f} | "
-                     f"{r['ms']['prunet']:.3f} | {r['speedup_vs_dense']:.2f}× | {layers} |")
+                     f"{r['ms']['prunet']:.3f} | {r['speedup_vs_dense']:.2f}× | {layers} | {same} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,20 +14,24 @@ Enforcement does not depend on what the user's loop calls, or in which order.
 PyTorch's global optimizer step hooks run for every ``step()`` of every
 ``torch.optim`` optimizer, told about prunet or not:
 
-* before the step, every masked gradient is zeroed where its mask is 0
-  (``masked_fill``: a NaN or inf gradient there is cleared too, where a multiply
-  would leave NaN; a gradient changed after ``backward()``, by noise or by
-  assignment, cannot move a pruned weight), and per-weight optimizer state (momentum, Adam moments) is
-  zeroed where the mask is 0 whenever the optimizer has not yet seen the mask
-  (the first step after pruning, after ``load_state_dict``);
-* after the step, pruned weights are set to exactly zero (``masked_fill``,
-  which also clears a NaN) for any optimizer that is not exactly one of
-  :data:`ZERO_PRESERVING` (a subclass may change ``step``; LBFGS mixes entries)
-  and for weights below float32, where an update of zeros can be 0/0.
+* before the step, every masked gradient is zeroed where its mask is 0 (a
+  bitwise AND with the mask's bit pattern, :func:`keep_bits`: a NaN or inf
+  gradient there is cleared too, where a multiply would leave NaN; a gradient
+  changed after ``backward()``, by noise, by assignment or through ``.data``,
+  cannot move a pruned weight), and per-weight optimizer state (momentum, Adam
+  moments) is zeroed where the mask is 0 whenever the optimizer has not yet seen
+  the mask (the first step after pruning, after ``load_state_dict``);
+* after the step, pruned weights are set to exactly zero (which also clears a
+  NaN) for any optimizer that is not exactly one of :data:`ZERO_PRESERVING` (a
+  subclass may change ``step``; LBFGS mixes entries) and for weights below
+  float32, where an update of zeros can be 0/0.
 
 A hook on each parameter also masks its gradient as soon as it is accumulated,
 so gradients the user reads after ``backward()`` (for clipping, logging) are
-already masked.
+already masked. What the hooks keep between steps (each optimizer's masked
+parameters, the bit patterns) is cached and found again when a mask or the
+optimizer's parameters change: a step costs two passes over each masked
+gradient and a few microseconds of bookkeeping (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
 def _own(param: torch.Tensor, module: nn.Module, buffer_name: str) -> None:
     param._prunet_owner = (module, buffer_name)
     param._prunet_version = getattr(param, "_prunet_version", 0) + 1
+    _GENERATION[0] += 1
 
 
 def _mask_grad(p: torch.Tensor) -> None:
@@ -76,32 +81,68 @@ def _mask_grad(p: torch.Tensor) -> None:
         zero_pruned(p.grad, p, mask)
 
 
-def zero_pruned(grad: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero ``grad`` (of ``p``) where ``mask`` is 0, in place, a NaN or inf there included.
+# Signed integers as wide as a float of each size: the bit pattern keep_bits uses.
+_BITS_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    On the CPU a multiply by the mask and one sum are several times faster than ``masked_fill``;
-    but NaN * 0 is NaN, so where the sum is not finite the pruned entries are filled as well
-    (a kept NaN stays: that is the user's divergence to see). On an accelerator, ``masked_fill``
-    is as fast and needs no look at the sum (which would wait for the device).
+
+class _Derived:
+    """What is derived from a parameter's mask, cached on the parameter until the mask changes.
+
+    A cache, never saved: pickling it (``torch.save(model)``) gives an empty one, and
+    ``copy.deepcopy`` of a parameter does not copy its attributes at all.
     """
-    if grad.device.type == "cpu":
-        grad.mul_(mask)
-        if bool(torch.isfinite(grad.sum())):
+
+    __slots__ = ("mask", "version", "bits")
+
+    def __init__(self) -> None:
+        self.mask, self.version, self.bits = _nothing, -1, None
+
+    def __reduce__(self) -> tuple:
+        return (_Derived, ())
+
+
+def keep_bits(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` as integers of ``p``'s width: all bits set where kept, none where pruned.
+
+    ``x.view(bits.dtype).bitwise_and_(bits)`` sets the pruned entries of a float tensor to exactly
+    zero in one pass, a NaN or inf among them (where ``x * mask`` leaves NaN * 0 = NaN), and leaves
+    the bits of every kept entry as they are (a kept NaN stays: that is the user's divergence to
+    see). Cached on ``p`` until the mask is another tensor or changes in place (its version
+    counter moves: ``set_mask``, ``load_state_dict``). None when the mask is not floating point.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> keep_bits(w, torch.tensor([1.0, 0.0, 1.0])).tolist()
+        [-1, 0, -1]
+    """
+    cache = p.__dict__.get("_prunet_derived")
+    if cache is None:
+        cache = p._prunet_derived = _Derived()
+    if cache.mask() is not mask or cache.version != mask._version:
+        if not mask.is_floating_point():
+            return None
+        cache.bits = (mask != 0).to(_BITS_OF_WIDTH[mask.element_size()]).neg_()
+        cache.mask, cache.version = weakref.ref(mask), mask._version
+    return cache.bits
+
+
+def zero_pruned(t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero ``t`` (a gradient, a weight or a state tensor of ``p``) where ``mask`` is 0, in place.
+
+    A NaN or inf there is cleared too. One bitwise AND with :func:`keep_bits` (the cost of a
+    multiply, without NaN * 0 = NaN); a tensor that cannot be viewed so (a sparse gradient,
+    another dtype than the mask's) is multiplied by the mask and, where the sum shows a NaN or
+    inf, filled with ``masked_fill``.
+    """
+    bits = keep_bits(p, mask)
+    if bits is not None and t.dtype == mask.dtype and t.layout == torch.strided:
+        t.view(bits.dtype).bitwise_and_(bits)
+        return
+    if t.layout != torch.strided or t.dtype != mask.dtype:
+        t.mul_(mask)
+        if bool(torch.isfinite(t.sum())):
             return
-    grad.masked_fill_(pruned_of(p, mask), 0)
-
-
-def pruned_of(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Where ``mask`` is 0, as a boolean tensor: cached on the parameter until the mask changes.
-
-    Gradients are zeroed there with ``masked_fill``, not multiplied by the mask: a NaN or inf
-    gradient times 0 is NaN, and would make every pruned weight NaN at the next step.
-    """
-    key = (mask.data_ptr(), mask._version, mask.device)
-    cached = getattr(p, "_prunet_pruned", None)
-    if cached is None or cached[0] != key:
-        cached = p._prunet_pruned = (key, mask == 0)
-    return cached[1]
+    t.masked_fill_(mask == 0, 0)
 
 
 def mask_of(param: torch.Tensor) -> torch.Tensor | None:
@@ -141,6 +182,7 @@ class _Reapply:
         copied = memo.get(id(param)) if param is not None else None
         if twin is not None and copied is not None:
             _own(copied, twin, mask_buffer_name(self.param_name))
+            copied.register_post_accumulate_grad_hook(_mask_grad)  # a copied parameter has no hooks
         return _Reapply(twin if twin is not None else module, self.param_name)
 
     def __getstate__(self) -> dict:
@@ -236,19 +278,18 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, 
     state = optimizer.state.get(param)
     if not state:
         return
-    pruned = mask == 0
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(pruned, 0)
+            zero_pruned(value, param, mask)
 
 
 # --------------------------------------------------------------------------- global enforcement
 
-# What each optimizer last saw of each masked parameter: (mask version, ids of its state tensors).
-_SEEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, tuple]]" = weakref.WeakKeyDictionary()
 # Optimizers whose pruned weights are zeroed after every step whatever their type (Pruner.attach(..., True)).
 ALWAYS_ENFORCE: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _HOOKS: list[RemovableHandle] = []
+# Moves whenever a parameter is given a mask or loses it: the optimizers' lists of masked parameters are stale.
+_GENERATION = [0]
 
 
 def _install_global_hooks() -> None:
@@ -257,19 +298,48 @@ def _install_global_hooks() -> None:
         _HOOKS.append(register_optimizer_step_post_hook(_after_step))
 
 
-def _masked_params(optimizer: torch.optim.Optimizer) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            mask = mask_of(p)
-            if mask is not None:
-                yield p, mask
+class _Steps:
+    """What the global hooks keep of one optimizer between its steps.
+
+    ``owners``: its masked parameters and where each mask lives, found again only when its
+    parameters (their ids, held alive here or by the optimizer) or ``_GENERATION`` change; the
+    mask itself is read from its module at every step (``model.to()`` and ``load_state_dict``
+    replace buffers). ``seen``: per parameter id, the mask version and the state tensors (weak
+    references) it last cleaned. ``zero_after``: the step now running must be followed by
+    zeroing the pruned weights: the optimizer is not exactly a ZERO_PRESERVING type, was asked to
+    (ALWAYS_ENFORCE), a weight is below float32 (an update of zeros can be 0/0 there), or the step
+    was called with a closure (its gradients are computed inside the step, after the masking).
+    """
+
+    __slots__ = ("key", "owners", "seen", "zero_after", "__weakref__")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.owners: list[tuple[torch.Tensor, tuple[nn.Module, str]]] = []
+        self.seen: dict[int, tuple] = {}
+        self.zero_after = False
 
 
-# Optimizers whose step now running must be followed by zeroing the pruned weights: not exactly
-# a ZERO_PRESERVING type, asked to (ALWAYS_ENFORCE), a weight below float32 (an update of zeros
-# can be 0/0 there), or a step called with a closure (its gradients are computed inside the
-# step, after the pre-step masking).
-_ZERO_AFTER: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_STEPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps]" = weakref.WeakKeyDictionary()
+
+
+def _steps_of(optimizer: torch.optim.Optimizer) -> _Steps:
+    steps = _STEPS.get(optimizer)
+    if steps is None:
+        steps = _STEPS[optimizer] = _Steps()
+    key = (_GENERATION[0], [id(p) for group in optimizer.param_groups for p in group["params"]])
+    if steps.key != key:
+        steps.key = key
+        steps.owners = [(p, p._prunet_owner) for group in optimizer.param_groups for p in group["params"]
+                        if getattr(p, "_prunet_owner", None) is not None]
+    return steps
+
+
+def _masked(steps: _Steps) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for p, (module, name) in steps.owners:
+        mask = module._buffers.get(name)
+        if mask is not None:  # None once baked
+            yield p, mask
 
 
 @torch.no_grad()
@@ -277,39 +347,45 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     # torch passes step's own arguments, the optimizer first: step(self, closure=None).
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
     after = closure or type(optimizer) not in ZERO_PRESERVING or optimizer in ALWAYS_ENFORCE
-    seen = _SEEN.get(optimizer)
-    if seen is None:
-        seen = _SEEN[optimizer] = {}
+    steps = _steps_of(optimizer)
     state = optimizer.state
-    for p, mask in _masked_params(optimizer):
+    for p, mask in _masked(steps):
         after = after or p.dtype not in _EXACT_FLOATS
-        # State is new after load_state_dict or an assignment; the version, after a new mask.
-        # Weak references, not ids: a freed tensor's id can be reused by its replacement.
-        tensors = [v for v in state[p].values() if torch.is_tensor(v)] if p in state else []
-        known = seen.get(id(p))
-        if known is None or known[0] != p._prunet_version or len(known[1]) != len(tensors) \
-                or any(ref() is not t for ref, t in zip(known[1], tensors)):
-            mask_optimizer_state(optimizer, p, mask)
-            seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
-        if p.grad is not None:
+        _clean_new_state(optimizer, state.get(p), p, mask, steps.seen)
+        grad = p.grad
+        if grad is not None:
             # Every step: a gradient can change after backward() in ways no counter shows
             # (p.grad.data.add_, a mask changed in between).
-            zero_pruned(p.grad, p, mask)
-    if after and seen:
-        _ZERO_AFTER.add(optimizer)
-    else:
-        _ZERO_AFTER.discard(optimizer)
+            zero_pruned(grad, p, mask)
+    steps.zero_after = after and bool(steps.seen)
 
 
-@torch.no_grad()
+def _clean_new_state(optimizer: torch.optim.Optimizer, state: dict | None, p: torch.Tensor, mask: torch.Tensor,
+                     seen: dict[int, tuple]) -> None:
+    """Zero ``p``'s optimizer state at pruned entries unless this optimizer has seen it so already.
+
+    State is new after ``load_state_dict`` or an assignment; the parameter's version moves with a
+    new mask. Weak references, not ids: a freed tensor's id can be reused by its replacement.
+    """
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)] if state else []
+    known = seen.get(id(p))
+    if known is not None and known[0] == p._prunet_version and len(known[1]) == len(tensors) \
+            and all(ref() is t for ref, t in zip(known[1], tensors)):
+        return
+    mask_optimizer_state(optimizer, p, mask)
+    seen[id(p)] = (p._prunet_version, [weakref.ref(t) for t in tensors])
+
+
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    # Not discarded here: a subclass's step that calls super().step() runs these hooks twice,
+    # Not reset here: a subclass's step that calls super().step() runs these hooks twice,
     # nested, and the outer post-step (after the subclass's own changes) must zero again.
-    if optimizer not in _ZERO_AFTER:
-        return  # the common case: a torch first-order optimizer on float32 weights leaves zeros zero
-    for p, mask in _masked_params(optimizer):
-        p.masked_fill_(pruned_of(p, mask), 0)  # not a multiply: NaN * 0 is NaN
-        mask_optimizer_state(optimizer, p, mask)
+    steps = _STEPS.get(optimizer)
+    if steps is None or not steps.zero_after:
+        return  # the common case (no torch.no_grad() entered: it costs more than this check)
+    with torch.no_grad():
+        for p, mask in _masked(steps):
+            zero_pruned(p.detach(), p, mask)  # a NaN there is cleared too
+            mask_optimizer_state(optimizer, p, mask)
 
 
 # --------------------------------------------------------------------------- ending pruning
@@ -330,8 +406,9 @@ def bake(module: nn.Module, param_name: str, handles: Iterable[RemovableHandle] 
 
 
 def _unmask(param: torch.Tensor) -> None:
-    for attr in ("_prunet_owner", "_prunet_version"):
+    for attr in ("_prunet_owner", "_prunet_version", "_prunet_derived"):
         param.__dict__.pop(attr, None)
+    _GENERATION[0] += 1
 
 
 def _check_shape(param: torch.Tensor, mask: torch.Tensor, param_name: str) -> None:

@@ -206,3 +206,79 @@ def test_baked_copy_is_plain_and_leaves_the_original_pruned():
     model(x).sum().backward()
     assert bool((plain[0].weight.grad[~mask] != 0).any())  # the copy trains freely
     assert bool((model[0].weight.grad[~mask] == 0).all())  # the original is still masked
+
+
+# --- the bit pattern gradients are masked with --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_zero_pruned_clears_nan_and_inf_at_pruned_entries_and_keeps_kept_bits(dtype):
+    layer = linear().to(dtype)
+    mask = checkerboard(layer.weight.shape)
+    M.attach_mask(layer, "weight", mask)
+    grad = torch.randn(layer.weight.shape).to(dtype)
+    grad[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0] * 3).to(dtype)
+    grad[0, 0] = float("nan")  # kept: the user's divergence stays visible
+    expected = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    M.zero_pruned(grad, layer.weight, M.get_mask(layer, "weight"))
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    assert not bool(torch.signbit(grad[~mask]).any())  # +0, not -0
+    assert bool(torch.isnan(grad[0, 0]))
+    assert torch.equal(grad[mask][1:], expected[mask][1:])
+
+
+def test_the_cached_bits_follow_a_new_mask_a_new_buffer_and_a_new_dtype():
+    layer = linear()
+    M.attach_mask(layer, "weight")
+    w = layer.weight
+    assert bool((M.keep_bits(w, M.get_mask(layer, "weight")) == -1).all())
+    mask = checkerboard(w.shape)
+    M.set_mask(layer, "weight", mask)  # in place: the version moves
+    assert torch.equal(M.keep_bits(w, M.get_mask(layer, "weight")) == -1, mask)
+    layer.double()  # a new buffer, wider entries
+    bits = M.keep_bits(w, M.get_mask(layer, "weight"))
+    assert bits.dtype == torch.int64 and torch.equal(bits == -1, mask)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(8, 6, dtype=torch.float64)).pow(2).sum().backward()
+        assert bool((layer.weight.grad[~mask] == 0).all())
+        opt.step()
+    assert bool((layer.weight.detach()[~mask] == 0).all())
+
+
+def test_a_trained_parameter_with_its_cache_pickles_and_copies():
+    """The cached bits are not saved; a copy masks its gradients after backward, a pickled one at its step."""
+    import copy
+    import pickle
+
+    layer = linear()
+    mask = checkerboard(layer.weight.shape)
+    M.attach_mask(layer, "weight", mask)
+    layer(torch.randn(8, 6)).sum().backward()  # the cache now exists on the weight
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        twin.weight.grad = None
+        twin(torch.randn(8, 6)).pow(2).sum().backward()
+        twin.weight.grad.data.fill_(1.0)
+        torch.optim.SGD(twin.parameters(), lr=0.1).step()
+        assert bool((twin.weight.grad[~mask] == 0).all())
+        assert bool((twin.weight.detach()[~mask] == 0).all())
+    twin = copy.deepcopy(layer)
+    twin(torch.randn(8, 6)).pow(2).sum().backward()
+    assert bool((twin.weight.grad[~mask] == 0).all())  # read after backward, before any step
+
+
+def test_an_optimizer_sees_parameters_masked_after_its_first_step():
+    """Its list of masked parameters is cached; a mask attached later (or baked) is still seen."""
+    layer = linear()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    for attach in (False, True):
+        if attach:
+            M.attach_mask(layer, "weight", checkerboard(layer.weight.shape))
+        opt.zero_grad()
+        layer(torch.randn(8, 6)).pow(2).sum().backward()
+        layer.weight.grad.data.fill_(1.0)  # after backward, no version bump
+        opt.step()
+    mask = checkerboard(layer.weight.shape)
+    assert bool((layer.weight.detach()[~mask] == 0).all())
+    assert bool((opt.state[layer.weight]["momentum_buffer"][~mask] == 0).all())

@@ -15,7 +15,7 @@ Example:
     >>> pruner = Pruner(model)
     >>> _ = pruner.prune(Sparsity(0.94))
     >>> model = sparsify(pruner.bake(), torch.zeros(1, 1, 28, 28))
-    >>> plan(model)  # timed on this machine: each layer 'sparse CSR' or 'dense'
+    >>> plan(model)  # timed on this machine: each layer 'sparse CSR (...)' or 'dense (...)', and why
     {'fc1': '...', 'fc2': '...', 'fc3': '...'}
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,79 +147,167 @@ def median_seconds(fn: Callable[[], object], repeats: int, cold: bool = False) -
     return statistics.median(times)
 
 
+def paired_seconds(dense: Callable[[], object], sparse: Callable[[], object], repeats: int,
+                   prepare: Callable[[bool], object] | None = None) -> list[tuple[float, float]]:
+    """``repeats`` pairs (dense seconds, sparse seconds), caches cold before each call, the order alternating.
+
+    Timed in pairs so that a burst of load on the machine slows both of a pair alike: the ratio
+    within a pair is steadier than a ratio of two medians timed one after the other.
+
+    Args:
+        prepare: called, untimed, before each call with whether the sparse one comes next.
+    """
+    dense(), sparse()  # warm-up
+    pairs = []
+    for i in range(repeats):
+        took = {}
+        for is_sparse in ((False, True) if i % 2 == 0 else (True, False)):
+            if prepare is not None:
+                prepare(is_sparse)
+            _evict_caches()
+            start = time.perf_counter()
+            (sparse if is_sparse else dense)()
+            took[is_sparse] = time.perf_counter() - start
+        pairs.append((took[False], took[True]))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` decided for one layer (or the whole model), and why, in words."""
+
+    sparse: bool
+    ratio: float  # median of sparse / dense over the pairs
+    reason: str
+
+
+def choose(pairs: Sequence[tuple[float, float]], margin: float = 0.9) -> Choice:
+    """Sparse only when it is clearly faster: a pure rule over paired timings (dense s, sparse s).
+
+    The sparse path is chosen when even the upper quartile of the per-pair ratios sparse / dense
+    is below ``margin``: three pairs in four must beat the margin, not just the median, so a
+    layer near the line stays dense run after run instead of flipping with the machine's noise.
+    The reason gives the median ratio.
+
+    Example:
+        >>> choose([(1.0, 0.5)] * 8).reason
+        'sparse CSR (0.50x of dense time)'
+        >>> choose([(1.0, 0.5)] * 5 + [(1.0, 0.95)] * 3).reason
+        'dense (sparse 0.50x of dense time, not clearly under 0.9x)'
+        >>> choose([(1.0, 1.2)] * 8).reason
+        'dense (sparse 1.20x of dense time)'
+    """
+    if not pairs:
+        raise ValueError("choose needs at least one pair of timings")
+    ratios = sorted(s / d for d, s in pairs)
+    median = statistics.median(ratios)
+    upper = ratios[min(len(ratios) - 1, (3 * len(ratios)) // 4)]
+    if upper < margin:
+        return Choice(True, median, f"sparse CSR ({median:.2f}x of dense time)")
+    close = f", not clearly under {margin:g}x" if median < margin else ""
+    return Choice(False, median, f"dense (sparse {median:.2f}x of dense time{close})")
+
+
 @torch.no_grad()
 def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, margin: float = 0.9) -> nn.Module:
-    """Give each pruned Linear / Conv2d layer a sparse kernel where it is faster, in place.
+    """Give each pruned Linear / Conv2d layer a sparse kernel where it is clearly faster, in place.
 
-    One forward pass of ``example_input`` records each layer's input; each
-    layer is then timed dense and sparse on a random input of that shape (the
-    batch of ``example_input``), caches cold, and replaced only when the sparse
-    one takes less than ``margin`` of the dense time: a layer too close to call
-    stays dense. Last, the whole model is timed both ways on ``example_input``;
-    if the sparse one is not faster there (a layer can time differently alone
-    than between its neighbours), every layer goes back to dense, so the result
-    is never slower than the dense model.
+    One forward pass of ``example_input`` records each layer's input; each layer
+    is then timed dense and sparse on a random input of that shape (the batch of
+    ``example_input``), in interleaved pairs with caches cold, and replaced only
+    when :func:`choose` finds the sparse one clearly under ``margin`` of the dense
+    time: a layer too close to call stays dense, so the plan is the same run after
+    run. Last, the whole model is timed both ways on ``example_input``; unless the
+    sparse one is clearly faster there too (a layer can time differently alone than
+    between its neighbours), every layer goes back to dense, so the result is never
+    slower than the dense model. :func:`plan` says what was chosen and why.
 
     Args:
         model: a plain model (masks multiplied in), e.g. from :func:`prunet.sparse.load`.
         example_input: a batch at the model's input size; its batch size is the one optimised for.
-        repeats: timings per layer and path (the median counts).
-        margin: the fraction of the dense time the sparse layer must beat.
+        repeats: timed pairs per layer (and for the whole model).
+        margin: the fraction of the dense time the sparse layer must clearly beat.
 
     Returns:
         The same model, in eval mode.
     """
     model.eval()
-    layers = [layer for layer in find_layers(model) if int(torch.count_nonzero(layer.weight)) < layer.weight.numel()]
-    shapes: dict[str, torch.Tensor] = {}  # each layer's first input: its shape, dtype and device
+    layers = [layer for layer in find_layers(model) if sparse_twin_type(layer.module)]
+    inputs = _layer_inputs(model, example_input, [layer.layer for layer in layers])
+    swapped = []
+    for layer in layers:
+        module, seen = layer.module, inputs.get(layer.layer)
+        if seen is None or int(torch.count_nonzero(module.weight)) == module.weight.numel():
+            module._prunet_plan = "dense (not pruned)" if seen is not None else "dense (not run by the example)"
+            continue
+        twin = sparse_twin(module)
+        x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
+        choice = choose(paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin)
+        module._prunet_plan = twin._prunet_plan = choice.reason
+        if choice.sparse:
+            swapped.append((layer, twin, choice))
+    if swapped:
+        _keep_if_faster(model, example_input, swapped, repeats)
+    return model
+
+
+def _layer_inputs(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each named layer's first input in one forward pass of ``example_input``: its shape, dtype and device."""
+    seen: dict[str, torch.Tensor] = {}
 
     def record(name: str):
         def hook(module: nn.Module, args) -> None:
-            shapes.setdefault(name, args[0])
+            seen.setdefault(name, args[0])
         return hook
 
-    handles = [layer.module.register_forward_pre_hook(record(layer.layer)) for layer in layers]
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
     try:
         model(example_input)
     finally:
         for h in handles:
             h.remove()
-    swapped = []
-    for layer in layers:
-        twin = sparse_twin(layer.module) if layer.layer in shapes else None  # not run by the example: left alone
-        if twin is None:
-            continue
-        seen = shapes[layer.layer]
-        x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
-        dense = median_seconds(lambda: layer.module(x), repeats, cold=True)
-        sparse = median_seconds(lambda: twin(x), repeats, cold=True)
-        if sparse < margin * dense:
-            swapped.append((layer, twin))
-    if not swapped:
-        return model
-    dense_model = median_seconds(lambda: model(example_input), repeats, cold=True)
-    for layer, twin in swapped:
-        model.set_submodule(layer.layer, twin)
-    if median_seconds(lambda: model(example_input), repeats, cold=True) >= dense_model:
-        for layer, _ in swapped:
-            model.set_submodule(layer.layer, layer.module)
-    return model
+    return seen
+
+
+def _keep_if_faster(model: nn.Module, example_input: torch.Tensor, swapped: list, repeats: int) -> None:
+    """Put the sparse layers ``(layer, twin, choice)`` in; take them all out again unless the whole
+    model is clearly faster so (:func:`choose` with a margin of 1)."""
+
+    def use(sparse: bool) -> None:
+        for layer, twin, _ in swapped:
+            model.set_submodule(layer.layer, twin if sparse else layer.module)
+
+    def run() -> object:
+        return model(example_input)
+
+    whole = choose(paired_seconds(run, run, repeats, prepare=use), margin=1.0)
+    use(whole.sparse)
+    if not whole.sparse:
+        for layer, _, choice in swapped:
+            layer.module._prunet_plan = f"dense (sparse {choice.ratio:.2f}x of dense time alone, " \
+                                        f"but the whole model {whole.ratio:.2f}x)"
 
 
 def plan(model: nn.Module) -> dict[str, str]:
-    """Layer name -> the path each prunable layer of a (sparsified) model runs.
+    """Layer name -> the path each prunable layer of a (sparsified) model runs, and why.
 
-    ``sparse CSR``; ``dense`` (a sparse kernel exists but was not faster, or the layer is
-    not pruned); ``dense (no sparse kernel)`` for a type :func:`sparse_twin` does not cover
-    (attention in-projections, embeddings, grouped convolutions).
+    ``sparse CSR (0.45x of dense time)``; ``dense (sparse 0.93x of dense time, not clearly under
+    0.9x)``, ``dense (sparse 1.20x of dense time)``, ``dense (sparse 0.80x of dense time alone,
+    but the whole model 1.02x)``, ``dense (not pruned)`` as :func:`sparsify` decided;
+    ``dense (no sparse kernel)`` for a type :func:`sparse_twin` does not cover (attention
+    in-projections, embeddings, grouped convolutions); plain ``dense`` for a layer
+    :func:`sparsify` never looked at. The path is the text before the parenthesis.
     """
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
-            out[name] = "sparse CSR"
+            out[name] = getattr(module, "_prunet_plan", "sparse CSR")
     for layer in find_layers(model, include=["all"]):
         if layer.layer not in out:
-            out[layer.layer] = "dense" if sparse_twin_type(layer.module) else "dense (no sparse kernel)"
+            if not sparse_twin_type(layer.module):
+                out[layer.layer] = "dense (no sparse kernel)"
+            else:
+                out[layer.layer] = getattr(layer.module, "_prunet_plan", "dense")
     return out
 
 
