@@ -4,7 +4,7 @@ Every criterion looks only at the surviving weights (the previous mask) and its
 result is AND-ed with the previous mask, so a pruned connection never returns.
 None of them touches a module or an optimizer.
 
-Three rules are provided:
+Three magnitude rules are provided:
 
 * :func:`threshold_mask`: Han et al.'s rule. Keep ``|w| >= quality * std(w)``,
   the standard deviation taken over the layer's surviving weights, recomputed
@@ -12,6 +12,11 @@ Three rules are provided:
 * :func:`sparsity_mask`: keep the largest-magnitude weights of a layer so that
   a target fraction of the whole layer is pruned.
 * :func:`global_sparsity_masks`: one magnitude cut across several layers.
+
+and two allocations of one budget among layers, each a :class:`LayerAllocation`
+set by a sparsity or a target compression: :class:`LAMP` (a global cut on
+:func:`lamp_scores`) and :class:`ERK` (densities from the layers' shapes,
+:func:`erk_densities`).
 
 Each has a :class:`Criterion`, the object ``Pruner.prune`` takes
 (:class:`Threshold`, :class:`Sparsity`, :class:`GlobalMagnitude`), and
@@ -459,7 +464,193 @@ class TargetThreshold(Criterion):
         return {t.param: _threshold_with_std(t.weight, prev, factor * rel, std) for t, rel, prev, std in free}
 
 
-CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity, GlobalMagnitude)}
+# --------------------------------------------------------------------------- allocation across layers
+
+
+def lamp_scores(weight: torch.Tensor, prev_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LAMP scores (Lee et al. 2021) of a layer's surviving weights; pruned entries score 0.
+
+    With the survivors sorted by magnitude, smallest first, weight ``u`` scores
+    ``w_u² / Σ_{v >= u} w_v²``: its square over the squares of itself and every
+    survivor ranked after it. The largest survivor scores 1. Equal magnitudes are
+    ranked by position (the earlier one first, so it scores less).
+
+    Args:
+        weight: the layer's weights, any shape.
+        prev_mask: boolean mask of survivors (None: all).
+
+    Returns:
+        float64 scores of ``weight``'s shape, in [0, 1].
+
+    Example:
+        >>> lamp_scores(torch.tensor([1.0, -2.0, 2.0])).tolist()  # 1/9, 4/8, 4/4
+        [0.1111111111111111, 0.5, 1.0]
+    """
+    prev = _prev_or_ones(weight, prev_mask).reshape(-1)
+    flat = weight.detach().reshape(-1).to(torch.float64)
+    alive = prev.nonzero().flatten()
+    squares = flat[alive].square()
+    order = torch.sort(squares, stable=True).indices  # a sort, not a selection: the sums need the order
+    tail = squares[order].flip(0).cumsum(0).flip(0)  # Σ of the squares from each rank to the largest
+    ranked = torch.where(tail > 0, squares[order] / tail.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    out = torch.zeros_like(flat)
+    out[alive[order]] = ranked
+    return out.view(weight.shape)
+
+
+def erk_densities(shapes: Mapping[str, tuple[int, ...]], keep: int,
+                  caps: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Erdős–Rényi-Kernel densities (Evci et al., RigL), scaled so the layers keep ``keep`` weights in all.
+
+    A layer's density is ``ε · sum(shape) / prod(shape)``: ``(n_in + n_out) / (n_in · n_out)``
+    for a Linear layer, the kernel's sides added for a convolution. One ``ε`` is found
+    for the whole network; a layer whose density would exceed its cap is held at the cap
+    and ``ε`` found again for the others, until none does.
+
+    Args:
+        shapes: layer name -> weight shape.
+        keep: the weights all layers together keep (0 <= keep <= their total).
+        caps: layer name -> the largest density allowed (default 1: a layer kept whole);
+            its survivors' share, so a criterion never asks a layer for weights it no longer has.
+
+    Returns:
+        layer name -> fraction of its weights kept; ``Σ density × size == keep`` up to rounding.
+
+    Example:
+        >>> d = erk_densities({"a": (4, 4), "b": (100, 100)}, 2000)
+        >>> d["a"], round(d["b"], 4)  # "a" would get 4.8: held at 1, the rest shared by "b"
+        (1.0, 0.1984)
+    """
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    caps = {n: 1.0 if caps is None else float(caps.get(n, 1.0)) for n in shapes}
+    raw = {n: sum(s) / sizes[n] if sizes[n] else 0.0 for n, s in shapes.items()}
+    held: dict[str, float] = {}
+    while True:
+        free = [n for n in shapes if n not in held and raw[n] > 0]
+        budget = keep - sum(held[n] * sizes[n] for n in held)
+        divisor = sum(raw[n] * sizes[n] for n in free)
+        eps = budget / divisor if divisor > 0 else 0.0
+        over = [n for n in free if eps * raw[n] > caps[n]]
+        if not over:
+            return {n: held.get(n, min(caps[n], max(0.0, eps * raw[n]))) for n in shapes}
+        held.update((n, caps[n]) for n in over)
+
+
+def apportion(shares: Mapping[str, float], total: int, caps: Mapping[str, int]) -> dict[str, int]:
+    """Whole counts per layer, each at most its cap, summing to ``total``: largest remainders first.
+
+    >>> apportion({"a": 1.5, "b": 1.5, "c": 2.0}, 5, {"a": 9, "b": 9, "c": 9})
+    {'a': 2, 'b': 1, 'c': 2}
+    """
+    counts = {n: min(caps[n], math.floor(v)) for n, v in shares.items()}
+    left = total - sum(counts.values())
+    order = sorted(shares, key=lambda n: -(shares[n] - math.floor(shares[n])))  # stable: ties by order given
+    for n in order + order:  # a second pass for layers the first could not give a weight to
+        if left <= 0:
+            break
+        if counts[n] < caps[n]:
+            counts[n] += 1
+            left -= 1
+    return counts
+
+
+@dataclass
+class LayerAllocation(Criterion):
+    """A criterion that shares one budget of kept weights among layers: set by ``sparsity`` or ``target``.
+
+    Args:
+        sparsity: the fraction of the pruned layers' weights pruned after this step, in [0, 1].
+        target: instead, the overall compression (weights / kept) of all the pruner's
+            targets after this step, the layers it does not prune counted as they stand.
+
+    Subclasses implement :meth:`allocate`; the result is AND-ed with the previous masks.
+    """
+
+    sparsity: float | None = None
+    target: float | None = None
+    setting_field: ClassVar[str] = "sparsity"
+    setting_max: ClassVar[float | None] = 1.0
+    per_layer: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.target is None):
+            raise ValueError(f"{self.name}: give a sparsity or a target (one of them)")
+        if self.sparsity is not None:
+            self.check_value(self.sparsity)
+        elif not (math.isfinite(self.target) and self.target >= 1):
+            raise ValueError(f"target must be a compression >= 1, got {self.target}")
+
+    def masks(self, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        return self.masks_in(layers, layers)
+
+    def masks_in(self, layers: list[Layer], targets: list[Layer]) -> dict[str, torch.Tensor]:
+        if not layers:
+            return {}
+        weights = {t.param: t.weight.detach() for t in layers}
+        prev = {t.param: _prev_or_ones(t.weight, t.mask) for t in layers}
+        if self.sparsity is not None:
+            keep = keep_count(sum(w.numel() for w in weights.values()), self.sparsity)
+        else:
+            chosen = {t.param for t in layers}
+            fixed = sum(t.kept() for t in targets if t.param not in chosen)
+            total = sum(t.weight.numel() for t in targets)
+            keep = round(total / self.target) - fixed
+            if keep < 1 and fixed:
+                raise TargetError(f"target {self.target:g}x is out of reach: the layers this step does not prune "
+                                  f"keep {fixed:,} of {total:,}, at most {total / max(fixed, 1):.3g}x")
+        return self.allocate(weights, prev, max(0, keep))
+
+    def allocate(self, weights: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor],
+                 keep: int) -> dict[str, torch.Tensor]:
+        """layer param -> new mask, the layers keeping ``keep`` weights in all (or what they have, if fewer)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LAMP(LayerAllocation):
+    """Layer-adaptive magnitude pruning (Lee et al., ICLR 2021): one global cut on :func:`lamp_scores`.
+
+    Each layer's weights are scored relative to the larger ones of the same layer, so the
+    cut adapts the sparsity of each layer without a setting per layer; every layer keeps
+    at least its largest weight while the budget allows one weight per layer.
+
+    Example:
+        >>> layers = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([10.0, 20.0, 40.0])}
+        >>> masks = LAMP(0.5).allocate(layers, {n: torch.ones(3, dtype=torch.bool) for n in layers}, 3)
+        >>> masks["a"].tolist(), masks["b"].tolist()  # a magnitude cut would keep b alone
+        ([False, True, True], [False, False, True])
+    """
+
+    name: ClassVar[str] = "lamp"
+
+    def allocate(self, weights, prev, keep):
+        names = list(weights)
+        parts = [(lamp_scores(weights[n], prev[n]), prev[n]) for n in names]
+        return dict(zip(names, _keep_top_parts(parts, keep)))
+
+
+@dataclass
+class ERK(LayerAllocation):
+    """Erdős–Rényi-Kernel allocation (Evci et al., RigL 2020): per-layer densities from the layer's shape.
+
+    The densities of :func:`erk_densities` (capped at each layer's survivors), turned into
+    whole counts that sum to the budget exactly; within a layer, the largest-magnitude
+    survivors are kept.
+    """
+
+    name: ClassVar[str] = "erk"
+
+    def allocate(self, weights, prev, keep):
+        kept = {n: int(p.count_nonzero()) for n, p in prev.items()}
+        keep = min(keep, sum(kept.values()))
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        caps = {n: kept[n] / w.numel() if w.numel() else 0.0 for n, w in weights.items()}
+        density = erk_densities(shapes, keep, caps)
+        counts = apportion({n: density[n] * w.numel() for n, w in weights.items()}, keep, kept)
+        return {n: _keep_top(weights[n], prev[n], counts[n]) for n in weights}
+
+
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity, GlobalMagnitude, LAMP, ERK)}
 """Criterion name (as recipes spell it) -> class. A new criterion is one entry here."""
 
 

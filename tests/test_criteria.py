@@ -9,10 +9,13 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn as nn
 
 from prunet import Pruner
 from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import (
+    ERK,
+    LAMP,
     TargetError,
     TargetThreshold,
     CRITERIA,
@@ -21,8 +24,11 @@ from prunet.criteria import (
     Sparsity,
     Threshold,
     compression_to_keep_fraction,
+    criteria_names,
+    erk_densities,
     global_sparsity_masks,
     keep_count,
+    lamp_scores,
     make_criterion,
     sparsity_mask,
     threshold_mask,
@@ -477,3 +483,102 @@ def test_target_ladder_takes_sensitivity_qualities_and_replaces_a_gradual_phase(
     sensitive = recipe_from_dict({"model": {"name": "lenet_300_100"},
                                   "prune": {"relative_from_sensitivity": 1.0, "rounds": [{"quality": 0.5}]}})
     assert all(r.quality is None for r in sensitive.target_ladder(20).prune.rounds)
+
+
+# --- allocation across layers: LAMP and ERK -----------------------------------------------------
+
+
+def lamp_by_hand(values: list[float], alive: list[bool]) -> list[float]:
+    """The published formula, written out: rank survivors by |w| (ties by position), score w_u² / Σ_{v>=u} w_v²."""
+    ranked = sorted((abs(v), i) for i, (v, a) in enumerate(zip(values, alive)) if a)
+    scores = [0.0] * len(values)
+    for k, (mag, i) in enumerate(ranked):
+        scores[i] = mag ** 2 / sum(m ** 2 for m, _ in ranked[k:])
+    return scores
+
+
+def test_lamp_scores_equal_the_published_formula():
+    values = [0.5, -3.0, 1.0, 2.0, -0.25, 1.0, 0.0, 4.0]
+    alive = [True, True, True, False, True, True, True, True]
+    scores = lamp_scores(torch.tensor(values).view(2, 4), torch.tensor(alive).view(2, 4))
+    assert scores.shape == (2, 4) and scores.dtype == torch.float64
+    assert scores.flatten().tolist() == pytest.approx(lamp_by_hand(values, alive), rel=1e-12)
+    # By hand for three of them: 4² / 4² = 1 (the largest), 3² / (3² + 4²), 0.5² / (0.5² + 1 + 1 + 9 + 16).
+    assert scores.flatten()[[7, 1, 0]].tolist() == pytest.approx([1.0, 9 / 25, 0.25 / 27.25])
+    assert scores[0, 3] == 0  # pruned: no score, and not in anyone's sum
+
+
+def test_lamp_is_a_global_cut_on_scores_and_never_revives():
+    weights = {"a.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "b.weight": torch.tensor([[10.0, 20.0, 30.0, 40.0]])}
+    prev = {"a.weight": torch.tensor([[True, True, True, False]]), "b.weight": None}
+    masks = LAMP(0.5).allocate(weights, {n: p if p is not None else torch.ones(1, 4, dtype=torch.bool)
+                                         for n, p in prev.items()}, 4)
+    scores = {n: lamp_scores(w, prev[n]) for n, w in weights.items()}
+    cut = sorted(torch.cat([s.flatten() for s in scores.values()]).tolist())[-4]
+    for n in weights:
+        assert masks[n].tolist() == (scores[n] >= cut).tolist()
+    assert not masks["a.weight"][0, 3]
+    assert sum(int(m.sum()) for m in masks.values()) == 4
+
+
+def test_lamp_keeps_every_layer_where_global_magnitude_empties_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.Linear(40, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)  # a layer of small weights: a global magnitude cut removes it all
+    rows = Pruner(model).prune(LAMP(0.9))
+    assert all(r.kept > 0 for r in rows.values())
+    assert sum(r.kept for r in rows.values()) == keep_count(50 * 40 + 40 * 10, 0.9)
+
+
+def test_erk_densities_equal_the_formula_on_hand_made_shapes():
+    shapes = {"fc1": (300, 784), "fc2": (100, 300), "conv": (20, 1, 5, 5)}
+    keep = 40_000
+    d = erk_densities(shapes, keep)
+    raw = {"fc1": (300 + 784) / (300 * 784), "fc2": 400 / 30000, "conv": (20 + 1 + 5 + 5) / (20 * 25)}
+    # One ε for all three would give conv 1.64: it is held dense, and fc1 and fc2 share what is left.
+    assert keep / sum(raw[n] * math.prod(s) for n, s in shapes.items()) * raw["conv"] > 1
+    assert d["conv"] == 1.0
+    eps = (keep - 500) / (raw["fc1"] * 300 * 784 + raw["fc2"] * 30000)
+    assert d["fc1"] == pytest.approx(eps * raw["fc1"]) and d["fc2"] == pytest.approx(eps * raw["fc2"])
+    assert sum(d[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(keep)
+
+
+def test_erk_hits_the_global_sparsity_exactly_and_respects_previous_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Flatten(), nn.Linear(6 * 6 * 6, 64), nn.Linear(64, 10))
+    pruner = Pruner(model)
+    pruner.prune(Sparsity({"3": 0.95}))  # the last layer already sparser than ERK would make it
+    before = {n: m.clone().bool() for n, m in pruner.masks.items()}
+    total = sum(t.weight.numel() for t in pruner.targets)
+    rows = pruner.prune(ERK(0.8))
+    assert sum(r.kept for r in rows.values()) == keep_count(total, 0.8)
+    assert rows["3"].kept == int(before["3.weight"].sum())  # held at what it has, never revived
+    assert rows["0"].kept == 54  # the small conv: ERK keeps it whole
+    for n, m in pruner.masks.items():
+        assert not (m.bool() & ~before[n]).any()
+
+
+def test_lamp_and_erk_at_a_target_compression_count_the_layers_they_do_not_prune():
+    for cls in (LAMP, ERK):
+        torch.manual_seed(0)
+        pruner = Pruner(create_model("lenet_300_100"))
+        pruner.prune(cls(target=4))
+        assert pruner.compression() == pytest.approx(4, rel=1e-4)
+        pruner.prune(cls(target=10), layers=["fc1", "fc2"])  # fc3 stays as it is and still counts
+        assert pruner.compression() == pytest.approx(10, rel=1e-4)
+
+
+def test_lamp_and_erk_are_registered_recipe_criteria_with_checked_settings():
+    rounds = recipe_from_dict({"prune": {"rounds": [{"criterion": "lamp", "sparsity": 0.9},
+                                                    {"criterion": "erk", "sparsity": 0.95}]}}).prune.rounds
+    assert [r.make_criterion() for r in rounds] == [LAMP(0.9), ERK(0.95)]
+    assert {"lamp", "erk"} <= set(criteria_names(setting="sparsity", per_layer=False))
+    with pytest.raises(ConfigError, match=r"prune\.rounds\[0\]\.sparsity: criterion 'lamp' takes one number"):
+        recipe_from_dict({"prune": {"rounds": [{"criterion": "lamp", "sparsity": {"fc1": 0.9}}]}})
+    with pytest.raises(ValueError, match="give a sparsity or a target"):
+        LAMP()
+    with pytest.raises(ValueError, match=r"a sparsity must be in \[0, 1\], got 1\.5"):
+        ERK(1.5)
+    with pytest.raises(ValueError, match="target must be a compression >= 1"):
+        ERK(target=0.5)
