@@ -165,17 +165,17 @@ def activation_fractions(model: nn.Module, activation_data: torch.Tensor | Itera
     return fractions
 
 
-def _kept(name: str, module: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> int:
+def _kept(layer, masks: Mapping[str, torch.Tensor] | None) -> int:
     """Kept weights of one layer: the mask's ones, or the weight's non-zeros without masks."""
-    weight = module.weight
+    weight = layer.weight
     if masks is None:
         return int(torch.count_nonzero(weight))
-    key = f"{name}.weight"
-    if key not in masks:
+    if layer.param not in masks:
         return weight.numel()  # a layer the masks do not mention is not pruned
-    mask = masks[key]
+    mask = masks[layer.param]
     if tuple(mask.shape) != tuple(weight.shape):
-        raise ValueError(f"masks[{key!r}] has shape {tuple(mask.shape)}, but the weight has {tuple(weight.shape)}")
+        raise ValueError(f"masks[{layer.param!r}] has shape {tuple(mask.shape)}, but the weight has "
+                         f"{tuple(weight.shape)}")
     return int(torch.count_nonzero(mask))
 
 
@@ -205,15 +205,15 @@ def layer_table(
     rows: list[LayerRow] = []
     previous_act = 1.0  # the network input is dense
     for layer in find_layers(model):
-        name, module = layer.layer, layer.module
-        weights = module.weight.numel()
-        kept = _kept(name, module, masks)
+        name = layer.layer
+        weights = layer.weight.numel()
+        kept = _kept(layer, masks)
         act = acts.get(name)
         rows.append(
             LayerRow(
                 layer=name,
                 kind=layer.kind,
-                shape=tuple(module.weight.shape),
+                shape=tuple(layer.weight.shape),
                 weights=weights,
                 kept=kept,
                 flops=flops[name],
