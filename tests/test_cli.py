@@ -296,3 +296,73 @@ def test_eval_measures_on_the_data_the_file_was_trained_on(tmp_path, capsys, fas
     assert f"test accuracy {summary['final']['test_acc']:.2f}% on 100 " in out  # the run's own test split
     assert main(["eval", str(final), "--batch-sizes", "1", "--dataset", "fashion-mnist"]) == 2  # 4 outputs, 10 classes
     assert "outputs" in capsys.readouterr().err
+
+
+# --- prunet prune: one-shot pruning, no retraining ------------------------------------------------
+
+
+def one_shot_checkpoint(path: Path, sparsity: float | None = None) -> Path:
+    """A LeNet-300-100 checkpoint recording Fashion-MNIST with a 500-image validation split (pruned if asked)."""
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    if sparsity is not None:
+        Pruner(model).prune(Sparsity(sparsity))
+    meta = {"model": "lenet_300_100", "model_kwargs": {},
+            "split": {"dataset": "fashion-mnist", "val_size": 500, "split_seed": 0}}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target", "0.5"], "--target: a compression >= 1 (weights / kept), got 0.5"),
+    (["--target", "nan"], "--target: a compression >= 1"),
+    (["--target", "4", "--calibration", "0"], "--calibration: a number of training examples >= 1, got 0"),
+    (["--target", "4", "--method", "sgd"], "--method: 'sgd' is not one of magnitude, lamp, obs"),
+])  # fmt: skip
+def test_prune_argument_errors_are_one_line(tmp_path, capsys, args, words):
+    ckpt = one_shot_checkpoint(tmp_path / "dense.safetensors")
+    assert main(["prune", str(ckpt), "-o", str(tmp_path / "o.prunet"), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not (tmp_path / "o.prunet").exists()
+
+
+def test_prune_of_a_missing_file_or_onto_its_own_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["prune", str(tmp_path / "nowhere.safetensors"), "--target", "4", "-o", str(tmp_path / "o.prunet")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere.safetensors does not exist" in err and err.count("\n") == 1
+    ckpt = one_shot_checkpoint(tmp_path / "dense.safetensors")
+    assert main(["prune", str(ckpt), "--target", "4", "-o", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint being pruned" in err and err.count("\n") == 1
+
+
+def test_prune_as_a_user_runs_it_exits_2_with_one_line(tmp_path):
+    result = prunet("prune", str(tmp_path / "x.safetensors"), "--target", "4", "--method", "magic",
+                    "-o", str(tmp_path / "o.prunet"))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--method: 'magic' is not one of magnitude, lamp, obs")
+
+
+@pytest.mark.parametrize("method", ["lamp", "obs"])
+def test_prune_writes_a_compact_file_at_the_target_and_prints_table_and_accuracies(tmp_path, capsys, fast_data,
+                                                                                  method):
+    from safetensors.torch import load_file
+
+    from prunet.sparse import load
+
+    ckpt = one_shot_checkpoint(tmp_path / "pruned.safetensors", sparsity=0.5)  # masks the one-shot keeps
+    before = {k: v for k, v in load_file(ckpt).items() if k.endswith("_prunet_mask")}
+    out = tmp_path / "o.prunet"
+    assert main(["prune", str(ckpt), "--target", "4", "--calibration", "64", "--method", method, "-o", str(out),
+                 "--data-dir", str(REAL_FASHION)]) == 0
+    text = capsys.readouterr().out
+    assert f"{method} to 4x, no retraining, calibrated on the first 64 fashion-mnist training examples" in text
+    assert re.search(r"Total\s+266,200\s+25\.00%\s+66,550 \(4\.0x\)", text)
+    assert re.search(r"before: validation \d+\.\d\d%  test \d+\.\d\d%\nafter: validation", text)
+    model = load(out)
+    for name, mask in before.items():
+        weight = dict(model.named_parameters())[name.replace("_prunet_mask", "")]
+        assert torch.all(weight[~mask] == 0)  # pruned before, pruned still
+    kept = sum(int((m.weight != 0).sum()) for m in model if isinstance(m, torch.nn.Linear))
+    assert kept == 66_550
