@@ -53,11 +53,14 @@ bench: setup
 	$(BIN)/python benchmarks/bench_compress.py
 	$(BIN)/python benchmarks/bench_ddp.py
 	$(BIN)/python benchmarks/bench_reproduce.py
+	$(BIN)/python benchmarks/bench_lm.py
+	$(BIN)/python benchmarks/bench_oneshot.py
 	$(BIN)/python benchmarks/make_results.py
 
 bench-quick: setup
 	$(BIN)/python benchmarks/bench_prune_scale.py
 	$(BIN)/python benchmarks/bench_reproduce.py --quick
+	$(BIN)/python benchmarks/bench_lm.py --quick
 	$(BIN)/python benchmarks/make_results.py
 
 # RESULTS.md from the JSON the benchmarks wrote (benchmarks/results/).

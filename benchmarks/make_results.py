@@ -245,12 +245,126 @@ def scale_section(data: dict) -> list[str]:
     return out
 
 
+LM_START, LM_END = "<!-- bench_lm: start -->", "<!-- bench_lm: end -->"
+LM_METHODS = {
+    "prunet": "the example's own loop: `Pruner` + a `PruningSchedule` of `TargetThreshold` rounds (quality × σ per "
+              "layer, one factor found per compression)",
+    "prunet-recipe": "`prunet run examples/char_lm.yaml --from` the same dense model: prunet's loop, "
+                     "`train.metric: bits_per_token`",
+    "torch-global-l1": "`torch.nn.utils.prune.global_unstructured(..., L1Unstructured)` over the same weights, "
+                       "in the example's loop",
+}
+
+
+def lm_results() -> Path | None:
+    """The newer of ``bench_lm.json`` and ``bench_lm_quick.json``, or None."""
+    found = [f for f in (RESULTS / "bench_lm.json", RESULTS / "bench_lm_quick.json") if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
+
+
+def lm_section(source: Path) -> list[str]:
+    """The language model: bits/char at each compression, beside torch's global L1; the target, met or missed."""
+    data = json.loads(source.read_text())
+    c, m, s = data["corpus"], data["model"], data["spec"]
+    dense, longer = data["dense"], data["dense_longer"]
+    cs = data["compressions"]
+    machine = data["machine"]
+    out = [LM_START, "", "## A character-level language model", "",
+           f"`{data['command']}` (`{source.relative_to(ROOT)}`{', a quick run: its numbers mean nothing' if data['quick'] else ''}; "
+           f"{data['seconds'] / 60:.1f} min, {machine['threads']} threads, torch {machine['torch']}). "
+           f"`examples/char_lm.py`: a causal transformer (`nn.TransformerEncoder`, {m['layers']} pre-norm layers, "
+           f"d_model {m['d_model']}, {m['heads']} heads, context {m['block']}; {data['parameters']:,} parameters) "
+           f"trained on the first {c['chars']:,} characters of {c.get('label') or 'Python ' + c['python'] + chr(39) + 's standard library'} "
+           f"({c['n_files']} top-level `*.py` files in name order, `{c['files'][0]}` to `{c['files'][-1]}`; "
+           f"sha256 `{c['sha256'][:16]}…`), split by position: {c['split_chars']['train']:,} characters train, "
+           f"{c['split_chars']['val']:,} validation (chooses each round's epoch), {c['split_chars']['test']:,} test "
+           f"(only reported). `Pruner(model)` with its defaults: {data['coverage']}.", "",
+           f"Dense: {s['dense_epochs']} epochs, AdamW (weight decay {s['weight_decay']}), cosine rate from {s['lr']}, "
+           f"batch {s['batch_size']} × {m['block']} characters. Every method starts from that one dense model and "
+           f"prunes to 4×, then 10×, then 20× the prunable weights, each step followed by {s['round_epochs']} epochs "
+           f"of retraining at {s['round_lr_fraction']:g} of the dense rate. Test bits per character "
+           f"(lower is better; in brackets the compression reached):", "",
+           "| method | dense | " + " | ".join(f"{x:g}×" for x in cs) + " |",
+           "| --- | ---: |" + " ---: |" * len(cs)]
+    methods = data["methods"]
+    for name, method in methods.items():
+        cells = [f"{p['test_bpc']:.4f} ({p['compression']:.1f}×)" for p in method["points"]]
+        out.append(f"| `{name}` | {dense['test_bpc']:.4f} | " + " | ".join(cells) + " |")
+    out += ["", f"The dense model trained on for {longer['epochs']} more epochs at the retraining rate (what the "
+                f"ladder spends to reach 10×) gives {longer['test_bpc']:.4f}: part of what pruning seems to cost or "
+                f"gain is that extra training.", ""]
+    own = {p["target"]: p for p in methods["prunet"]["points"]}
+    if 10.0 in own:
+        gap = own[10.0]["test_bpc"] - dense["test_bpc"]
+        gap_longer = own[10.0]["test_bpc"] - longer["test_bpc"]
+        out.append(f"- Target: 10× within {data['within_bpc']} bits/char of dense: "
+                   f"**{'met' if gap <= data['within_bpc'] else 'missed'}** ({gap:+.4f}; against the dense model "
+                   f"trained as long, {gap_longer:+.4f}).")
+    torch_points = {p["target"]: p for p in methods.get("torch-global-l1", {}).get("points", [])}
+    if torch_points:
+        diffs = ", ".join(f"{x:g}× {own[x]['test_bpc'] - torch_points[x]['test_bpc']:+.4f}" for x in cs
+                          if x in own and x in torch_points)
+        out.append(f"- prunet minus torch global L1 (negative: prunet better): {diffs}.")
+    recipe = data.get("recipe") or {}
+    if "points" in recipe:
+        rp = {p["target"]: p for p in recipe["points"]}
+        diffs = ", ".join(f"{x:g}× {rp[x]['test_bpc'] - own[x]['test_bpc']:+.4f}" for x in cs if x in rp and x in own)
+        out.append(f"- The recipe against the own loop (the same dense model, ladder, seeds and batch order; prunet's loop instead of the example's): {diffs} "
+                   f"bits/char.")
+    if recipe.get("run_dir"):
+        run_dir = Path(recipe["run_dir"])
+        run_dir = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
+        done = []
+        if "compact_bytes" in recipe:
+            done.append(f"`prunet export` {recipe['compact_bytes']:,} B (loaded back equal to `final.safetensors`: "
+                        f"{'yes' if recipe.get('compact_equal') else 'NO'})")
+        if "quantized_bytes" in recipe:
+            done.append(f"`--quantized` {recipe['quantized_bytes']:,} B")
+        if recipe.get("report"):
+            done.append(f"`prunet report` wrote {', '.join(recipe['report'])}")
+        out.append(f"- The recipe's run folder `{run_dir}`: " + ("; ".join(done) or "nothing after the run") + ".")
+        for step, error in recipe.get("errors", {}).items():
+            out.append(f"- **Failed** in the recipe path, `prunet {step}`: `{error}`.")
+    e = data.get("export")
+    if e:
+        q = e["quantized"]
+        out.append(f"- The own loop's 20× model exported (`prunet.export`): {e['compact']['bytes']:,} B against "
+                   f"{e['compact']['dense_bytes']:,} B of dense float32 tensors "
+                   f"({e['compact']['dense_bytes'] / e['compact']['bytes']:.1f}× smaller), loaded back with outputs "
+                   f"{'equal' if e['compact']['equal'] else 'NOT equal'}; quantized "
+                   f"({', '.join(f'{k} {v}' for k, v in q['bits'].items())} bits, no retraining) {q['bytes']:,} B "
+                   f"({e['compact']['dense_bytes'] / q['bytes']:.1f}× smaller), outputs "
+                   f"{'equal' if q['equal'] else 'NOT equal'} to the shared model's, test {q['test_bpc']:.4f} bits/char.")
+        report = e.get("report", {})
+        if report.get("files"):
+            out.append(f"- `prunet report` of that checkpoint wrote {', '.join(report['files'])}.")
+        elif report.get("error"):
+            out.append(f"- **Failed**: `prunet report` of that checkpoint: `{report['error']}`.")
+    out += ["", "Methods:", ""] + [f"- `{k}`: {v}." for k, v in LM_METHODS.items()] + ["", LM_END, ""]
+    return out
+
+
+def write_lm_section(path: Path, source: Path) -> None:
+    """Replace RESULTS.md's language-model section (between its markers), or add it at the end."""
+    section = "\n".join(lm_section(source)).rstrip() + "\n"
+    text = path.read_text() if path.is_file() else "# Results\n"
+    if LM_START in text and LM_END in text:
+        text = text[:text.index(LM_START)] + section.rstrip("\n") + text[text.index(LM_END) + len(LM_END):]
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote {path} (its language-model section, from {source.relative_to(ROOT)})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
     args = parser.parse_args(argv)
     found = [f for f in (RESULTS / "bench_reproduce.json", RESULTS / "bench_reproduce_quick.json") if f.is_file()]
     if not found:
+        if lm_results() is not None:  # bench_lm.py alone: its section of RESULTS.md, the rest left as it is
+            write_lm_section(args.out, lm_results())
+            return 0
         print(f"no {RESULTS / 'bench_reproduce.json'}: run 'make bench' (or 'make bench-quick') first", file=sys.stderr)
         return 2
     source = max(found, key=lambda f: f.stat().st_mtime)  # the latest run, full or quick
@@ -296,6 +410,8 @@ def main(argv=None) -> int:
                   "the targets, gives as its reference on the same kind of machine 6.6 s / 3.5 GB (threshold), "
                   "29.8 s / 6.3 GB (global) and 34.7 s / 8.0 GB (`torch.nn.utils.prune`).", "",
                   *scale_section(json.loads(scale.read_text())), ""]
+    if lm_results() is not None:
+        lines += lm_section(lm_results())
     args.out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
     if scale.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -87,3 +88,18 @@ def test_the_readme_recipe_route_is_the_shipped_example_recipe():
     section = README.read_text().split("## Your own model: three routes", 1)[1].split("\n## ", 1)[0]
     shown = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, re.S)[0])
     assert shown == yaml.safe_load((README.parent / "examples" / "char_lm.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_route_runs_at_a_small_size(tmp_path, monkeypatch, capsys):
+    """examples/char_lm.yaml through prunet run, shrunk: a language model judged in bits/char, reported."""
+    monkeypatch.chdir(README.parent)  # its factory paths are relative to the repository
+    small = ["data.kwargs.max_chars=12000", "model.kwargs.d_model=32", "model.kwargs.heads=2", "train.epochs=1",
+             "data.eval_batch_size=64", "threads=1"]
+    args = ["run", "examples/char_lm.yaml", "--run-dir", str(tmp_path / "lm")]
+    assert main(args + [a for s in small for a in ("--set", s)]) == 0
+    summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
+    key = summary["metric"]["key"]
+    assert summary["metric"]["name"] == "bits/char" and summary["final"][f"test_{key}"] > 0
+    assert "bits/char" in (tmp_path / "lm" / "report.md").read_text()
+    assert "pruner: prunes " in capsys.readouterr().out
