@@ -36,7 +36,7 @@ REGULARIZERS = ("l1", "l2", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
-TARGET_CRITERIA = ("threshold", "global")  # the criteria a round's target compression can drive
+TARGET_CRITERIA = ("threshold", "global", "lamp", "erk")  # the criteria a round's target compression can drive
 
 
 class _Loader(yaml.SafeLoader):
@@ -257,6 +257,8 @@ class RoundConfig:
         if self.target is not None and self.criterion == "threshold":
             quality = self.quality if self.quality is not None else relative if relative else 1.0
             return TargetThreshold(self.target, quality)
+        if self.target is not None and self.criterion in ("lamp", "erk"):
+            return CRITERIA[self.criterion](target=self.target)  # the layers a round leaves alone counted
         if self.target is not None:
             return CRITERIA[self.criterion](1.0 - 1.0 / self.target)
         return CRITERIA[self.criterion](self.setting)

@@ -582,3 +582,14 @@ def test_lamp_and_erk_are_registered_recipe_criteria_with_checked_settings():
         ERK(1.5)
     with pytest.raises(ValueError, match="target must be a compression >= 1"):
         ERK(target=0.5)
+
+
+@pytest.mark.parametrize("name", ["lamp", "erk"])
+def test_a_recipe_round_drives_lamp_and_erk_to_a_target_compression(name):
+    """A round's target: was refused for lamp/erk ('works with criterion threshold or global')."""
+    torch.manual_seed(0)
+    rounds = recipe_from_dict({"prune": {"rounds": [{"criterion": name, "target": 8, "prune": ["fc1", "fc2"]}]}})
+    pruner = Pruner(create_model("lenet_300_100"))
+    pruner.prune(rounds.prune.rounds[0].make_criterion(), layers=["fc1", "fc2"])
+    assert pruner.compression() == pytest.approx(8, rel=0.01)  # fc3, left alone, counted as it stands
+    assert pruner.summary()[2].kept == 1000
