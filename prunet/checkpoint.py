@@ -193,7 +193,7 @@ def load_checkpoint(
     state, meta = read_checkpoint(path)
     name = meta.get("model")
     if model is not None:
-        model, pruner = state_into(model, state, path, name or type(model).__name__)
+        model, pruner = state_into(model, state, path)  # the given model is the one checked
         return model, pruner, meta
     if not name:
         raise CheckpointError(f"checkpoint {path} does not say which model it holds; name it: --model "

@@ -87,11 +87,11 @@ class Pruner:
         self.exclude = None if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
         self.targets: list[Layer] = find_layers(model, self.include, self.exclude, types, strict=True)
         self._types = types
+        cover = self.coverage()
         if not self.targets:
-            raise ValueError(f"no prunable parameters found in {type(model).__name__}: {self.coverage()}")
-        unknown = [s for s in self.coverage().skipped if s.what == "not a known layer type"]
-        if unknown and self.include is None:
-            warnings.warn(f"Pruner({type(model).__name__}) {self.coverage()}", stacklevel=2)
+            raise ValueError(f"no prunable parameters found in {type(model).__name__}: {cover}")
+        if self.include is None and any(s.what == "not a known layer type" for s in cover.skipped):
+            warnings.warn(f"Pruner({type(model).__name__}) {cover}", stacklevel=2)
         self.criterion = criterion
         self._handles = {t.param: M.attach_mask(t.module, t.attr) for t in self.targets}
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -132,7 +132,8 @@ class Pruner:
         """
         masks = _take_torch_masks(model)
         include = kwargs.pop("include", None)
-        names = [n for n in masks if not any(t.param == n for t in find_layers(model, include))]
+        covered = {t.param for t in find_layers(model, include)}
+        names = [n for n in masks if n not in covered]
         pruner = cls(model, include=[*(include if include is not None else DEFAULT_GROUPS), *names], **kwargs)
         for t in pruner.targets:
             if t.param in masks:

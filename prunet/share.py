@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from prunet.layers import DEFAULT_GROUPS, GROUPS, Setting, check_names, find_layers, resolve
-from prunet.masks import MASK_SUFFIX, bake
+from prunet.masks import bake, masked_params
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +109,7 @@ def share(model: nn.Module, bits: Setting, masks: dict[str, torch.Tensor] | None
         Parameter name -> :class:`SharedLayer`.
     """
     shared = {}
-    masked = [name for name in (masks or {})] + [n[: -len(MASK_SUFFIX)] for n, _ in model.named_buffers()
-                                               if n.endswith(MASK_SUFFIX)]
+    masked = [*(masks or {}), *masked_params(dict(model.named_buffers()))]
     layers = find_layers(model, include=[*DEFAULT_GROUPS, *dict.fromkeys(masked)])  # pruned embeddings too
     if isinstance(bits, dict):  # a typo is an error, not an unshared layer; a group may match nothing (conv=8 on an MLP)
         check_names(layers, [k for k in bits if k not in GROUPS], type(model).__name__)

@@ -42,11 +42,9 @@ from prunet.checkpoint import (
     is_torch_file,
     load_checkpoint,
     load_state,
-    read_checkpoint,
     read_meta,
     resize_to_state,
     save_checkpoint,
-    state_into,
 )
 from prunet.data import first_batch
 from prunet.devices import model_device
@@ -345,11 +343,7 @@ def _load_plain(path: Path, model: nn.Module | None, trust: Trust) -> tuple[nn.M
         raise CompactFileError(f"{path} is a safetensors file but not one prunet wrote (no prunet header)")
     if kind == "checkpoint":
         try:
-            if model is None:
-                loaded, pruner, meta = load_checkpoint(path, trust)
-            else:  # the user's own module: nothing the file names is built
-                state, meta = read_checkpoint(path)
-                loaded, pruner = state_into(model, state, path)
+            loaded, pruner, meta = load_checkpoint(path, trust, model)  # model given: nothing the file names is built
         except CheckpointError as e:
             raise CompactFileError(str(e)) from None
         return (pruner.bake() if pruner is not None else loaded), meta
