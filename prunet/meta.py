@@ -15,6 +15,8 @@ model_kwargs   a mapping of string keys; for a registry model its values are sca
                factory any JSON (finite numbers, nested at most 16 deep)
 input_shape    one example's shape: a list of 1 to 4 whole numbers >= 1, at most 2^24
                elements in all, or null
+input_dtype    one example's element type: one of ``INPUT_DTYPES`` (``float32`` when absent;
+               ``int64`` for a model of token ids)
 recipe, phase, exported_from
                strings
 shrunk         a boolean
@@ -42,7 +44,8 @@ from typing import Any, Callable, Mapping
 
 from prunet.factory import is_factory
 
-__all__ = ["MAX_INPUT_ELEMENTS", "MAX_SHARED_BITS", "check_int", "check_mapping", "check_str", "shown", "validate_meta"]
+__all__ = ["INPUT_DTYPES", "MAX_INPUT_ELEMENTS", "MAX_SHARED_BITS", "check_int", "check_mapping", "check_str", "shown",
+           "validate_meta"]
 
 MAX_INPUT_DIMS = 4
 MAX_INPUT_ELEMENTS = 2**24  # one example (load(sparse=True) allocates a batch of one)
@@ -53,6 +56,8 @@ MAX_INPUT_SIZE = MAX_INPUT_ELEMENTS  # one dimension (long 1-D examples, audio, 
 MAX_REGISTRY_INT = 1_000_000
 MAX_DEPTH = 16  # JSON nesting in model_kwargs and other keys
 MAX_SHARED_BITS = 16  # prunet.share: 1..16 bits per weight index
+# What an example input may be made of: a file names one of these, never an arbitrary attribute of torch.
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "uint8", "bool")
 
 
 def shown(value: Any, width: int = 60) -> str:
@@ -148,6 +153,11 @@ def _check_input_shape(value: Any, field: str) -> None:
                          f"more than {MAX_INPUT_ELEMENTS:,}")
 
 
+def _input_dtype(value: Any, field: str) -> None:
+    if value is not None and value not in INPUT_DTYPES:
+        raise ValueError(f"{field}: {shown(value)} is not one of {', '.join(INPUT_DTYPES)}")
+
+
 def _split(value: Any, field: str) -> None:
     split = check_mapping(value, field)
     if "dataset" in split:
@@ -174,6 +184,7 @@ def _bool(value: Any, field: str) -> None:
 _FIELDS: dict[str, Callable[[Any, str], None]] = {
     "model": _model,
     "input_shape": _check_input_shape,
+    "input_dtype": _input_dtype,
     "recipe": check_str,
     "phase": check_str,
     "exported_from": check_str,

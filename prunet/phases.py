@@ -77,6 +77,7 @@ class RunState:
         self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
         self.relative: dict[str, float] | None = None  # target rounds' relative qualities, from sensitivity
         self.input_shape: list[int] | None = None  # one example's shape (C, H, W)
+        self.input_dtype = "float32"  # its element type (int64 for token ids)
         self.world_size = 1
 
     @property
@@ -86,7 +87,7 @@ class RunState:
         meta = {"model": r.model.spec, "model_kwargs": r.model.arguments(), "recipe": r.name,
                 "split": split_identity(r)}
         if self.input_shape is not None:
-            meta["input_shape"] = self.input_shape
+            meta["input_shape"], meta["input_dtype"] = self.input_shape, self.input_dtype
         return meta
 
     def where(self) -> str:
@@ -113,7 +114,7 @@ class RunState:
             "pruned": self.pruner is not None, "finished": self.finished,
             "dense": self.dense, "rounds": self.rounds, "stopped": self.stopped, "accepted": self.accepted,
             "open_round": self.open_round, "fit": fit, "fit_phase": phase, "relative": self.relative,
-            "input_shape": self.input_shape, "world_size": self.world_size,
+            "input_shape": self.input_shape, "input_dtype": self.input_dtype, "world_size": self.world_size,
         })
 
     @classmethod
@@ -136,6 +137,7 @@ class RunState:
         for name in ("finished", "dense", "rounds", "stopped", "accepted", "open_round", "fit", "fit_phase",
                      "dropout", "relative", "input_shape"):
             setattr(state, name, saved[name])
+        state.input_dtype = saved.get("input_dtype", "float32")  # absent from resume points of earlier versions
         return state
 
 

@@ -90,7 +90,7 @@ def run(
             error = e
         _agree(ranks, error, folder)
         state = RunState(recipe, model, pruner, from_checkpoint=str(from_checkpoint) if from_checkpoint else None)
-        state.input_shape = _example_shape(data)
+        state.input_shape, state.input_dtype = _example(data)
         ctx = RunContext(state, data, folder, log, ranks, started, task)
         return _guarded(folder, log, lambda: drive(ctx, phases_for(recipe), resumed=False))
 
@@ -190,10 +190,10 @@ def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
         raise
 
 
-def _example_shape(data: DatasetSplits) -> list[int]:
-    """One example's shape, as the model sees it (for exports of the model without its data)."""
+def _example(data: DatasetSplits) -> tuple[list[int], str]:
+    """One example's shape and element type, as the model sees it (for exports of the model without its data)."""
     x, _ = first_batch(data.val if len(data.val) else data.test, 1, mean=data.mean, std=data.std)
-    return list(x.shape[1:])
+    return list(x.shape[1:]), str(x.dtype).removeprefix("torch.")
 
 
 def _guarded(folder: F.Folder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:

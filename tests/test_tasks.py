@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import TensorDataset
 
+import prunet
+
 from prunet.cli import main
 from prunet.config import ConfigError, DataConfig, TrainConfig, recipe_from_dict
 from prunet.data import first_batch, load_data
@@ -335,3 +337,29 @@ def test_bits_sweep_measures_the_recipe_metric_not_accuracy():
     assert [r.bits for r in rows] == [1, 8] and all(r.base_acc == base for r in rows)
     assert base == pytest.approx(math.log2(VOCAB), abs=0.5)  # an untrained model: about log2(V) bits per character
     assert rows[1].val_acc == pytest.approx(base, abs=0.02) and rows[0].val_acc != rows[1].val_acc
+
+
+def test_a_token_model_a_run_wrote_loads_exports_and_reports_from_its_files(tmp_path, capsys):
+    """A file's check ran float zeros through the model: an Embedding of token ids failed to load from its
+    own run's files. The run records the input type (int64) beside the shape, and every loader uses it."""
+    recipe = lm_recipe(tmp_path, **{"train.epochs": 1})
+    run(recipe_from_dict(recipe), log=lambda line: None)
+    folder = tmp_path / "runs" / "lm"
+    final = folder / "final.safetensors"
+    model = prunet.load(final, trust_factory=True)
+    x = torch.randint(0, VOCAB, (3, LENGTH))
+    assert model(x).shape == (3, LENGTH, VOCAB)
+    assert main(["export", str(folder), "-o", str(tmp_path / "lm.prunet"), "--trust-factory"]) == 0
+    back = prunet.load(tmp_path / "lm.prunet", trust_factory=True)
+    assert torch.equal(back(x), model(x))
+    sparse = prunet.load(tmp_path / "lm.prunet", sparse=True, trust_factory=True)
+    assert torch.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+    assert main(["report", str(tmp_path / "lm.prunet"), "--trust-factory"]) == 0
+    md = (tmp_path / "lm_report" / "report.md").read_text()
+    assert "| hidden | 256 | 4.1K |" in md  # the zero example of token ids ran: FLOPs (8 tokens x 256 x 2) counted
+
+
+def test_a_file_naming_an_unknown_input_type_is_one_line(tmp_path):
+    path = prunet.save(TinyLM(), tmp_path / "m.safetensors", {"input_shape": [LENGTH], "input_dtype": "os.system"})
+    with pytest.raises(Exception, match=r"meta.input_dtype: 'os.system' is not one of float32, "):
+        prunet.load(path, model=TinyLM())

@@ -30,7 +30,7 @@ from prunet.analysis.tables import layer_table
 from prunet.factory import Trust
 from prunet.files import write_text
 from prunet.layers import LayerRow, find_layers, format_table, totals
-from prunet.sparse.export import file_meta, load, recorded_input_shape
+from prunet.sparse.export import example_input_of, file_meta, load
 
 MARK = "<!-- prunet file report -->"
 """The first line of every report.md this module writes: what it may replace."""
@@ -70,7 +70,7 @@ def write_file_report(
         if target.exists() and not _ours(md_path):
             raise FileReportError(f"{target} exists and is not a report prunet wrote about a file; choose -o")
     plain = load(path, model=model, trust_factory=trust_factory)
-    rows = _rows(plain, recorded_input_shape(file_meta(path)))
+    rows = _rows(plain, example_input_of(file_meta(path)))
     blocks = _blocks(Path(path), plain, rows, DEFAULT_SRAM_BYTES if sram_bytes is None else sram_bytes)
     title = f"Pruned model: {Path(path).name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -87,15 +87,15 @@ def _ours(md_path: Path) -> bool:
         return False
 
 
-def _rows(model: nn.Module, shape: list[int] | None) -> list[LayerRow]:
+def _rows(model: nn.Module, example: torch.Tensor | None) -> list[LayerRow]:
     """Per-layer rows, its zeros the pruned weights; FLOPs when the input shape is known and a zero example runs."""
     layers = find_layers(model, include=["all"])
-    if shape is not None:
+    if example is not None:
         try:
             with torch.no_grad():
-                return layer_table(model, torch.zeros(1, *shape))
+                return layer_table(model, example)
         except (RuntimeError, TypeError, ValueError, IndexError):
-            pass  # a model of token ids, say: no FLOP columns
+            pass  # a file that records no input type for a model of token ids, say: no FLOP columns
     return [LayerRow(layer.layer, layer.kind, tuple(layer.weight.shape), layer.weight.numel(),
                      int(torch.count_nonzero(layer.weight))) for layer in layers]
 

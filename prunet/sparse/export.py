@@ -225,10 +225,9 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
         import onnx  # noqa: F401  (torch.onnx needs it; a clear message when it is missing)
     except ImportError:
         raise ExportError("--format onnx needs the onnx package: pip install 'prunet[onnx]'") from None
-    shape = recorded_input_shape(meta)
-    if shape is None:
+    example = example_input_of(meta)
+    if example is None:
         raise ExportError("--format onnx: the checkpoint names neither a registry model nor its input shape")
-    example = torch.zeros(1, *shape)
     # The TorchScript exporter: the newer torch.export one needs onnxscript as well, and these
     # feed-forward models need nothing it adds. Its deprecation notice is not the user's business.
     with atomic_path(out) as tmp, warnings.catch_warnings():
@@ -326,14 +325,14 @@ def load(
         raise CompactFileError(f"{path} does not exist")
     plain, meta = _load_plain(path, model, trust_factory)
     plain.eval()
-    shape = recorded_input_shape(meta)
-    _check_runs(plain, shape, path)
+    example = example_input_of(meta, model_device(plain))
+    _check_runs(plain, example, path)
     if not sparse:
         return plain
     if example_input is None:
-        if shape is None:
+        if example is None:
             raise ExportError("load(sparse=True) of a model whose file records no input shape needs example_input")
-        example_input = torch.zeros(1, *shape)
+        example_input = example
     return sparsify(plain, example_input)
 
 
@@ -359,15 +358,15 @@ def _load_plain(path: Path, model: nn.Module | None, trust: Trust) -> tuple[nn.M
 
 
 @torch.no_grad()
-def _check_runs(model: nn.Module, shape: list[int] | None, path: Path) -> None:
+def _check_runs(model: nn.Module, example: torch.Tensor | None, path: Path) -> None:
     """One example of the recorded input shape through the loaded model: a file whose shapes fit the
     model's tensors one by one but not each other (a crafted or damaged header) fails here, in one line."""
-    if shape is None:
+    if example is None:
         return
     try:
-        model(torch.zeros(1, *shape, device=model_device(model)))
+        model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise CompactFileError(f"{path}: the model it holds does not run on its input shape {shape} "
+        raise CompactFileError(f"{path}: the model it holds does not run on its input shape {list(example.shape[1:])} "
                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
@@ -377,6 +376,22 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return out
+
+
+def example_input_of(meta: dict[str, Any], device: torch.device | str | None = None) -> torch.Tensor | None:
+    """A batch of one zero example, of the recorded input shape and type (``input_dtype``: token ids are
+    ``int64``; float32 when unrecorded), or None when the file records no shape.
+
+    Example:
+        >>> example_input_of({"input_shape": [64], "input_dtype": "int64"}).dtype
+        torch.int64
+        >>> example_input_of({"model": "lenet_300_100"}).shape
+        torch.Size([1, 1, 28, 28])
+    """
+    shape = recorded_input_shape(meta)
+    if shape is None:
+        return None
+    return torch.zeros(1, *shape, dtype=getattr(torch, meta.get("input_dtype") or "float32"), device=device)
 
 
 def recorded_input_shape(meta: dict[str, Any]) -> list[int] | None:
