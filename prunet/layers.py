@@ -373,10 +373,11 @@ class LayerNameError(ValueError):
 
 
 def matches(layer: Layer, key: str) -> bool:
-    """Whether a recipe key names this layer: layer or parameter name, group, ``all``, or a glob."""
-    if key in ("all", "*", layer.layer, layer.param, layer.kind):
-        return True
-    return fnmatch.fnmatchcase(layer.layer, key) or fnmatch.fnmatchcase(layer.param, key)
+    """Whether a recipe key names this layer: layer or parameter name, group, ``all``, or a glob.
+
+    The rule :func:`find_layers` selects by (one definition for both).
+    """
+    return _named(key, layer.layer, layer.param, layer.kind)
 
 
 def resolve(setting: Setting | None, layer: Layer) -> float | None:
