@@ -143,7 +143,8 @@ def dense_longer(model, data, spec, log) -> dict:
 def exported(model: nn.Module, data: lm.CharData, work: Path, log) -> dict:
     """The own loop's model at its last compression: saved, exported compact and quantized, loaded back,
     and its report (``prunet report FILE``)."""
-    meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": MODEL}
+    meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": MODEL,
+            "input_shape": [MODEL["block"]], "input_dtype": "int64"}
     ckpt = prunet.save(model, work / "own.safetensors", meta)
     x, _ = data.test.batch(torch.arange(8))
     model.eval()

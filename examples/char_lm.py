@@ -272,8 +272,6 @@ class CharGPT(nn.Module):
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(block), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # Ids may arrive as floats (prunet.load checks a file by running zeros of the recorded input shape).
-        ids = ids.long()
         T = ids.shape[1]
         h = self.embed(ids) + self.pos.weight[:T]  # (B, T, d_model)
         h = self.blocks(h, mask=self.causal[:T, :T], is_causal=True)
@@ -416,7 +414,8 @@ def main(argv=None) -> int:
     pruned = bits_per_char(model, data.test)
     print(f"test: dense {dense:.4f}, {pruner.compression():.1f}x {pruned:.4f} bits/char")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": {}}
+    meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": {}, "input_shape": [64],
+            "input_dtype": "int64"}  # one example: 64 character ids
     ckpt = prunet.save(model, args.out / "pruned.safetensors", meta)
     done = prunet.export(ckpt, args.out / "pruned.prunet", trust_factory=True)
     back = prunet.load(done.path, model=char_gpt())

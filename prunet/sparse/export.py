@@ -275,6 +275,9 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None)
         path: the file, conventionally ``*.safetensors``.
         meta: JSON metadata; ``{"model": "lenet_300_100"}`` (a registry name) lets :func:`load` build the
             model itself; otherwise load into your own module (``load(path, model=MyNet())``).
+            ``input_shape`` (one example's, e.g. ``[64]``) and ``input_dtype`` (``int64`` for token
+            ids; float32 when absent) let a loader check the model runs, tune ``sparse=True`` and
+            export ONNX without an example from you.
 
     Returns:
         ``path``.
