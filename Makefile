@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.prunet-installed
 TORCH  := torch==2.13.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-all bench bench-quick results clean
+.PHONY: setup native data demo test test-all bench bench-quick results clean
 
-setup: $(STAMP) data
+setup: $(STAMP) data native
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,28 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
+
+# prunet's sparse kernel (prunet/sparse/csrc/spmm.c), with OpenMP where the compiler has it. Without a
+# compiler, or if it fails, make goes on: sparse layers then run on torch's CSR product, and
+# `python -c "import prunet.sparse.native as n; print(n.status())"` says why. The same flags as
+# prunet.sparse.native.FLAGS (its compile_library() builds it from Python); -march=native: for this machine.
+ifeq ($(origin CC),default)
+CC := gcc
+endif
+NATIVE      := prunet/sparse/csrc/spmm.so
+NATIVE_SRC  := prunet/sparse/csrc/spmm.c
+NATIVE_FLAGS := -O3 -march=native -fPIC -shared
+
+native: $(NATIVE)
+
+$(NATIVE): $(NATIVE_SRC)
+	@if ! command -v $(CC) >/dev/null 2>&1; then \
+		echo "note: no C compiler ($(CC)); prunet's sparse layers will use torch CSR (install gcc, then make native)"; \
+	elif $(CC) $(NATIVE_FLAGS) -fopenmp $< -o $@.tmp 2>/dev/null || $(CC) $(NATIVE_FLAGS) $< -o $@.tmp; then \
+		mv $@.tmp $@; echo "built $@"; \
+	else \
+		rm -f $@.tmp; echo "note: $(CC) could not build $@; prunet's sparse layers will use torch CSR"; \
+	fi
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, unless the data is already there
 # (the Debian folder, or a folder named by PRUNET_DATA).
@@ -68,4 +90,4 @@ results: setup
 	$(BIN)/python benchmarks/make_results.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(NATIVE)

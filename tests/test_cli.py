@@ -181,7 +181,7 @@ def test_export_then_eval_the_compact_file(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "m.prunet"), "--batch-sizes", "1,8", "--sparse", "--dataset", "fashion-mnist"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"test accuracy \d+\.\d\d% on 10,000 fashion-mnist test images", out)
-    assert "batch 1 " in out and "batch 8 " in out and re.search(r"layers: fc1 (dense|sparse CSR)", out)
+    assert "batch 1 " in out and "batch 8 " in out and re.search(r"layers: fc1 (dense|sparse CSR|sparse native)", out)
 
 
 @pytest.mark.parametrize("name", ["dense.safetensors", "final.prunet", "summary.json", ".prunet-previous/x.prunet",

@@ -5,7 +5,9 @@
 * :func:`save`: a model, masks included, as a checkpoint; :func:`load`: any of prunet's files
   -> a plain model with the pruned model's outputs; ``sparse=True`` runs pruned layers with sparse kernels where they are faster;
 * :mod:`~prunet.sparse.compact` (the file format), :mod:`~prunet.sparse.codec`
-  (relative indices), :mod:`~prunet.sparse.modules` (the sparse layers).
+  (relative indices), :mod:`~prunet.sparse.modules` (the sparse layers),
+  :mod:`~prunet.sparse.native` (prunet's own sparse kernel, built by ``make native``;
+  torch's CSR product stands in where it is not built).
 """
 
 from prunet.sparse.compact import (
@@ -25,7 +27,7 @@ from prunet.sparse.export import (
     measure,
     save,
 )
-from prunet.sparse.modules import SparseConv2d, SparseLinear, plan, sparsify
+from prunet.sparse.modules import SparseConv2d, SparseLinear, SparseSequential, plan, sparsify
 
 __all__ = [
     "FORMATS",
@@ -36,6 +38,7 @@ __all__ = [
     "Measurement",
     "SparseConv2d",
     "SparseLinear",
+    "SparseSequential",
     "export",
     "load",
     "measure",

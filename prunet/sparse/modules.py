@@ -1,13 +1,16 @@
 """Sparse inference: pruned layers that never materialise their dense weight.
 
-:class:`SparseLinear` keeps a Linear layer's weight as a ``torch.sparse`` CSR
-matrix (rows: output features) and computes ``W x`` from the survivors alone;
-:class:`SparseConv2d` does the same for a convolution through im2col
-(``F.unfold``), one CSR product per batch. :func:`sparsify` replaces each
-pruned layer of a model by its sparse twin only where that is faster: it times
-both on an input of the layer's real shape and keeps the dense layer otherwise,
-so a sparse model is never slower than the dense one layer by layer. The
-choice is in each module's repr and in :func:`plan`.
+:class:`SparseLinear` packs a Linear layer's survivors in prunet's own CSR format
+(rows: output features; uint16 columns; float32, fp16 or codebook values) and
+computes ``W x`` from them with the native kernel (:mod:`prunet.sparse.native`),
+or with torch's CSR product where the kernel is not built or cannot take the
+input; :class:`SparseSequential` runs a chain of them (ReLU fused) in one native
+call; :class:`SparseConv2d` does a convolution through im2col (``F.unfold``),
+one CSR product per batch. :func:`sparsify` replaces each pruned layer of a
+model by its sparse twin only where that is faster: it times both on an input
+of the layer's real shape and keeps the dense layer otherwise, then times the
+whole model, so a sparse model is never slower than the dense one. The choice
+is in each module's repr and in :func:`plan`.
 
 Example:
     >>> from prunet import Pruner, Sparsity, create_model
@@ -15,7 +18,7 @@ Example:
     >>> pruner = Pruner(model)
     >>> _ = pruner.prune(Sparsity(0.94))
     >>> model = sparsify(pruner.bake(), torch.zeros(1, 1, 28, 28))
-    >>> plan(model)  # timed on this machine: each layer 'sparse CSR (...)' or 'dense (...)', and why
+    >>> plan(model)  # timed on this machine: each layer 'sparse native f32 (...)' or 'dense (...)', and why
     {'fc1': '...', 'fc2': '...', 'fc3': '...'}
 """
 
@@ -24,7 +27,8 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -32,40 +36,127 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prunet.layers import find_layers, is_hf_conv1d
+from prunet.sparse import native
+from prunet.sparse.native import Chain, Packed, Step
 
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class SparseLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held as a CSR matrix of its survivors.
+    """``y = x W^T + b`` computed from the survivors of ``W`` alone.
+
+    ``W`` is packed as CSR in prunet's own format (:func:`prunet.sparse.native.pack`: uint16
+    columns; float32, fp16 or codebook values, the smallest that holds the weights exactly) and
+    run by the native kernel (:mod:`prunet.sparse.native`) where it is built, the layer has at
+    most 65536 inputs and the input is float32 on the CPU. Otherwise (no kernel, another dtype
+    or device, an input that needs gradients) torch's CSR product runs it, on the same values.
 
     Args:
         linear: the (baked) Linear layer, or Hugging Face ``Conv1D`` (its weight stored
             transposed); its zero weights are the pruned ones.
+        use_native: run the native kernel; default: where it is available. ``False``: torch CSR always.
+        values: the value format, ``f32``, ``fp16`` or ``codebook``; default the smallest exact one.
+
+    Attributes:
+        kernel: ``native f32``, ``native fp16``, ``native codebook`` or ``CSR`` (torch's product).
+
+    Example:
+        >>> lin = nn.Linear(300, 40)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.mul_(torch.rand_like(lin.weight) < 0.1)
+        >>> sparse = SparseLinear(lin)
+        >>> sparse.kernel  # doctest: +SKIP
+        'native f32'
+        >>> sparse.kernel in ("native f32", "CSR")  # CSR: torch's product, where the kernel is not built
+        True
+        >>> x = torch.randn(3, 300)
+        >>> torch.allclose(sparse(x), lin(x), atol=1e-5), torch.allclose(sparse(x.double()), lin.double()(x.double()))
+        (True, True)
     """
 
-    def __init__(self, linear: nn.Module):
+    def __init__(self, linear: nn.Module, use_native: bool | None = None, values: str | None = None):
         super().__init__()
         weight = linear.weight.detach()
         weight = weight.t() if is_hf_conv1d(linear) else weight  # Conv1D holds (in, out)
         self.out_features, self.in_features = weight.shape
-        self.kept = int(torch.count_nonzero(weight))
-        self.register_buffer("weight", weight.to_sparse_csr(), persistent=False)  # (out, in)
+        packed = native.pack(weight, values)
+        self.kept = packed.values.numel()
+        self.values_kind = packed.kind
+        for name in ("row_ptr", "cols", "values", "codebook"):
+            self.register_buffer(name, getattr(packed, name).to(weight.device), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+        why_not = None if native.available() else native.status()
+        if not (packed.native and min(weight.shape) > 0):
+            why_not = f"the kernel takes layers of 1 to {native.MAX_IN_FEATURES} inputs on the CPU"
+        if use_native and why_not:
+            raise ValueError(f"SparseLinear(use_native=True): {why_not}")
+        self.kernel = "CSR" if why_not or use_native is False else f"native {packed.kind}"
+        self._cache: dict[str, object] = {}
+
+    def packed(self) -> Packed:
+        """The layer's weight in the native kernel's format, from the module's (current) buffers."""
+        return Packed(self.row_ptr, self.cols, self.values, self.codebook, self.values_kind,
+                      (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        chain = self.native_chain(x)
+        if chain is not None and x.dim() == 2:
+            return chain.run(x)  # the common case, without the reshapes: each costs microseconds cold
         flat = x.reshape(-1, self.in_features)  # (B, in)
-        y = torch.sparse.mm(self.weight, flat.t()).t()  # (out, in) @ (in, B) -> (B, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        if chain is not None:
+            y = chain.run(flat)
+        else:
+            y = torch.sparse.mm(self._csr(flat), flat.t()).t()  # (out, in) @ (in, B) -> (B, out)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def native_chain(self, x: torch.Tensor) -> Chain | None:
+        """The native kernel for this layer, or None where it cannot run ``x`` (or the layer, as its
+        buffers now are: moved to another device or dtype)."""
+        if self.kernel == "CSR" or not native_input(x) or x.shape[-1] != self.in_features:
+            return None
+        chain = self._cache.get("chain", self)  # self: not built yet (None: cannot be)
+        if chain is self:
+            step = native_step(self)
+            chain = self._cache["chain"] = None if step is None else Chain([step])
+        return chain
+
+    def _csr(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's CSR matrix of the weight in ``x``'s dtype, on its device; built once for each."""
+        key = f"csr {x.dtype} {x.device}"
+        if key not in self._cache:
+            self._cache[key] = self.packed().csr(x.dtype, x.device)
+        return self._cache[key]
+
+    def _apply(self, *args, **kwargs):
+        self._cache = {}  # the buffers move or change dtype: what was built from them is stale
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_cache": {}}  # ctypes pointers neither copy nor pickle
 
     def extra_repr(self) -> str:
         total = self.in_features * self.out_features
-        return f"in_features={self.in_features}, out_features={self.out_features}, sparse CSR, " \
-               f"{100 * self.kept / total:.1f}% kept"
+        return f"in_features={self.in_features}, out_features={self.out_features}, sparse {self.kernel}, " \
+               f"{100 * self.kept / max(total, 1):.1f}% kept"
+
+
+def native_input(x: torch.Tensor) -> bool:
+    """Whether the native kernel takes ``x``: float32 on the CPU, and no gradient wanted through it."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def native_step(layer: SparseLinear) -> Step | None:
+    """``layer`` as one step of a native :class:`~prunet.sparse.native.Chain`, or None where its buffers
+    are not what the kernel takes (moved to a GPU, converted to float64)."""
+    packed, bias = layer.packed(), layer.bias
+    if layer.kernel == "CSR" or not packed.native:
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    return Step(packed, None if bias is None else bias.contiguous())
 
 
 class SparseConv2d(nn.Module):
@@ -82,6 +173,7 @@ class SparseConv2d(nn.Module):
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
+        self.kernel = "CSR"  # torch's product, on im2col columns
         weight = conv.weight.detach()
         self.kept, self.total = int(torch.count_nonzero(weight)), weight.numel()
         self.register_buffer("weight", weight.reshape(weight.shape[0], -1).to_sparse_csr(), persistent=False)
@@ -104,6 +196,123 @@ class SparseConv2d(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, sparse CSR (im2col), " \
                f"{100 * self.kept / self.total:.1f}% kept"
+
+
+class SparseSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose runs of native sparse Linear layers go through the kernel in one call each.
+
+    A run (:func:`fusable_runs`) is consecutive children: :class:`SparseLinear` layers on the
+    native kernel, with ``ReLU`` (fused into the layer before it), ``Flatten`` (first in a run, or
+    after a layer, where it changes nothing), ``Dropout`` and ``Identity`` among them. For a small
+    model at batch 1 the Python around each module costs more than its arithmetic: one call per
+    run saves it. The children, their names and the outputs are the Sequential's. A run goes
+    module by module where the kernel cannot take its input (another dtype or device, gradients
+    wanted) or a Dropout in it is training; when fused, its members' forward hooks do not run.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> with torch.no_grad():
+        ...     _ = net[1].weight.mul_(torch.rand(8, 16) < 0.3)
+        >>> fused = SparseSequential(net[0], SparseLinear(net[1]), net[2], SparseLinear(net[3]))
+        >>> fused.runs  # doctest: +SKIP
+        [(0, 4)]
+        >>> x = torch.randn(2, 1, 4, 4)
+        >>> torch.allclose(fused(x), net(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._fused: tuple[tuple[int, ...], dict[int, _Run]] | None = None
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each run of children that goes through the kernel in one call."""
+        return fusable_runs(list(self))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        children = list(self._modules.values())
+        key = tuple(map(id, children))  # children can be replaced, appended, deleted: the runs follow
+        if self._fused is None or self._fused[0] != key:
+            self._fused = key, {start: _Run(children[start:stop]) for start, stop in fusable_runs(children)}
+        runs, i = self._fused[1], 0
+        while i < len(children):
+            run = runs.get(i)
+            x = run(x) if run is not None else children[i](x)
+            i += len(run.members) if run is not None else 1
+        return x
+
+    def _apply(self, *args, **kwargs):
+        self._fused = None  # the members' buffers move or change dtype: the chains point at the old ones
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_fused": None}
+
+    def extra_repr(self) -> str:
+        names = list(self._modules)
+        return "; ".join(f"one native call: {', '.join(names[a:b])}" for a, b in self.runs)
+
+
+def fusable_runs(modules: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of ``modules`` that the native kernel takes in one call.
+
+    A run holds at least one :class:`SparseLinear` on the native kernel and at least two modules; it
+    starts at such a layer or at a ``Flatten``; after its first layer it may hold ``ReLU`` (fused into
+    the layer before), ``Flatten``, ``Dropout`` and ``Identity`` (on a flat batch in eval mode, nothing).
+    """
+    runs, start, linear = [], None, False
+    for i, module in enumerate([*modules, None]):
+        if start is not None and (_native_linear(module) or (linear and _after_layer(module))):
+            linear = linear or _native_linear(module)
+            continue
+        if start is not None and linear and i - start >= 2:
+            runs.append((start, i))
+        starts = _native_linear(module) or _flattens(module)
+        start, linear = (i, _native_linear(module)) if starts else (None, False)
+    return runs
+
+
+def _native_linear(module: nn.Module | None) -> bool:
+    return isinstance(module, SparseLinear) and module.kernel != "CSR"
+
+
+def _flattens(module: nn.Module | None) -> bool:
+    """An ``nn.Flatten`` that flattens all but the batch dimension."""
+    return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1
+
+
+def _after_layer(module: nn.Module | None) -> bool:
+    return type(module) in (nn.ReLU, nn.Dropout, nn.Identity) or _flattens(module)
+
+
+class _Run:
+    """One run of a :class:`SparseSequential`: its members, and the native chain that computes them at once
+    (None where a member's buffers are not what the kernel takes: moved to a GPU, converted to float64)."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self.dropouts = [m for m in members if type(m) is nn.Dropout]
+        self.flattens = _flattens(members[0])
+        steps: list[Step | None] = []
+        for module in members:
+            if isinstance(module, SparseLinear):
+                steps.append(native_step(module))
+            elif type(module) is nn.ReLU and steps and steps[-1] is not None:
+                steps[-1] = replace(steps[-1], relu=True)
+        try:
+            self.chain = Chain(steps) if steps and None not in steps else None
+        except ValueError:
+            self.chain = None  # shapes that do not chain: module by module, where torch says what is wrong
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chain is not None and native_input(x) and not any(d.training for d in self.dropouts):
+            flat = x.flatten(1) if self.flattens and x.dim() >= 2 else x
+            if flat.dim() == 2 and flat.shape[1] == self.chain.in_features:
+                return self.chain.run(flat)
+        for module in self.members:
+            x = module(x)
+        return x
 
 
 def sparse_twin(module: nn.Module) -> nn.Module | None:
@@ -181,17 +390,19 @@ class Choice:
     reason: str
 
 
-def choose(pairs: Sequence[tuple[float, float]], margin: float = 0.9) -> Choice:
+def choose(pairs: Sequence[tuple[float, float]], margin: float = 0.9, kernel: str = "CSR") -> Choice:
     """Sparse only when it is clearly faster: a pure rule over paired timings (dense s, sparse s).
 
     The sparse path is chosen when even the upper quartile of the per-pair ratios sparse / dense
     is below ``margin``: three pairs in four must beat the margin, not just the median, so a
     layer near the line stays dense run after run instead of flipping with the machine's noise.
-    The reason gives the median ratio.
+    The reason names the sparse ``kernel`` and gives the median ratio.
 
     Example:
         >>> choose([(1.0, 0.5)] * 8).reason
         'sparse CSR (0.50x of dense time)'
+        >>> choose([(1.0, 0.31)] * 8, kernel="native fp16").reason
+        'sparse native fp16 (0.31x of dense time)'
         >>> choose([(1.0, 0.5)] * 5 + [(1.0, 0.95)] * 3).reason
         'dense (sparse 0.50x of dense time, not clearly under 0.9x)'
         >>> choose([(1.0, 1.2)] * 8).reason
@@ -203,7 +414,7 @@ def choose(pairs: Sequence[tuple[float, float]], margin: float = 0.9) -> Choice:
     median = statistics.median(ratios)
     upper = ratios[min(len(ratios) - 1, (3 * len(ratios)) // 4)]
     if upper < margin:
-        return Choice(True, median, f"sparse CSR ({median:.2f}x of dense time)")
+        return Choice(True, median, f"sparse {kernel} ({median:.2f}x of dense time)")
     close = f", not clearly under {margin:g}x" if median < margin else ""
     return Choice(False, median, f"dense (sparse {median:.2f}x of dense time{close})")
 
@@ -213,14 +424,18 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     """Give each pruned Linear / Conv2d layer a sparse kernel where it is clearly faster, in place.
 
     One forward pass of ``example_input`` records each layer's input; each layer
-    is then timed dense and sparse on a random input of that shape (the batch of
-    ``example_input``), in interleaved pairs with caches cold, and replaced only
+    is then timed dense and sparse (the native kernel, :class:`SparseLinear`, or
+    torch's CSR product) on a random input of that shape (the batch of
+    ``example_input``), in interleaved pairs with caches cold, and chosen only
     when :func:`choose` finds the sparse one clearly under ``margin`` of the dense
     time: a layer too close to call stays dense, so the plan is the same run after
-    run. Last, the whole model is timed both ways on ``example_input``; unless the
-    sparse one is clearly faster there too (a layer can time differently alone than
-    between its neighbours), every layer goes back to dense, so the result is never
-    slower than the dense model. :func:`plan` says what was chosen and why.
+    run. Last, the whole model is timed on ``example_input`` against the dense
+    one, with the layers chosen alone and, for an ``nn.Sequential``, fused (every
+    pruned layer of a run of Linear / ReLU / Flatten on the native kernel in one
+    call: :class:`SparseSequential`); the faster of those that is clearly faster
+    than dense is kept, else every layer goes back to dense (a layer can time
+    differently alone than between its neighbours), so the result is never slower
+    than the dense model. :func:`plan` says what was chosen and why.
 
     Args:
         model: a plain model (masks multiplied in), e.g. from :func:`prunet.sparse.load`.
@@ -229,12 +444,13 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
         margin: the fraction of the dense time the sparse layer must clearly beat.
 
     Returns:
-        The same model, in eval mode.
+        The model, in eval mode, its chosen layers replaced: the same object, or where fusing is
+        fastest a :class:`SparseSequential` of its children (``model`` itself then runs them unfused).
     """
     model.eval()
     layers = [layer for layer in find_layers(model) if sparse_twin_type(layer.module)]
     inputs = _layer_inputs(model, example_input, [layer.layer for layer in layers])
-    swapped = []
+    timed = []
     for layer in layers:
         module, seen = layer.module, inputs.get(layer.layer)
         if seen is None or int(torch.count_nonzero(module.weight)) == module.weight.numel():
@@ -242,13 +458,10 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
             continue
         twin = sparse_twin(module)
         x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
-        choice = choose(paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin)
+        choice = choose(paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin, twin.kernel)
         module._prunet_plan = twin._prunet_plan = choice.reason
-        if choice.sparse:
-            swapped.append((layer, twin, choice))
-    if swapped:
-        _keep_if_faster(model, example_input, swapped, repeats)
-    return model
+        timed.append((layer, twin, choice))
+    return _settle(model, example_input, timed, repeats) if timed else model
 
 
 def _layer_inputs(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -269,31 +482,87 @@ def _layer_inputs(model: nn.Module, example_input: torch.Tensor, names: list[str
     return seen
 
 
-def _keep_if_faster(model: nn.Module, example_input: torch.Tensor, swapped: list, repeats: int) -> None:
-    """Put the sparse layers ``(layer, twin, choice)`` in; take them all out again unless the whole
-    model is clearly faster so (:func:`choose` with a margin of 1)."""
+def _settle(model: nn.Module, example_input: torch.Tensor, timed: list, repeats: int) -> nn.Module:
+    """The whole model against dense, with the layers ``(layer, twin, choice)`` chose alone and fused
+    (:func:`_fused`); the faster of those clearly faster than dense (:func:`choose`, margin 1) is put
+    in, or none. Returns the model, or the fused one."""
+    alone = {layer.layer for layer, _, choice in timed if choice.sparse}
 
-    def use(sparse: bool) -> None:
-        for layer, twin, _ in swapped:
-            model.set_submodule(layer.layer, twin if sparse else layer.module)
+    def use(names: set[str]) -> None:
+        for layer, twin, _ in timed:
+            model.set_submodule(layer.layer, twin if layer.layer in names else layer.module)
+
+    def chosen_if_sparse(is_sparse: bool) -> None:
+        use(alone if is_sparse else set())
 
     def run() -> object:
         return model(example_input)
 
-    whole = choose(paired_seconds(run, run, repeats, prepare=use), margin=1.0)
-    use(whole.sparse)
-    if not whole.sparse:
-        for layer, _, choice in swapped:
-            layer.module._prunet_plan = f"dense (sparse {choice.ratio:.2f}x of dense time alone, " \
-                                        f"but the whole model {whole.ratio:.2f}x)"
+    fused = _fused(model, timed, alone)
+    whole = {}
+    if alone:
+        whole["alone"] = choose(paired_seconds(run, run, repeats, prepare=chosen_if_sparse), margin=1.0)
+    if fused is not None:
+        whole["fused"] = choose(paired_seconds(run, lambda: fused(example_input), repeats,
+                                               prepare=chosen_if_sparse), margin=1.0)
+    best = min((k for k, c in whole.items() if c.sparse), key=lambda k: whole[k].ratio, default=None)
+    if best == "fused":
+        in_runs = _explain_fused(fused, timed, whole["fused"].ratio)
+        use(alone | in_runs)
+        return fused
+    use(alone if best == "alone" else set())
+    if best is None and alone:
+        for layer, twin, choice in timed:
+            if choice.sparse:
+                layer.module._prunet_plan = f"dense (sparse {choice.ratio:.2f}x of dense time alone, " \
+                                            f"but the whole model {whole['alone'].ratio:.2f}x)"
+    return model
+
+
+def _fused(model: nn.Module, timed: list, alone: set[str]) -> SparseSequential | None:
+    """``model`` (a plain ``nn.Sequential``) as a :class:`SparseSequential` of its children: the layers
+    chosen alone (``alone``) swapped in, and every timed layer that falls in a run of :func:`fusable_runs`
+    on the native kernel. None where nothing fuses (another model type, no native kernel, no run)."""
+    if type(model) not in (nn.Sequential, SparseSequential):
+        return None
+    twins = {layer.layer: twin for layer, twin, _ in timed}
+    children = dict(model.named_children())
+    settled = {name: twins[name] if name in alone else child for name, child in children.items()}
+    trial = [twins[name] if _native_linear(twins.get(name)) else settled[name] for name in children]
+    runs = fusable_runs(trial)
+    if not runs:
+        return None
+    inside = {i for start, stop in runs for i in range(start, stop)}
+    fused = SparseSequential(OrderedDict((name, trial[i] if i in inside else settled[name])
+                                         for i, name in enumerate(children)))
+    return fused.train(model.training)
+
+
+def _explain_fused(fused: SparseSequential, timed: list, ratio: float) -> set[str]:
+    """Each fused layer's plan: its kernel, the layers it runs with, the whole model's time and its own
+    alone. Returns the names of the fused layers."""
+    names, alone = list(fused._modules), {layer.layer: (layer, choice) for layer, _, choice in timed}
+    fused_layers = set()
+    for start, stop in fused.runs:
+        members = [n for n in names[start:stop] if isinstance(fused._modules[n], SparseLinear)]
+        for name in members:
+            layer, choice = alone[name]
+            layer.module._prunet_plan = fused._modules[name]._prunet_plan = \
+                f"sparse {fused._modules[name].kernel} (one call for {names[start]}..{names[stop - 1]}: the whole " \
+                f"model {ratio:.2f}x of dense time; alone {choice.ratio:.2f}x)"
+        fused_layers.update(members)
+    return fused_layers
 
 
 def plan(model: nn.Module) -> dict[str, str]:
     """Layer name -> the path each prunable layer of a (sparsified) model runs, and why.
 
-    ``sparse CSR (0.45x of dense time)``; ``dense (sparse 0.93x of dense time, not clearly under
-    0.9x)``, ``dense (sparse 1.20x of dense time)``, ``dense (sparse 0.80x of dense time alone,
-    but the whole model 1.02x)``, ``dense (not pruned)`` as :func:`sparsify` decided;
+    ``sparse native f32 (0.45x of dense time)`` (the kernel: ``native f32``, ``native fp16``,
+    ``native codebook`` or torch's ``CSR``); ``sparse native f32 (one call for flatten..fc3: the whole
+    model 0.40x of dense time; alone 1.10x)`` for a layer fused into a run (:class:`SparseSequential`);
+    ``dense (sparse 0.93x of dense time, not clearly under 0.9x)``, ``dense (sparse 1.20x of dense
+    time)``, ``dense (sparse 0.80x of dense time alone, but the whole model 1.02x)``, ``dense (not
+    pruned)`` as :func:`sparsify` decided;
     ``dense (no sparse kernel)`` for a type :func:`sparse_twin` does not cover (attention
     in-projections, embeddings, grouped convolutions); plain ``dense`` for a layer
     :func:`sparsify` never looked at. The path is the text before the parenthesis.
@@ -301,14 +570,15 @@ def plan(model: nn.Module) -> dict[str, str]:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
-            out[name] = getattr(module, "_prunet_plan", "sparse CSR")
+            out[name] = getattr(module, "_prunet_plan", f"sparse {module.kernel}")
     for layer in find_layers(model, include=["all"]):
         if layer.layer not in out:
             if not sparse_twin_type(layer.module):
                 out[layer.layer] = "dense (no sparse kernel)"
             else:
                 out[layer.layer] = getattr(layer.module, "_prunet_plan", "dense")
-    return out
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(out.items(), key=lambda item: order[item[0]]))  # in the model's order
 
 
 def sparse_twin_type(module: nn.Module) -> bool:
