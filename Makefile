@@ -40,7 +40,8 @@ $(NATIVE): $(NATIVE_SRC)
 	@if ! command -v $(CC) >/dev/null 2>&1; then \
 		echo "note: no C compiler ($(CC)); prunet's sparse layers will use torch CSR (install gcc, then make native)"; \
 	elif $(CC) $(NATIVE_FLAGS) -fopenmp $< -o $@.tmp 2>/dev/null || $(CC) $(NATIVE_FLAGS) $< -o $@.tmp; then \
-		mv $@.tmp $@; echo "built $@"; \
+		mv $@.tmp $@; (grep -m1 -E '^(flags|Features)' /proc/cpuinfo > $@.cpu || rm -f $@.cpu) 2>/dev/null; \
+		echo "built $@"; \
 	else \
 		rm -f $@.tmp; echo "note: $(CC) could not build $@; prunet's sparse layers will use torch CSR"; \
 	fi
@@ -90,4 +91,4 @@ results: setup
 	$(BIN)/python benchmarks/make_results.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache $(NATIVE)
+	rm -rf $(VENV) runs .pytest_cache $(NATIVE) $(NATIVE).cpu

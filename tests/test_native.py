@@ -385,6 +385,27 @@ def test_a_library_from_another_version_of_the_source_is_not_used(tmp_path):
 
 
 @needs_cc
+def test_a_library_built_for_a_cpu_with_more_instructions_is_not_called(tmp_path, monkeypatch):
+    """-march=native: a library built on another machine (a shared home, a copied folder) could die of an
+    illegal instruction here; the flags recorded at build time keep it from being called at all."""
+    monkeypatch.setattr(native, "_library", native.library())  # restored afterwards
+    out = native.compile_library(tmp_path / "spmm.so")
+    assert native.built_for(out) and native.built_for(out) <= (native.cpu_flags() or native.built_for(out))
+    (tmp_path / "spmm.so.cpu").write_text("flags\t: sse2 avx512_future_extension\n")
+    lib = native.open_library(out)
+    assert lib.cdll is None and "built on a CPU with instructions this one lacks (avx512_future_extension" \
+        in lib.reason and "make native" in lib.reason
+
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path):
+    (tmp_path / "x86").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert native.cpu_flags(tmp_path / "x86") == {"fpu", "sse2", "avx2"}
+    assert native.cpu_flags(tmp_path / "arm") == {"fp", "asimd"}
+    assert native.cpu_flags(tmp_path / "none") is None
+
+
+@needs_cc
 def test_compile_library_builds_the_kernel_from_python(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_library", native.library())  # restored afterwards
     out = native.compile_library(tmp_path / "spmm.so")

@@ -84,6 +84,10 @@ def open_library(path: str | Path = LIBRARY) -> Library:
     if not path.is_file():
         return Library(None, f"{path} is not built (run `make native`, or "
                              "prunet.sparse.native.compile_library(), with a C compiler)")
+    lacking = sorted(built_for(path) - (cpu_flags() or built_for(path)))
+    if lacking:  # compiled with -march=native elsewhere: calling it here could die of an illegal instruction
+        return Library(None, f"{path} was built on a CPU with instructions this one lacks "
+                             f"({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''}): run `make native` again")
     try:
         cdll = ctypes.CDLL(str(path))
         abi = cdll.prunet_spmm_abi
@@ -100,6 +104,33 @@ def open_library(path: str | Path = LIBRARY) -> Library:
     bits = cdll.prunet_spmm_features()
     features = ", ".join(name for bit, name in FEATURES.items() if bits & bit) or "no SIMD extensions, one thread"
     return Library(cdll, f"{path} ({features})")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
+    """This CPU's instruction-set flags (Linux's ``/proc/cpuinfo``), or None where that cannot be read."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, ARM
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def built_for(path: str | Path) -> frozenset[str]:
+    """The CPU flags recorded beside a library when it was built (``spmm.so.cpu``); empty when none were."""
+    try:
+        return frozenset(Path(f"{path}.cpu").read_text(encoding="ascii", errors="replace").partition(":")[2].split())
+    except OSError:
+        return frozenset()
+
+
+def _record_cpu(path: Path) -> None:
+    """Write the flags of the CPU a library is built on beside it, in ``/proc/cpuinfo``'s form."""
+    flags = cpu_flags()
+    if flags is not None:
+        Path(f"{path}.cpu").write_text("flags\t: " + " ".join(sorted(flags)) + "\n", encoding="ascii")
 
 
 _library: Library | None = None  # loaded on first use
@@ -159,6 +190,7 @@ def compile_library(out: str | Path = LIBRARY, compiler: str | None = None) -> P
         else:
             raise RuntimeError(f"{cc} could not compile {SOURCE}:\n{errors}")
         os.replace(built, out)
+    _record_cpu(out)
     _library = open_library(out)
     return out
 
