@@ -27,6 +27,7 @@ from prunet.factory import UntrustedFactoryError
 from prunet.analysis.bits import bits_sweep
 from prunet.pipeline import _stop_rule, run
 from prunet.runfolder import Run
+from prunet.sparse.export import example_input_of
 from prunet.tasks import CrossEntropy, Metric, Task, accuracy, bits_per_token, make_loss, make_metric
 from prunet.train import EpochRecord, FitOptions, Normalization, distillation_loss, evaluate, fit
 
@@ -363,3 +364,5 @@ def test_a_file_naming_an_unknown_input_type_is_one_line(tmp_path):
     path = prunet.save(TinyLM(), tmp_path / "m.safetensors", {"input_shape": [LENGTH], "input_dtype": "os.system"})
     with pytest.raises(Exception, match=r"meta.input_dtype: 'os.system' is not one of float32, "):
         prunet.load(path, model=TinyLM())
+    with pytest.raises(ValueError, match=r"'__class__' is not one of"):  # never looked up on torch by its name
+        example_input_of({"input_shape": [LENGTH], "input_dtype": "__class__"})

@@ -52,6 +52,7 @@ from prunet.factory import Trust, check_trusted, is_factory
 from prunet.files import atomic_path
 from prunet.layers import Setting, find_layers
 from prunet.masks import MASK_SUFFIX, baked_copy
+from prunet.meta import INPUT_DTYPES, shown
 from prunet.models import create_model, get_model_info
 from prunet.neurons import remove_dead_neurons
 from prunet.runfolder import FINAL, RunFolder, run_file_at
@@ -394,7 +395,10 @@ def example_input_of(meta: dict[str, Any], device: torch.device | str | None = N
     shape = recorded_input_shape(meta)
     if shape is None:
         return None
-    return torch.zeros(1, *shape, dtype=getattr(torch, meta.get("input_dtype") or "float32"), device=device)
+    name = meta.get("input_dtype") or "float32"
+    if name not in INPUT_DTYPES:  # validate_meta refused it already where the file was read: never getattr a file's word
+        raise ValueError(f"meta.input_dtype: {shown(name)} is not one of {', '.join(INPUT_DTYPES)}")
+    return torch.zeros(1, *shape, dtype=getattr(torch, name), device=device)
 
 
 def recorded_input_shape(meta: dict[str, Any]) -> list[int] | None:
