@@ -77,7 +77,7 @@ class RunState:
         self.dropout: dict[str, float] = {}  # ratios to set once the run's dropout adjuster exists
         self.relative: dict[str, float] | None = None  # target rounds' relative qualities, from sensitivity
         self.input_shape: list[int] | None = None  # one example's shape (C, H, W)
-        self.input_dtype = "float32"  # its element type (int64 for token ids)
+        self.input_dtype: str | None = "float32"  # its element type (int64 for token ids; None: not one of meta's)
         self.world_size = 1
 
     @property
@@ -87,7 +87,9 @@ class RunState:
         meta = {"model": r.model.spec, "model_kwargs": r.model.arguments(), "recipe": r.name,
                 "split": split_identity(r)}
         if self.input_shape is not None:
-            meta["input_shape"], meta["input_dtype"] = self.input_shape, self.input_dtype
+            meta["input_shape"] = self.input_shape
+            if self.input_dtype is not None:
+                meta["input_dtype"] = self.input_dtype
         return meta
 
     def where(self) -> str:

@@ -25,6 +25,7 @@ from prunet.data import DatasetSplits, first_batch, load_data
 from prunet.devices import resolve_device
 from prunet.distributed import RankFailed, Ranks, agree, broadcast_object, from_env, init_process_group, shutdown
 from prunet.factory import Trust
+from prunet.meta import INPUT_DTYPES
 from prunet.devices import model_device
 from prunet.files import name_problem
 from prunet.layers import find_layers, totals
@@ -190,10 +191,11 @@ def _agree(ranks: Ranks, error: BaseException | None, folder) -> None:
         raise
 
 
-def _example(data: DatasetSplits) -> tuple[list[int], str]:
+def _example(data: DatasetSplits) -> tuple[list[int], str | None]:
     """One example's shape and element type, as the model sees it (for exports of the model without its data)."""
     x, _ = first_batch(data.val if len(data.val) else data.test, 1, mean=data.mean, std=data.std)
-    return list(x.shape[1:]), str(x.dtype).removeprefix("torch.")
+    name = str(x.dtype).removeprefix("torch.")
+    return list(x.shape[1:]), name if name in INPUT_DTYPES else None  # another type: unrecorded, as before
 
 
 def _guarded(folder: F.Folder, log: Log, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:

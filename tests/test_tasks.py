@@ -65,6 +65,20 @@ def tiny_lm(width: int = 16) -> TinyLM:
     return TinyLM(width=width)
 
 
+def int8_sequences():
+    """:func:`sequences` with int8 inputs: a type a file's ``input_dtype`` does not name."""
+    return tuple(TensorDataset(d.tensors[0].to(torch.int8), d.tensors[1]) for d in sequences())
+
+
+class CastLM(TinyLM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.long())
+
+
+def cast_lm() -> CastLM:
+    return CastLM()
+
+
 def smoothed(smoothing: float = 0.05):
     """A user's loss factory: label-smoothed cross-entropy over the last dimension."""
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -366,3 +380,12 @@ def test_a_file_naming_an_unknown_input_type_is_one_line(tmp_path):
         prunet.load(path, model=TinyLM())
     with pytest.raises(ValueError, match=r"'__class__' is not one of"):  # never looked up on torch by its name
         example_input_of({"input_shape": [LENGTH], "input_dtype": "__class__"})
+
+
+def test_inputs_of_a_type_meta_does_not_name_leave_the_type_unrecorded_and_the_files_readable(tmp_path):
+    recipe = lm_recipe(tmp_path, **{"train.epochs": 1, "model.factory": f"{HERE}:cast_lm",
+                                    "data.factory": f"{HERE}:int8_sequences"})
+    run(recipe_from_dict(recipe), log=lambda line: None)
+    model = prunet.load(tmp_path / "runs" / "lm" / "final.safetensors", trust_factory=True)
+    x = torch.randint(0, VOCAB, (2, LENGTH), dtype=torch.int8)
+    assert model(x).shape == (2, LENGTH, VOCAB)
