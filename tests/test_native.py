@@ -10,6 +10,7 @@ library are skipped, with the reason, where it is not built (``make native`` bui
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import re
 import shutil
@@ -29,7 +30,7 @@ from prunet.sparse.modules import SparseSequential, fusable_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.status()}")
-BATCHES = (1, 3, 8, 64)
+BATCHES = (1, 3, 8, 33, 40, 64, 65)  # 33, 40, 65: tails after a full 32-lane block
 
 
 def close(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -394,7 +395,16 @@ def test_a_library_built_for_a_cpu_with_more_instructions_is_not_called(tmp_path
     (tmp_path / "spmm.so.cpu").write_text("flags\t: sse2 avx512_future_extension\n")
     lib = native.open_library(out)
     assert lib.cdll is None and "built on a CPU with instructions this one lacks (avx512_future_extension" \
-        in lib.reason and "make native" in lib.reason
+        in lib.reason and "make -B native" in lib.reason
+    here = sorted(native.cpu_flags() or {"sse2"})
+    (tmp_path / "spmm.so.cpu").write_text("flags\t: " + " ".join([*here, "hypervisor", "md_clear", "ibrs_future"]) + "\n")
+    assert native.open_library(out).cdll is not None  # flags that are no instructions do not refuse it
+
+
+def test_only_instruction_set_flags_are_compared():
+    assert native.isa_flags({"sse4_2", "avx2", "fma", "hypervisor", "ssbd", "md_clear", "constant_tsc", "asimd",
+                             "evtstrm", "sve2", "bmi2", "xsaveopt", "amx_tile"}) == \
+        {"sse4_2", "avx2", "fma", "asimd", "sve2", "bmi2", "xsaveopt", "amx_tile"}
 
 
 def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path):
@@ -423,3 +433,166 @@ def test_the_makefile_compiles_with_the_flags_compile_library_uses():
     assert "NATIVE      := prunet/sparse/csrc/spmm.so" in makefile
     assert "prunet/sparse/csrc/spmm.so" in (ROOT / ".gitignore").read_text().split()
     assert native.LIBRARY == ROOT / "prunet/sparse/csrc/spmm.so" and native.SOURCE.is_file()
+
+
+# --- pointers, dtypes and paths that must follow the layer as it is now --------------------------------
+
+
+def sequential_pair(seed: int = 13) -> tuple[nn.Sequential, SparseSequential]:
+    torch.manual_seed(seed)
+    dense = nn.Sequential(linear_with(weight_of("f32", 32, 64, 0.3, seed), True, seed), nn.ReLU(),
+                          linear_with(weight_of("f32", 8, 32, 0.3, seed + 1), True, seed + 1)).eval()
+    return dense, SparseSequential(SparseLinear(dense[0]), nn.ReLU(), SparseLinear(dense[2])).eval()
+
+
+def scribble() -> list[torch.Tensor]:
+    """Fill freed memory with something loud, so a stale pointer reads it."""
+    return [torch.full((10000,), 1e30) for _ in range(50)]
+
+
+@needs_native
+def test_share_memory_after_sparsify_keeps_the_fused_chain_on_the_live_buffers(monkeypatch):
+    ratios = iter([0.5, 1.3, 1.3, 0.8, 0.4])
+    monkeypatch.setattr(modules, "paired_seconds",
+                        lambda dense, sparse, repeats, prepare=None: [(1e-3, 1e-3 * next(ratios))] * repeats)
+    dense, x = lenet(), torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = dense(x)
+        model = sparsify(dense, x)
+        assert isinstance(model, SparseSequential) and model.fc1 is dense.fc1
+        model(x)
+        dense.share_memory()  # the original model, whose layers the fused one shares: its chains are not told
+        junk = scribble()
+        assert close(model(x), expected) and close(dense(x), expected)
+        seq_dense, seq = sequential_pair()
+        seq(x[:, 0, 0, :].repeat(1, 3)[:, :64])
+        seq[0].share_memory()  # one member alone
+        junk += scribble()
+        x2 = torch.randn(3, 64)
+        assert close(seq(x2), seq_dense(x2))
+    del junk
+
+
+@needs_native
+def test_reassigned_buffers_are_used():
+    dense, seq = sequential_pair()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        seq(x), seq[0](x)
+        new_bias = torch.randn(32)
+        seq[0].bias = new_bias.clone()
+        dense[0].bias.copy_(new_bias)
+        assert close(seq[0](x), dense[0](x)) and close(seq(x), dense(x))
+        seq[2].double()  # one member of the fused chain: the chain must not read its old float32 buffers
+        junk = scribble()
+        assert torch.allclose(seq[2](dense[1](dense[0](x)).double()), dense[2].double()(dense[1](dense[0](x)).double()))
+        dense[2].float()
+        assert close(seq(x).float(), dense(x))
+    del junk
+
+
+@needs_native
+def test_a_layer_sent_through_forking_pickler_still_runs_in_this_process():
+    from multiprocessing.reduction import ForkingPickler
+    layer = SparseLinear(linear_with(weight_of("f32", 128, 256, 0.3, seed=14), True))
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        expected = layer(x)
+        before = layer.values.data_ptr()
+        blob = ForkingPickler.dumps(layer)  # what mp.Queue.put does: the buffers move to shared memory
+        junk = scribble()
+        assert layer.values.data_ptr() != before and torch.equal(layer(x), expected)
+    del blob, junk
+
+
+@needs_native
+def test_the_default_dtype_does_not_change_the_kernels_output():
+    dense, seq = sequential_pair()
+    x = torch.randn(3, 64)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.no_grad():
+            y, fused = seq[0](x), seq(x)
+    finally:
+        torch.set_default_dtype(before)
+    with torch.no_grad():
+        assert y.dtype == fused.dtype == torch.float32 and close(y, dense[0](x)) and close(fused, dense(x))
+
+
+@needs_native
+def test_a_native_layer_loaded_where_the_library_is_refused_falls_back_to_csr(monkeypatch):
+    dense, seq = sequential_pair()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        seq(x)
+        copied, layer = copy.deepcopy(seq), SparseLinear(dense[0])
+        assert layer.kernel == "native f32"
+        monkeypatch.setattr(native, "_library", native.Library(None, "simulated: refused"))
+        assert layer.kernel == "CSR" and "sparse CSR" in repr(layer) and fused_of(dense).runs == []
+        for model in (seq, copied, copy.deepcopy(seq), copy.deepcopy(layer)):
+            ref = dense(x) if isinstance(model, SparseSequential) else dense[0](x)
+            assert close(model(x), ref)
+
+
+@pytest.mark.parametrize("use_native", [None, False])
+def test_a_nan_input_at_a_pruned_connection_does_not_propagate(use_native):
+    """Documented: the sparse layers never read a pruned weight, so NaN * 0 is never computed."""
+    w = weight_of("f32", 6, 10, 0.5, seed=15)
+    w[:, 3] = 0  # input 3 is pruned from every output
+    lin = linear_with(w, True)
+    layer = SparseLinear(lin, use_native=use_native)
+    x = torch.randn(2, 10)
+    x[0, 3] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(lin(x)[0]).all() and torch.isfinite(layer(x)).all()
+        assert close(layer(x[1:]), lin(x[1:]))
+
+
+@needs_native
+def test_tracing_and_sparse_inputs_take_the_torch_path():
+    w = weight_of("f32", 9, 20, 0.3, seed=16)
+    lin = linear_with(w, True)
+    layer = SparseLinear(lin)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 20), check_trace=False)
+        x = torch.randn(5, 20)
+        assert close(traced(x), lin(x))
+        for sparse_x in (x.to_sparse(), x.to_sparse_csr()):
+            assert close(layer(sparse_x), lin(x))
+    assert not modules.native_input(x.to_sparse()) and modules.native_input(x)
+
+
+@needs_native
+def test_forward_ad_gives_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+    w = weight_of("f32", 9, 20, 0.3, seed=17)
+    layer = SparseLinear(linear_with(w, True))
+    x, t = torch.randn(2, 20), torch.randn(2, 20)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        assert not modules.native_input(dual)
+        tangent = fwAD.unpack_dual(layer(dual)).tangent
+    assert tangent is not None and close(tangent, t @ w.t())
+
+
+def test_hand_made_packed_layers_are_checked():
+    p = native.pack(weight_of("f32", 4, 6, 0.5, seed=18))
+    assert not dataclasses.replace(p, row_ptr=p.row_ptr.long()).native
+    with pytest.raises(ValueError, match="column"):
+        dataclasses.replace(p, cols=p.cols.int().add(6).to(torch.uint16))
+    with pytest.raises(ValueError, match="row_ptr"):
+        dataclasses.replace(p, row_ptr=p.row_ptr.flip(0).contiguous())
+    empty = native.pack(torch.zeros(0, 6))
+    assert not empty.native
+    if native.available():
+        with pytest.raises(ValueError):
+            native.Chain([native.Step(empty)])
+
+
+@needs_cc
+def test_a_library_without_the_features_function_is_a_reason(tmp_path):
+    (tmp_path / "part.c").write_text(f"#include <stdint.h>\nint64_t prunet_spmm_abi(void) {{ return {native.ABI}; }}\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", str(tmp_path / "part.c"), "-o", str(tmp_path / "part.so")], check=True)
+    lib = native.open_library(tmp_path / "part.so")
+    assert lib.cdll is None and "does not load" in lib.reason

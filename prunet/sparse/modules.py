@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 import warnings
@@ -33,6 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from prunet.layers import find_layers, is_hf_conv1d
@@ -41,6 +43,7 @@ from prunet.sparse.native import Chain, Packed, Step
 
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
 
 
 class SparseLinear(nn.Module):
@@ -50,7 +53,13 @@ class SparseLinear(nn.Module):
     columns; float32, fp16 or codebook values, the smallest that holds the weights exactly) and
     run by the native kernel (:mod:`prunet.sparse.native`) where it is built, the layer has at
     most 65536 inputs and the input is float32 on the CPU. Otherwise (no kernel, another dtype
-    or device, an input that needs gradients) torch's CSR product runs it, on the same values.
+    or device, an input that needs gradients, a sparse, forward-AD or functorch input, under
+    ``torch.jit.trace``) torch's CSR product runs it, on the same values. The kernel always reads
+    the layer's buffers as they are now (moved to shared memory, reassigned, converted).
+
+    Outputs equal the dense layer's for finite inputs; a NaN or inf input at a pruned connection
+    does not propagate (neither product reads a pruned weight, so NaN * 0 is never computed),
+    where the dense layer would give NaN.
 
     Args:
         linear: the (baked) Linear layer, or Hugging Face ``Conv1D`` (its weight stored
@@ -59,7 +68,9 @@ class SparseLinear(nn.Module):
         values: the value format, ``f32``, ``fp16`` or ``codebook``; default the smallest exact one.
 
     Attributes:
-        kernel: ``native f32``, ``native fp16``, ``native codebook`` or ``CSR`` (torch's product).
+        kernel: ``native f32``, ``native fp16``, ``native codebook`` or ``CSR`` (torch's product): what runs
+            now. A layer built on the kernel and copied or loaded where the library is missing or refused
+            (:func:`prunet.sparse.native.status`) reads ``CSR``, and runs torch's product.
 
     Example:
         >>> lin = nn.Linear(300, 40)
@@ -94,22 +105,39 @@ class SparseLinear(nn.Module):
         self.kernel = "CSR" if why_not or use_native is False else f"native {packed.kind}"
         self._cache: dict[str, object] = {}
 
+    @property
+    def kernel(self) -> str:
+        """The kernel chosen when built, or ``CSR`` where the native library is not available now."""
+        return self._kernel if self._kernel == "CSR" or native.available() else "CSR"
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        self._kernel = value
+
     def packed(self) -> Packed:
         """The layer's weight in the native kernel's format, from the module's (current) buffers."""
         return Packed(self.row_ptr, self.cols, self.values, self.codebook, self.values_kind,
                       (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout != torch.strided:  # a sparse input, as nn.Linear takes: torch's product on its dense form
+            x = x.to_dense()
         chain = self.native_chain(x)
         if chain is not None and x.dim() == 2:
             return chain.run(x)  # the common case, without the reshapes: each costs microseconds cold
-        flat = x.reshape(-1, self.in_features)  # (B, in)
+        if chain is None and forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None:
+            primal, tangent = forward_ad.unpack_dual(x)  # torch's sparse products have no forward AD: y is linear
+            return forward_ad.make_dual(self.forward(primal), self._csr_product(tangent, bias=False))
         if chain is not None:
-            y = chain.run(flat)
-        else:
-            y = torch.sparse.mm(self._csr(flat), flat.t()).t()  # (out, in) @ (in, B) -> (B, out)
-            if self.bias is not None:
-                y = y + self.bias
+            return chain.run(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return self._csr_product(x)
+
+    def _csr_product(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """torch's CSR product on ``x`` (..., in), with the bias or without."""
+        flat = x.reshape(-1, self.in_features)  # (B, in)
+        y = torch.sparse.mm(self._csr(flat), flat.t()).t()  # (out, in) @ (in, B) -> (B, out)
+        if bias and self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def native_chain(self, x: torch.Tensor) -> Chain | None:
@@ -117,11 +145,11 @@ class SparseLinear(nn.Module):
         buffers now are: moved to another device or dtype)."""
         if self.kernel == "CSR" or not native_input(x) or x.shape[-1] != self.in_features:
             return None
-        chain = self._cache.get("chain", self)  # self: not built yet (None: cannot be)
-        if chain is self:
-            step = native_step(self)
-            chain = self._cache["chain"] = None if step is None else Chain([step])
-        return chain
+        built = self._cache.get("chain")  # (the buffers it was built from, the chain or None: cannot be)
+        live = _buffers_of(self)
+        if built is None or not _same(built[0], live):
+            built = self._cache["chain"] = live, _chain([self], [False])
+        return built[1]
 
     def _csr(self, x: torch.Tensor) -> torch.Tensor:
         """torch's CSR matrix of the weight in ``x``'s dtype, on its device; built once for each."""
@@ -137,6 +165,11 @@ class SparseLinear(nn.Module):
     def __getstate__(self):
         return {**super().__getstate__(), "_cache": {}}  # ctypes pointers neither copy nor pickle
 
+    def __setstate__(self, state):
+        if "kernel" in state:  # pickled before ``kernel`` became a property
+            state["_kernel"] = state.pop("kernel")
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         total = self.in_features * self.out_features
         return f"in_features={self.in_features}, out_features={self.out_features}, sparse {self.kernel}, " \
@@ -144,19 +177,50 @@ class SparseLinear(nn.Module):
 
 
 def native_input(x: torch.Tensor) -> bool:
-    """Whether the native kernel takes ``x``: float32 on the CPU, and no gradient wanted through it."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+    """Whether the native kernel takes ``x``: a dense float32 CPU tensor, no gradient wanted through it, no
+    forward-AD tangent or functorch transform on it, and not under ``torch.jit.trace`` (which records torch
+    operations only)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.layout == torch.strided \
+        and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing() \
+        and (forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None) \
+        and not _is_functorch_wrapped(x)  # a tangent exists only inside a dual_level: one lookup outside it
 
 
 def native_step(layer: SparseLinear) -> Step | None:
     """``layer`` as one step of a native :class:`~prunet.sparse.native.Chain`, or None where its buffers
-    are not what the kernel takes (moved to a GPU, converted to float64)."""
-    packed, bias = layer.packed(), layer.bias
-    if layer.kernel == "CSR" or not packed.native:
+    are not what the kernel takes (moved to a GPU, converted to float64, not contiguous)."""
+    bias = layer.bias
+    if layer.kernel == "CSR" or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                                                       or bias.dim() != 1 or not bias.is_contiguous())):
         return None
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+    try:
+        packed = layer.packed()  # checks the buffers (ValueError), as they are now
+    except ValueError:
         return None
-    return Step(packed, None if bias is None else bias.contiguous())
+    return Step(packed, bias) if packed.native else None
+
+
+def _buffers_of(layer: SparseLinear) -> tuple:
+    """The tensors a native chain points at for ``layer``, as the module holds them now (Chain.tensors' order)."""
+    b = layer._buffers  # not five nn.Module.__getattr__ calls: this runs on every call of a small layer
+    return b["row_ptr"], b["cols"], b["values"], b["codebook"], b["bias"]
+
+
+def _same(a: Sequence, b: Sequence) -> bool:
+    """The same objects, one for one (a reassigned or converted buffer is a new tensor)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _chain(layers: list[SparseLinear], relus: list[bool]) -> Chain | None:
+    """One native chain of ``layers`` (a ReLU after those marked), from their current buffers; None where the
+    kernel cannot take them (not available now, buffers it does not take, shapes that do not chain)."""
+    steps = [native_step(layer) for layer in layers]
+    if not steps or None in steps:
+        return None
+    try:
+        return Chain([replace(step, relu=relu) for step, relu in zip(steps, relus)])
+    except (ValueError, RuntimeError):  # RuntimeError: the library is not available (native.status())
+        return None
 
 
 class SparseConv2d(nn.Module):
@@ -207,7 +271,8 @@ class SparseSequential(nn.Sequential):
     model at batch 1 the Python around each module costs more than its arithmetic: one call per
     run saves it. The children, their names and the outputs are the Sequential's. A run goes
     module by module where the kernel cannot take its input (another dtype or device, gradients
-    wanted) or a Dropout in it is training; when fused, its members' forward hooks do not run.
+    wanted) or a Dropout in it is training; when fused, its members' forward hooks do not run. A
+    fused call reads its members' buffers as they are now (one reassigned, converted or moved).
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -232,7 +297,7 @@ class SparseSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         children = list(self._modules.values())
-        key = tuple(map(id, children))  # children can be replaced, appended, deleted: the runs follow
+        key = (native.available(), *map(id, children))  # children replaced, appended, deleted: the runs follow
         if self._fused is None or self._fused[0] != key:
             self._fused = key, {start: _Run(children[start:stop]) for start, stop in fusable_runs(children)}
         runs, i = self._fused[1], 0
@@ -287,29 +352,36 @@ def _after_layer(module: nn.Module | None) -> bool:
 
 
 class _Run:
-    """One run of a :class:`SparseSequential`: its members, and the native chain that computes them at once
-    (None where a member's buffers are not what the kernel takes: moved to a GPU, converted to float64)."""
+    """One run of a :class:`SparseSequential`: its members, and the native chain that computes them at once,
+    built from the members' buffers as they are at each call (rebuilt when one is reassigned or converted;
+    None where a member's buffers are not what the kernel takes: moved to a GPU, converted to float64)."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
         self.dropouts = [m for m in members if type(m) is nn.Dropout]
         self.flattens = _flattens(members[0])
-        steps: list[Step | None] = []
+        self.layers = [m for m in members if isinstance(m, SparseLinear)]
+        self.relus = [False] * len(self.layers)
+        seen = 0
         for module in members:
-            if isinstance(module, SparseLinear):
-                steps.append(native_step(module))
-            elif type(module) is nn.ReLU and steps and steps[-1] is not None:
-                steps[-1] = replace(steps[-1], relu=True)
-        try:
-            self.chain = Chain(steps) if steps and None not in steps else None
-        except ValueError:
-            self.chain = None  # shapes that do not chain: module by module, where torch says what is wrong
+            seen += isinstance(module, SparseLinear)
+            if type(module) is nn.ReLU and seen:
+                self.relus[seen - 1] = True
+        self._built: tuple[tuple, Chain | None] | None = None
+
+    def chain(self) -> Chain | None:
+        """The native chain of the members' current buffers, or None (then module by module)."""
+        live = tuple(t for layer in self.layers for t in _buffers_of(layer))
+        if self._built is None or not _same(self._built[0], live):
+            self._built = live, _chain(self.layers, self.relus)
+        return self._built[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chain is not None and native_input(x) and not any(d.training for d in self.dropouts):
+        if native_input(x) and not any(d.training for d in self.dropouts):
+            chain = self.chain()
             flat = x.flatten(1) if self.flattens and x.dim() >= 2 else x
-            if flat.dim() == 2 and flat.shape[1] == self.chain.in_features:
-                return self.chain.run(flat)
+            if chain is not None and flat.dim() == 2 and flat.shape[1] == chain.in_features:
+                return chain.run(flat)
         for module in self.members:
             x = module(x)
         return x
@@ -436,6 +508,10 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     than dense is kept, else every layer goes back to dense (a layer can time
     differently alone than between its neighbours), so the result is never slower
     than the dense model. :func:`plan` says what was chosen and why.
+
+    Outputs equal the dense model's for finite inputs; a NaN or inf input at a pruned connection
+    does not propagate through a sparse layer (it never reads a pruned weight, so NaN * 0 is never
+    computed), where the dense model would give NaN.
 
     Args:
         model: a plain model (masks multiplied in), e.g. from :func:`prunet.sparse.load`.

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +55,14 @@ KINDS = {"f32": 0, "fp16": 1, "codebook": 2}  # the VALUES_* of csrc/spmm.c
 VALUE_DTYPES = {"f32": torch.float32, "fp16": torch.float16, "codebook": torch.uint8}
 FEATURES = {1: "OpenMP", 2: "F16C", 4: "AVX2", 8: "FMA"}  # the FEATURE_* bits of csrc/spmm.c
 ERRORS = {1: "bad arguments", 2: "out of memory"}
+REBUILD = "run `make -B native` (or delete it, then `make native`)"  # -B: a copied .so can be newer than its source
+# The /proc/cpuinfo flags that name instructions -march=native may emit (x86: SSE..AVX-512, FMA, BMI, AES, SHA,
+# XSAVE, AMX, ...; ARM: fp, asimd*, sve*, crc32, atomics, ...). Other flags (hypervisor, bug mitigations such as
+# md_clear or ssbd, kernel and timer features) differ between machines that run the same code: not compared.
+ISA_FLAG = re.compile(r"(sse|ssse|avx|fma|f16c|bmi|aes|pclmul|popcnt|movbe|adx|sha|vaes|vpclmul|gfni|lzcnt|abm"
+                      r"|rdrand|rdseed|xsave|amx|cx16|lahf|mmx|xop|tbm|clflushopt|clwb|movdir|serialize"
+                      r"|fp$|fphp|asimd|sve|crc32|atomics|pmull|i8mm|bf16|sm3|sm4|jscvt|fcma|lrcpc|ilrcpc|frint"
+                      r"|dotprod|fp16)")
 
 
 class _Layer(ctypes.Structure):
@@ -84,24 +93,25 @@ def open_library(path: str | Path = LIBRARY) -> Library:
     if not path.is_file():
         return Library(None, f"{path} is not built (run `make native`, or "
                              "prunet.sparse.native.compile_library(), with a C compiler)")
-    lacking = sorted(built_for(path) - (cpu_flags() or built_for(path)))
+    built = isa_flags(built_for(path))
+    lacking = sorted(built - (isa_flags(cpu_flags()) if cpu_flags() is not None else built))
     if lacking:  # compiled with -march=native elsewhere: calling it here could die of an illegal instruction
         return Library(None, f"{path} was built on a CPU with instructions this one lacks "
-                             f"({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''}): run `make native` again")
+                             f"({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''}): {REBUILD}")
     try:
         cdll = ctypes.CDLL(str(path))
         abi = cdll.prunet_spmm_abi
+        abi.restype = ctypes.c_int64
+        if abi() != ABI:
+            return Library(None, f"{path} was built from another version of spmm.c (ABI {abi()}, need {ABI}): "
+                                 f"{REBUILD}")
+        features, chain = cdll.prunet_spmm_features, cdll.prunet_chain
     except (OSError, AttributeError) as e:
         return Library(None, f"{path} does not load ({e})")
-    abi.restype = ctypes.c_int64
-    if abi() != ABI:
-        return Library(None, f"{path} was built from another version of spmm.c (ABI {abi()}, need {ABI}): "
-                             "run `make native` again")
-    cdll.prunet_spmm_features.restype = ctypes.c_int64
-    cdll.prunet_chain.restype = ctypes.c_int
-    cdll.prunet_chain.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_int64, ctypes.c_int64]
-    bits = cdll.prunet_spmm_features()
+    features.restype = ctypes.c_int64
+    chain.restype = ctypes.c_int
+    chain.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    bits = features()
     features = ", ".join(name for bit, name in FEATURES.items() if bits & bit) or "no SIMD extensions, one thread"
     return Library(cdll, f"{path} ({features})")
 
@@ -116,6 +126,17 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     except OSError:
         pass
     return None
+
+
+def isa_flags(flags: frozenset[str] | set[str] | None) -> frozenset[str]:
+    """The flags among ``flags`` that name instruction sets (:data:`ISA_FLAG`): the ones a library compiled
+    with ``-march=native`` may need. A library is refused only for these.
+
+    Example:
+        >>> sorted(isa_flags({"avx2", "hypervisor", "md_clear", "sse4_2", "asimd"}))
+        ['asimd', 'avx2', 'sse4_2']
+    """
+    return frozenset(f for f in flags or () if ISA_FLAG.match(f))
 
 
 def built_for(path: str | Path) -> frozenset[str]:
@@ -202,6 +223,10 @@ def compile_library(out: str | Path = LIBRARY, compiler: str | None = None) -> P
 class Packed:
     """One layer's survivors in the kernel's format (see the module's docstring).
 
+    Built by :func:`pack`. A hand-made one is checked when constructed (a one-time cost): ``row_ptr``
+    ``out + 1`` non-decreasing offsets from 0 to the number of survivors, every column under ``in_features``
+    and every codebook index inside the codebook, so the kernel never reads outside its tensors.
+
     Attributes:
         row_ptr: int32, ``out + 1`` offsets.
         cols: each survivor's column: uint16, or int32 for a layer wider than :data:`MAX_IN_FEATURES`
@@ -219,11 +244,28 @@ class Packed:
     kind: str
     shape: tuple[int, int]
 
+    def __post_init__(self):
+        rows, cols = self.shape
+        if self.kind not in KINDS:
+            raise ValueError(f"Packed: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        n = self.values.numel()
+        if self.row_ptr.dim() != 1 or self.row_ptr.numel() != rows + 1 or self.cols.numel() != n:
+            raise ValueError(f"Packed: row_ptr needs {rows + 1} offsets and cols one per value ({n}), got "
+                             f"{tuple(self.row_ptr.shape)} and {tuple(self.cols.shape)}")
+        steps = self.row_ptr.long().diff()
+        if int(self.row_ptr[0]) != 0 or int(self.row_ptr[-1]) != n or (steps.numel() and int(steps.min()) < 0):
+            raise ValueError(f"Packed: row_ptr must rise from 0 to the number of values ({n})")
+        if n and not 0 <= int(self.cols.int().min()) <= int(self.cols.int().max()) < cols:
+            raise ValueError(f"Packed: a column index is outside 0..{cols - 1}")
+        if self.kind == "codebook" and n and int(self.values.long().max()) >= self.codebook.numel():
+            raise ValueError(f"Packed: a codebook index is outside the codebook of {self.codebook.numel()}")
+
     @property
     def native(self) -> bool:
-        """Whether the kernel takes this layer: 16-bit columns, tensors on the CPU in its dtypes."""
-        return self.cols.dtype == torch.uint16 and all(
-            t.device.type == "cpu" for t in (self.row_ptr, self.cols, self.values, self.codebook)) \
+        """Whether the kernel takes this layer: at least one row and column, 16-bit columns, int32 row
+        pointers, tensors on the CPU in its dtypes."""
+        return self.cols.dtype == torch.uint16 and self.row_ptr.dtype == torch.int32 and min(self.shape) >= 1 \
+            and all(t.device.type == "cpu" for t in (self.row_ptr, self.cols, self.values, self.codebook)) \
             and self.values.dtype == VALUE_DTYPES[self.kind] and self.codebook.dtype == torch.float32
 
     def csr(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -308,7 +350,11 @@ class Step:
 class Chain:
     """Layers run one after the other in one native call: ``relu?(... relu?(x W1^T + b1) ...)``.
 
-    Holds the tensors it points the kernel at, so they live as long as it does.
+    Holds the tensors it points the kernel at, so they live as long as it does, and before each call checks
+    that each still has the memory it had (:attr:`tensors`): one moved in place (``share_memory_()``, sent
+    through a ``multiprocessing`` queue, ``set_``) or changed in place is described to the kernel again, and
+    checked again. A module that owns the tensors compares :attr:`tensors` with its current buffers
+    (one reassigned, or converted by ``.double()``, is a new tensor) and builds a new chain where they differ.
 
     Args:
         steps: the layers, each one's ``in_features`` the previous one's ``out_features``; every
@@ -323,13 +369,27 @@ class Chain:
         lib = library()
         if lib.cdll is None:
             raise RuntimeError(status())
+        if not steps:
+            raise ValueError("a chain needs at least one layer")
         self._call = lib.cdll.prunet_chain
         self._keep = list(steps)
+        self.tensors = tuple(t for s in steps for t in (*_packed_tensors(s.packed), s.bias))
         self._layers = (_Layer * len(steps))(*[_describe(s) for s in steps])
+        self._memory = self._where()
         for before, after in zip(steps, steps[1:]):
             if after.packed.shape[1] != before.packed.shape[0]:
                 raise ValueError(f"the layers do not chain: {before.packed.shape} then {after.packed.shape}")
         self.in_features, self.out_features = steps[0].packed.shape[1], steps[-1].packed.shape[0]
+
+    def _where(self) -> tuple:
+        """Each tensor's address and version counter: what the described layers were built from."""
+        return tuple((t.data_ptr(), t._version) if t is not None else None for t in self.tensors)
+
+    def _redescribe(self) -> None:
+        """Describe every layer again from its tensors as they are now, checking them again (ValueError)."""
+        steps = [replace(s, packed=replace(s.packed)) for s in self._keep]  # replace(): Packed checks itself again
+        self._layers = (_Layer * len(steps))(*[_describe(s) for s in steps])
+        self._memory = self._where()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, in), float32 on the CPU -> (B, out), a new tensor (no autograd: it is for inference).
@@ -346,7 +406,9 @@ class Chain:
         """:meth:`__call__` on an ``x`` the caller has checked: every check costs microseconds when a small
         layer's whole product takes a few tens of them."""
         x = x.contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device="cpu")
+        if self._where() != self._memory:  # a tensor moved or changed in place: never call with a stale pointer
+            self._redescribe()
         if x.shape[0]:
             rc = self._call(self._layers, len(self._layers), x.data_ptr(), y.data_ptr(), x.shape[0],
                             torch.get_num_threads())
@@ -363,8 +425,12 @@ def _describe(step: Step) -> _Layer:
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or
                              bias.shape != (p.shape[0],) or not bias.is_contiguous()):
         raise ValueError(f"the native kernel needs a contiguous float32 CPU bias of shape ({p.shape[0]},)")
-    tensors = (p.row_ptr, p.cols, p.values, p.codebook)
+    tensors = _packed_tensors(p)
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("the native kernel needs contiguous packed tensors")
     return _Layer(p.shape[0], p.shape[1], KINDS[p.kind], int(step.relu), *(t.data_ptr() or None for t in tensors),
                   None if bias is None else bias.data_ptr())
+
+
+def _packed_tensors(p: Packed) -> tuple[torch.Tensor, ...]:
+    return p.row_ptr, p.cols, p.values, p.codebook
