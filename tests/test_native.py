@@ -492,6 +492,26 @@ def test_reassigned_buffers_are_used():
 
 
 @needs_native
+def test_buffers_changed_in_place_or_registered_again_are_used():
+    dense, seq = sequential_pair()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        seq(x), seq[0](x)
+        seq[0].values.mul_(2)  # in place: the same tensor, a new version
+        dense[0].weight.mul_(2)
+        assert close(seq[0](x), dense[0](x)) and close(seq(x), dense(x))
+        new_bias = torch.randn(8)
+        seq[2].register_buffer("bias", new_bias.clone(), persistent=False)  # not through setattr
+        dense[2].bias.copy_(new_bias)
+        assert close(seq(x), dense(x))
+        values = seq[2].values
+        values.set_(values.clone())  # new memory under the same tensor
+        junk = scribble()
+        assert close(seq(x), dense(x)) and close(seq[2](dense[1](dense[0](x))), dense[2](dense[1](dense[0](x))))
+    del junk
+
+
+@needs_native
 def test_a_layer_sent_through_forking_pickler_still_runs_in_this_process():
     from multiprocessing.reduction import ForkingPickler
     layer = SparseLinear(linear_with(weight_of("f32", 128, 256, 0.3, seed=14), True))

@@ -24,12 +24,12 @@ Example:
 
 from __future__ import annotations
 
-import operator
 import statistics
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -145,10 +145,9 @@ class SparseLinear(nn.Module):
         buffers now are: moved to another device or dtype)."""
         if self.kernel == "CSR" or not native_input(x) or x.shape[-1] != self.in_features:
             return None
-        built = self._cache.get("chain")  # (the buffers it was built from, the chain or None: cannot be)
-        live = _buffers_of(self)
-        if built is None or not _same(built[0], live):
-            built = self._cache["chain"] = live, _chain([self], [False])
+        built = self._cache.get("chain")  # (the buffer generation it was built at, the chain or None: cannot be)
+        if built is None or built[0] != _generation[0]:
+            built = self._cache["chain"] = _generation[0], _chain([self], [False])
         return built[1]
 
     def _csr(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +159,22 @@ class SparseLinear(nn.Module):
 
     def _apply(self, *args, **kwargs):
         self._cache = {}  # the buffers move or change dtype: what was built from them is stale
+        _buffers_changed()  # and the fused chains of a SparseSequential holding this layer
         return super()._apply(*args, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_buffers", ()):
+            _buffers_changed()  # a buffer reassigned: chains read the new one
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._buffers:
+            _buffers_changed()
+        super().__delattr__(name)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        _buffers_changed()
+        super().register_buffer(name, tensor, persistent)
 
     def __getstate__(self):
         return {**super().__getstate__(), "_cache": {}}  # ctypes pointers neither copy nor pickle
@@ -200,15 +214,15 @@ def native_step(layer: SparseLinear) -> Step | None:
     return Step(packed, bias) if packed.native else None
 
 
-def _buffers_of(layer: SparseLinear) -> tuple:
-    """The tensors a native chain points at for ``layer``, as the module holds them now (Chain.tensors' order)."""
-    b = layer._buffers  # not five nn.Module.__getattr__ calls: this runs on every call of a small layer
-    return b["row_ptr"], b["cols"], b["values"], b["codebook"], b["bias"]
+# Bumped whenever a SparseLinear's buffer is reassigned, registered, deleted or converted (``_apply``): a
+# chain built at another count is built again from the buffers as they are now. One count for every layer,
+# so that a call compares one integer, not each buffer: reassignments are rare, calls of a small layer take
+# microseconds. In-place changes and moved memory are the chain's own check (Chain.run).
+_generation = [0]
 
 
-def _same(a: Sequence, b: Sequence) -> bool:
-    """The same objects, one for one (a reassigned or converted buffer is a new tensor)."""
-    return len(a) == len(b) and all(map(operator.is_, a, b))
+def _buffers_changed() -> None:
+    _generation[0] += 1
 
 
 def _chain(layers: list[SparseLinear], relus: list[bool]) -> Chain | None:
@@ -288,7 +302,7 @@ class SparseSequential(nn.Sequential):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._fused: tuple[tuple[int, ...], dict[int, _Run]] | None = None
+        self._fused: tuple[tuple[bool, tuple[nn.Module, ...]], dict[int, _Run]] | None = None
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -296,10 +310,10 @@ class SparseSequential(nn.Sequential):
         return fusable_runs(list(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        children = list(self._modules.values())
-        key = (native.available(), *map(id, children))  # children replaced, appended, deleted: the runs follow
-        if self._fused is None or self._fused[0] != key:
-            self._fused = key, {start: _Run(children[start:stop]) for start, stop in fusable_runs(children)}
+        children = tuple(self._modules.values())
+        key = (native.available(), children)  # children replaced, appended, deleted: the runs follow
+        if self._fused is None or self._fused[0] != key:  # (modules compare by identity)
+            self._fused = key, {start: _Run(list(children[start:stop])) for start, stop in fusable_runs(children)}
         runs, i = self._fused[1], 0
         while i < len(children):
             run = runs.get(i)
@@ -367,13 +381,12 @@ class _Run:
             seen += isinstance(module, SparseLinear)
             if type(module) is nn.ReLU and seen:
                 self.relus[seen - 1] = True
-        self._built: tuple[tuple, Chain | None] | None = None
+        self._built: tuple[int, Chain | None] | None = None
 
     def chain(self) -> Chain | None:
         """The native chain of the members' current buffers, or None (then module by module)."""
-        live = tuple(t for layer in self.layers for t in _buffers_of(layer))
-        if self._built is None or not _same(self._built[0], live):
-            self._built = live, _chain(self.layers, self.relus)
+        if self._built is None or self._built[0] != _generation[0]:
+            self._built = _generation[0], _chain(self.layers, self.relus)
         return self._built[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import re
 import shutil
@@ -353,8 +354,8 @@ class Chain:
     Holds the tensors it points the kernel at, so they live as long as it does, and before each call checks
     that each still has the memory it had (:attr:`tensors`): one moved in place (``share_memory_()``, sent
     through a ``multiprocessing`` queue, ``set_``) or changed in place is described to the kernel again, and
-    checked again. A module that owns the tensors compares :attr:`tensors` with its current buffers
-    (one reassigned, or converted by ``.double()``, is a new tensor) and builds a new chain where they differ.
+    checked again. A buffer reassigned, or converted by ``.double()``, is a new tensor that the chain does
+    not hold: the module that owns the buffers builds a new chain then (``SparseLinear`` counts such changes).
 
     Args:
         steps: the layers, each one's ``in_features`` the previous one's ``out_features``; every
@@ -373,7 +374,7 @@ class Chain:
             raise ValueError("a chain needs at least one layer")
         self._call = lib.cdll.prunet_chain
         self._keep = list(steps)
-        self.tensors = tuple(t for s in steps for t in (*_packed_tensors(s.packed), s.bias))
+        self.tensors = [t for s in steps for t in (*_packed_tensors(s.packed), s.bias) if t is not None]
         self._layers = (_Layer * len(steps))(*[_describe(s) for s in steps])
         self._memory = self._where()
         for before, after in zip(steps, steps[1:]):
@@ -381,9 +382,9 @@ class Chain:
                 raise ValueError(f"the layers do not chain: {before.packed.shape} then {after.packed.shape}")
         self.in_features, self.out_features = steps[0].packed.shape[1], steps[-1].packed.shape[0]
 
-    def _where(self) -> tuple:
-        """Each tensor's address and version counter: what the described layers were built from."""
-        return tuple((t.data_ptr(), t._version) if t is not None else None for t in self.tensors)
+    def _where(self) -> tuple[list[int], list[int]]:
+        """The tensors' addresses and version counters: what the described layers were built from."""
+        return list(map(_data_ptr, self.tensors)), list(map(_version, self.tensors))
 
     def _redescribe(self) -> None:
         """Describe every layer again from its tensors as they are now, checking them again (ValueError)."""
@@ -415,6 +416,9 @@ class Chain:
             if rc:
                 raise RuntimeError(f"native sparse kernel: {ERRORS.get(rc, f'error {rc}')}")
         return y
+
+
+_data_ptr, _version = torch.Tensor.data_ptr, operator.attrgetter("_version")
 
 
 def _describe(step: Step) -> _Layer:
