@@ -98,6 +98,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def no_plan_cache(monkeypatch):
+    """sparsify times afresh in every test (and in the commands tests start) unless a test asks for a cache:
+    a plan kept by one test would decide another's, and the user's own cache is not the tests' to write."""
+    monkeypatch.setenv("PRUNET_PLAN_CACHE", "off")
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path) -> dict:
     """A fresh copy of :data:`TINY_RECIPE` writing under ``tmp_path``; edit it freely."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from prunet.layers import find_layers, is_hf_conv1d
 from prunet.sparse import native
 from prunet.sparse.native import Chain, Packed, Step
+from prunet.sparse.plans import PlanCache, layer_entry, model_entry
 
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -505,7 +506,8 @@ def choose(pairs: Sequence[tuple[float, float]], margin: float = 0.9, kernel: st
 
 
 @torch.no_grad()
-def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, margin: float = 0.9) -> nn.Module:
+def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, margin: float = 0.9,
+             cache: bool | str | Path | None = None) -> nn.Module:
     """Give each pruned Linear / Conv2d layer a sparse kernel where it is clearly faster, in place.
 
     One forward pass of ``example_input`` records each layer's input; each layer
@@ -522,6 +524,10 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
     differently alone than between its neighbours), so the result is never slower
     than the dense model. :func:`plan` says what was chosen and why.
 
+    Each decision is kept in this machine's plan cache (:mod:`prunet.sparse.plans`): the same layer
+    (shape, pruning pattern, input) and the same model at the same batch get the same plan on every
+    later run, without timing them again; its reason then ends ``timed on an earlier run``.
+
     Outputs equal the dense model's for finite inputs; a NaN or inf input at a pruned connection
     does not propagate through a sparse layer (it never reads a pruned weight, so NaN * 0 is never
     computed), where the dense model would give NaN.
@@ -531,15 +537,18 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
         example_input: a batch at the model's input size; its batch size is the one optimised for.
         repeats: timed pairs per layer (and for the whole model).
         margin: the fraction of the dense time the sparse layer must clearly beat.
+        cache: the plan cache: default the environment's (``$PRUNET_PLAN_CACHE``, else
+            ``~/.cache/prunet/plans.json``), ``False`` none (time everything), or a file.
 
     Returns:
         The model, in eval mode, its chosen layers replaced: the same object, or where fusing is
         fastest a :class:`SparseSequential` of its children (``model`` itself then runs them unfused).
     """
     model.eval()
+    store, structure = PlanCache.open(cache), repr(model)
     layers = [layer for layer in find_layers(model) if sparse_twin_type(layer.module)]
     inputs = _layer_inputs(model, example_input, [layer.layer for layer in layers])
-    timed = []
+    timed, entries = [], []
     for layer in layers:
         module, seen = layer.module, inputs.get(layer.layer)
         if seen is None or int(torch.count_nonzero(module.weight)) == module.weight.numel():
@@ -547,10 +556,26 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
             continue
         twin = sparse_twin(module)
         x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
-        choice = choose(paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin, twin.kernel)
+        entries.append(layer_entry(module, x, twin.kernel, margin, repeats))
+        choice = _remembered(store, entries[-1], lambda: choose(
+            paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin, twin.kernel))
         module._prunet_plan = twin._prunet_plan = choice.reason
         timed.append((layer, twin, choice))
-    return _settle(model, example_input, timed, repeats) if timed else model
+    if not timed:
+        return model
+    return _settle(model, example_input, timed, repeats, store, model_entry(structure, entries, example_input,
+                                                                            repeats))
+
+
+def _remembered(store: PlanCache | None, what: str, measure: Callable[[], Choice]) -> Choice:
+    """The choice ``store`` keeps for ``what`` (its reason saying so), else ``measure()``, then kept."""
+    kept = store.get(what) if store is not None else None
+    if isinstance(kept, dict) and {"sparse", "ratio", "reason"} <= kept.keys():
+        return Choice(bool(kept["sparse"]), float(kept["ratio"]), f"{kept['reason'][:-1]}; timed on an earlier run)")
+    choice = measure()
+    if store is not None:
+        store.put(what, {"sparse": choice.sparse, "ratio": choice.ratio, "reason": choice.reason})
+    return choice
 
 
 def _layer_inputs(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -571,10 +596,12 @@ def _layer_inputs(model: nn.Module, example_input: torch.Tensor, names: list[str
     return seen
 
 
-def _settle(model: nn.Module, example_input: torch.Tensor, timed: list, repeats: int) -> nn.Module:
+def _settle(model: nn.Module, example_input: torch.Tensor, timed: list, repeats: int, store: PlanCache | None,
+            what: str) -> nn.Module:
     """The whole model against dense, with the layers ``(layer, twin, choice)`` chose alone and fused
     (:func:`_fused`); the faster of those clearly faster than dense (:func:`choose`, margin 1) is put
-    in, or none. Returns the model, or the fused one."""
+    in, or none (each decision as ``store`` keeps it for ``what``, where it does). Returns the model,
+    or the fused one."""
     alone = {layer.layer for layer, _, choice in timed if choice.sparse}
 
     def use(names: set[str]) -> None:
@@ -590,10 +617,11 @@ def _settle(model: nn.Module, example_input: torch.Tensor, timed: list, repeats:
     fused = _fused(model, timed, alone)
     whole = {}
     if alone:
-        whole["alone"] = choose(paired_seconds(run, run, repeats, prepare=chosen_if_sparse), margin=1.0)
+        whole["alone"] = _remembered(store, f"{what}; alone {sorted(alone)}", lambda: choose(
+            paired_seconds(run, run, repeats, prepare=chosen_if_sparse), margin=1.0))
     if fused is not None:
-        whole["fused"] = choose(paired_seconds(run, lambda: fused(example_input), repeats,
-                                               prepare=chosen_if_sparse), margin=1.0)
+        whole["fused"] = _remembered(store, f"{what}; fused {fused.runs}", lambda: choose(
+            paired_seconds(run, lambda: fused(example_input), repeats, prepare=chosen_if_sparse), margin=1.0))
     best = min((k for k, c in whole.items() if c.sparse), key=lambda k: whole[k].ratio, default=None)
     if best == "fused":
         in_runs = _explain_fused(fused, timed, whole["fused"].ratio)

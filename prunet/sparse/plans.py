@@ -1,0 +1,175 @@
+""":func:`prunet.sparse.sparsify`'s decisions, kept per machine: the same model and batch get the same plan on
+every run.
+
+Timings on a shared machine move from run to run, and a layer whose sparse and dense times are close
+can fall on either side of the line. So a decision (sparse or dense, and the timed ratio behind it) is
+measured once and kept: ``sparsify`` times a layer, or the whole model, only where the cache holds no
+entry for it. An entry is keyed by the machine (CPU model, cores, torch's threads, torch's version,
+the native kernel's build, the GPU) and by what was timed (the layer's type and shape, a hash of its
+pruning pattern, the sparse kernel, the input's shape, dtype and device, the margin and repeats; for
+the whole model, its structure and its layers' entries). Anything else, another batch size
+included, is timed afresh.
+
+The file is ``$PRUNET_PLAN_CACHE``, else ``$XDG_CACHE_HOME/prunet/plans.json`` (``~/.cache/prunet/plans.json``).
+``PRUNET_PLAN_CACHE=off``, or ``sparsify(..., cache=False)``, times on every call; deleting the file
+times everything again (after a change to the machine the key cannot see, e.g. its load).
+A cache that cannot be read is ignored and one that cannot be written is not kept (each with a
+warning): plans only take longer to make. The newest :data:`MAX_ENTRIES` entries are kept.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from prunet.sparse import native
+
+ENV = "PRUNET_PLAN_CACHE"
+FORMAT = "prunet-plans"
+MAX_ENTRIES = 2000
+
+
+def default_path() -> Path | None:
+    """The cache file as the environment sets it: ``$PRUNET_PLAN_CACHE`` (None where it is ``off``), else
+    under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    env = os.environ.get(ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("off", "0", "false", "no", "") else Path(env).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "prunet" / "plans.json"
+
+
+class PlanCache:
+    """The decisions of one cache file: :meth:`get` and :meth:`put` by what was timed, on this machine.
+
+    Args:
+        path: the JSON file (created with its folder on the first :meth:`put`).
+
+    Example:
+        >>> import tempfile
+        >>> cache = PlanCache(Path(tempfile.mkdtemp()) / "plans.json")
+        >>> cache.get("layer fc1 ...") is None
+        True
+        >>> cache.put("layer fc1 ...", {"sparse": True, "ratio": 0.4})
+        >>> PlanCache(cache.path).get("layer fc1 ...")["ratio"]
+        0.4
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, dict] | None = None
+
+    @classmethod
+    def open(cls, cache: bool | str | Path | None = None) -> "PlanCache | None":
+        """The cache ``sparsify(cache=...)`` names: None or True the environment's (:func:`default_path`),
+        False none, a path that file."""
+        if cache is False:
+            return None
+        path = default_path() if cache is None or cache is True else Path(cache)
+        return None if path is None else cls(path)
+
+    def get(self, what: str) -> dict | None:
+        """The value kept for ``what`` on this machine, or None."""
+        entry = self._read().get(_key(what))
+        return None if entry is None else entry.get("value")
+
+    def put(self, what: str, value: dict) -> None:
+        """Keep ``value`` for ``what`` on this machine, in the file at once (replaced whole)."""
+        entries = self._read()
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        entries[_key(what)] = {"what": what, "machine": machine(), "measured": stamp, "value": value}
+        newest = sorted(entries.items(), key=lambda kv: kv[1].get("measured", ""))[-MAX_ENTRIES:]
+        self._entries = dict(newest)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as f:
+                json.dump({"format": FORMAT, "entries": self._entries}, f, indent=1)
+            os.replace(f.name, self.path)
+        except OSError as e:
+            if "f" in locals():
+                Path(f.name).unlink(missing_ok=True)
+            warnings.warn(f"the plan cache {self.path} cannot be written ({e}): this plan is not kept "
+                          f"(set {ENV}=off to stop trying)", RuntimeWarning, stacklevel=3)
+
+    def _read(self) -> dict[str, dict]:
+        if self._entries is None:
+            self._entries = {}
+            try:
+                data = json.loads(self.path.read_text())
+                if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"),
+                                                                                            dict)):
+                    raise ValueError(f"not a {FORMAT} file")
+                self._entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                warnings.warn(f"the plan cache {self.path} is unreadable ({e}): timing afresh; it is "
+                              f"rewritten when a plan is kept", RuntimeWarning, stacklevel=4)
+        return self._entries
+
+
+def _key(what: str) -> str:
+    return hashlib.sha256(f"{machine()}\n{what}".encode()).hexdigest()
+
+
+def machine() -> str:
+    """What about this machine and process decides a timing: CPU, cores, threads, torch, the kernel, the GPU."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"cpu {_cpu_model()}; cores {os.cpu_count()}; threads {torch.get_num_threads()}; " \
+           f"torch {torch.__version__}; kernel {_kernel_build()}; gpu {gpu}"
+
+
+@lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "cpu model"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _kernel_build() -> str:
+    """The native library's hash, or why it is not loaded: a rebuilt kernel times afresh."""
+    lib = native.library()
+    return "none" if lib.cdll is None else _file_hash(lib.cdll._name)
+
+
+@lru_cache(maxsize=8)
+def _file_hash(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return path
+
+
+def pattern(weight: torch.Tensor) -> str:
+    """A short hash of which entries of ``weight`` are non-zero (its pruning pattern)."""
+    bits = np.packbits((weight.detach() != 0).flatten().cpu().numpy())
+    return hashlib.sha256(bits.tobytes()).hexdigest()[:16]
+
+
+def layer_entry(module: nn.Module, x: torch.Tensor, kernel: str, margin: float, repeats: int) -> str:
+    """What :func:`~prunet.sparse.sparsify` times for one layer: its decision's key."""
+    w = module.weight
+    return f"layer {type(module).__name__} {tuple(w.shape)} {w.dtype} kept {int(torch.count_nonzero(w))} " \
+           f"pattern {pattern(w)}; input {tuple(x.shape)} {x.dtype} {x.device}; kernel {kernel}; " \
+           f"margin {margin:g}; repeats {repeats}"
+
+
+def model_entry(structure: str, layers: list[str], x: torch.Tensor, repeats: int) -> str:
+    """What :func:`~prunet.sparse.sparsify` times for the whole model: its decision's key."""
+    digest = hashlib.sha256("\n".join([structure, *layers]).encode()).hexdigest()[:16]
+    return f"model {digest}; input {tuple(x.shape)} {x.dtype} {x.device}; repeats {repeats}"
