@@ -212,6 +212,23 @@ class Pruner:
                     M.mask_optimizer_state(opt, t.weight, t.mask)
         return {s.layer: s for s in self.summary()}
 
+    def release(self, layers: Iterable[str] | None = None) -> None:
+        """Give every pruned connection of ``layers`` (default all targets) back: their masks all ones.
+
+        The released weights stay zero until training moves them (nothing is re-initialised), and
+        their optimizer state is the zero the masks left. A :meth:`prune` after it chooses among every
+        weight again, which is how AC/DC's compressed phases start (:meth:`PruningSchedule.acdc`).
+
+        Example:
+            >>> from prunet import Sparsity
+            >>> pruner = Pruner(torch.nn.Linear(10, 10))
+            >>> _ = pruner.prune(Sparsity(0.9))
+            >>> pruner.release(); pruner.compression()
+            1.0
+        """
+        for t in self.select(layers):
+            M.set_mask(t.module, t.attr, torch.ones_like(t.mask, dtype=torch.bool))
+
     def _masks_on_cpu(self, criterion: Criterion, selected: list[Layer]) -> dict[str, torch.Tensor]:
         """The criterion's masks computed on a CPU copy of the model, moved back to each weight's device.
 

@@ -65,12 +65,17 @@ def cubic_sparsity(step: int, initial: float, final: float, begin: int, end: int
 
 @dataclass
 class PruneEvent:
-    """One scheduled prune: before optimizer step ``step`` (0-based), prune ``layers`` with ``criterion``."""
+    """One scheduled prune: before optimizer step ``step`` (0-based), prune ``layers`` with ``criterion``.
+
+    With ``release``, the layers' pruned connections are given back first (:meth:`Pruner.release`),
+    so the criterion chooses among every weight again; a release without a criterion leaves them dense.
+    """
 
     step: int
-    criterion: Criterion
+    criterion: Criterion | None
     layers: list[str] | None
     label: str
+    release: bool = False
 
 
 def gradual_events(begin: int, end: int, every: int, initial: float, final: float,
@@ -86,6 +91,36 @@ def gradual_events(begin: int, end: int, every: int, initial: float, final: floa
         crit = GlobalMagnitude(s) if criterion == "global" else Sparsity(s)
         events.append(PruneEvent(t, crit, None, f"gradual {s:.4f}"))
     return events
+
+
+def acdc_events(begin: int, end: int, phase: int, warmup: int, final: int, sparsity: float,
+                criterion: str = "sparsity") -> list[PruneEvent]:
+    """AC/DC's mask changes (Peste et al. 2021) from step ``begin`` to ``end``: dense for ``warmup`` steps,
+    then compressed and decompressed phases of ``phase`` steps in turn (whole pairs), then a last
+    compressed phase of at least ``final`` steps (the steps no whole pair fills are added to it).
+
+    A compressed phase starts from every weight (the masks released) and keeps the largest
+    ``1 - sparsity`` of them (per layer, or one ``global`` cut); a decompressed phase releases them:
+    the weights pruned in the phase before start again from zero.
+
+    >>> [(e.step, e.label) for e in acdc_events(0, 100, 20, 10, 30, 0.9)]
+    [(0, 'decompressed'), (10, 'compressed 0.9000'), (30, 'decompressed'), (50, 'compressed (final) 0.9000')]
+    """
+    if not (0 <= begin and phase >= 1 and warmup >= 0 and final >= 1 and begin + warmup + final <= end):
+        raise ValueError(f"acdc: needs phase >= 1, final >= 1, warmup >= 0 and warmup + final within the "
+                         f"{end - begin} steps; got phase={phase}, warmup={warmup}, final={final}")
+
+    def compress(step: int, label: str) -> PruneEvent:
+        crit = GlobalMagnitude(sparsity) if criterion == "global" else Sparsity(sparsity)
+        return PruneEvent(step, crit, None, f"{label} {sparsity:.4f}", release=True)
+
+    events = [PruneEvent(begin, None, None, "decompressed", release=True)] if warmup else []
+    start = begin + warmup
+    pairs = (end - final - start) // (2 * phase)  # whole compressed + decompressed pairs; the rest goes to the last
+    for k in range(pairs):
+        events += [compress(start + 2 * k * phase, "compressed"),
+                   PruneEvent(start + (2 * k + 1) * phase, None, None, "decompressed", release=True)]
+    return events + [compress(start + 2 * pairs * phase, "compressed (final)")]
 
 
 class PruningSchedule:
@@ -204,6 +239,28 @@ class PruningSchedule:
         return cls(pruner, gradual_events(start, end, every, initial, 1 - 1 / target, criterion), total_steps=end + 1)
 
     @classmethod
+    def acdc(cls, pruner: Pruner, target: float, steps: int, phase: int, warmup: int = 0, final: int | None = None,
+             criterion: str = "sparsity") -> "PruningSchedule":
+        """AC/DC (alternating compressed / decompressed training, Peste et al. 2021) in your loop.
+
+        Over ``steps`` steps: dense for ``warmup``, then compressed (the largest ``1/target`` of the
+        weights, chosen afresh from all of them) and decompressed (every weight trains) phases of
+        ``phase`` steps in turn, then a last compressed phase of at least ``final`` steps (default
+        ``2 * phase``) that ends sparse. See :func:`acdc_events`.
+
+        Example:
+            >>> pruner = Pruner(torch.nn.Linear(100, 10))
+            >>> schedule = PruningSchedule.acdc(pruner, target=10, steps=100, phase=20)
+            >>> [(e.step, e.label) for e in schedule.events]
+            [(0, 'compressed 0.9000'), (20, 'decompressed'), (40, 'compressed (final) 0.9000')]
+        """
+        if not (math.isfinite(target) and target >= 1) or criterion not in ("sparsity", "global"):
+            raise ValueError(f"acdc: target must be a compression >= 1 and criterion sparsity or global; got "
+                             f"target={target}, criterion={criterion!r}")
+        final = 2 * phase if final is None else final
+        return cls(pruner, acdc_events(0, steps, phase, warmup, final, 1 - 1 / target, criterion), total_steps=steps)
+
+    @classmethod
     def ladder(cls, pruner: Pruner, target: float, steps_per_round: int,
                quality: float | dict[str, float] = 1.0, step: float = LADDER_STEP) -> "PruningSchedule":
         """The paper's iterative pruning in your loop: a round every ``steps_per_round`` steps, each the σ rule
@@ -247,7 +304,10 @@ class PruningSchedule:
         fired = []
         while self._next < len(self.events) and self.events[self._next].step <= step:
             event = self.events[self._next]
-            self.pruner.prune(event.criterion, layers=event.layers, optimizer=optimizer)
+            if event.release:
+                self.pruner.release(event.layers)
+            if event.criterion is not None:
+                self.pruner.prune(event.criterion, layers=event.layers, optimizer=optimizer)
             fired.append(event)
             self._next += 1
         return fired

@@ -220,3 +220,75 @@ def test_gradual_and_ladder_schedules_without_a_recipe_reach_their_target_in_a_u
             assert not bool((dict(model.named_parameters())[name][mask == 0] != 0).any())
     with pytest.raises(ValueError, match="target: a compression >= 1"):
         PruningSchedule.gradual(Pruner(create_model("lenet_300_100")), target=0.5, start=0, end=10)
+
+
+def test_acdc_alternates_sparse_and_dense_phases_and_ends_at_its_target():
+    """AC/DC in a user's loop: a compressed phase chooses afresh among every weight (a weight pruned in one
+    compressed phase can be kept in the next), a decompressed phase trains every weight, the end is sparse."""
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = PruningSchedule.acdc(pruner, target=10, steps=40, phase=8)  # C 0-8, D 8-16, C 16-24, D 24-32, C 32-
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fc1 = model.fc1.weight
+    masks, compressions, regrown = {}, {}, 0
+    for i in range(schedule.total_steps):
+        schedule.step(optimizer)
+        compressions[i] = pruner.compression()
+        if i in (0, 16, 32):
+            masks[i] = model.fc1.weight_prunet_mask.clone()
+        if i == 15:  # the end of the first decompressed phase: weights pruned at step 0 have moved
+            regrown = int(torch.count_nonzero(fc1.detach()[masks[0] == 0]))
+            pruned_at_0 = (masks[0] == 0).nonzero()[0].tolist()
+            with torch.no_grad():
+                fc1[tuple(pruned_at_0)] = 10.0  # as if training had made it large
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert compressions[0] == pytest.approx(10, rel=0.02) and compressions[8] == compressions[15] == 1.0
+    assert compressions[39] == pytest.approx(10, rel=0.02) and regrown > 0
+    assert masks[16][tuple(pruned_at_0)] == 1  # kept now, pruned in the first compressed phase
+    for name, mask in pruner.masks.items():
+        assert not bool((dict(model.named_parameters())[name][mask == 0] != 0).any())
+
+
+def test_an_acdc_schedule_resumes_to_the_same_masks():
+    def run(stop: int | None):
+        torch.manual_seed(0)
+        model = create_model("lenet_300_100")
+        pruner = Pruner(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        schedule = PruningSchedule.acdc(pruner, target=5, steps=24, phase=4, warmup=2, criterion="global")
+        g = torch.Generator().manual_seed(1)
+        for i in range(schedule.total_steps):
+            if i == stop:  # a checkpoint: the model's state (masks in it) and the schedule's
+                state, where = copy.deepcopy(model.state_dict()), schedule.state_dict()
+                model = create_model("lenet_300_100")
+                pruner = Pruner(model)
+                model.load_state_dict(state)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+                schedule = PruningSchedule.acdc(pruner, target=5, steps=24, phase=4, warmup=2, criterion="global")
+                schedule.load_state_dict(where)
+            schedule.step(optimizer)
+            x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return pruner.masks
+
+    whole = run(None)
+    for stop in (8, 13):  # inside the decompressed phase, inside the last compressed one
+        resumed = run(stop)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target": 0.5, "steps": 10, "phase": 2}, "target"),
+    ({"target": 10, "steps": 10, "phase": 0}, "phase >= 1"),
+    ({"target": 10, "steps": 10, "phase": 2, "warmup": 9}, "within the 10 steps"),
+    ({"target": 10, "steps": 10, "phase": 2, "criterion": "threshold"}, "criterion"),
+])
+def test_acdc_errors_say_what_is_wrong(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruningSchedule.acdc(Pruner(create_model("lenet_300_100")), **kwargs)
