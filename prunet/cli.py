@@ -107,8 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.target is not None:
         recipe = recipe.target_ladder(args.target)
         print(f"target {args.target:g}x: rounds to " + ", ".join(f"{r.target:g}x" for r in recipe.prune.rounds))
-    if not recipe.prune.rounds and recipe.prune.gradual is None:
-        raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual); use 'prunet train' for dense "
+    if not recipe.prune.rounds and recipe.prune.gradual is None and recipe.prune.acdc is None:
+        raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual, prune.acdc); use 'prunet train' for dense "
                          f"training only, or --target N to prune to N times fewer weights")
     if args.from_checkpoint and not Path(args.from_checkpoint).is_file():
         raise UsageError(f"--from: checkpoint {args.from_checkpoint} does not exist")

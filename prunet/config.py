@@ -351,11 +351,64 @@ class GradualConfig:
 
 
 @dataclass
+class AcdcConfig:
+    """AC/DC, alternating compressed / decompressed training (Peste et al. 2021).
+
+    After ``warmup_epochs`` dense, phases of ``phase_epochs`` alternate: compressed (the largest
+    ``1/target`` of the weights kept, chosen afresh among all of them) and decompressed (every
+    weight trains; the pruned ones from zero). A last compressed phase of at least
+    ``final_epochs`` fine-tunes the sparse model; the best epoch is chosen within it.
+    """
+
+    target: Optional[float] = None
+    """The compression at the end (weights / kept)."""
+    epochs: int = 24
+    """Epochs of the whole phase."""
+    phase_epochs: int = 3
+    """Epochs of each compressed and each decompressed phase."""
+    warmup_epochs: int = 0
+    """Dense epochs first (0 from a trained dense model)."""
+    final_epochs: Optional[int] = None
+    """The last compressed phase, at least; None: a quarter of ``epochs``, and at least two phases."""
+    criterion: str = "global"
+    """``global`` (one magnitude cut over every layer) or ``sparsity`` (each layer to the same sparsity)."""
+    lr_fraction: Optional[float] = None
+    """Learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - 1.0 / self.target
+
+    @property
+    def final(self) -> int:
+        """Epochs of the last compressed phase, at least."""
+        return self.final_epochs if self.final_epochs is not None else max(2 * self.phase_epochs, self.epochs // 4)
+
+    def validate(self, where: str) -> None:
+        if self.target is None:
+            raise ConfigError(f"{where}.target: required (the compression at the end)")
+        _range(where + ".target", self.target, 1.0, None)
+        _range(where + ".epochs", self.epochs, 1, None)
+        _range(where + ".phase_epochs", self.phase_epochs, 1, None)
+        _range(where + ".warmup_epochs", self.warmup_epochs, 0, None)
+        if self.final_epochs is not None:
+            _range(where + ".final_epochs", self.final_epochs, 1, None)
+        if self.warmup_epochs + self.final > self.epochs:
+            raise ConfigError(f"{where}: warmup_epochs + final_epochs ({self.warmup_epochs} + {self.final}) exceed "
+                              f"epochs ({self.epochs})")
+        _choice(where + ".criterion", self.criterion, ("sparsity", "global"))
+        if self.lr_fraction is not None:
+            _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
+
+
+@dataclass
 class PruneConfig:
     rounds: list[RoundConfig] = field(default_factory=list)
     """Prune -> retrain rounds, in order (iterative pruning)."""
     gradual: Optional[GradualConfig] = None
     """Instead of rounds: one phase of gradual magnitude pruning (Zhu & Gupta's cubic schedule)."""
+    acdc: Optional[AcdcConfig] = None
+    """Instead of rounds: one phase of AC/DC (alternating compressed and decompressed training)."""
     lr_fraction: float = 1.0
     """Retraining learning rate as a fraction of ``train.lr``. The default 1 rewinds every round to the dense
     rate (and its schedule): in RESULTS.md it beat the paper's 1/10 (LeNets; 1/100 for AlexNet) by 0.6-1.0
@@ -386,10 +439,13 @@ class PruneConfig:
     def validate(self, where: str) -> None:
         for i, r in enumerate(self.rounds):
             r.validate(f"{where}.rounds[{i}]")
+        given = [k for k, v in (("rounds", self.rounds), ("gradual", self.gradual), ("acdc", self.acdc)) if v]
+        if len(given) > 1:
+            raise ConfigError(f"{where}: give one of rounds, gradual and acdc, not {' and '.join(given)}")
         if self.gradual is not None:
-            if self.rounds:
-                raise ConfigError(f"{where}: give rounds or gradual, not both")
             self.gradual.validate(where + ".gradual")
+        if self.acdc is not None:
+            self.acdc.validate(where + ".acdc")
         _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
         _choice(where + ".lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.regularization is not None:
@@ -540,7 +596,7 @@ class Recipe:
         relative qualities (unless ``prune.relative_from_sensitivity`` gives them; a
         mapping leaves the layers it does not name unpruned), epochs and learning rate
         from the recipe's first round; every round retrains all layers. A gradual
-        phase is replaced too.
+        or AC/DC phase is replaced too.
 
         Raises:
             ConfigError: ``target`` below 1, or a first round whose criterion cannot take a target.
@@ -555,7 +611,8 @@ class Recipe:
                                        quality=first.quality if keep_quality else None,
                                        prune=["all"], train=["all"])
         rounds = [dataclasses.replace(template, target=t) for t in ladder_targets(target, step)]
-        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds, gradual=None))
+        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds, gradual=None,
+                                                                     acdc=None))
         recipe.validate()
         return recipe
 

@@ -1,5 +1,5 @@
-"""The phases of a run, each a function of a :class:`RunContext`: dense, round, gradual, final, neurons, compact,
-quantize, report.
+"""The phases of a run, each a function of a :class:`RunContext`: dense, round, gradual, acdc, final, neurons,
+compact, quantize, report.
 
 A phase does its work and returns a :class:`PhaseResult`; it knows nothing of resume points,
 ranks or the stop rule. :func:`phases_for` lists a recipe's phases; the one driver that runs
@@ -28,7 +28,7 @@ from prunet.analysis.report import write_report
 from prunet.analysis.sensitivity import propose_qualities, sensitivity
 from prunet.checkpoint import CheckpointError, model_from_state, read_checkpoint
 from prunet.checks import split_identity
-from prunet.config import ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
+from prunet.config import AcdcConfig, ConfigError, GradualConfig, Recipe, RoundConfig, recipe_from_dict
 from prunet.data import DatasetSplits, first_batch, loader_batches
 from prunet.devices import model_device
 from prunet.distributed import Ranks, broadcast_object, gather_objects, mask_digest
@@ -187,11 +187,14 @@ def phases_for(recipe: Recipe) -> list[Phase]:
     """A recipe's run as a list of phases, in order."""
     phases = [Phase("dense", dense, resumable=True)]
     p = recipe.prune
-    if not p.rounds and p.gradual is None:
+    if not p.rounds and p.gradual is None and p.acdc is None:
         return phases + [Phase("summary", dense_summary, main_only=True)]
     if p.gradual is not None:
         phases.append(Phase("gradual", functools.partial(gradual, g=p.gradual), resumable=True, prunes=True,
                             what={"round": 1, "criterion": "gradual", "setting": p.gradual.sparsity}))
+    if p.acdc is not None:
+        phases.append(Phase("acdc", functools.partial(acdc, a=p.acdc), resumable=True, prunes=True,
+                            what={"round": 1, "criterion": "acdc", "setting": p.acdc.sparsity}))
     for i, rnd in enumerate(p.rounds, start=1):
         phases.append(Phase(f"round{i}", functools.partial(prune_round, i=i, rnd=rnd), resumable=True, prunes=True,
                             what={"round": i, "criterion": rnd.criterion, "setting": rnd.setting}))
@@ -393,6 +396,31 @@ def gradual(ctx: RunContext, g: GradualConfig) -> PhaseResult:
         "round": 1, "criterion": f"gradual {g.criterion}", "setting": g.sparsity, "target": g.target,
         "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,
         **_outcome(ctx, pruner, "gradual", start),
+    })
+
+
+def acdc(ctx: RunContext, a: AcdcConfig) -> PhaseResult:
+    """AC/DC: compressed and decompressed phases in turn, then the last compressed one, whose best epoch is kept."""
+    start = time.perf_counter()
+    recipe = ctx.recipe
+    pruner, _ = ctx.pruning()
+    cfg = recipe.retrain_config(a.epochs, a.lr_fraction)
+    steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
+    resumed = ctx.state.resume_fit("acdc")
+    if resumed:
+        schedule.skip_to(resumed["epoch"] * steps)  # the checkpoint holds their masks: releasing again would differ
+    ctx.state.open_round = {"round": 1}
+    last = schedule.events[-1].step // steps
+    ctx.log(f"acdc: {a.warmup_epochs} dense epochs, then compressed / decompressed phases of {a.phase_epochs} "
+            f"epochs, compressed from epoch {last + 1} of {a.epochs}, to sparsity {a.sparsity:.4f} ({a.criterion}), "
+            f"lr {cfg.lr:.3g}")
+    ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase="acdc", pruner=pruner, on_step=schedule.advance_to,
+            choose_after=last)
+    return PhaseResult(round={
+        "round": 1, "criterion": f"acdc {a.criterion}", "setting": a.sparsity, "target": a.target,
+        "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,
+        **_outcome(ctx, pruner, "acdc", start),
     })
 
 

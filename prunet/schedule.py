@@ -177,10 +177,11 @@ class PruningSchedule:
     @classmethod
     def from_recipe(cls, recipe: Recipe, pruner: Pruner, steps_per_epoch: int, dense: bool = True,
                     lr: bool = False) -> "PruningSchedule":
-        """The schedule of ``recipe``: its dense epochs (unless ``dense`` is False), then its rounds or gradual phase.
+        """The schedule of ``recipe``: its dense epochs (unless ``dense`` is False), then its rounds, gradual or
+        AC/DC phase.
 
         Args:
-            recipe: a validated recipe with ``prune.rounds`` or ``prune.gradual``.
+            recipe: a validated recipe with ``prune.rounds``, ``prune.gradual`` or ``prune.acdc``.
             pruner: the model's pruner.
             steps_per_epoch: optimizer steps in one epoch of the user's loop.
             dense: include the recipe's dense training (False: the model is trained already).
@@ -204,6 +205,14 @@ class PruningSchedule:
                                      gradual.criterion)
             phases.append((epoch, cfg))
             epoch += gradual.epochs
+        acdc = recipe.prune.acdc
+        if acdc is not None:
+            begin = epoch * steps_per_epoch
+            events += acdc_events(begin, begin + acdc.epochs * steps_per_epoch, acdc.phase_epochs * steps_per_epoch,
+                                  acdc.warmup_epochs * steps_per_epoch, acdc.final * steps_per_epoch, acdc.sparsity,
+                                  acdc.criterion)
+            phases.append((epoch, recipe.retrain_config(acdc.epochs, acdc.lr_fraction)))
+            epoch += acdc.epochs
         for i, rnd in enumerate(recipe.prune.rounds, start=1):
             events.append(PruneEvent(epoch * steps_per_epoch, rnd.make_criterion(), rnd.prune, f"round {i}"))
             phases.append((epoch, recipe.retrain_config(rnd.epochs, rnd.lr_fraction)))
@@ -311,6 +320,12 @@ class PruningSchedule:
             fired.append(event)
             self._next += 1
         return fired
+
+    def skip_to(self, step: int) -> None:
+        """Count every event due at or before ``step`` as applied without applying it: the model (a resumed
+        checkpoint) already holds the masks they made. A schedule that releases masks must not replay them."""
+        while self._next < len(self.events) and self.events[self._next].step <= step:
+            self._next += 1
 
     def state_dict(self) -> dict[str, int]:
         """Where the schedule is, to save with a checkpoint."""

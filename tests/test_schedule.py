@@ -151,7 +151,7 @@ def test_a_schedule_resumes_from_its_state_dict():
 def test_gradual_recipe_errors_name_the_field(gradual, match):
     with pytest.raises(ConfigError, match=match):
         recipe_from_dict({"prune": {"gradual": gradual}})
-    with pytest.raises(ConfigError, match="rounds or gradual"):
+    with pytest.raises(ConfigError, match="one of rounds, gradual and acdc"):
         recipe_from_dict({"prune": {"gradual": {"target": 10}, "rounds": [{"quality": 1.0}]}})
 
 
@@ -292,3 +292,45 @@ def test_an_acdc_schedule_resumes_to_the_same_masks():
 def test_acdc_errors_say_what_is_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PruningSchedule.acdc(Pruner(create_model("lenet_300_100")), **kwargs)
+
+
+ACDC = copy.deepcopy(TINY_RECIPE)
+ACDC["threads"] = 1
+ACDC["prune"] = {"lr_fraction": 0.5, "acdc": {"target": 20, "epochs": 6, "phase_epochs": 2, "final_epochs": 2}}
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.parametrize("dies_at", [6, 7])  # saving the resume point of AC/DC's epoch 3, or of epoch 4
+def test_an_acdc_run_lands_on_its_target_and_resumes_across_its_phases_to_the_same_bits(
+        fast_data, tmp_path, monkeypatch, dies_at):
+    whole = run(recipe_from_dict(copy.deepcopy(ACDC)), run_dir=tmp_path / "whole", log=lambda line: None)
+    assert whole["compression"] == pytest.approx(20, rel=0.01) and whole["rounds"][0]["criterion"] == "acdc global"
+    epochs = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    chosen = [e for e in epochs if e.get("event") == "epoch" and e.get("phase") == "acdc"]
+    assert len(chosen) == 6
+
+    real, calls = torch.save, {"n": 0}
+
+    def dying(obj, f, *args, **kwargs):  # saves: dense (3), then one per AC/DC epoch
+        calls["n"] += 1  # resumed after epoch 2 (the masks just released) or 3 (dense weights, mid-phase)
+        if calls["n"] == dies_at:
+            raise KeyboardInterrupt
+        return real(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "save", dying)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe_from_dict(copy.deepcopy(ACDC)), run_dir=tmp_path / "stopped", log=lambda line: None)
+    resumed = resume(tmp_path / "stopped", log=lambda line: None)
+    assert resumed["weights_kept"] == whole["weights_kept"]
+    a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])
+    b = json.loads((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_acdc_recipe_errors_name_the_field():
+    for acdc, match in [({"epochs": 4}, "acdc.target: required"), ({"target": 10, "epochs": 4, "final_epochs": 5},
+                                                                     "exceed epochs"),
+                        ({"target": 10, "criterion": "threshold"}, "acdc.criterion")]:
+        with pytest.raises(ConfigError, match=match):
+            recipe_from_dict({"prune": {"acdc": acdc}})
