@@ -128,3 +128,17 @@ def test_threads_are_part_of_the_machine(cache_file, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert timings.calls >= 2
+
+
+def test_an_entry_edited_into_nonsense_is_timed_again(cache_file, monkeypatch):
+    x = torch.randn(1, 64)
+    monkeypatch.setattr(modules, "paired_seconds", Timings(0.3))
+    sparsify(mlp(), x)
+    data = json.loads(cache_file.read_text())
+    for entry in data["entries"].values():
+        entry["value"] = {"sparse": "yes", "ratio": None, "reason": 3}
+    cache_file.write_text(json.dumps(data))
+    timings = Timings(2.0)
+    monkeypatch.setattr(modules, "paired_seconds", timings)
+    chosen = sparsify(mlp(), x)
+    assert timings.calls >= 2 and set(paths(chosen).values()) == {"dense"}

@@ -570,8 +570,9 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
 def _remembered(store: PlanCache | None, what: str, measure: Callable[[], Choice]) -> Choice:
     """The choice ``store`` keeps for ``what`` (its reason saying so), else ``measure()``, then kept."""
     kept = store.get(what) if store is not None else None
-    if isinstance(kept, dict) and {"sparse", "ratio", "reason"} <= kept.keys():
-        return Choice(bool(kept["sparse"]), float(kept["ratio"]), f"{kept['reason'][:-1]}; timed on an earlier run)")
+    if isinstance(kept, dict) and isinstance(kept.get("sparse"), bool) and isinstance(kept.get("ratio"), float) \
+            and isinstance(kept.get("reason"), str) and kept["reason"].endswith(")"):  # else: an entry edited by hand
+        return Choice(kept["sparse"], kept["ratio"], f"{kept['reason'][:-1]}; timed on an earlier run)")
     choice = measure()
     if store is not None:
         store.put(what, {"sparse": choice.sparse, "ratio": choice.ratio, "reason": choice.reason})
