@@ -346,14 +346,78 @@ def lm_section(source: Path) -> list[str]:
 
 def write_lm_section(path: Path, source: Path) -> None:
     """Replace RESULTS.md's language-model section (between its markers), or add it at the end."""
-    section = "\n".join(lm_section(source)).rstrip() + "\n"
+    write_section(path, lm_section(source), LM_START, LM_END)
+    print(f"wrote {path} (its language-model section, from {source.relative_to(ROOT)})")
+
+
+def write_section(path: Path, lines: list[str], start: str, end: str) -> None:
+    """Replace the part of ``path`` between the markers ``start`` and ``end`` by ``lines``, or add them at the end."""
+    section = "\n".join(lines).rstrip() + "\n"
     text = path.read_text() if path.is_file() else "# Results\n"
-    if LM_START in text and LM_END in text:
-        text = text[:text.index(LM_START)] + section.rstrip("\n") + text[text.index(LM_END) + len(LM_END):]
+    if start in text and end in text:
+        text = text[:text.index(start)] + section.rstrip("\n") + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
-    print(f"wrote {path} (its language-model section, from {source.relative_to(ROOT)})")
+
+
+FRONTIER_START, FRONTIER_END = "<!-- bench_frontier: start -->", "<!-- bench_frontier: end -->"
+FRONTIER_METHODS = {
+    "prunet": "the paper's ladder (TargetThreshold, 4, 8, 12, 25, 50, 100, 200x), each step retrained",
+    "torch-global-l1": "torch.nn.utils.prune.global_unstructured (L1) along the same ladder, retrained alike",
+    "gmp-global": "gradual magnitude pruning (cubic, one global cut every 50 steps over 3/4 of the epochs), "
+                  "a run per compression with the ladder's epochs to it",
+    "acdc-global": "AC/DC (PruningSchedule.acdc: compressed phases of one global cut chosen afresh among every "
+                   "weight, decompressed phases in which every weight trains, the last compressed phase at least a "
+                   "quarter of the epochs), a run per compression with the ladder's epochs to it",
+}
+PRUNET_METHODS = ("prunet", "acdc-global")  # what prunet offers; the best of them on validation is its pick
+BASELINES = ("torch-global-l1", "gmp-global")
+FRONTIER_DENSE = {"lenet_300_100": 0.5, "lenet_5": 0.3}  # issue 20: points of dense that 50x may cost
+
+
+def frontier_results() -> Path | None:
+    """The newer of ``bench_frontier.json`` and ``bench_frontier_quick.json``, or None."""
+    found = [f for f in (RESULTS / "bench_frontier.json", RESULTS / "bench_frontier_quick.json") if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
+
+
+def frontier_section(source: Path) -> list[str]:
+    """25x to 200x: every method's test accuracy; prunet's pick (best on validation) against the baselines."""
+    data = json.loads(source.read_text())
+    out = [FRONTIER_START, "", "## Where methods diverge: 25× to 200×", "",
+           f"`{data['command']}` (`{source.relative_to(ROOT)}`{', a quick run: its numbers mean nothing' if data['quick'] else ''}; "
+           f"{data['seconds'] / 60:.0f} min, {data['machine']['threads']} threads). The loop, data and split of the "
+           "section above; every method from the same dense model of its seed; GMP and AC/DC get, at each "
+           "compression, the epochs the ladder spends to reach it. Test accuracy, % (mean ± std over seeds); "
+           "prunet's pick at each compression is its method best on validation (mean over seeds).", ""]
+    for m in data["models"]:
+        s, n, cs = m["summary"], len(m["seeds"]), m["reported"]
+        rows = {k: {p["target"]: p for p in v["points"]} for k, v in s["methods"].items()}
+        out += [f"### {NAMES.get(m['model'], m['model'])} ({n} seed{'s' if n > 1 else ''}): dense test "
+                f"{s['dense_test_mean']:.2f}%, validation {s['dense_val_mean']:.2f}%", "",
+                "| method | " + " | ".join(f"{c:g}×" for c in cs) + " | wall time |", "| --- |" + " ---: |" * (len(cs) + 1)]
+        for method, by_c in rows.items():
+            cells = [fmt(by_c[c]["test_mean"], by_c[c]["test_std"], n) if c in by_c else "–" for c in cs]
+            out.append(f"| `{method}` | " + " | ".join(cells) + f" | {s['methods'][method]['seconds'] / 60:.1f} min |")
+        out.append("")
+        for c in cs:
+            pick = max((k for k in PRUNET_METHODS if c in rows.get(k, {})), key=lambda k: rows[k][c]["val_mean"])
+            best = max((k for k in BASELINES if c in rows.get(k, {})), key=lambda k: rows[k][c]["test_mean"])
+            lead = rows[pick][c]["test_mean"] - rows[best][c]["test_mean"]
+            goal = 0.5 if c >= 100 else 0.0
+            out.append(f"- {c:g}×: prunet's pick `{pick}` {rows[pick][c]['test_mean']:.2f}% against the best baseline "
+                       f"`{best}` {rows[best][c]['test_mean']:.2f}%: {lead:+.2f} points; target "
+                       f"{'≥ +0.5' if goal else 'not below'}: **{'met' if lead >= goal else 'missed'}**.")
+        if 50.0 in cs and m["model"] in FRONTIER_DENSE:
+            pick = max((k for k in PRUNET_METHODS if 50.0 in rows.get(k, {})), key=lambda k: rows[k][50.0]["val_mean"])
+            loss = s["dense_test_mean"] - rows[pick][50.0]["test_mean"]
+            limit = FRONTIER_DENSE[m["model"]]
+            out.append(f"- 50× within {limit} points of dense: **{'met' if loss <= limit else 'missed'}** "
+                       f"(`{pick}` {-loss:+.2f} points).")
+        out.append("")
+    out += ["Methods:", ""] + [f"- `{k}`: {v}." for k, v in FRONTIER_METHODS.items()] + ["", FRONTIER_END, ""]
+    return out
 
 
 def main(argv=None) -> int:
@@ -362,8 +426,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     found = [f for f in (RESULTS / "bench_reproduce.json", RESULTS / "bench_reproduce_quick.json") if f.is_file()]
     if not found:
-        if lm_results() is not None:  # bench_lm.py alone: its section of RESULTS.md, the rest left as it is
-            write_lm_section(args.out, lm_results())
+        if lm_results() is not None or frontier_results() is not None:  # those alone: their sections, the rest kept
+            if frontier_results() is not None:
+                write_section(args.out, frontier_section(frontier_results()), FRONTIER_START, FRONTIER_END)
+                print(f"wrote {args.out} (its 25x-200x section, from {frontier_results().relative_to(ROOT)})")
+            if lm_results() is not None:
+                write_lm_section(args.out, lm_results())
             return 0
         print(f"no {RESULTS / 'bench_reproduce.json'}: run 'make bench' (or 'make bench-quick') first", file=sys.stderr)
         return 2
@@ -391,6 +459,7 @@ def main(argv=None) -> int:
         "moves by about ±0.3 points from noise alone: read differences below that as ties.", "",
         *reproduce_section(data),
         *options_section(data),
+        *(frontier_section(frontier_results()) if frontier_results() is not None else []),
         "## The paper's per-layer rates", "",
         *paper_tables(),
     ]

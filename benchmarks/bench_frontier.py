@@ -1,0 +1,186 @@
+"""Where pruning methods diverge: 25x to 200x (96-99.5% sparsity), every method from the same dense models.
+
+Run with ``python benchmarks/bench_frontier.py`` (LeNet-300-100 with 3 seeds, about 35 minutes on 2
+cores; LeNet-5 with 2 seeds, about 80 more: ``--models lenet_300_100 lenet_5``; ``--quick``: one
+seed of LeNet-300-100 on 15,000 images up to 50x, a few minutes, numbers meaningless). The data,
+split, loop, optimizer, batch and learning rate are ``bench_reproduce.py``'s (Fashion-MNIST,
+5,000 validation images that choose every epoch kept, test only reported). Per seed one dense model;
+from it:
+
+* ``prunet``: the paper's ladder (``TargetThreshold``: quality × σ of the survivors, the last layer at
+  half the others' relative quality), 4, 8, 12, 25, 50, 100, 200x, each step retrained;
+* ``torch-global-l1``: ``torch.nn.utils.prune.global_unstructured`` (L1) along the same ladder;
+* ``gmp-global``: gradual magnitude pruning (Zhu & Gupta's cubic schedule, one global cut every 50
+  steps over 3/4 of the epochs), a run of its own per compression;
+* ``acdc-global``: AC/DC (``PruningSchedule.acdc``: compressed phases of one global magnitude cut chosen
+  afresh among every weight, decompressed phases in which every weight trains, a last compressed phase
+  of at least a quarter of the epochs), a run of its own per compression.
+
+Each per-compression run gets the epochs the ladder spends to reach that compression, so every
+method has the same budget at every point. Results go to ``benchmarks/results/bench_frontier.json``
+(``--quick``: ``bench_frontier_quick.json``); ``python benchmarks/make_results.py`` puts them in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as tprune
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_reproduce as base  # noqa: E402
+
+from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
+from prunet.data import Split, load_dataset, num_batches  # noqa: E402
+from prunet.schedule import PruningSchedule, acdc_events, gradual_events  # noqa: E402
+from prunet.train import FitOptions, Normalization, fit  # noqa: E402
+
+LADDER = (4.0, 8.0, 12.0, 25.0, 50.0, 100.0, 200.0)
+REPORTED = (25.0, 50.0, 100.0, 200.0)
+METHODS = ("prunet", "torch-global-l1", "gmp-global", "acdc-global")
+FULL = {
+    "lenet_300_100": {**base.FULL["lenet_300_100"], "seeds": [0, 1, 2]},
+    "lenet_5": {**base.FULL["lenet_5"], "seeds": [0, 1]},
+}
+QUICK = {"lenet_300_100": {**base.QUICK["lenet_300_100"], "ladder": (4.0, 8.0, 12.0, 25.0, 50.0),
+                           "reported": (25.0, 50.0)}}
+
+
+def epochs_to(c: float, spec: dict) -> int:
+    """The epochs the ladder spends to reach compression ``c``: every budget of a per-compression run."""
+    return (spec.get("ladder", LADDER).index(c) + 1) * spec["epochs"]
+
+
+def ladders(model: nn.Module, data, norm, spec: dict, seed: int, log, method: str) -> list[dict]:
+    """The paper's ladder (``prunet``) or torch's global L1 along it, a point at each reported compression."""
+    ladder, reported = spec.get("ladder", LADDER), spec.get("reported", REPORTED)
+    pruner = Pruner(model) if method == "prunet" else None
+    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    total = sum(m.weight.numel() for m, _ in params)
+    points = []
+    for i, c in enumerate(ladder, start=1):
+        if pruner is not None:
+            pruner.prune(TargetThreshold(c, spec["relative"]))
+        else:
+            _, kept = base.kept_fraction(model)
+            tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=kept - round(total / c))
+        fit(model, data.train, data.val, base.train_cfg(spec["epochs"]), norm, FitOptions(
+            batch_size=base.BATCH, seed=seed + i, pruner=pruner, phase=f"{method} {c:g}x"))
+        if c in reported:
+            points.append(base.point(model, data, norm, c, log, method))
+    return points
+
+
+def scheduled(dense_state: dict, name: str, data, norm, spec: dict, seed: int, log, method: str) -> list[dict]:
+    """GMP or AC/DC from the dense model, one run per reported compression, each with the ladder's epochs."""
+    steps = num_batches(len(data.train), base.BATCH)
+    points = []
+    for c in spec.get("reported", REPORTED):
+        model = create_model(name)
+        model.load_state_dict(dense_state)
+        pruner = Pruner(model)
+        epochs = epochs_to(c, spec)
+        if method == "gmp-global":
+            events = gradual_events(0, round(0.75 * epochs * steps), 50, 0.0, 1 - 1 / c, "global")
+            after = math.ceil(0.75 * epochs)
+        else:
+            phase = max(1, epochs // 8)
+            final = max(2 * phase, epochs // 4)
+            events = acdc_events(0, epochs * steps, phase * steps, 0, final * steps, 1 - 1 / c, "global")
+            after = events[-1].step // steps
+        schedule = PruningSchedule(pruner, events)
+        fit(model, data.train, data.val, base.train_cfg(epochs), norm, FitOptions(
+            batch_size=base.BATCH, seed=seed + 100, pruner=pruner, on_step=schedule.advance_to,
+            choose_after=after, phase=f"{method} {c:g}x"))
+        points.append({**base.point(model, data, norm, c, log, method), "epochs": epochs})
+    return points
+
+
+def run_model(name: str, spec: dict, log) -> dict:
+    data = load_dataset("fashion-mnist", val_size=5000, seed=0)
+    if spec.get("train_subset"):
+        data.train = Split(data.train.images[: spec["train_subset"]], data.train.labels[: spec["train_subset"]])
+    norm = Normalization(data.mean, data.std)
+    seeds = []
+    for seed in spec["seeds"]:
+        torch.manual_seed(seed)
+        dense_model = create_model(name)
+        t = time.perf_counter()
+        fit(dense_model, data.train, data.val, base.train_cfg(spec["dense_epochs"]), norm, FitOptions(
+            batch_size=base.BATCH, seed=seed, phase="dense"))
+        dense = {**base.accuracies(dense_model, data, norm), "seconds": time.perf_counter() - t}
+        log(f"{name} seed {seed}: dense val {dense['val_acc']:.2f}  test {dense['test_acc']:.2f}")
+        state = copy.deepcopy(dense_model.state_dict())
+        result = {"seed": seed, "dense": dense, "methods": {}}
+        for method in METHODS:
+            t = time.perf_counter()
+            if method in ("prunet", "torch-global-l1"):
+                model = create_model(name)
+                model.load_state_dict(state)
+                points = ladders(model, data, norm, spec, seed, log, method)
+            else:
+                points = scheduled(state, name, data, norm, spec, seed, log, method)
+            result["methods"][method] = {"points": points, "seconds": time.perf_counter() - t}
+        seeds.append(result)
+    return {"model": name, "spec": {k: v for k, v in spec.items() if k not in ("ladder", "reported")},
+            "reported": list(spec.get("reported", REPORTED)), "seeds": seeds, "summary": summarise(seeds)}
+
+
+def summarise(seeds: list[dict]) -> dict:
+    """Per method and compression: test and validation accuracy, mean and std over seeds; dense's means."""
+    out = {"dense_test_mean": statistics.mean(s["dense"]["test_acc"] for s in seeds),
+           "dense_val_mean": statistics.mean(s["dense"]["val_acc"] for s in seeds), "methods": {}}
+    for method in METHODS:
+        rows = []
+        for k, p in enumerate(seeds[0]["methods"][method]["points"]):
+            test = [s["methods"][method]["points"][k]["test_acc"] for s in seeds]
+            val = [s["methods"][method]["points"][k]["val_acc"] for s in seeds]
+            rows.append({"target": p["target"], "test_mean": statistics.mean(test),
+                         "test_std": statistics.stdev(test) if len(test) > 1 else 0.0, "val_mean": statistics.mean(val),
+                         "compression_mean": statistics.mean(s["methods"][method]["points"][k]["compression"]
+                                                             for s in seeds)})
+        out["methods"][method] = {"points": rows,
+                                  "seconds": statistics.mean(s["methods"][method]["seconds"] for s in seeds)}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed of LeNet-300-100 on 15,000 images, to 50x")
+    parser.add_argument("--models", nargs="+", choices=sorted(FULL), default=["lenet_300_100"],
+                        help="which LeNets (default lenet_300_100; lenet_5 adds about 80 minutes)")
+    parser.add_argument("--out", type=Path, help="the JSON file (default benchmarks/results/bench_frontier*.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    specs = QUICK if args.quick else {name: FULL[name] for name in args.models}
+    out = args.out or ROOT / "benchmarks" / "results" / f"bench_frontier{'_quick' if args.quick else ''}.json"
+    started = time.perf_counter()
+    models = [run_model(name, spec, lambda line: print(line, flush=True)) for name, spec in specs.items()]
+    report = {
+        "quick": args.quick, "methods": METHODS, "lr": base.LR, "batch_size": base.BATCH, "train": base.DENSE_CFG,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "command": " ".join(["python benchmarks/bench_frontier.py", *(sys.argv[1:] if argv is None else argv)]),
+        "seconds": time.perf_counter() - started, "models": models,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
