@@ -328,7 +328,8 @@ class LoopConfig:
 
 def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSchedule | None = None,
           log: Callable[[str], None] = print, label: str = "") -> list[dict]:
-    """Train ``model`` on ``data.train`` and leave it at its best validation epoch.
+    """Train ``model`` on ``data.train`` and leave it at its best validation epoch among those that end with the
+    schedule's newest masks (an epoch before the last prune of this call is a denser model than was asked for).
 
     Args:
         model: the network, trained in place.
@@ -356,6 +357,7 @@ def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSc
             if schedule is not None:
                 for event in schedule.step(optimizer):
                     log(f"{label} prune: {event.label}")
+                    best, best_state = math.inf, None  # only epochs that end with the newest masks compete
             x, y = data.train.batch(order[i: i + cfg.batch_size])
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B·T, vocab) against (B·T,)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import prunet
+from prunet.schedule import PruningSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "char_lm.py"
@@ -107,3 +108,20 @@ def test_the_own_loop_prunes_with_a_schedule_masks_exact(lm, tmp_path):
     x, _ = data.test.batch(torch.arange(3))
     with torch.no_grad():
         assert torch.equal(back(x), model.eval()(x))
+
+
+def test_the_own_loop_never_returns_an_epoch_from_before_its_last_prune(lm, monkeypatch):
+    """A gradual schedule that ends in the second of three epochs: however good the first epoch looked on
+    validation (here it looks best), the model that comes back has the schedule's last masks."""
+    torch.manual_seed(0)
+    data = lm.char_data(6_000, block=8)
+    model = lm.char_gpt(block=8, d_model=16, layers=1, heads=2, ffn=2)
+    pruner = prunet.Pruner(model)
+    cfg = lm.LoopConfig(epochs=3, batch_size=len(data.train) // 4 + 1)  # 4 steps an epoch
+    schedule = PruningSchedule.gradual(pruner, target=8, start=0, end=6, every=2)
+    scores = iter([1.0, 2.0, 3.0])  # validation bits/char by epoch: the first (least pruned) is the best
+    monkeypatch.setattr(lm, "bits_per_char", lambda model, windows, batch_size=256: next(scores))
+    lm.train(model, data, cfg, schedule, log=lambda _: None)
+    assert pruner.compression() == pytest.approx(8, rel=0.02)
+    for t in pruner.targets:
+        assert torch.all(t.weight.detach()[t.mask == 0] == 0)
