@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from prunet.criteria import CRITERIA, LADDER_STEP, Criterion, TargetThreshold, ladder_targets
+from prunet.criteria import ALLOCATIONS, CRITERIA, LADDER_STEP, Criterion, TargetThreshold, ladder_targets
 from prunet.data import DATASETS
 from prunet.devices import check_device_spec
 from prunet.factory import Trust, absolute, check_trusted, is_factory
@@ -320,7 +320,8 @@ class GradualConfig:
     every_steps: int = 100
     """``Δt``: optimizer steps between mask updates."""
     criterion: str = "sparsity"
-    """``sparsity`` (every layer to the same sparsity, as Zhu & Gupta) or ``global`` (one magnitude cut)."""
+    """How each step shares the sparsity among layers: ``sparsity`` (each alike, as Zhu & Gupta), ``global`` (one
+    magnitude cut), ``lamp`` or ``erk`` (:data:`prunet.criteria.ALLOCATIONS`)."""
     lr_fraction: Optional[float] = None
     """Learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
 
@@ -345,7 +346,7 @@ class GradualConfig:
         if self.prune_epochs is not None:
             _range(where + ".prune_epochs", self.prune_epochs, 0.0, float(self.epochs), lo_open=True)
         _range(where + ".every_steps", self.every_steps, 1, None)
-        _choice(where + ".criterion", self.criterion, ("sparsity", "global"))
+        _choice(where + ".criterion", self.criterion, tuple(ALLOCATIONS))
         if self.lr_fraction is not None:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
 
@@ -371,7 +372,8 @@ class AcdcConfig:
     final_epochs: Optional[int] = None
     """The last compressed phase, at least; None: a quarter of ``epochs``, and at least two phases."""
     criterion: str = "global"
-    """``global`` (one magnitude cut over every layer) or ``sparsity`` (each layer to the same sparsity)."""
+    """How each compressed phase shares the sparsity among layers: ``global`` (one magnitude cut), ``sparsity``
+    (each alike), ``lamp`` or ``erk`` (:data:`prunet.criteria.ALLOCATIONS`)."""
     lr_fraction: Optional[float] = None
     """Learning rate as a fraction of ``train.lr``; None uses ``prune.lr_fraction``."""
 
@@ -396,7 +398,7 @@ class AcdcConfig:
         if self.warmup_epochs + self.final > self.epochs:
             raise ConfigError(f"{where}: warmup_epochs + final_epochs ({self.warmup_epochs} + {self.final}) exceed "
                               f"epochs ({self.epochs})")
-        _choice(where + ".criterion", self.criterion, ("sparsity", "global"))
+        _choice(where + ".criterion", self.criterion, tuple(ALLOCATIONS))
         if self.lr_fraction is not None:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
 

@@ -653,6 +653,11 @@ class ERK(LayerAllocation):
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Threshold, Sparsity, GlobalMagnitude, LAMP, ERK)}
 """Criterion name (as recipes spell it) -> class. A new criterion is one entry here."""
 
+ALLOCATIONS: dict[str, type[Criterion]] = {"sparsity": Sparsity, "global": GlobalMagnitude, "lamp": LAMP, "erk": ERK}
+"""How a gradual or AC/DC step shares one sparsity among the layers (``criterion`` of those schedules): each
+layer alike (Zhu & Gupta), one global magnitude cut, LAMP's layer-adaptive scores, or ERK's densities from
+the layers' shapes."""
+
 
 LADDER_STEP = 2.2  # a target ladder's compression grows about this much per round
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from prunet.config import Recipe, TrainConfig
-from prunet.criteria import LADDER_STEP, Criterion, GlobalMagnitude, Sparsity, TargetThreshold, ladder_targets
+from prunet.criteria import ALLOCATIONS, LADDER_STEP, Criterion, TargetThreshold, ladder_targets
 from prunet.pruner import Pruner
 
 
@@ -78,18 +78,24 @@ class PruneEvent:
     release: bool = False
 
 
+def allocation(criterion: str, sparsity: float) -> Criterion:
+    """The criterion of :data:`ALLOCATIONS` named ``criterion`` at ``sparsity`` (ValueError for another name)."""
+    if criterion not in ALLOCATIONS:
+        raise ValueError(f"criterion must be one of {', '.join(ALLOCATIONS)}; got {criterion!r}")
+    return ALLOCATIONS[criterion](sparsity)
+
+
 def gradual_events(begin: int, end: int, every: int, initial: float, final: float,
                    criterion: str = "sparsity") -> list[PruneEvent]:
     """The mask updates of a gradual phase: every ``every`` steps from ``begin``, and at ``end``.
 
-    Each prunes to :func:`cubic_sparsity` at its step, per layer (``sparsity``) or with one
-    global magnitude cut (``global``).
+    Each prunes to :func:`cubic_sparsity` at its step, shared among the layers as ``criterion``
+    (:data:`ALLOCATIONS`) shares it.
     """
     events = []
     for t in [*range(begin, end, every), end]:
         s = cubic_sparsity(t, initial, final, begin, end)
-        crit = GlobalMagnitude(s) if criterion == "global" else Sparsity(s)
-        events.append(PruneEvent(t, crit, None, f"gradual {s:.4f}"))
+        events.append(PruneEvent(t, allocation(criterion, s), None, f"gradual {s:.4f}"))
     return events
 
 
@@ -100,7 +106,8 @@ def acdc_events(begin: int, end: int, phase: int, warmup: int, final: int, spars
     compressed phase of at least ``final`` steps (the steps no whole pair fills are added to it).
 
     A compressed phase starts from every weight (the masks released) and keeps the largest
-    ``1 - sparsity`` of them (per layer, or one ``global`` cut); a decompressed phase releases them:
+    ``1 - sparsity`` of them (shared among layers as ``criterion`` says: :data:`ALLOCATIONS`); a
+    decompressed phase releases them:
     the weights pruned in the phase before start again from zero.
 
     >>> [(e.step, e.label) for e in acdc_events(0, 100, 20, 10, 30, 0.9)]
@@ -111,8 +118,7 @@ def acdc_events(begin: int, end: int, phase: int, warmup: int, final: int, spars
                          f"{end - begin} steps; got phase={phase}, warmup={warmup}, final={final}")
 
     def compress(step: int, label: str) -> PruneEvent:
-        crit = GlobalMagnitude(sparsity) if criterion == "global" else Sparsity(sparsity)
-        return PruneEvent(step, crit, None, f"{label} {sparsity:.4f}", release=True)
+        return PruneEvent(step, allocation(criterion, sparsity), None, f"{label} {sparsity:.4f}", release=True)
 
     events = [PruneEvent(begin, None, None, "decompressed", release=True)] if warmup else []
     start = begin + warmup
@@ -232,7 +238,8 @@ class PruningSchedule:
         """Gradual magnitude pruning (Zhu & Gupta) in your loop, no recipe needed.
 
         From step ``start`` to ``end`` the masks follow the cubic sparsity curve, updated every
-        ``every`` steps, up to ``target`` times fewer weights (per layer, or one ``global`` cut).
+        ``every`` steps, up to ``target`` times fewer weights, shared among the layers as ``criterion``
+        says (:data:`prunet.criteria.ALLOCATIONS`: ``sparsity`` each alike, ``global``, ``lamp``, ``erk``).
 
         Example:
             >>> pruner = Pruner(torch.nn.Linear(100, 10))
@@ -242,8 +249,8 @@ class PruningSchedule:
         """
         if not (math.isfinite(target) and target >= 1):
             raise ValueError(f"target: a compression >= 1, got {target}")
-        if not (0 <= start <= end) or every < 1 or criterion not in ("sparsity", "global"):
-            raise ValueError(f"gradual: needs 0 <= start <= end, every >= 1 and criterion sparsity or global; got "
+        if not (0 <= start <= end) or every < 1 or criterion not in ALLOCATIONS:
+            raise ValueError(f"gradual: needs 0 <= start <= end, every >= 1 and criterion {'|'.join(ALLOCATIONS)}; got "
                              f"start={start}, end={end}, every={every}, criterion={criterion!r}")
         return cls(pruner, gradual_events(start, end, every, initial, 1 - 1 / target, criterion), total_steps=end + 1)
 
@@ -263,8 +270,8 @@ class PruningSchedule:
             >>> [(e.step, e.label) for e in schedule.events]
             [(0, 'compressed 0.9000'), (20, 'decompressed'), (40, 'compressed (final) 0.9000')]
         """
-        if not (math.isfinite(target) and target >= 1) or criterion not in ("sparsity", "global"):
-            raise ValueError(f"acdc: target must be a compression >= 1 and criterion sparsity or global; got "
+        if not (math.isfinite(target) and target >= 1) or criterion not in ALLOCATIONS:
+            raise ValueError(f"acdc: target must be a compression >= 1 and criterion {'|'.join(ALLOCATIONS)}; got "
                              f"target={target}, criterion={criterion!r}")
         final = 2 * phase if final is None else final
         return cls(pruner, acdc_events(0, steps, phase, warmup, final, 1 - 1 / target, criterion), total_steps=steps)

@@ -16,7 +16,7 @@ from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import keep_count
 from prunet.models import create_model
 from prunet.pipeline import resume, run
-from prunet.schedule import PruningSchedule, cubic_sparsity, lr_at
+from prunet.schedule import PruningSchedule, allocation, cubic_sparsity, lr_at
 
 
 def test_cubic_sparsity_at_each_step_is_zhu_and_guptas_formula():
@@ -334,3 +334,24 @@ def test_acdc_recipe_errors_name_the_field():
                         ({"target": 10, "criterion": "threshold"}, "acdc.criterion")]:
         with pytest.raises(ConfigError, match=match):
             recipe_from_dict({"prune": {"acdc": acdc}})
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: PruningSchedule.gradual(p, target=10, start=0, end=12, every=4, criterion="erk"),
+    lambda p: PruningSchedule.acdc(p, target=10, steps=16, phase=4, criterion="erk"),
+])
+def test_gradual_and_acdc_share_the_sparsity_among_layers_as_erk_does(make):
+    """ERK's share of each layer depends on the shapes alone: a schedule ending at 10x keeps, per layer, what one
+    ERK cut at 90% keeps on a fresh copy of the model."""
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = make(pruner)
+    user_loop(model, schedule, torch.optim.SGD(model.parameters(), lr=0.01), schedule.total_steps)
+    reference = Pruner(create_model("lenet_300_100"))
+    reference.prune(allocation("erk", 0.9))
+    assert {r.layer: r.kept for r in pruner.summary()} == {r.layer: r.kept for r in reference.summary()}
+    kept = {r.layer: r.kept / r.weights for r in pruner.summary()}
+    assert kept["fc3"] > kept["fc2"] > kept["fc1"]  # ERK keeps small layers denser
+    with pytest.raises(ConfigError, match="criterion.*erk"):
+        recipe_from_dict({"prune": {"gradual": {"target": 10, "criterion": "movement"}}})
