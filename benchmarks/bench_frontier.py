@@ -12,6 +12,8 @@ from it:
 * ``torch-global-l1``: ``torch.nn.utils.prune.global_unstructured`` (L1) along the same ladder;
 * ``gmp-global``: gradual magnitude pruning (Zhu & Gupta's cubic schedule, one global cut every 50
   steps over 3/4 of the epochs), a run of its own per compression;
+* ``gmp-erk``: the same gradual schedule, each step's sparsity shared among the layers by ERK's densities
+  (``PruningSchedule.gradual(..., criterion="erk")``: small layers denser) instead of one global cut;
 * ``acdc-global``: AC/DC (``PruningSchedule.acdc``: compressed phases of one global magnitude cut chosen
   afresh among every weight, decompressed phases in which every weight trains, a last compressed phase
   of at least a quarter of the epochs), a run of its own per compression.
@@ -50,7 +52,7 @@ from prunet.train import FitOptions, Normalization, fit  # noqa: E402
 
 LADDER = (4.0, 8.0, 12.0, 25.0, 50.0, 100.0, 200.0)
 REPORTED = (25.0, 50.0, 100.0, 200.0)
-METHODS = ("prunet", "torch-global-l1", "gmp-global", "acdc-global")
+METHODS = ("prunet", "torch-global-l1", "gmp-global", "gmp-erk", "acdc-global")
 FULL = {
     "lenet_300_100": {**base.FULL["lenet_300_100"], "seeds": [0, 1, 2]},
     "lenet_5": {**base.FULL["lenet_5"], "seeds": [0, 1]},
@@ -85,7 +87,8 @@ def ladders(model: nn.Module, data, norm, spec: dict, seed: int, log, method: st
 
 
 def scheduled(dense_state: dict, name: str, data, norm, spec: dict, seed: int, log, method: str) -> list[dict]:
-    """GMP or AC/DC from the dense model, one run per reported compression, each with the ladder's epochs."""
+    """GMP (``gmp-global``, ``gmp-erk``) or AC/DC from the dense model, one run per reported compression, each with
+    the ladder's epochs."""
     steps = num_batches(len(data.train), base.BATCH)
     points = []
     for c in spec.get("reported", REPORTED):
@@ -93,8 +96,8 @@ def scheduled(dense_state: dict, name: str, data, norm, spec: dict, seed: int, l
         model.load_state_dict(dense_state)
         pruner = Pruner(model)
         epochs = epochs_to(c, spec)
-        if method == "gmp-global":
-            events = gradual_events(0, round(0.75 * epochs * steps), 50, 0.0, 1 - 1 / c, "global")
+        if method.startswith("gmp-"):
+            events = gradual_events(0, round(0.75 * epochs * steps), 50, 0.0, 1 - 1 / c, method.split("-")[1])
             after = math.ceil(0.75 * epochs)
         else:
             phase = max(1, epochs // 8)

@@ -367,11 +367,13 @@ FRONTIER_METHODS = {
     "torch-global-l1": "torch.nn.utils.prune.global_unstructured (L1) along the same ladder, retrained alike",
     "gmp-global": "gradual magnitude pruning (cubic, one global cut every 50 steps over 3/4 of the epochs), "
                   "a run per compression with the ladder's epochs to it",
+    "gmp-erk": "the same gradual schedule, each step's sparsity shared among layers by ERK's densities "
+               "(PruningSchedule.gradual(criterion=\"erk\"): small layers denser)",
     "acdc-global": "AC/DC (PruningSchedule.acdc: compressed phases of one global cut chosen afresh among every "
                    "weight, decompressed phases in which every weight trains, the last compressed phase at least a "
                    "quarter of the epochs), a run per compression with the ladder's epochs to it",
 }
-PRUNET_METHODS = ("prunet", "acdc-global")  # what prunet offers; the best of them on validation is its pick
+PRUNET_METHODS = ("prunet", "gmp-erk", "acdc-global")  # what prunet offers; the best on validation is its pick
 BASELINES = ("torch-global-l1", "gmp-global")
 FRONTIER_DENSE = {"lenet_300_100": 0.5, "lenet_5": 0.3}  # issue 20: points of dense that 50x may cost
 
