@@ -351,6 +351,10 @@ class GradualConfig:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
 
 
+TARGET_METHODS = ("paper", "gradual", "acdc")
+"""How ``prunet run --target N --method M`` prunes: :meth:`Recipe.target_method`."""
+
+
 @dataclass
 class AcdcConfig:
     """AC/DC, alternating compressed / decompressed training (Peste et al. 2021).
@@ -615,6 +619,31 @@ class Recipe:
         rounds = [dataclasses.replace(template, target=t) for t in ladder_targets(target, step)]
         recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=rounds, gradual=None,
                                                                      acdc=None))
+        recipe.validate()
+        return recipe
+
+    def target_method(self, target: float, method: str = "paper") -> "Recipe":
+        """This recipe pruning to ``target`` by ``method``, each with the epochs the paper's ladder would spend.
+
+        ``paper``: :meth:`target_ladder`. ``gradual``: one gradual phase (cubic, every 100 steps, ERK's
+        shares among layers) over those epochs. ``acdc``: one AC/DC phase over them (phases of an eighth
+        of them, one global cut). The rounds, gradual or AC/DC phase the recipe had are replaced.
+
+        Raises:
+            ConfigError: ``target`` below 1, an unknown ``method``, or a first round that cannot take a target.
+        """
+        if method not in TARGET_METHODS:
+            raise ConfigError(f"--method: one of {', '.join(TARGET_METHODS)}, got {method!r}")
+        ladder = self.target_ladder(target)
+        if method == "paper":
+            return ladder
+        epochs = sum(r.epochs for r in ladder.prune.rounds)
+        lr_fraction = ladder.prune.rounds[0].lr_fraction
+        gradual = GradualConfig(target=target, epochs=epochs, criterion="erk", lr_fraction=lr_fraction) \
+            if method == "gradual" else None
+        acdc = AcdcConfig(target=target, epochs=epochs, phase_epochs=max(1, epochs // 8), lr_fraction=lr_fraction) \
+            if method == "acdc" else None
+        recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[], gradual=gradual, acdc=acdc))
         recipe.validate()
         return recipe
 

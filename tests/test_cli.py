@@ -166,6 +166,18 @@ def test_run_to_a_target_builds_a_ladder_that_lands_on_it(tmp_path, capsys, fast
     assert "target 12x: rounds to 1.8612x, 3.4641x, 6.4474x, 12x" in capsys.readouterr().out
 
 
+def test_run_to_a_target_by_gradual_pruning_lands_on_it_and_method_needs_a_target(tmp_path, capsys, fast_data):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    assert main(["run", str(recipe), "--target", "12", "--method", "gradual", "--set",
+                 "prune.rounds=[{quality: 1.0, epochs: 1}]", "--run-dir", str(tmp_path / "g")]) == 0
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["rounds"][0]["criterion"] == "gradual erk" and summary["rounds"][0]["epochs"] == 4
+    assert summary["compression"] == pytest.approx(12, rel=0.01)
+    assert main(["run", str(recipe), "--method", "gradual"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--method goes with --target N (how to prune "
+                                                                        "to N times fewer weights)")
+
+
 def test_export_then_eval_the_compact_file(tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model("lenet_300_100")

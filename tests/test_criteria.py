@@ -593,3 +593,15 @@ def test_a_recipe_round_drives_lamp_and_erk_to_a_target_compression(name):
     pruner.prune(rounds.prune.rounds[0].make_criterion(), layers=["fc1", "fc2"])
     assert pruner.compression() == pytest.approx(8, rel=0.01)  # fc3, left alone, counted as it stands
     assert pruner.summary()[2].kept == 1000
+
+
+def test_target_method_gives_gradual_and_acdc_the_ladders_epochs():
+    recipe = recipe_from_dict({"prune": {"rounds": [{"criterion": "threshold", "quality": 1.0, "epochs": 3}]}})
+    ladder = recipe.target_method(100)
+    epochs = sum(r.epochs for r in ladder.prune.rounds)
+    gradual = recipe.target_method(100, "gradual").prune
+    acdc = recipe.target_method(100, "acdc").prune
+    assert not gradual.rounds and gradual.gradual.epochs == epochs and gradual.gradual.criterion == "erk"
+    assert gradual.gradual.target == 100 and acdc.acdc.target == 100 and acdc.acdc.epochs == epochs
+    with pytest.raises(ConfigError, match="--method: one of paper, gradual, acdc"):
+        recipe.target_method(100, "movement")
