@@ -68,7 +68,8 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest
 
-# The full side-by-side (bench_reproduce) takes about an hour on 2 cores; bench-quick a few minutes.
+# The full side-by-side (bench_reproduce) takes about an hour on 2 cores, bench_frontier (25x-200x, both
+# LeNets) about two more; bench-quick a few minutes.
 bench: setup
 	$(BIN)/python benchmarks/bench_masks.py
 	$(BIN)/python benchmarks/bench_sparse.py
@@ -76,6 +77,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_compress.py
 	$(BIN)/python benchmarks/bench_ddp.py
 	$(BIN)/python benchmarks/bench_reproduce.py
+	$(BIN)/python benchmarks/bench_frontier.py --models lenet_300_100 lenet_5
 	$(BIN)/python benchmarks/bench_lm.py
 	$(BIN)/python benchmarks/bench_oneshot.py
 	$(BIN)/python benchmarks/make_results.py
@@ -83,6 +85,7 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python benchmarks/bench_prune_scale.py
 	$(BIN)/python benchmarks/bench_reproduce.py --quick
+	$(BIN)/python benchmarks/bench_frontier.py --quick
 	$(BIN)/python benchmarks/bench_lm.py --quick
 	$(BIN)/python benchmarks/make_results.py
 
