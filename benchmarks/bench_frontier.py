@@ -26,10 +26,8 @@ method has the same budget at every point. Results go to ``benchmarks/results/be
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -46,9 +44,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_reproduce as base  # noqa: E402
 
 from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
-from prunet.data import Split, load_dataset, num_batches  # noqa: E402
+from prunet.data import num_batches  # noqa: E402
 from prunet.schedule import PruningSchedule, acdc_events, gradual_events  # noqa: E402
-from prunet.train import FitOptions, Normalization, fit  # noqa: E402
+from prunet.train import FitOptions, fit  # noqa: E402
 
 LADDER = (4.0, 8.0, 12.0, 25.0, 50.0, 100.0, 200.0)
 REPORTED = (25.0, 50.0, 100.0, 200.0)
@@ -113,20 +111,10 @@ def scheduled(dense_state: dict, name: str, data, norm, spec: dict, seed: int, l
 
 
 def run_model(name: str, spec: dict, log) -> dict:
-    data = load_dataset("fashion-mnist", val_size=5000, seed=0)
-    if spec.get("train_subset"):
-        data.train = Split(data.train.images[: spec["train_subset"]], data.train.labels[: spec["train_subset"]])
-    norm = Normalization(data.mean, data.std)
+    data, norm = base.splits(spec)
     seeds = []
     for seed in spec["seeds"]:
-        torch.manual_seed(seed)
-        dense_model = create_model(name)
-        t = time.perf_counter()
-        fit(dense_model, data.train, data.val, base.train_cfg(spec["dense_epochs"]), norm, FitOptions(
-            batch_size=base.BATCH, seed=seed, phase="dense"))
-        dense = {**base.accuracies(dense_model, data, norm), "seconds": time.perf_counter() - t}
-        log(f"{name} seed {seed}: dense val {dense['val_acc']:.2f}  test {dense['test_acc']:.2f}")
-        state = copy.deepcopy(dense_model.state_dict())
+        state, dense = base.dense_of(name, data, norm, spec, seed, log)
         result = {"seed": seed, "dense": dense, "methods": {}}
         for method in METHODS:
             t = time.perf_counter()
@@ -174,8 +162,7 @@ def main(argv=None) -> int:
     models = [run_model(name, spec, lambda line: print(line, flush=True)) for name, spec in specs.items()]
     report = {
         "quick": args.quick, "methods": METHODS, "lr": base.LR, "batch_size": base.BATCH, "train": base.DENSE_CFG,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": base.machine(),
         "command": " ".join(["python benchmarks/bench_frontier.py", *(sys.argv[1:] if argv is None else argv)]),
         "seconds": time.perf_counter() - started, "models": models,
     }

@@ -133,21 +133,31 @@ def point(model, data, norm, c, log, method) -> dict:
     return {"target": c, "compression": total / kept, **acc}
 
 
-def run_model(name: str, spec: dict, log) -> dict:
+def splits(spec: dict):
+    """Fashion-MNIST with 5,000 validation images (the training images cut to ``train_subset``), and its norm."""
     data = load_dataset("fashion-mnist", val_size=5000, seed=0)
     if spec.get("train_subset"):
         data.train = Split(data.train.images[: spec["train_subset"]], data.train.labels[: spec["train_subset"]])
-    norm = Normalization(data.mean, data.std)
+    return data, Normalization(data.mean, data.std)
+
+
+def dense_of(name: str, data, norm, spec: dict, seed: int, log) -> tuple[dict, dict]:
+    """The dense model every method of a seed starts from: its state dict, and its accuracies and time."""
+    torch.manual_seed(seed)
+    dense_model = create_model(name)
+    t = time.perf_counter()
+    fit(dense_model, data.train, data.val, train_cfg(spec["dense_epochs"]), norm, FitOptions(
+        batch_size=BATCH, seed=seed, phase="dense"))
+    dense = {**accuracies(dense_model, data, norm), "seconds": time.perf_counter() - t}
+    log(f"{name} seed {seed}: dense val {dense['val_acc']:.2f}  test {dense['test_acc']:.2f}")
+    return copy.deepcopy(dense_model.state_dict()), dense
+
+
+def run_model(name: str, spec: dict, log) -> dict:
+    data, norm = splits(spec)
     seeds = []
     for seed in spec["seeds"]:
-        torch.manual_seed(seed)
-        dense_model = create_model(name)
-        t = time.perf_counter()
-        fit(dense_model, data.train, data.val, train_cfg(spec["dense_epochs"]), norm, FitOptions(
-            batch_size=BATCH, seed=seed, phase="dense"))
-        dense = {**accuracies(dense_model, data, norm), "seconds": time.perf_counter() - t}
-        log(f"{name} seed {seed}: dense val {dense['val_acc']:.2f}  test {dense['test_acc']:.2f}")
-        state = copy.deepcopy(dense_model.state_dict())
+        state, dense = dense_of(name, data, norm, spec, seed, log)
         result = {"seed": seed, "dense": dense, "methods": {}}
         for method in METHODS:
             t = time.perf_counter()
@@ -193,6 +203,12 @@ def summarise(seeds: list[dict]) -> dict:
     return out
 
 
+def machine() -> dict:
+    """Where a benchmark ran, for its results file."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed of LeNet-300-100 on 15,000 images")
@@ -207,8 +223,7 @@ def main(argv=None) -> int:
         "compressions": COMPRESSIONS,
         "within_points": WITHIN,
         "lr": LR, "batch_size": BATCH, "train": DENSE_CFG,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "command": "python benchmarks/bench_reproduce.py" + (" --quick" if args.quick else ""),
         "seconds": time.perf_counter() - started,
         "models": models,

@@ -378,49 +378,49 @@ def prune_round(ctx: RunContext, i: int, rnd: RoundConfig) -> PhaseResult:
 
 def gradual(ctx: RunContext, g: GradualConfig) -> PhaseResult:
     """Gradual magnitude pruning: retrain while the masks follow the cubic schedule, then fine-tune."""
-    start = time.perf_counter()
-    recipe = ctx.recipe
-    pruner, _ = ctx.pruning()
-    cfg = recipe.retrain_config(g.epochs, g.lr_fraction)
-    steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
-    schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
-    resumed = ctx.state.resume_fit("gradual")
-    schedule.advance_to(resumed["epoch"] * steps if resumed else 0)
-    ctx.state.open_round = {"round": 1}
-    ctx.log(f"gradual: {len(schedule.events)} mask updates every {g.every_steps} steps over "
-            f"{g.ramp_epochs:g} epochs to sparsity {g.sparsity:.4f} ({g.criterion}), {g.epochs} epochs "
-            f"at lr {cfg.lr:.3g}")
-    ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase="gradual", pruner=pruner, on_step=schedule.advance_to,
-            choose_after=math.ceil(g.ramp_epochs))
-    return PhaseResult(round={
-        "round": 1, "criterion": f"gradual {g.criterion}", "setting": g.sparsity, "target": g.target,
-        "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,
-        **_outcome(ctx, pruner, "gradual", start),
-    })
+    return _scheduled(ctx, "gradual", g, lambda schedule, steps: (
+        f"{len(schedule.events)} mask updates every {g.every_steps} steps over {g.ramp_epochs:g} epochs to "
+        f"sparsity {g.sparsity:.4f} ({g.criterion}), {g.epochs} epochs", math.ceil(g.ramp_epochs)))
 
 
 def acdc(ctx: RunContext, a: AcdcConfig) -> PhaseResult:
     """AC/DC: compressed and decompressed phases in turn, then the last compressed one, whose best epoch is kept."""
+    def describe(schedule: PruningSchedule, steps: int) -> tuple[str, int]:
+        last = schedule.events[-1].step // steps
+        return (f"{a.warmup_epochs} dense epochs, then compressed / decompressed phases of {a.phase_epochs} epochs, "
+                f"compressed from epoch {last + 1} of {a.epochs}, to sparsity {a.sparsity:.4f} ({a.criterion})", last)
+    return _scheduled(ctx, "acdc", a, describe)
+
+
+def _scheduled(ctx: RunContext, name: str, phase: GradualConfig | AcdcConfig,
+               describe: Callable[[PruningSchedule, int], tuple[str, int]]) -> PhaseResult:
+    """One retraining phase whose masks follow the recipe's schedule (gradual or AC/DC) step by step.
+
+    ``describe(schedule, steps_per_epoch)`` gives the log line and the epochs after which the best epoch is
+    chosen (once the masks are final). A resumed phase counts the schedule's changes up to its checkpoint as
+    made, without making them again: the checkpoint holds their masks, and an AC/DC prune replayed on a
+    decompressed phase's weights would not give them back.
+    """
     start = time.perf_counter()
     recipe = ctx.recipe
     pruner, _ = ctx.pruning()
-    cfg = recipe.retrain_config(a.epochs, a.lr_fraction)
+    cfg = recipe.retrain_config(phase.epochs, phase.lr_fraction)
     steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
     schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
-    resumed = ctx.state.resume_fit("acdc")
+    resumed = ctx.state.resume_fit(name)
     if resumed:
-        schedule.skip_to(resumed["epoch"] * steps)  # the checkpoint holds their masks: releasing again would differ
+        schedule.skip_to(resumed["epoch"] * steps)
+    else:
+        schedule.advance_to(0)  # the first change before the first step
     ctx.state.open_round = {"round": 1}
-    last = schedule.events[-1].step // steps
-    ctx.log(f"acdc: {a.warmup_epochs} dense epochs, then compressed / decompressed phases of {a.phase_epochs} "
-            f"epochs, compressed from epoch {last + 1} of {a.epochs}, to sparsity {a.sparsity:.4f} ({a.criterion}), "
-            f"lr {cfg.lr:.3g}")
-    ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase="acdc", pruner=pruner, on_step=schedule.advance_to,
-            choose_after=last)
+    what, choose_after = describe(schedule, steps)
+    ctx.log(f"{name}: {what}, at lr {cfg.lr:.3g}")
+    ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase=name, pruner=pruner, on_step=schedule.advance_to,
+            choose_after=choose_after)
     return PhaseResult(round={
-        "round": 1, "criterion": f"acdc {a.criterion}", "setting": a.sparsity, "target": a.target,
+        "round": 1, "criterion": f"{name} {phase.criterion}", "setting": phase.sparsity, "target": phase.target,
         "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,
-        **_outcome(ctx, pruner, "acdc", start),
+        **_outcome(ctx, pruner, name, start),
     })
 
 

@@ -167,18 +167,25 @@ def test_a_gradual_run_lands_on_its_target_and_resumes_to_the_same_bits(fast_dat
     assert whole["compression"] == pytest.approx(12, rel=0.01)
     assert whole["rounds"][0]["criterion"] == "gradual sparsity"
 
+    assert_resumes_to_the_same_bits(GRADUAL, whole, tmp_path, monkeypatch, dies_at=6)  # after its first epoch
+
+
+def assert_resumes_to_the_same_bits(recipe: dict, whole: dict, tmp_path, monkeypatch, dies_at: int) -> None:
+    """A run of ``recipe`` killed while saving its ``dies_at``-th resume point (3 for the dense phase, then one an
+    epoch), resumed, ends as ``whole`` (the uninterrupted run in ``tmp_path / "whole"``) did: the same weights kept
+    and the same last line of ``metrics.jsonl``."""
     real, calls = torch.save, {"n": 0}
 
-    def dying(obj, f, *args, **kwargs):  # the resume point after the gradual phase's first epoch dies
+    def dying(obj, f, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == dies_at:
             raise KeyboardInterrupt
         return real(obj, f, *args, **kwargs)
 
     with monkeypatch.context() as mp:
         mp.setattr(torch, "save", dying)
         with pytest.raises(KeyboardInterrupt):
-            run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "stopped", log=lambda line: None)
+            run(recipe_from_dict(copy.deepcopy(recipe)), run_dir=tmp_path / "stopped", log=lambda line: None)
     resumed = resume(tmp_path / "stopped", log=lambda line: None)
     assert resumed["weights_kept"] == whole["weights_kept"]
     a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -309,23 +316,8 @@ def test_an_acdc_run_lands_on_its_target_and_resumes_across_its_phases_to_the_sa
     chosen = [e for e in epochs if e.get("event") == "epoch" and e.get("phase") == "acdc"]
     assert len(chosen) == 6
 
-    real, calls = torch.save, {"n": 0}
-
-    def dying(obj, f, *args, **kwargs):  # saves: dense (3), then one per AC/DC epoch
-        calls["n"] += 1  # resumed after epoch 2 (the masks just released) or 3 (dense weights, mid-phase)
-        if calls["n"] == dies_at:
-            raise KeyboardInterrupt
-        return real(obj, f, *args, **kwargs)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(torch, "save", dying)
-        with pytest.raises(KeyboardInterrupt):
-            run(recipe_from_dict(copy.deepcopy(ACDC)), run_dir=tmp_path / "stopped", log=lambda line: None)
-    resumed = resume(tmp_path / "stopped", log=lambda line: None)
-    assert resumed["weights_kept"] == whole["weights_kept"]
-    a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])
-    b = json.loads((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    # resumed after epoch 2 (the masks just released) or 3 (dense weights, mid-phase)
+    assert_resumes_to_the_same_bits(ACDC, whole, tmp_path, monkeypatch, dies_at)
 
 
 def test_acdc_recipe_errors_name_the_field():
