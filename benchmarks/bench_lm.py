@@ -1,26 +1,27 @@
 """A character-level language model pruned: prunet beside ``torch.nn.utils.prune``, in bits per character.
 
-Run with ``make bench`` or ``python benchmarks/bench_lm.py`` (about 6 minutes on 2 quiet cores, several
-times that on a busy machine; ``--quick``: a smoke run of about a minute on a small corpus, numbers
-meaningless). The model, corpus
-and loop are ``examples/char_lm.py``'s: a 2-layer causal transformer (d_model 128) on the first
-400,000 characters of Python's standard library, split by position (90% train, 5% validation,
-5% test; validation chooses every epoch kept, test is only reported).
+Run with ``make bench`` or ``python benchmarks/bench_lm.py`` (about 95 minutes on 2 quiet cores;
+``--points 10``: the 10x point alone, about 50; ``--quick``: a smoke run of a few minutes on a small
+corpus, numbers meaningless). The model, corpus and loop are ``examples/char_lm.py``'s: a 2-layer
+causal transformer (d_model 256, dropout 0.1) on the first 400,000 characters of Python's standard
+library, split by position (90% train, 5% validation, 5% test; validation chooses every epoch kept,
+test is only reported).
 
-From **one dense model** (trained in the example's own loop), at the same compressions of the
-prunable weights (the Pruner's defaults: every linear layer and the attention in-projections,
-embeddings dense), each with the same retraining (epochs, learning rate, batch, AdamW):
+From **one dense model** (trained in the example's own loop: a warm-up, then a cosine rate), at each
+compression of the prunable weights (the Pruner's defaults: every linear layer and the attention
+in-projections, embeddings dense), each method a run of its own from that dense model with the same
+retraining (epochs, learning rate, batch, AdamW):
 
-* ``prunet``: the example's own loop, ``prunet.Pruner`` driven by a ``PruningSchedule`` whose
-  rounds are the paper's rule (``TargetThreshold``: one quality × σ per layer, the factor found
-  for the compression), 4x, then 10x, then 20x;
-* ``torch-global-l1``: the same loop and ladder, each round
-  ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured)`` over the same weights;
-* ``prunet-recipe``: ``prunet run examples/char_lm.yaml --from DENSE`` (prunet's own loop,
-  ``train.metric: bits_per_token``), the same ladder; then ``prunet export`` (compact and
-  quantized), ``prunet.load`` (outputs compared) and ``prunet report``;
-* ``dense-longer``: the dense model trained on for the epochs the ladder spends to reach 10x
-  (at the retraining rate): what the extra training alone is worth.
+* ``prunet``: the example's own loop, ``prunet.Pruner`` driven by ``PruningSchedule.gradual`` (Zhu &
+  Gupta's cubic rise over the first 30% of the epochs, ERK's shares among the layers: small layers
+  such as the output head denser);
+* ``torch-global-l1``: ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured)`` over the same
+  weights to the compression at once, then the same retraining in the same loop;
+* ``prunet-recipe``: ``prunet run examples/char_lm.yaml --from DENSE`` with the same gradual phase
+  (``prune.gradual``; prunet's own loop, ``train.metric: bits_per_token``), at 10x; then
+  ``prunet export`` (compact and quantized), ``prunet.load`` (outputs compared) and ``prunet report``;
+* ``dense-longer``: the dense model trained on for the same epochs at the same rate: what the
+  extra training alone is worth.
 
 Results go to ``benchmarks/results/bench_lm.json`` (``--quick``: ``bench_lm_quick.json``);
 ``python benchmarks/make_results.py`` puts them in RESULTS.md.
@@ -51,15 +52,17 @@ import char_lm as lm  # noqa: E402
 
 import prunet  # noqa: E402
 from prunet.factory import absolute  # noqa: E402
+from prunet.schedule import PruningSchedule  # noqa: E402
 from prunet.share import share  # noqa: E402
 
 COMPRESSIONS = (4.0, 10.0, 20.0)
 WITHIN = 0.05  # bits/char of test loss over dense that 10x may cost (issue 19)
-MODEL = {"block": 64, "d_model": 128, "layers": 2, "heads": 4, "ffn": 4, "dropout": 0.0}
-FULL = {"chars": 400_000, "dense_epochs": 5, "round_epochs": 2, "lr": 3e-3, "round_lr_fraction": 0.333,
-        "batch_size": 32, "weight_decay": 0.01}
-QUICK = {**FULL, "chars": 50_000, "dense_epochs": 2, "round_epochs": 1}
+MODEL = {"block": 64, "d_model": 256, "layers": 2, "heads": 4, "ffn": 4, "dropout": 0.1}
+FULL = {"chars": 400_000, "dense_epochs": 12, "warmup_steps": 100, "lr": 2e-3, "prune_epochs": 24, "ramp": 0.3,
+        "every_steps": 50, "prune_lr_fraction": 0.5, "criterion": "erk", "batch_size": 32, "weight_decay": 0.01}
+QUICK = {**FULL, "chars": 50_000, "dense_epochs": 2, "prune_epochs": 2, "warmup_steps": 20}
 RECIPE = ROOT / "examples" / "char_lm.yaml"
+RECIPE_TARGET = 10.0  # the recipe path's compression: the own loop's is compared with it
 BITS = {"fc": 5, "attn": 5}  # the quantized export: 32 shared values per layer
 
 
@@ -87,21 +90,22 @@ def nonzero(params: list[tuple[nn.Module, str]]) -> tuple[int, int]:
     return total, kept
 
 
-def round_cfg(spec: dict, k: int) -> lm.LoopConfig:
-    return lm.LoopConfig(epochs=spec["round_epochs"], lr=spec["lr"] * spec["round_lr_fraction"],
-                         batch_size=spec["batch_size"], weight_decay=spec["weight_decay"], seed=k)
+def prune_cfg(spec: dict, seed: int = 1) -> lm.LoopConfig:
+    """The retraining every method gets from the dense model (seed 1: the batch order of the recipe's phase)."""
+    return lm.LoopConfig(epochs=spec["prune_epochs"], lr=spec["lr"] * spec["prune_lr_fraction"],
+                         batch_size=spec["batch_size"], weight_decay=spec["weight_decay"], seed=seed)
 
 
-def ladder_prunet(model, data, spec, log) -> tuple[list[dict], prunet.Pruner]:
+def gradual_prunet(model, data, spec, c: float, log) -> tuple[dict, prunet.Pruner]:
+    """The example's loop pruning ``model`` to ``c`` on the gradual schedule, retraining as it goes."""
     pruner = prunet.Pruner(model)
-    params = prunable(model)
-    steps = spec["round_epochs"] * math.ceil(len(data.train) / spec["batch_size"])
-    schedule = lm.ladder(pruner, list(COMPRESSIONS), steps)
-    points, start = [], time.perf_counter()
-    for k, c in enumerate(COMPRESSIONS, start=1):
-        lm.train(model, data, round_cfg(spec, k), schedule, log=log, label=f"prunet {c:g}x")
-        points.append(point(model, params, data, c, "prunet", log, time.perf_counter() - start))
-    return points, pruner
+    steps = math.ceil(len(data.train) / spec["batch_size"])
+    schedule = PruningSchedule.gradual(pruner, target=c, start=0,
+                                       end=round(spec["ramp"] * spec["prune_epochs"] * steps),
+                                       every=spec["every_steps"], criterion=spec["criterion"])
+    start = time.perf_counter()
+    lm.train(model, data, prune_cfg(spec), schedule, log=log, label=f"prunet {c:g}x")
+    return point(model, prunable(model), data, c, "prunet", log, time.perf_counter() - start), pruner
 
 
 def refresh_out_proj(mha: nn.MultiheadAttention, args) -> None:
@@ -115,34 +119,30 @@ def refresh_out_proj(mha: nn.MultiheadAttention, args) -> None:
         hook(mha.out_proj, args)
 
 
-def ladder_torch(model, data, spec, log) -> list[dict]:
+def torch_l1(model, data, spec, c: float, log) -> dict:
+    """torch's global L1 cut to ``c`` at once, then the same retraining in the example's loop."""
     params = prunable(model)  # before torch's reparametrization turns the weights into plain attributes
     total = sum(getattr(m, a).numel() for m, a in params)
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
             m.register_forward_pre_hook(refresh_out_proj)
-    points, start = [], time.perf_counter()
-    for k, c in enumerate(COMPRESSIONS, start=1):
-        _, kept = nonzero(params)
-        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=kept - round(total / c))
-        lm.train(model, data, round_cfg(spec, k), log=log, label=f"torch {c:g}x")
-        points.append(point(model, params, data, c, "torch-global-l1", log, time.perf_counter() - start))
-    return points
+    start = time.perf_counter()
+    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=total - round(total / c))
+    lm.train(model, data, prune_cfg(spec), log=log, label=f"torch {c:g}x")
+    return point(model, params, data, c, "torch-global-l1", log, time.perf_counter() - start)
 
 
 def dense_longer(model, data, spec, log) -> dict:
-    """The dense model trained on for the epochs the ladder spends up to 10x, at the retraining rate."""
+    """The dense model trained on for the epochs every pruned model retrains, at their rate."""
     start = time.perf_counter()
-    rounds = COMPRESSIONS.index(10.0) + 1
-    for k in range(1, rounds + 1):
-        lm.train(model, data, round_cfg(spec, k), log=log, label=f"dense-longer {k}")
-    return {**point(model, prunable(model), data, 1.0, "dense-longer", log, time.perf_counter() - start), "epochs":
-            rounds * spec["round_epochs"]}
+    lm.train(model, data, prune_cfg(spec), log=log, label="dense-longer")
+    return {**point(model, prunable(model), data, 1.0, "dense-longer", log, time.perf_counter() - start),
+            "epochs": spec["prune_epochs"]}
 
 
 def exported(model: nn.Module, data: lm.CharData, work: Path, log) -> dict:
-    """The own loop's model at its last compression: saved, exported compact and quantized, loaded back,
-    and its report (``prunet report FILE``)."""
+    """The own loop's model at one compression: saved, exported compact and quantized, loaded back, and its
+    report (``prunet report FILE``)."""
     meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": MODEL,
             "input_shape": [MODEL["block"]], "input_dtype": "int64"}
     ckpt = prunet.save(model, work / "own.safetensors", meta)
@@ -193,11 +193,13 @@ def recipe_path(dense_ckpt: Path, spec: dict, run_dir: Path, work: Path, log, se
     steps run on what the earlier ones left: a run whose report failed still has its rounds.
     """
     start = time.perf_counter()
-    sets = [*sets, f"data.kwargs.max_chars={spec['chars']}", f"train.lr={spec['lr']}",
-            f"prune.lr_fraction={spec['round_lr_fraction']}", f"data.batch_size={spec['batch_size']}",
-            f"train.reg_strength={spec['weight_decay']}",
-            "prune.rounds=[" + ", ".join(f"{{criterion: threshold, target: {c:g}, epochs: {spec['round_epochs']}}}"
-                                         for c in COMPRESSIONS) + "]"]
+    model = "{" + ", ".join(f"{k}: {v}" for k, v in MODEL.items()) + "}"
+    gradual = (f"{{target: {RECIPE_TARGET:g}, epochs: {spec['prune_epochs']}, prune_epochs: "
+               f"{spec['ramp'] * spec['prune_epochs']:g}, every_steps: {spec['every_steps']}, criterion: "
+               f"{spec['criterion']}, lr_fraction: {spec['prune_lr_fraction']}}}")
+    sets = [*sets, f"model.kwargs={model}", f"data.kwargs.max_chars={spec['chars']}", f"train.lr={spec['lr']}",
+            f"data.batch_size={spec['batch_size']}", f"train.reg_strength={spec['weight_decay']}",
+            "prune.rounds=[]", f"prune.gradual={gradual}"]
     errors = {}
     errors["run"] = prunet_cli("run", str(RECIPE.relative_to(ROOT)), "--from", str(dense_ckpt), "--run-dir",
                                str(run_dir), "--overwrite", *[a for s in sets for a in ("--set", s)], log=log)
@@ -230,12 +232,9 @@ def recipe_path(dense_ckpt: Path, spec: dict, run_dir: Path, work: Path, log, se
 
 
 def recipe_points(summary: dict) -> list[dict]:
-    """One row per round of ``summary.json``: target, compression, validation and test bits/char."""
-    rows = []
-    for rnd, c in zip(summary["rounds"], COMPRESSIONS):
-        rows.append({"target": c, "compression": rnd["compression"], "val_bpc": rnd["val_bits"],
-                     "test_bpc": rnd["test_bits"]})
-    return rows
+    """The gradual phase of ``summary.json``: target, compression, validation and test bits/char."""
+    return [{"target": RECIPE_TARGET, "compression": rnd["compression"], "val_bpc": rnd["val_bits"],
+             "test_bpc": rnd["test_bits"]} for rnd in summary["rounds"]]
 
 
 def train_dense(data: lm.CharData, spec: dict, device: str, log) -> tuple[nn.Module, dict]:
@@ -244,7 +243,8 @@ def train_dense(data: lm.CharData, spec: dict, device: str, log) -> tuple[nn.Mod
     model = lm.char_gpt(**MODEL).to(device)
     t = time.perf_counter()
     records = lm.train(model, data, lm.LoopConfig(epochs=spec["dense_epochs"], lr=spec["lr"],
-                       batch_size=spec["batch_size"], weight_decay=spec["weight_decay"]), log=log, label="dense")
+                       batch_size=spec["batch_size"], weight_decay=spec["weight_decay"],
+                       warmup_steps=spec["warmup_steps"]), log=log, label="dense")
     dense = {"val_bpc": lm.bits_per_char(model, data.val), "test_bpc": lm.bits_per_char(model, data.test),
              "seconds": time.perf_counter() - t, "epochs": records}
     log(f"dense: val {dense['val_bpc']:.4f}  test {dense['test_bpc']:.4f} bits/char")
@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on 50,000 characters (about a minute)")
     parser.add_argument("--no-recipe", action="store_true", help="leave out the recipe path")
+    parser.add_argument("--points", type=float, nargs="+", choices=COMPRESSIONS, metavar="N",
+                        help="the compressions to measure (default 4 10 20; the recipe path runs at 10)")
     parser.add_argument("--out", type=Path, help="the JSON file (default benchmarks/results/bench_lm*.json)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="where the models train: cpu (default), cuda")
@@ -282,19 +284,19 @@ def main(argv=None) -> int:
     coverage = str(prunet.Pruner(fresh()).coverage())
     layers = [r.layer for r in prunet.Pruner(fresh()).summary()]
     log(f"Pruner(model): {coverage}")
-    methods = {}
-    own_model = fresh()
-    points, _ = ladder_prunet(own_model, data, spec, log)
-    methods["prunet"] = {"points": points}
-    methods["torch-global-l1"] = {"points": ladder_torch(fresh(), data, spec, log)}
+    cs = sorted(args.points or COMPRESSIONS)
+    own = {c: fresh() for c in cs}
+    methods = {"prunet": {"points": [gradual_prunet(own[c], data, spec, c, log)[0] for c in cs]},
+               "torch-global-l1": {"points": [torch_l1(fresh(), data, spec, c, log) for c in cs]}}
     longer = dense_longer(fresh(), data, spec, log)
+    headline = RECIPE_TARGET if RECIPE_TARGET in cs else cs[-1]
     # The files the bench writes (checkpoints, exports, the own loop's report) and the recipe's run folder.
     run_dir = ROOT / "runs" / f"char_lm_bench{'_quick' if args.quick else ''}"
     work = run_dir.with_name(run_dir.name + "_files")
     work.mkdir(parents=True, exist_ok=True)
-    export = exported(own_model.cpu(), data, work, log)
+    export = {**exported(own[headline].cpu(), data, work, log), "target": headline}
     recipe = None
-    if not args.no_recipe:
+    if not args.no_recipe and RECIPE_TARGET in cs:
         meta = {"model": absolute("examples/char_lm.py:char_gpt"), "model_kwargs": MODEL}
         dense_ckpt = prunet.save(fresh().cpu(), work / "dense.safetensors", meta)
         sets = [f"threads={args.threads}", f"device={args.device}"]
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
         "model": MODEL, "spec": spec,
         "parameters": sum(p.numel() for p in dense_model.parameters()),
         "coverage": coverage, "pruned_layers": layers,
-        "compressions": COMPRESSIONS, "within_bpc": WITHIN,
+        "compressions": cs, "within_bpc": WITHIN,
         "dense": dense, "dense_longer": longer, "methods": methods, "export": export, "recipe": recipe,
         "seconds": time.perf_counter() - started,
     }

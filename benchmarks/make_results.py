@@ -247,12 +247,12 @@ def scale_section(data: dict) -> list[str]:
 
 LM_START, LM_END = "<!-- bench_lm: start -->", "<!-- bench_lm: end -->"
 LM_METHODS = {
-    "prunet": "the example's own loop: `Pruner` + a `PruningSchedule` of `TargetThreshold` rounds (quality × σ per "
-              "layer, one factor found per compression)",
-    "prunet-recipe": "`prunet run examples/char_lm.yaml --from` the same dense model: prunet's loop, "
-                     "`train.metric: bits_per_token`",
-    "torch-global-l1": "`torch.nn.utils.prune.global_unstructured(..., L1Unstructured)` over the same weights, "
-                       "in the example's loop",
+    "prunet": "the example's own loop: `Pruner` + `PruningSchedule.gradual` (the cubic rise, each step's sparsity "
+              "shared among the layers by ERK's densities)",
+    "prunet-recipe": "`prunet run examples/char_lm.yaml --from` the same dense model with the same gradual phase "
+                     "(`prune.gradual`): prunet's loop, `train.metric: bits_per_token`",
+    "torch-global-l1": "`torch.nn.utils.prune.global_unstructured(..., L1Unstructured)` over the same weights to the "
+                       "compression at once, then the same retraining in the example's loop",
 }
 
 
@@ -279,20 +279,22 @@ def lm_section(source: Path) -> list[str]:
            f"sha256 `{c['sha256'][:16]}…`), split by position: {c['split_chars']['train']:,} characters train, "
            f"{c['split_chars']['val']:,} validation (chooses each round's epoch), {c['split_chars']['test']:,} test "
            f"(only reported). `Pruner(model)` with its defaults: {data['coverage']}.", "",
-           f"Dense: {s['dense_epochs']} epochs, AdamW (weight decay {s['weight_decay']}), cosine rate from {s['lr']}, "
-           f"batch {s['batch_size']} × {m['block']} characters. Every method starts from that one dense model and "
-           f"prunes to 4×, then 10×, then 20× the prunable weights, each step followed by {s['round_epochs']} epochs "
-           f"of retraining at {s['round_lr_fraction']:g} of the dense rate. Test bits per character "
-           f"(lower is better; in brackets the compression reached):", "",
+           f"Dense: {s['dense_epochs']} epochs, AdamW (weight decay {s['weight_decay']}), the rate rising over "
+           f"{s['warmup_steps']} steps to {s['lr']}, then cosine; batch {s['batch_size']} × {m['block']} characters, "
+           f"dropout {m['dropout']}. Every point is a run of its own from that one dense model: {s['prune_epochs']} "
+           f"epochs at {s['prune_lr_fraction']:g} of the dense rate (cosine), the best validation epoch after the "
+           f"last prune kept; prunet's sparsity rises over the first {s['ramp']:.0%} of them, torch's cut is made "
+           f"at once. Test bits per character (lower is better; in brackets the compression reached):", "",
            "| method | dense | " + " | ".join(f"{x:g}×" for x in cs) + " |",
            "| --- | ---: |" + " ---: |" * len(cs)]
     methods = data["methods"]
     for name, method in methods.items():
-        cells = [f"{p['test_bpc']:.4f} ({p['compression']:.1f}×)" for p in method["points"]]
+        by_c = {p["target"]: p for p in method["points"]}
+        cells = [f"{by_c[x]['test_bpc']:.4f} ({by_c[x]['compression']:.1f}×)" if x in by_c else "–" for x in cs]
         out.append(f"| `{name}` | {dense['test_bpc']:.4f} | " + " | ".join(cells) + " |")
-    out += ["", f"The dense model trained on for {longer['epochs']} more epochs at the retraining rate (what the "
-                f"ladder spends to reach 10×) gives {longer['test_bpc']:.4f}: part of what pruning seems to cost or "
-                f"gain is that extra training.", ""]
+    out += ["", f"The dense model trained on for {longer['epochs']} more epochs at the retraining rate (what every "
+                f"pruned model gets) gives {longer['test_bpc']:.4f}: part of what pruning seems to cost or gain is "
+                f"that extra training.", ""]
     own = {p["target"]: p for p in methods["prunet"]["points"]}
     if 10.0 in own:
         gap = own[10.0]["test_bpc"] - dense["test_bpc"]
@@ -309,8 +311,8 @@ def lm_section(source: Path) -> list[str]:
     if "points" in recipe:
         rp = {p["target"]: p for p in recipe["points"]}
         diffs = ", ".join(f"{x:g}× {rp[x]['test_bpc'] - own[x]['test_bpc']:+.4f}" for x in cs if x in rp and x in own)
-        out.append(f"- The recipe against the own loop (the same dense model, ladder, seeds and batch order; prunet's loop instead of the example's): {diffs} "
-                   f"bits/char.")
+        out.append(f"- The recipe against the own loop (the same dense model, schedule, seeds and batch order; "
+                   f"prunet's loop instead of the example's): {diffs} bits/char.")
     if recipe.get("run_dir"):
         run_dir = Path(recipe["run_dir"])
         run_dir = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
@@ -328,7 +330,7 @@ def lm_section(source: Path) -> list[str]:
     e = data.get("export")
     if e:
         q = e["quantized"]
-        out.append(f"- The own loop's 20× model exported (`prunet.export`): {e['compact']['bytes']:,} B against "
+        out.append(f"- The own loop's {e.get('target', 20.0):g}× model exported (`prunet.export`): {e['compact']['bytes']:,} B against "
                    f"{e['compact']['dense_bytes']:,} B of dense float32 tensors "
                    f"({e['compact']['dense_bytes'] / e['compact']['bytes']:.1f}× smaller), loaded back with outputs "
                    f"{'equal' if e['compact']['equal'] else 'NOT equal'}; quantized "

@@ -324,6 +324,7 @@ class LoopConfig:
     batch_size: int = 32
     weight_decay: float = 0.01
     seed: int = 0
+    warmup_steps: int = 0  # the rate rises linearly over the first steps (a wide model from scratch needs it)
 
 
 def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSchedule | None = None,
@@ -345,15 +346,16 @@ def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSc
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)  # the batch order, on the CPU whatever the device
     device = next(model.parameters()).device
-    records, best, best_state = [], math.inf, None
+    records, best, best_state, taken = [], math.inf, None, 0
     for epoch in range(cfg.epochs):
         lr = cosine_lr(epoch, cfg.epochs, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         model.train()
         start, nats, steps = time.perf_counter(), 0.0, 0
         order = torch.randperm(len(data.train), generator=generator)
         for i in range(0, len(order), cfg.batch_size):
+            taken += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, taken / cfg.warmup_steps) if cfg.warmup_steps else lr
             if schedule is not None:
                 for event in schedule.step(optimizer):
                     log(f"{label} prune: {event.label}")
