@@ -616,3 +616,25 @@ def test_a_library_without_the_features_function_is_a_reason(tmp_path):
     subprocess.run(["gcc", "-shared", "-fPIC", str(tmp_path / "part.c"), "-o", str(tmp_path / "part.so")], check=True)
     lib = native.open_library(tmp_path / "part.so")
     assert lib.cdll is None and "does not load" in lib.reason
+
+
+def test_buffers_swapped_by_functional_call_or_written_directly_are_used():
+    """torch.func.functional_call swaps buffers in ``_buffers`` itself, as a direct write does: the native chain
+    and torch's CSR copy (the float64 path) must read the swapped ones, then the originals again."""
+    dense, seq = sequential_pair()
+    x = torch.randn(3, 64)
+    layer = seq[0]
+    with torch.no_grad():
+        seq(x), layer(x), layer(x.double())
+        zero = torch.zeros(32)
+        assert close(torch.func.functional_call(layer, {"bias": zero}, (x,)), F.linear(x, dense[0].weight))
+        assert close(torch.func.functional_call(seq, {"0.bias": zero}, (x,)),
+                     dense[2](dense[1](F.linear(x, dense[0].weight))))
+        assert close(layer(x), dense[0](x)) and close(seq(x), dense(x))  # the originals back
+        layer._buffers["values"] = layer.values * 2
+        dense[0].weight.mul_(2)
+        assert close(layer(x), dense[0](x)) and close(seq(x), dense(x))
+        assert torch.allclose(layer(x.double()), dense[0].double()(x.double()))
+        layer.values.mul_(0.5)  # in place: the CSR copy too
+        dense[0].weight.mul_(0.5)
+        assert torch.allclose(layer(x.double()), dense[0].double()(x.double()))

@@ -89,6 +89,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Module, use_native: bool | None = None, values: str | None = None):
         super().__init__()
+        object.__setattr__(self, "_buffers", _Buffers())
         weight = linear.weight.detach()
         weight = weight.t() if is_hf_conv1d(linear) else weight  # Conv1D holds (in, out)
         self.out_features, self.in_features = weight.shape
@@ -152,30 +153,17 @@ class SparseLinear(nn.Module):
         return built[1]
 
     def _csr(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's CSR matrix of the weight in ``x``'s dtype, on its device; built once for each."""
-        key = f"csr {x.dtype} {x.device}"
-        if key not in self._cache:
-            self._cache[key] = self.packed().csr(x.dtype, x.device)
-        return self._cache[key]
+        """torch's CSR matrix of the weight in ``x``'s dtype, on its device; built again after the buffers
+        change (reassigned, or in place: their version counters)."""
+        key, stamp = f"csr {x.dtype} {x.device}", (_generation[0], _versions(self._buffers.values()))
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = self._cache[key] = stamp, self.packed().csr(x.dtype, x.device)
+        return cached[1]
 
     def _apply(self, *args, **kwargs):
         self._cache = {}  # the buffers move or change dtype: what was built from them is stale
-        _buffers_changed()  # and the fused chains of a SparseSequential holding this layer
         return super()._apply(*args, **kwargs)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self.__dict__.get("_buffers", ()):
-            _buffers_changed()  # a buffer reassigned: chains read the new one
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if name in self._buffers:
-            _buffers_changed()
-        super().__delattr__(name)
-
-    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        _buffers_changed()
-        super().register_buffer(name, tensor, persistent)
 
     def __getstate__(self):
         return {**super().__getstate__(), "_cache": {}}  # ctypes pointers neither copy nor pickle
@@ -183,6 +171,8 @@ class SparseLinear(nn.Module):
     def __setstate__(self, state):
         if "kernel" in state:  # pickled before ``kernel`` became a property
             state["_kernel"] = state.pop("kernel")
+        if type(state.get("_buffers")) is dict:  # pickled before the buffers were watched
+            state["_buffers"] = _Buffers(state["_buffers"])
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
@@ -215,15 +205,59 @@ def native_step(layer: SparseLinear) -> Step | None:
     return Step(packed, bias) if packed.native else None
 
 
-# Bumped whenever a SparseLinear's buffer is reassigned, registered, deleted or converted (``_apply``): a
-# chain built at another count is built again from the buffers as they are now. One count for every layer,
-# so that a call compares one integer, not each buffer: reassignments are rare, calls of a small layer take
+# Bumped whenever a SparseLinear's buffer is set or removed, by any path (:class:`_Buffers`): a chain built
+# at another count is built again from the buffers as they are now. One count for every layer, so that a
+# call compares one integer, not each buffer: such changes are rare, calls of a small layer take
 # microseconds. In-place changes and moved memory are the chain's own check (Chain.run).
 _generation = [0]
 
 
 def _buffers_changed() -> None:
     _generation[0] += 1
+
+
+class _Buffers(dict):
+    """A SparseLinear's ``_buffers``: a buffer set or removed by any path (setattr, ``register_buffer``,
+    ``_apply``, ``torch.func.functional_call``, ``_buffers[name] = t``) bumps the generation once made."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        _buffers_changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        _buffers_changed()
+
+    def pop(self, *args):
+        try:
+            return super().pop(*args)
+        finally:
+            _buffers_changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        _buffers_changed()
+
+    def setdefault(self, key, default=None):
+        try:
+            return super().setdefault(key, default)
+        finally:
+            _buffers_changed()
+
+    def clear(self):
+        super().clear()
+        _buffers_changed()
+
+
+def _versions(tensors) -> tuple:
+    """The version counters of ``tensors`` (None for a missing one, or one made under inference mode)."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(None if t is None else t._version)
+        except RuntimeError:  # an inference tensor has no version counter
+            out.append(None)
+    return tuple(out)
 
 
 def _chain(layers: list[SparseLinear], relus: list[bool]) -> Chain | None:
