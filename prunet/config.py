@@ -399,9 +399,11 @@ class AcdcConfig:
         _range(where + ".warmup_epochs", self.warmup_epochs, 0, None)
         if self.final_epochs is not None:
             _range(where + ".final_epochs", self.final_epochs, 1, None)
-        if self.warmup_epochs + self.final > self.epochs:
-            raise ConfigError(f"{where}: warmup_epochs + final_epochs ({self.warmup_epochs} + {self.final}) exceed "
-                              f"epochs ({self.epochs})")
+        if self.warmup_epochs + 2 * self.phase_epochs + self.final > self.epochs:
+            raise ConfigError(f"{where}: {self.epochs} epochs hold no compressed and decompressed phase of "
+                              f"{self.phase_epochs} epochs each besides warmup_epochs {self.warmup_epochs} and the "
+                              f"last compressed phase of {self.final}: give more epochs, or shorter phase_epochs "
+                              f"or final_epochs")
         _choice(where + ".criterion", self.criterion, tuple(ALLOCATIONS))
         if self.lr_fraction is not None:
             _range(where + ".lr_fraction", self.lr_fraction, 0.0, None, lo_open=True)
@@ -591,8 +593,8 @@ class Recipe:
         )
 
     def dense_only(self) -> "Recipe":
-        """This recipe without pruning rounds: dense training alone."""
-        return dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[]))
+        """This recipe without pruning (rounds, gradual or AC/DC phase): dense training alone."""
+        return dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[], gradual=None, acdc=None))
 
     def target_ladder(self, target: float, step: float = LADDER_STEP) -> "Recipe":
         """This recipe with its rounds replaced by a ladder of target rounds up to ``target``.
@@ -638,10 +640,15 @@ class Recipe:
         if method == "paper":
             return ladder
         epochs = sum(r.epochs for r in ladder.prune.rounds)
+        if epochs < (3 if method == "acdc" else 1):
+            raise ConfigError(f"--method {method}: the ladder to {target:g}x spends {epochs} epochs of retraining; "
+                              f"{method} needs at least {3 if method == 'acdc' else 1} (raise the rounds' epochs)")
         lr_fraction = ladder.prune.rounds[0].lr_fraction
         gradual = GradualConfig(target=target, epochs=epochs, criterion="erk", lr_fraction=lr_fraction) \
             if method == "gradual" else None
-        acdc = AcdcConfig(target=target, epochs=epochs, phase_epochs=max(1, epochs // 8), lr_fraction=lr_fraction) \
+        phase = max(1, epochs // 8)
+        acdc = AcdcConfig(target=target, epochs=epochs, phase_epochs=phase, lr_fraction=lr_fraction,
+                          final_epochs=max(1, min(max(2 * phase, epochs // 4), epochs - 2 * phase))) \
             if method == "acdc" else None
         recipe = dataclasses.replace(self, prune=dataclasses.replace(self.prune, rounds=[], gradual=gradual, acdc=acdc))
         recipe.validate()

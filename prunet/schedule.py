@@ -113,9 +113,9 @@ def acdc_events(begin: int, end: int, phase: int, warmup: int, final: int, spars
     >>> [(e.step, e.label) for e in acdc_events(0, 100, 20, 10, 30, 0.9)]
     [(0, 'decompressed'), (10, 'compressed 0.9000'), (30, 'decompressed'), (50, 'compressed (final) 0.9000')]
     """
-    if not (0 <= begin and phase >= 1 and warmup >= 0 and final >= 1 and begin + warmup + final <= end):
-        raise ValueError(f"acdc: needs phase >= 1, final >= 1, warmup >= 0 and warmup + final within the "
-                         f"{end - begin} steps; got phase={phase}, warmup={warmup}, final={final}")
+    if not (0 <= begin and phase >= 1 and warmup >= 0 and final >= 1 and begin + warmup + 2 * phase + final <= end):
+        raise ValueError(f"acdc: needs phase >= 1, final >= 1, warmup >= 0 and warmup + two phases + final within "
+                         f"the {end - begin} steps; got phase={phase}, warmup={warmup}, final={final}")
 
     def compress(step: int, label: str) -> PruneEvent:
         return PruneEvent(step, allocation(criterion, sparsity), None, f"{label} {sparsity:.4f}", release=True)

@@ -605,3 +605,10 @@ def test_target_method_gives_gradual_and_acdc_the_ladders_epochs():
     assert gradual.gradual.target == 100 and acdc.acdc.target == 100 and acdc.acdc.epochs == epochs
     with pytest.raises(ConfigError, match="--method: one of paper, gradual, acdc"):
         recipe.target_method(100, "movement")
+    short = recipe_from_dict({"prune": {"rounds": [{"criterion": "threshold", "quality": 1.0, "epochs": 1}]}})
+    assert short.target_method(8, "acdc").prune.acdc.epochs == 3  # the smallest budget with a whole pair
+    with pytest.raises(ConfigError, match="--method acdc: the ladder to 4x spends 2 epochs"):
+        short.target_method(4, "acdc")
+    with pytest.raises(ConfigError, match="--method gradual: the ladder to 8x spends 0 epochs"):
+        recipe_from_dict({"prune": {"rounds": [{"quality": 1.0, "epochs": 0}]}}).target_method(8, "gradual")
+    assert recipe.target_method(100, "acdc").dense_only().prune.acdc is None  # prunet train: dense alone

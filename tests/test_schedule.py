@@ -294,6 +294,7 @@ def test_an_acdc_schedule_resumes_to_the_same_masks():
     ({"target": 0.5, "steps": 10, "phase": 2}, "target"),
     ({"target": 10, "steps": 10, "phase": 0}, "phase >= 1"),
     ({"target": 10, "steps": 10, "phase": 2, "warmup": 9}, "within the 10 steps"),
+    ({"target": 10, "steps": 10, "phase": 3}, "two phases"),  # no decompressed phase would fit: one-shot in disguise
     ({"target": 10, "steps": 10, "phase": 2, "criterion": "threshold"}, "criterion"),
 ])
 def test_acdc_errors_say_what_is_wrong(kwargs, match):
@@ -322,7 +323,8 @@ def test_an_acdc_run_lands_on_its_target_and_resumes_across_its_phases_to_the_sa
 
 def test_acdc_recipe_errors_name_the_field():
     for acdc, match in [({"epochs": 4}, "acdc.target: required"), ({"target": 10, "epochs": 4, "final_epochs": 5},
-                                                                     "exceed epochs"),
+                                                                     "hold no compressed and decompressed phase"),
+                        ({"target": 10, "epochs": 10, "phase_epochs": 3}, "hold no compressed and decompressed"),
                         ({"target": 10, "criterion": "threshold"}, "acdc.criterion")]:
         with pytest.raises(ConfigError, match=match):
             recipe_from_dict({"prune": {"acdc": acdc}})
