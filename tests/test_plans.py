@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunet.sparse import modules, plan, sparsify
+from prunet.sparse import modules, plan, plans, sparsify
 from prunet.sparse.plans import PlanCache, default_path
 
 
@@ -142,3 +142,33 @@ def test_an_entry_edited_into_nonsense_is_timed_again(cache_file, monkeypatch):
     monkeypatch.setattr(modules, "paired_seconds", timings)
     chosen = sparsify(mlp(), x)
     assert timings.calls >= 2 and set(paths(chosen).values()) == {"dense"}
+
+
+def test_with_the_cache_off_nothing_is_hashed_and_a_gpu_is_never_asked(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(modules, "paired_seconds", Timings(0.3))
+    with monkeypatch.context() as m:
+        m.setattr(plans, "pattern", fail)  # hashing a big layer's pattern is work the cache alone needs
+        sparsify(mlp(), torch.randn(1, 64), cache=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", fail)  # asking would start CUDA on a GPU machine
+    assert "threads" in plans.machine() and "cpu" in plans.layer_entry(mlp()[0], torch.randn(1, 64), "CSR", 0.9, 3)
+
+
+def test_two_processes_keep_each_others_plans_and_odd_fields_do_not_crash(cache_file):
+    first, second = PlanCache(cache_file), PlanCache(cache_file)
+    assert first.get("a") is None and second.get("b") is None  # both read the (empty) file before either wrote
+    first.put("a", {"ratio": 0.5})
+    first.save()
+    second.put("b", {"ratio": 0.7})
+    second.save()
+    assert PlanCache(cache_file).get("a") == {"ratio": 0.5} and PlanCache(cache_file).get("b") == {"ratio": 0.7}
+    data = json.loads(cache_file.read_text())
+    for entry in data["entries"].values():
+        entry["measured"] = None
+    cache_file.write_text(json.dumps(data))
+    third = PlanCache(cache_file)
+    third.put("c", {"ratio": 0.9})
+    third.save()
+    assert PlanCache(cache_file).get("c") == {"ratio": 0.9}

@@ -579,7 +579,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
         fastest a :class:`SparseSequential` of its children (``model`` itself then runs them unfused).
     """
     model.eval()
-    store, structure = PlanCache.open(cache), repr(model)
+    store = PlanCache.open(cache) if isinstance(example_input, torch.Tensor) else None
+    structure = repr(model) if store is not None else ""
     layers = [layer for layer in find_layers(model) if sparse_twin_type(layer.module)]
     inputs = _layer_inputs(model, example_input, [layer.layer for layer in layers])
     timed, entries = [], []
@@ -590,15 +591,16 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, repeats: int = 15, m
             continue
         twin = sparse_twin(module)
         x = torch.randn(seen.shape, dtype=seen.dtype, device=seen.device)
-        entries.append(layer_entry(module, x, twin.kernel, margin, repeats))
+        entries.append(layer_entry(module, x, twin.kernel, margin, repeats) if store is not None else "")
         choice = _remembered(store, entries[-1], lambda: choose(
             paired_seconds(lambda: module(x), lambda: twin(x), repeats), margin, twin.kernel))
         module._prunet_plan = twin._prunet_plan = choice.reason
         timed.append((layer, twin, choice))
-    if not timed:
-        return model
-    return _settle(model, example_input, timed, repeats, store, model_entry(structure, entries, example_input,
-                                                                            repeats))
+    what = model_entry(structure, entries, example_input, repeats) if store is not None else ""
+    chosen = _settle(model, example_input, timed, repeats, store, what) if timed else model
+    if store is not None:
+        store.save()
+    return chosen
 
 
 def _remembered(store: PlanCache | None, what: str, measure: Callable[[], Choice]) -> Choice:
@@ -655,7 +657,7 @@ def _settle(model: nn.Module, example_input: torch.Tensor, timed: list, repeats:
         whole["alone"] = _remembered(store, f"{what}; alone {sorted(alone)}", lambda: choose(
             paired_seconds(run, run, repeats, prepare=chosen_if_sparse), margin=1.0))
     if fused is not None:
-        whole["fused"] = _remembered(store, f"{what}; fused {fused.runs}", lambda: choose(
+        whole["fused"] = _remembered(store, f"{what}; fused {fused.runs} with {sorted(alone)}", lambda: choose(
             paired_seconds(run, lambda: fused(example_input), repeats, prepare=chosen_if_sparse), margin=1.0))
     best = min((k for k, c in whole.items() if c.sparse), key=lambda k: whole[k].ratio, default=None)
     if best == "fused":
