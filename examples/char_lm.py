@@ -324,7 +324,8 @@ class LoopConfig:
     batch_size: int = 32
     weight_decay: float = 0.01
     seed: int = 0
-    warmup_steps: int = 0  # the rate rises linearly over the first steps (a wide model from scratch needs it)
+    warmup_steps: int = 0  # the rate rises linearly over the first steps of each call (a wide model from scratch
+    #                        needs it); the epoch's logged rate is the cosine one, before the warm-up
 
 
 def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSchedule | None = None,
@@ -343,6 +344,8 @@ def train(model: nn.Module, data: CharData, cfg: LoopConfig, schedule: PruningSc
     Returns:
         One record per epoch: ``epoch``, ``lr``, ``train_bpc`` (the epoch's running mean), ``val_bpc``, ``seconds``.
     """
+    if cfg.warmup_steps < 0 or cfg.epochs < 0 or cfg.lr < 0:
+        raise ValueError(f"LoopConfig: epochs, lr and warmup_steps must be >= 0, got {cfg}")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)  # the batch order, on the CPU whatever the device
     device = next(model.parameters()).device
