@@ -277,7 +277,7 @@ def lm_section(source: Path) -> list[str]:
            f"trained on the first {c['chars']:,} characters of {c.get('label') or 'Python ' + c['python'] + chr(39) + 's standard library'} "
            f"({c['n_files']} top-level `*.py` files in name order, `{c['files'][0]}` to `{c['files'][-1]}`; "
            f"sha256 `{c['sha256'][:16]}…`), split by position: {c['split_chars']['train']:,} characters train, "
-           f"{c['split_chars']['val']:,} validation (chooses each round's epoch), {c['split_chars']['test']:,} test "
+           f"{c['split_chars']['val']:,} validation (chooses each run's epoch), {c['split_chars']['test']:,} test "
            f"(only reported). `Pruner(model)` with its defaults: {data['coverage']}.", "",
            f"Dense: {s['dense_epochs']} epochs, AdamW (weight decay {s['weight_decay']}), the rate rising over "
            f"{s['warmup_steps']} steps to {s['lr']}, then cosine; batch {s['batch_size']} × {m['block']} characters, "
@@ -296,6 +296,9 @@ def lm_section(source: Path) -> list[str]:
                 f"pruned model gets) gives {longer['test_bpc']:.4f}: part of what pruning seems to cost or gain is "
                 f"that extra training.", ""]
     own = {p["target"]: p for p in methods["prunet"]["points"]}
+    missing = [f"{x:g}×" for x in (4.0, 10.0, 20.0) if x not in cs]
+    if missing:
+        out.append(f"- Not measured in this run (`--points`): {', '.join(missing)}.")
     if 10.0 in own:
         gap = own[10.0]["test_bpc"] - dense["test_bpc"]
         gap_longer = own[10.0]["test_bpc"] - longer["test_bpc"]
@@ -311,8 +314,10 @@ def lm_section(source: Path) -> list[str]:
     if "points" in recipe:
         rp = {p["target"]: p for p in recipe["points"]}
         diffs = ", ".join(f"{x:g}× {rp[x]['test_bpc'] - own[x]['test_bpc']:+.4f}" for x in cs if x in rp and x in own)
-        out.append(f"- The recipe against the own loop (the same dense model, schedule, seeds and batch order; "
-                   f"prunet's loop instead of the example's): {diffs} bits/char.")
+        vdiffs = ", ".join(f"{x:g}× {rp[x]['val_bpc'] - own[x]['val_bpc']:+.4f}" for x in cs if x in rp and x in own)
+        out.append(f"- The recipe against the own loop (the same dense model and schedule; prunet's loop, with its "
+                   f"own batch order and dropout draws, instead of the example's): test {diffs}, validation "
+                   f"{vdiffs} bits/char.")
     if recipe.get("run_dir"):
         run_dir = Path(recipe["run_dir"])
         run_dir = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
