@@ -638,3 +638,13 @@ def test_buffers_swapped_by_functional_call_or_written_directly_are_used():
         layer.values.mul_(0.5)  # in place: the CSR copy too
         dense[0].weight.mul_(0.5)
         assert torch.allclose(layer(x.double()), dense[0].double()(x.double()))
+
+
+@needs_native
+def test_a_reassigned_in_features_never_sends_a_narrower_input_to_the_kernel():
+    layer = SparseLinear(linear_with(weight_of("f32", 16, 64, 0.3, seed=21), True))
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+        layer.in_features = 8  # a user's edit: the packed weight still has 64 columns
+        with pytest.raises(ValueError, match="column index"):  # the kernel would have read past x
+            layer(torch.randn(2, 8))

@@ -150,7 +150,8 @@ class SparseLinear(nn.Module):
         built = self._cache.get("chain")  # (the buffer generation it was built at, the chain or None: cannot be)
         if built is None or built[0] != _generation[0]:
             built = self._cache["chain"] = _generation[0], _chain([self], [False])
-        return built[1]
+        chain = built[1]  # the width its buffers describe, not the attribute (which a user can reassign)
+        return chain if chain is not None and chain.in_features == x.shape[-1] else None
 
     def _csr(self, x: torch.Tensor) -> torch.Tensor:
         """torch's CSR matrix of the weight in ``x``'s dtype, on its device; built again after the buffers
