@@ -98,8 +98,9 @@ class PlanCache:
     def put(self, what: str, value: dict) -> None:
         """Keep ``value`` for ``what`` on this machine (in the file at the next :meth:`save`)."""
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self._read()[_key(what)] = {"what": what, "machine": machine(), "measured": stamp, "value": value}
-        self._new[_key(what)] = self._entries[_key(what)]
+        where = machine()
+        key = _key(what, where)
+        self._read()[key] = self._new[key] = {"what": what, "machine": where, "measured": stamp, "value": value}
 
     def save(self) -> None:
         """Write the entries :meth:`put` since the last save into the file, merged into what it holds now (another
@@ -147,8 +148,9 @@ def _entries_of(path: Path, warn: bool = False) -> dict[str, dict]:
         return {}
 
 
-def _key(what: str) -> str:
-    return hashlib.sha256(f"{machine()}\n{what}".encode()).hexdigest()
+def _key(what: str, where: str | None = None) -> str:
+    """The entry's key: ``what`` was timed on ``where`` (default this machine, :func:`machine`)."""
+    return hashlib.sha256(f"{machine() if where is None else where}\n{what}".encode()).hexdigest()
 
 
 def machine() -> str:
