@@ -512,6 +512,25 @@ def test_buffers_changed_in_place_or_registered_again_are_used():
 
 
 @needs_native
+def test_layers_built_under_inference_mode_run_the_kernel_they_name(monkeypatch):
+    """Buffers made under torch.inference_mode have no version counter: the layers said ``native`` and ran
+    torch's CSR product."""
+    ran = []
+    run = native.Chain.run
+    monkeypatch.setattr(native.Chain, "run", lambda self, x: ran.append(len(self._keep)) or run(self, x))
+    dense, _ = sequential_pair()
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        seq = SparseSequential(SparseLinear(dense[0]), nn.ReLU(), SparseLinear(dense[2])).eval()
+        assert seq[0].kernel == "native f32" and close(seq[0](x), dense[0](x)) and ran == [1]
+        assert close(seq(x), dense(x)) and ran == [1, 2]  # the fused chain: both layers in one call
+        seq[0].values.mul_(2)  # in place, under inference mode: no version to bump, the kernel reads the memory
+        with torch.no_grad():
+            dense[0].weight.mul_(2)
+        assert close(seq(x), dense(x)) and ran == [1, 2, 2]
+
+
+@needs_native
 def test_a_layer_sent_through_forking_pickler_still_runs_in_this_process():
     from multiprocessing.reduction import ForkingPickler
     layer = SparseLinear(linear_with(weight_of("f32", 128, 256, 0.3, seed=14), True))

@@ -384,7 +384,7 @@ class Chain:
 
     def _where(self) -> tuple[list[int], list[int]]:
         """The tensors' addresses and version counters: what the described layers were built from."""
-        return list(map(_data_ptr, self.tensors)), list(map(_version, self.tensors))
+        return list(map(_data_ptr, self.tensors)), _versions(self.tensors)
 
     def _redescribe(self) -> None:
         """Describe every layer again from its tensors as they are now, checking them again (ValueError)."""
@@ -419,6 +419,15 @@ class Chain:
 
 
 _data_ptr, _version = torch.Tensor.data_ptr, operator.attrgetter("_version")
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """The tensors' version counters; 0 for one made under inference mode, which has none (it can change in
+    place only under inference mode: new values are read where they lie, new memory moves its address)."""
+    try:
+        return list(map(_version, tensors))  # the common case at C speed: a call of a small layer takes µs
+    except RuntimeError:
+        return [0 if t.is_inference() else t._version for t in tensors]
 
 
 def _describe(step: Step) -> _Layer:
