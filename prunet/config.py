@@ -174,6 +174,10 @@ class TrainConfig:
     """With ``step``: epochs between decays."""
     lr_gamma: float = 0.1
     """With ``step``: decay factor."""
+    warmup_steps: int = 0
+    """Dense training only: the rate rises linearly from ``lr / warmup_steps`` to the schedule's over the first
+    ``warmup_steps`` optimizer steps (a transformer trained from scratch at AdamW's usual rates needs it).
+    Retraining after a prune starts at its own rate at once."""
     amp: str = "none"
     """Mixed precision: ``bf16`` (autocast), ``fp16`` (autocast and a gradient scaler) or ``none``.
     Weights, masks and optimizer state stay float32; masked weights stay exactly zero."""
@@ -214,6 +218,7 @@ class TrainConfig:
         _choice(where + ".lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _range(where + ".lr_step_epochs", self.lr_step_epochs, 1, None)
         _range(where + ".lr_gamma", self.lr_gamma, 0.0, 1.0, lo_open=True)
+        _range(where + ".warmup_steps", self.warmup_steps, 0, None)
 
 
 @dataclass
@@ -590,6 +595,7 @@ class Recipe:
             lr_schedule=p.lr_schedule,
             regularization=regularization or p.regularization or train.regularization,
             reg_strength=strength if strength is not None else train.reg_strength,
+            warmup_steps=0,
         )
 
     def dense_only(self) -> "Recipe":

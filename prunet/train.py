@@ -325,6 +325,10 @@ class _Loop:
             disable=None if ranks.main else True,  # no bar when stderr is not a terminal (CI logs)
         )
         for batch, (x, y) in enumerate(bar):
+            taken = epoch * self.steps + batch + 1  # optimizer steps of this phase so far, this one included
+            if taken <= cfg.warmup_steps:  # the last warm-up step sets the epoch's own rate
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * taken / cfg.warmup_steps
             loss, out = self.step(x, y, epoch, lr)
             if o.on_step is not None:
                 o.on_step(epoch * self.steps + batch + 1)

@@ -124,6 +124,7 @@ def test_wrong_type(data, field, words):
         ({"train": {"epochs": -1}}, "train.epochs"),
         ({"train": {"momentum": 1.0}}, "train.momentum"),
         ({"train": {"lr_gamma": 0}}, "train.lr_gamma"),
+        ({"train": {"warmup_steps": -1}}, "train.warmup_steps"),
         ({"model": {"dropout": 1.0}}, "model.dropout"),
         ({"model": {"dropout": -0.1}}, "model.dropout"),
         ({"model": {"num_classes": 1}}, "model.num_classes"),

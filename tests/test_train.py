@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from prunet import Pruner, Threshold
 from prunet.config import TrainConfig
@@ -68,6 +69,27 @@ def test_schedule_sets_each_epochs_lr(lenet, fashion):
     _, records = train(lenet, fashion, cfg)
     assert [r.lr for r in records] == [0.1, 0.1, 0.05]
     assert [round(lr_at(e, 4, 0.1, "cosine"), 4) for e in range(4)] == [0.1, 0.0854, 0.05, 0.0146]
+
+
+def test_warmup_raises_the_rate_linearly_over_the_first_steps_of_dense_training(lenet, fashion):
+    rates = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    try:
+        cfg = dataclasses.replace(CFG, epochs=2, lr=0.1, lr_schedule="constant", warmup_steps=24)
+        _, records = train(lenet, fashion, cfg)
+    finally:
+        hook.remove()
+    assert len(rates) == 32  # 1000 images, batches of 64: 16 steps an epoch
+    assert rates[:24] == pytest.approx([0.1 * k / 24 for k in range(1, 25)])  # across the epoch boundary
+    assert rates[24:] == pytest.approx([0.1] * 8)
+    assert [r.lr for r in records] == [0.1, 0.1]  # each epoch reports its scheduled rate
+
+
+def test_retraining_after_a_prune_has_no_warmup():
+    from prunet.config import recipe_from_dict
+    recipe = recipe_from_dict({"train": {"lr": 0.1, "warmup_steps": 100}, "prune": {"lr_fraction": 0.1}})
+    assert recipe.train.warmup_steps == 100 and recipe.retrain_config(3).warmup_steps == 0
 
 
 def test_frozen_parameters_are_bit_identical(lenet, fashion):
