@@ -751,7 +751,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ConfigError as e:
                 # A mapping that fails inside the mapping branch: report the inner field.
-                if typing.get_origin(arg) is dict and isinstance(value, dict):
+                if (typing.get_origin(arg) is dict or dataclasses.is_dataclass(arg)) and isinstance(value, dict):
                     raise e from None
         raise ConfigError(f"{where}: expected {_describe(tp)}, got {_typename(value)} {value!r}")
     if tp is Any:  # a factory's own arguments: plain YAML values, passed as they are
@@ -792,7 +792,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _describe(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     words = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
-    return " or ".join(words.get(a, "a mapping" if typing.get_origin(a) is dict else "a list") for a in args)
+    return " or ".join(words.get(a, "a mapping" if typing.get_origin(a) is dict or dataclasses.is_dataclass(a)
+                                 else "a list") for a in args)
 
 
 def _typename(value: Any) -> str:

@@ -206,7 +206,8 @@ class PruningSchedule:
         if gradual is not None:
             cfg = recipe.retrain_config(gradual.epochs, gradual.lr_fraction)
             begin = epoch * steps_per_epoch
-            end = begin + round(gradual.ramp_epochs * steps_per_epoch)
+            # The last change at the phase's last step at the latest: a loop runs epochs * steps_per_epoch steps.
+            end = begin + min(round(gradual.ramp_epochs * steps_per_epoch), gradual.epochs * steps_per_epoch - 1)
             events += gradual_events(begin, end, gradual.every_steps, gradual.initial_sparsity, gradual.sparsity,
                                      gradual.criterion)
             phases.append((epoch, cfg))
@@ -252,6 +253,9 @@ class PruningSchedule:
         if not (0 <= start <= end) or every < 1 or criterion not in ALLOCATIONS:
             raise ValueError(f"gradual: needs 0 <= start <= end, every >= 1 and criterion {'|'.join(ALLOCATIONS)}; got "
                              f"start={start}, end={end}, every={every}, criterion={criterion!r}")
+        if not 0 <= initial <= 1 - 1 / target:
+            raise ValueError(f"gradual: initial sparsity {initial} outside 0..{1 - 1 / target:.4f} (the target's); "
+                             f"masks only grow, so the schedule could never come back to the target")
         return cls(pruner, gradual_events(start, end, every, initial, 1 - 1 / target, criterion), total_steps=end + 1)
 
     @classmethod

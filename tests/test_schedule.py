@@ -147,6 +147,11 @@ def test_a_schedule_resumes_from_its_state_dict():
     ({"final_sparsity": 0.9, "initial_sparsity": 0.95}, "initial_sparsity"),
     ({"target": 10, "epochs": 4, "prune_epochs": 5}, "prune_epochs"),
     ({"target": 10, "criterion": "threshold"}, "criterion"),
+    ({"target": 10, "phase": 2}, r"prune.gradual.phase: unknown field"),
+    ({"target": 10, "every_steps": 1.5}, r"prune.gradual.every_steps: expected an integer"),
+    ({"target": float("nan")}, r"prune.gradual.target: expected a number"),
+    ({"target": "10x"}, r"prune.gradual.target: expected a number"),
+    ([1, 2], r"prune.gradual: expected a mapping, got a list"),
 ])
 def test_gradual_recipe_errors_name_the_field(gradual, match):
     with pytest.raises(ConfigError, match=match):
@@ -227,6 +232,29 @@ def test_gradual_and_ladder_schedules_without_a_recipe_reach_their_target_in_a_u
             assert not bool((dict(model.named_parameters())[name][mask == 0] != 0).any())
     with pytest.raises(ValueError, match="target: a compression >= 1"):
         PruningSchedule.gradual(Pruner(create_model("lenet_300_100")), target=0.5, start=0, end=10)
+
+
+@pytest.mark.parametrize("gradual, steps_per_epoch", [
+    ({"target": 10, "epochs": 2, "prune_epochs": 2, "every_steps": 2}, 5),  # the ramp as long as the phase
+    ({"target": 10, "epochs": 1}, 2),  # the default ramp (3/4 of it) rounds up to the whole phase
+])
+def test_a_gradual_recipe_in_a_users_loop_reaches_its_target_within_its_steps(gradual, steps_per_epoch):
+    recipe = recipe_from_dict({"model": {"name": "lenet_300_100"}, "prune": {"gradual": gradual}})
+    torch.manual_seed(0)
+    model = create_model("lenet_300_100")
+    pruner = Pruner(model)
+    schedule = PruningSchedule.from_recipe(recipe, pruner, steps_per_epoch=steps_per_epoch, dense=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    user_loop(model, schedule, optimizer, schedule.epochs * steps_per_epoch)
+    assert pruner.compression() == pytest.approx(10, rel=0.01)
+
+
+def test_gradual_refuses_a_start_sparser_than_its_target():
+    pruner = Pruner(create_model("lenet_300_100"))
+    for initial in (0.99, 1.5, -0.1):
+        with pytest.raises(ValueError, match="initial"):
+            PruningSchedule.gradual(pruner, target=2, start=0, end=10, every=5, initial=initial)
+    assert PruningSchedule.gradual(pruner, target=2, start=0, end=10, every=5, initial=0.5).events
 
 
 def test_acdc_alternates_sparse_and_dense_phases_and_ends_at_its_target():
@@ -325,7 +353,10 @@ def test_acdc_recipe_errors_name_the_field():
     for acdc, match in [({"epochs": 4}, "acdc.target: required"), ({"target": 10, "epochs": 4, "final_epochs": 5},
                                                                      "hold no compressed and decompressed phase"),
                         ({"target": 10, "epochs": 10, "phase_epochs": 3}, "hold no compressed and decompressed"),
-                        ({"target": 10, "criterion": "threshold"}, "acdc.criterion")]:
+                        ({"target": 10, "criterion": "threshold"}, "acdc.criterion"),
+                        ({"target": 10, "epochs": 10, "phase": 2}, "prune.acdc.phase: unknown field"),
+                        ({"target": 10, "epochs": 10, "phase_epochs": 1.5}, "acdc.phase_epochs: expected an integer"),
+                        ({"target": float("inf"), "epochs": 10}, "acdc.target: expected a number")]:
         with pytest.raises(ConfigError, match=match):
             recipe_from_dict({"prune": {"acdc": acdc}})
 
