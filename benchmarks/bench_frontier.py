@@ -1,7 +1,8 @@
 """Where pruning methods diverge: 25x to 200x (96-99.5% sparsity), every method from the same dense models.
 
 Run with ``python benchmarks/bench_frontier.py`` (LeNet-300-100 with 3 seeds, about 35 minutes on 2
-cores; LeNet-5 with 2 seeds, about 80 more: ``--models lenet_300_100 lenet_5``; ``--quick``: one
+cores; LeNet-5 with 2 seeds, about 80 more: ``--models lenet_300_100 lenet_5``, or one per session with
+``--keep-others``, which keeps the other model's results in the file; ``--quick``: one
 seed of LeNet-300-100 on 15,000 images up to 50x, a few minutes, numbers meaningless). The data,
 split, loop, optimizer, batch and learning rate are ``bench_reproduce.py``'s (Fashion-MNIST,
 5,000 validation images that choose every epoch kept, test only reported). Per seed one dense model;
@@ -154,17 +155,31 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(FULL), default=["lenet_300_100"],
                         help="which LeNets (default lenet_300_100; lenet_5 adds about 80 minutes)")
     parser.add_argument("--out", type=Path, help="the JSON file (default benchmarks/results/bench_frontier*.json)")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="keep the models of the existing file that this run does not measure (each keeps the "
+                             "command, machine and time it was measured with): one LeNet per session")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     specs = QUICK if args.quick else {name: FULL[name] for name in args.models}
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_frontier{'_quick' if args.quick else ''}.json"
-    started = time.perf_counter()
-    models = [run_model(name, spec, lambda line: print(line, flush=True)) for name, spec in specs.items()]
+    command = " ".join(["python benchmarks/bench_frontier.py", *(sys.argv[1:] if argv is None else argv)])
+    started, models = time.perf_counter(), []
+    for name, spec in specs.items():
+        t = time.perf_counter()
+        models.append({**run_model(name, spec, lambda line: print(line, flush=True)), "command": command,
+                       "machine": base.machine(), "seconds": time.perf_counter() - t})
+    if args.keep_others and out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier.get("quick") != args.quick:
+            raise SystemExit(f"--keep-others: {out} holds a {'quick' if earlier.get('quick') else 'full'} run")
+        kept = [m for m in earlier["models"] if m["model"] not in specs]
+        for m in kept:  # a file from before models carried their own record: the run's
+            for key in ("command", "machine", "seconds"):
+                m.setdefault(key, earlier[key])
+        models = sorted(kept + models, key=lambda m: list(FULL).index(m["model"]))
     report = {
         "quick": args.quick, "methods": METHODS, "lr": base.LR, "batch_size": base.BATCH, "train": base.DENSE_CFG,
-        "machine": base.machine(),
-        "command": " ".join(["python benchmarks/bench_frontier.py", *(sys.argv[1:] if argv is None else argv)]),
-        "seconds": time.perf_counter() - started, "models": models,
+        "machine": base.machine(), "command": command, "seconds": time.perf_counter() - started, "models": models,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

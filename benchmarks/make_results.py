@@ -404,8 +404,12 @@ def frontier_section(source: Path) -> list[str]:
         s, n, cs = m["summary"], len(m["seeds"]), m["reported"]
         rows = {k: {p["target"]: p for p in v["points"]} for k, v in s["methods"].items()}
         out += [f"### {NAMES.get(m['model'], m['model'])} ({n} seed{'s' if n > 1 else ''}): dense test "
-                f"{s['dense_test_mean']:.2f}%, validation {s['dense_val_mean']:.2f}%", "",
-                "| method | " + " | ".join(f"{c:g}×" for c in cs) + " | wall time |", "| --- |" + " ---: |" * (len(cs) + 1)]
+                f"{s['dense_test_mean']:.2f}%, validation {s['dense_val_mean']:.2f}%", ""]
+        if m.get("command") not in (None, data["command"]):  # kept from an earlier run (--keep-others)
+            out += [f"Measured by `{m['command']}` ({m['seconds'] / 60:.0f} min, {m['machine']['threads']} threads, "
+                    f"{m['machine']['processor']}).", ""]
+        out += ["| method | " + " | ".join(f"{c:g}×" for c in cs) + " | wall time |",
+                "| --- |" + " ---: |" * (len(cs) + 1)]
         for method, by_c in rows.items():
             cells = [fmt(by_c[c]["test_mean"], by_c[c]["test_std"], n) if c in by_c else "–" for c in cs]
             out.append(f"| `{method}` | " + " | ".join(cells) + f" | {s['methods'][method]['seconds'] / 60:.1f} min |")
