@@ -125,3 +125,13 @@ def test_the_own_loop_never_returns_an_epoch_from_before_its_last_prune(lm, monk
     assert pruner.compression() == pytest.approx(8, rel=0.02)
     for t in pruner.targets:
         assert torch.all(t.weight.detach()[t.mask == 0] == 0)
+
+
+def test_the_example_run_prunes_to_its_target_and_loads_back_equal(lm, tmp_path, capsys):
+    """``python examples/char_lm.py``, shrunk to one epoch each on a few thousand characters."""
+    assert lm.main(["--chars", "8000", "--dense-epochs", "1", "--prune-epochs", "1", "--target", "10",
+                    "--out", str(tmp_path / "own"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded back equal: True" in out and (tmp_path / "own" / "pruned.prunet").is_file()
+    reached = float(out.split("test: dense ")[1].split(", ")[1].split("x ")[0])
+    assert reached == pytest.approx(10, rel=0.05)

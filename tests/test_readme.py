@@ -95,7 +95,8 @@ def test_the_readme_recipe_route_runs_at_a_small_size(tmp_path, monkeypatch, cap
     """examples/char_lm.yaml through prunet run, shrunk: a language model judged in bits/char, reported."""
     monkeypatch.chdir(README.parent)  # its factory paths are relative to the repository
     small = ["data.kwargs.max_chars=12000", "model.kwargs.d_model=32", "model.kwargs.heads=2", "train.epochs=1",
-             "data.eval_batch_size=64", "threads=1"]
+             "train.warmup_steps=3", "prune.gradual.epochs=2", "prune.gradual.prune_epochs=1",
+             "prune.gradual.every_steps=2", "data.eval_batch_size=64", "threads=1"]
     args = ["run", "examples/char_lm.yaml", "--run-dir", str(tmp_path / "lm")]
     assert main(args + [a for s in small for a in ("--set", s)]) == 0
     summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
