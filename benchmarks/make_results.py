@@ -380,7 +380,7 @@ FRONTIER_METHODS = {
                    "weight, decompressed phases in which every weight trains, the last compressed phase at least a "
                    "quarter of the epochs), a run per compression with the ladder's epochs to it",
 }
-PRUNET_METHODS = ("prunet", "gmp-erk", "acdc-global")  # what prunet offers; the best on validation is its pick
+PRUNET_METHODS = {"paper": "prunet", "gradual": "gmp-erk", "acdc": "acdc-global"}  # --method: its run here
 BASELINES = ("torch-global-l1", "gmp-global")
 FRONTIER_DENSE = {"lenet_300_100": 0.5, "lenet_5": 0.3}  # issue 20: points of dense that 50x may cost
 
@@ -391,15 +391,46 @@ def frontier_results() -> Path | None:
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
+def chosen_on_validation(models: list[dict]) -> dict[float, str]:
+    """Per compression, the ``--method`` whose run here is best on validation: mean over the models of the mean
+    over their seeds (compressions some model lacks are left out)."""
+    rows = [{k: {p["target"]: p["val_mean"] for p in v["points"]} for k, v in m["summary"]["methods"].items()}
+            for m in models]
+    common = set.intersection(*(set(r["prunet"]) for r in rows))
+    return {c: max(PRUNET_METHODS, key=lambda k: sum(r[PRUNET_METHODS[k]][c] for r in rows))
+            for c in sorted(common)}
+
+
+def recommendation_lines(models: list[dict]) -> list[str]:
+    """What validation chose at each compression, beside ``prunet.config.RECOMMENDED`` (``--target``'s default)."""
+    from prunet.config import recommended_method, recommended_rule
+    chosen = chosen_on_validation(models)
+    rule = recommended_rule().replace("x", "×")
+    agree = all(recommended_method(c) == m for c, m in chosen.items())
+    lines = ["Chosen on validation (mean over " + " and ".join(NAMES.get(m["model"], m["model"]) for m in models)
+             + "): " + ", ".join(f"{c:g}× `{m}`" for c, m in chosen.items()) + f". `prunet run --target N` without "
+             f"`--method` (`prunet.config.RECOMMENDED`): {rule}, "
+             + ("which agrees at every compression above." if agree else "**which disagrees: update RECOMMENDED**."),
+             ""]
+    if not agree:
+        print("make_results: prunet.config.RECOMMENDED disagrees with bench_frontier's validation: "
+              + ", ".join(f"{c:g}x {m}" for c, m in chosen.items()), file=sys.stderr)
+    return lines
+
+
 def frontier_section(source: Path) -> list[str]:
-    """25x to 200x: every method's test accuracy; prunet's pick (best on validation) against the baselines."""
+    """25x to 200x: every method's test accuracy; the recommended method (prunet.config.RECOMMENDED, chosen on
+    validation) against the baselines."""
+    from prunet.config import recommended_method
     data = json.loads(source.read_text())
     out = [FRONTIER_START, "", "## Where methods diverge: 25× to 200×", "",
            f"`{data['command']}` (`{source.relative_to(ROOT)}`{', a quick run: its numbers mean nothing' if data['quick'] else ''}; "
            f"{data['seconds'] / 60:.0f} min, {data['machine']['threads']} threads). The loop, data and split of the "
            "section above; every method from the same dense model of its seed; GMP and AC/DC get, at each "
            "compression, the epochs the ladder spends to reach it. Test accuracy, % (mean ± std over seeds); "
-           "prunet's pick at each compression is its method best on validation (mean over seeds).", ""]
+           "prunet's pick at each compression is the method `prunet run --target` uses there by default, which "
+           "validation chose.", ""]
+    out += recommendation_lines(data["models"])
     for m in data["models"]:
         s, n, cs = m["summary"], len(m["seeds"]), m["reported"]
         rows = {k: {p["target"]: p for p in v["points"]} for k, v in s["methods"].items()}
@@ -415,7 +446,7 @@ def frontier_section(source: Path) -> list[str]:
             out.append(f"| `{method}` | " + " | ".join(cells) + f" | {s['methods'][method]['seconds'] / 60:.1f} min |")
         out.append("")
         for c in cs:
-            pick = max((k for k in PRUNET_METHODS if c in rows.get(k, {})), key=lambda k: rows[k][c]["val_mean"])
+            pick = PRUNET_METHODS[recommended_method(c)]
             best = max((k for k in BASELINES if c in rows.get(k, {})), key=lambda k: rows[k][c]["test_mean"])
             lead = rows[pick][c]["test_mean"] - rows[best][c]["test_mean"]
             goal = 0.5 if c >= 100 else 0.0
@@ -423,7 +454,7 @@ def frontier_section(source: Path) -> list[str]:
                        f"`{best}` {rows[best][c]['test_mean']:.2f}%: {lead:+.2f} points; target "
                        f"{'≥ +0.5' if goal else 'not below'}: **{'met' if lead >= goal else 'missed'}**.")
         if 50.0 in cs and m["model"] in FRONTIER_DENSE:
-            pick = max((k for k in PRUNET_METHODS if 50.0 in rows.get(k, {})), key=lambda k: rows[k][50.0]["val_mean"])
+            pick = PRUNET_METHODS[recommended_method(50.0)]
             loss = s["dense_test_mean"] - rows[pick][50.0]["test_mean"]
             limit = FRONTIER_DENSE[m["model"]]
             out.append(f"- 50× within {limit} points of dense: **{'met' if loss <= limit else 'missed'}** "

@@ -29,7 +29,9 @@ from prunet.analysis.tradeoff import (
 )
 from prunet.checkpoint import CheckpointError, load_checkpoint
 from prunet.checks import check_model_fits_data, model_data_mismatch
-from prunet.config import TARGET_METHODS, ConfigError, DataConfig, load_recipe, parse_override
+from prunet.config import (
+    TARGET_METHODS, ConfigError, DataConfig, load_recipe, parse_override, recommended_method, recommended_rule,
+)
 from prunet.criteria import TargetError, criteria_names
 from prunet.data import DATASETS, DataError, first_batch, load_data, load_dataset
 from prunet.devices import DeviceError, resolve_device
@@ -107,12 +109,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.method is not None and args.target is None:
         raise UsageError("--method goes with --target N (how to prune to N times fewer weights)")
     if args.target is not None:
-        recipe = recipe.target_method(args.target, args.method or "paper")
+        recipe = recipe.target_method(args.target, args.method)
+        method = args.method or recommended_method(args.target)
+        why = "" if args.method else f" (the default: {recommended_rule()}; --method picks another)"
         if recipe.prune.rounds:
-            print(f"target {args.target:g}x: rounds to " + ", ".join(f"{r.target:g}x" for r in recipe.prune.rounds))
+            print(f"target {args.target:g}x: paper, rounds to " + ", ".join(f"{r.target:g}x" for r in recipe.prune.rounds)
+                  + why)
         else:
             phase = recipe.prune.gradual or recipe.prune.acdc
-            print(f"target {args.target:g}x: {args.method} over {phase.epochs} epochs ({phase.criterion})")
+            print(f"target {args.target:g}x: {method} over {phase.epochs} epochs ({phase.criterion}){why}")
     if not recipe.prune.rounds and recipe.prune.gradual is None and recipe.prune.acdc is None:
         raise UsageError(f"{args.recipe} has no prune.rounds (nor prune.gradual, prune.acdc); use 'prunet train' for dense "
                          f"training only, or --target N to prune to N times fewer weights")
@@ -437,8 +442,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--target", type=float, metavar="N",
                    help="replace the recipe's rounds by a ladder that ends at N times fewer weights")
     p.add_argument("--method", choices=TARGET_METHODS, metavar="METHOD",
-                   help="with --target: paper (the ladder, default), gradual (cubic, ERK's shares among layers) or "
-                        "acdc, each over the epochs the ladder would spend")
+                   help="with --target: paper (the paper's ladder of rounds), gradual (cubic, ERK's shares among "
+                        "layers) or acdc, each over the epochs the ladder would spend; default: "
+                        + recommended_rule() + " (chosen on validation, benchmarks/bench_frontier.py)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run (Ctrl-C, a crash, kill -9) after the last epoch it finished")
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",

@@ -359,6 +359,27 @@ class GradualConfig:
 TARGET_METHODS = ("paper", "gradual", "acdc")
 """How ``prunet run --target N --method M`` prunes: :meth:`Recipe.target_method`."""
 
+RECOMMENDED = (("paper", 1.0), ("gradual", 50.0))
+"""What ``prunet run --target N`` uses without ``--method``: each method from the compression on which it starts.
+
+Chosen on validation accuracy by ``benchmarks/bench_frontier.py`` (both LeNets on Fashion-MNIST, every method
+from the same dense models with the same epochs): ``python benchmarks/make_results.py`` prints the rule the
+results give and says when it differs from this one. See :func:`recommended_method`."""
+
+
+def recommended_method(target: float) -> str:
+    """The method ``prunet run --target`` uses for ``target`` when none is named (:data:`RECOMMENDED`)."""
+    return [method for method, start in RECOMMENDED if target >= start][-1]
+
+
+def recommended_rule() -> str:
+    """:data:`RECOMMENDED` in words: "paper below 50x, gradual from 50x"."""
+    parts = []
+    for i, (method, start) in enumerate(RECOMMENDED):
+        end = RECOMMENDED[i + 1][1] if i + 1 < len(RECOMMENDED) else None
+        parts.append(method + (f" from {start:g}x" if start > 1 else "") + (f" below {end:g}x" if end else ""))
+    return ", ".join(parts)
+
 
 @dataclass
 class AcdcConfig:
@@ -630,19 +651,21 @@ class Recipe:
         recipe.validate()
         return recipe
 
-    def target_method(self, target: float, method: str = "paper") -> "Recipe":
+    def target_method(self, target: float, method: str | None = None) -> "Recipe":
         """This recipe pruning to ``target`` by ``method``, each with the epochs the paper's ladder would spend.
 
-        ``paper``: :meth:`target_ladder`. ``gradual``: one gradual phase (cubic, every 100 steps, ERK's
-        shares among layers) over those epochs. ``acdc``: one AC/DC phase over them (phases of an eighth
+        ``None``: :func:`recommended_method` for ``target``. ``paper``: :meth:`target_ladder`. ``gradual``: one
+        gradual phase (cubic over three quarters of those epochs, every 50 steps, ERK's shares among layers, as
+        ``bench_frontier.py`` measured it) over those epochs. ``acdc``: one AC/DC phase over them (phases of an eighth
         of them, one global cut). The rounds, gradual or AC/DC phase the recipe had are replaced.
 
         Raises:
             ConfigError: ``target`` below 1, an unknown ``method``, or a first round that cannot take a target.
         """
+        ladder = self.target_ladder(target)
+        method = recommended_method(target) if method is None else method
         if method not in TARGET_METHODS:
             raise ConfigError(f"--method: one of {', '.join(TARGET_METHODS)}, got {method!r}")
-        ladder = self.target_ladder(target)
         if method == "paper":
             return ladder
         epochs = sum(r.epochs for r in ladder.prune.rounds)
@@ -650,7 +673,7 @@ class Recipe:
             raise ConfigError(f"--method {method}: the ladder to {target:g}x spends {epochs} epochs of retraining; "
                               f"{method} needs at least {3 if method == 'acdc' else 1} (raise the rounds' epochs)")
         lr_fraction = ladder.prune.rounds[0].lr_fraction
-        gradual = GradualConfig(target=target, epochs=epochs, criterion="erk", lr_fraction=lr_fraction) \
+        gradual = GradualConfig(target=target, epochs=epochs, every_steps=50, criterion="erk", lr_fraction=lr_fraction) \
             if method == "gradual" else None
         phase = max(1, epochs // 8)
         acdc = AcdcConfig(target=target, epochs=epochs, phase_epochs=phase, lr_fraction=lr_fraction,

@@ -20,6 +20,7 @@ import yaml
 import prunet.cli as cli_module
 from prunet import Pruner, Sparsity
 from prunet.checkpoint import save_checkpoint
+from prunet.config import RECOMMENDED
 from prunet.cli import main
 from prunet.models import create_model, list_models
 
@@ -163,7 +164,7 @@ def test_run_to_a_target_builds_a_ladder_that_lands_on_it(tmp_path, capsys, fast
     assert [r["target"] for r in summary["rounds"]][-1] == 12
     for r in summary["rounds"]:
         assert r["compression"] == pytest.approx(r["target"], rel=0.01)
-    assert "target 12x: rounds to 1.8612x, 3.4641x, 6.4474x, 12x" in capsys.readouterr().out
+    assert "target 12x: paper, rounds to 1.8612x, 3.4641x, 6.4474x, 12x" in capsys.readouterr().out
 
 
 def test_run_to_a_target_by_gradual_pruning_lands_on_it_and_method_needs_a_target(tmp_path, capsys, fast_data):
@@ -173,6 +174,13 @@ def test_run_to_a_target_by_gradual_pruning_lands_on_it_and_method_needs_a_targe
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["rounds"][0]["criterion"] == "gradual erk" and summary["rounds"][0]["epochs"] == 4
     assert summary["compression"] == pytest.approx(12, rel=0.01)
+    high = RECOMMENDED[-1][1]  # no --method at a high target: the recommended method, gradual
+    assert main(["run", str(recipe), "--target", f"{high:g}", "--set", "prune.rounds=[{quality: 1.0, epochs: 1}]",
+                 "--run-dir", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["rounds"][0]["criterion"] == "gradual erk"
+    assert summary["compression"] == pytest.approx(high, rel=0.01)
+    assert f"target {high:g}x: gradual over" in capsys.readouterr().out
     assert main(["run", str(recipe), "--method", "gradual"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--method goes with --target N (how to prune "
                                                                         "to N times fewer weights)")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from prunet import Pruner
-from prunet.config import ConfigError, recipe_from_dict
+from prunet.config import RECOMMENDED, ConfigError, recipe_from_dict
 from prunet.criteria import (
     ERK,
     LAMP,
@@ -597,7 +597,7 @@ def test_a_recipe_round_drives_lamp_and_erk_to_a_target_compression(name):
 
 def test_target_method_gives_gradual_and_acdc_the_ladders_epochs():
     recipe = recipe_from_dict({"prune": {"rounds": [{"criterion": "threshold", "quality": 1.0, "epochs": 3}]}})
-    ladder = recipe.target_method(100)
+    ladder = recipe.target_method(100, "paper")
     epochs = sum(r.epochs for r in ladder.prune.rounds)
     gradual = recipe.target_method(100, "gradual").prune
     acdc = recipe.target_method(100, "acdc").prune
@@ -612,3 +612,14 @@ def test_target_method_gives_gradual_and_acdc_the_ladders_epochs():
     with pytest.raises(ConfigError, match="--method gradual: the ladder to 8x spends 0 epochs"):
         recipe_from_dict({"prune": {"rounds": [{"quality": 1.0, "epochs": 0}]}}).target_method(8, "gradual")
     assert recipe.target_method(100, "acdc").dense_only().prune.acdc is None  # prunet train: dense alone
+
+
+def test_target_without_a_method_takes_the_recommended_one_for_that_compression():
+    recipe = recipe_from_dict({"prune": {"rounds": [{"criterion": "threshold", "quality": 1.0, "epochs": 3}]}})
+    for method, start in RECOMMENDED:
+        chosen = recipe.target_method(start * 1.5).prune
+        assert chosen == recipe.target_method(start * 1.5, method).prune
+    first_switch = RECOMMENDED[1][1]
+    assert recipe.target_method(first_switch * 0.99).prune.rounds  # below: the ladder
+    assert not recipe.target_method(first_switch).prune.rounds  # from it: one phase
+    assert recipe.target_method(4).prune == recipe.target_ladder(4).prune  # the paper's recipes' range
