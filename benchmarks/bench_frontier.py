@@ -27,6 +27,7 @@ method has the same budget at every point. Results go to ``benchmarks/results/be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -47,9 +48,10 @@ import bench_reproduce as base  # noqa: E402
 from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
 from prunet.data import num_batches  # noqa: E402
 from prunet.schedule import PruningSchedule, acdc_events, gradual_events  # noqa: E402
-from prunet.train import FitOptions, fit  # noqa: E402
+from prunet.train import DivergedError, FitOptions, fit  # noqa: E402
 
 LADDER = (4.0, 8.0, 12.0, 25.0, 50.0, 100.0, 200.0)
+RATES = (1.0, 0.5, 0.25)  # a training that diverges is run again from where it started at the next fraction
 REPORTED = (25.0, 50.0, 100.0, 200.0)
 METHODS = ("prunet", "torch-global-l1", "gmp-global", "gmp-erk", "acdc-global")
 FULL = {
@@ -65,23 +67,41 @@ def epochs_to(c: float, spec: dict) -> int:
     return (spec.get("ladder", LADDER).index(c) + 1) * spec["epochs"]
 
 
+def fit_or_slower(model: nn.Module, epochs: int, data, norm, options: FitOptions, log, restart=None) -> float:
+    """``fit`` at the benchmark's rate, or, where the loss diverges, again from the model as it was at the next
+    of :data:`RATES`; the fraction that trained it. ``restart()`` sets up a run's own state again (a schedule)."""
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    for fraction in RATES:
+        try:
+            fit(model, data.train, data.val, base.train_cfg(epochs, fraction), norm, options)
+            return fraction
+        except DivergedError:
+            log(f"  {options.phase}: the loss diverged at {fraction:g} of the rate; again from the same start at "
+                f"a lower one")
+            model.load_state_dict(start)
+            if restart is not None:
+                options = restart(options)
+    raise DivergedError(f"{options.phase}: diverged at every rate of {RATES}")
+
+
 def ladders(model: nn.Module, data, norm, spec: dict, seed: int, log, method: str) -> list[dict]:
     """The paper's ladder (``prunet``) or torch's global L1 along it, a point at each reported compression."""
     ladder, reported = spec.get("ladder", LADDER), spec.get("reported", REPORTED)
     pruner = Pruner(model) if method == "prunet" else None
     params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     total = sum(m.weight.numel() for m, _ in params)
-    points = []
+    points, slower = [], {}  # the ladder's steps that diverged at the benchmark's rate: the fraction that trained
     for i, c in enumerate(ladder, start=1):
         if pruner is not None:
             pruner.prune(TargetThreshold(c, spec["relative"]))
         else:
             _, kept = base.kept_fraction(model)
             tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=kept - round(total / c))
-        fit(model, data.train, data.val, base.train_cfg(spec["epochs"]), norm, FitOptions(
-            batch_size=base.BATCH, seed=seed + i, pruner=pruner, phase=f"{method} {c:g}x"))
+        fraction = fit_or_slower(model, spec["epochs"], data, norm, FitOptions(
+            batch_size=base.BATCH, seed=seed + i, pruner=pruner, phase=f"{method} {c:g}x"), log)
+        slower = slower if fraction == 1.0 else {**slower, f"{c:g}": fraction}
         if c in reported:
-            points.append(base.point(model, data, norm, c, log, method))
+            points.append({**base.point(model, data, norm, c, log, method), "slower": slower})
     return points
 
 
@@ -103,11 +123,13 @@ def scheduled(dense_state: dict, name: str, data, norm, spec: dict, seed: int, l
             final = max(2 * phase, epochs // 4)
             events = acdc_events(0, epochs * steps, phase * steps, 0, final * steps, 1 - 1 / c, "global")
             after = events[-1].step // steps
-        schedule = PruningSchedule(pruner, events)
-        fit(model, data.train, data.val, base.train_cfg(epochs), norm, FitOptions(
-            batch_size=base.BATCH, seed=seed + 100, pruner=pruner, on_step=schedule.advance_to,
-            choose_after=after, phase=f"{method} {c:g}x"))
-        points.append({**base.point(model, data, norm, c, log, method), "epochs": epochs})
+        options = FitOptions(batch_size=base.BATCH, seed=seed + 100, pruner=pruner,
+                             on_step=PruningSchedule(pruner, events).advance_to, choose_after=after,
+                             phase=f"{method} {c:g}x")
+        fraction = fit_or_slower(model, epochs, data, norm, options, log, restart=lambda o: dataclasses.replace(
+            o, on_step=PruningSchedule(pruner, events).advance_to))
+        points.append({**base.point(model, data, norm, c, log, method), "epochs": epochs,
+                       "slower": {} if fraction == 1.0 else {f"{c:g}": fraction}})
     return points
 
 
