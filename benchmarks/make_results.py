@@ -418,6 +418,23 @@ def recommendation_lines(models: list[dict]) -> list[str]:
     return lines
 
 
+def slower_lines(model: dict) -> list[str]:
+    """The trainings whose loss diverged at the benchmark's rate and that ran again at a fraction of it."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for seed in model["seeds"]:
+        for method, result in seed["methods"].items():
+            for p in result["points"]:
+                for step, fraction in p.get("slower", {}).items():
+                    seeds = found.setdefault((method, f"{step}× at {fraction:g} of the rate"), [])
+                    if str(seed["seed"]) not in seeds:  # a ladder's points carry every earlier step's
+                        seeds.append(str(seed["seed"]))
+    if not found:
+        return []
+    return ["Diverged at the benchmark's rate (the loss became NaN) and trained again from the same start at a "
+            "lower one: " + "; ".join(f"`{method}` {what} (seed {', '.join(seeds)})"
+                                     for (method, what), seeds in found.items()) + ".", ""]
+
+
 def frontier_section(source: Path) -> list[str]:
     """25x to 200x: every method's test accuracy; the recommended method (prunet.config.RECOMMENDED, chosen on
     validation) against the baselines."""
@@ -445,6 +462,7 @@ def frontier_section(source: Path) -> list[str]:
             cells = [fmt(by_c[c]["test_mean"], by_c[c]["test_std"], n) if c in by_c else "–" for c in cs]
             out.append(f"| `{method}` | " + " | ".join(cells) + f" | {s['methods'][method]['seconds'] / 60:.1f} min |")
         out.append("")
+        out += slower_lines(m)
         for c in cs:
             pick = PRUNET_METHODS[recommended_method(c)]
             best = max((k for k in BASELINES if c in rows.get(k, {})), key=lambda k: rows[k][c]["test_mean"])
