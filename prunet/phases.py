@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -43,7 +44,7 @@ from prunet.share import share, shared_layers, unshare
 from prunet.sparse import export
 from prunet.sparse.export import save_compact
 from prunet.tasks import Task
-from prunet.train import EpochRecord, FitOptions, Normalization, evaluate, evaluate_splits, fit
+from prunet.train import DivergedError, EpochRecord, FitOptions, Normalization, evaluate, evaluate_splits, fit
 
 Log = Callable[[str], None]
 RESUME_FORMAT = 2  # 2: phases by name (``finished``)
@@ -404,24 +405,42 @@ def _scheduled(ctx: RunContext, name: str, phase: GradualConfig | AcdcConfig,
     start = time.perf_counter()
     recipe = ctx.recipe
     pruner, _ = ctx.pruning()
-    cfg = recipe.retrain_config(phase.epochs, phase.lr_fraction)
     steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
-    schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
     resumed = ctx.state.resume_fit(name)
-    if resumed:
-        schedule.skip_to(resumed["epoch"] * steps)
-    else:
-        schedule.advance_to(0)  # the first change before the first step
-    ctx.state.open_round = {"round": 1}
-    what, choose_after = describe(schedule, steps)
-    ctx.log(f"{name}: {what}, at lr {cfg.lr:.3g}")
-    ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase=name, pruner=pruner, on_step=schedule.advance_to,
-            choose_after=choose_after)
+    scales = SLOWER[SLOWER.index((ctx.state.open_round or {}).get("lr_scale", 1.0)) if resumed else 0:]
+    for scale in scales:
+        cfg = recipe.retrain_config(phase.epochs, phase.lr_fraction)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * scale)
+        schedule = PruningSchedule.from_recipe(recipe, pruner, steps, dense=False)
+        if resumed:
+            schedule.skip_to(resumed["epoch"] * steps)
+        else:
+            schedule.advance_to(0)  # the first change before the first step
+        ctx.state.open_round = {"round": 1, "lr_scale": scale}
+        what, choose_after = describe(schedule, steps)
+        ctx.log(f"{name}: {what}, at lr {cfg.lr:.3g}")
+        try:
+            ctx.fit(ctx.model, cfg, seed=recipe.seed + 1, phase=name, pruner=pruner, on_step=schedule.advance_to,
+                    choose_after=choose_after)
+            break
+        except DivergedError as e:
+            if scale == scales[-1]:
+                raise
+            # The phase again from its start (the dense model, every mask open) at a lower rate: a pruning
+            # step at a rate the dense model took can still blow the loss up (LeNet-5 at 50x, lr 0.05).
+            ctx.log(f"{name}: {e}; the phase again from its start at {SLOWER[SLOWER.index(scale) + 1]:g} of the rate")
+            ctx.model.load_state_dict(ctx.state.accepted)
+            ctx.state.fit, ctx.state.fit_phase, resumed = None, None, None
     return PhaseResult(round={
         "round": 1, "criterion": f"{name} {phase.criterion}", "setting": phase.sparsity, "target": phase.target,
         "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,
         **_outcome(ctx, pruner, name, start),
     })
+
+
+SLOWER = (1.0, 0.5, 0.25)
+"""A gradual or AC/DC phase whose loss diverges starts again from the phase's start at the next of these
+fractions of its learning rate (as ``benchmarks/bench_frontier.py`` trains the methods it compares)."""
 
 
 def _relative_qualities(ctx: RunContext) -> dict[str, float] | None:

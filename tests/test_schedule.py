@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,12 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REAL_FASHION, TINY_RECIPE
 
+import prunet.phases as phases
 from prunet import Pruner
 from prunet.config import ConfigError, recipe_from_dict
 from prunet.criteria import keep_count
 from prunet.models import create_model
 from prunet.pipeline import resume, run
 from prunet.schedule import PruningSchedule, allocation, cubic_sparsity, lr_at
+from prunet.train import DivergedError
 
 
 def test_cubic_sparsity_at_each_step_is_zhu_and_guptas_formula():
@@ -206,6 +209,38 @@ def test_a_gradual_phase_that_diverges_keeps_the_dense_model(fast_data, tmp_path
     assert "training loss became" in summary["stopped"] and summary["rounds"][0]["accepted"] is False
     assert summary["weights_kept"] == summary["weights"]  # the dense model, kept
     assert summary["final"]["val_acc"] == summary["dense"]["val_acc"]
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_gradual_phase_that_diverges_runs_again_from_its_start_at_half_the_rate(fast_data, tmp_path, monkeypatch):
+    real, calls = phases.fit, []
+
+    def diverging_once(model, train, val, cfg, norm, options):
+        if options.phase != "gradual":
+            return real(model, train, val, cfg, norm, options)
+        masks = [m.clone() for n, m in model.named_buffers() if n.endswith("_mask")]
+        calls.append({"lr": cfg.lr, "weights": [p.detach().clone() for p in model.parameters()],
+                      "kept": sum(int(m.sum()) for m in masks)})
+        if len(calls) == 1:  # half-way through a blow-up: weights NaN, masks cut
+            real(model, train, val, dataclasses.replace(cfg, epochs=1), norm, options)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+            raise DivergedError("train.lr: the training loss became nan in gradual epoch 1")
+        return real(model, train, val, cfg, norm, options)
+
+    monkeypatch.setattr(phases, "fit", diverging_once)
+    lines = []
+    summary = run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "again", log=lines.append)
+    assert [c["lr"] for c in calls] == [pytest.approx(GRADUAL["train"]["lr"] * 0.1),
+                                        pytest.approx(GRADUAL["train"]["lr"] * 0.05)]
+    # The second try starts where the first did: the dense weights (not the NaN), the same masks.
+    assert all(torch.equal(a, b) for a, b in zip(calls[0]["weights"], calls[1]["weights"]))
+    assert calls[0]["kept"] == calls[1]["kept"]
+    assert summary["stopped"] is None and summary["rounds"][0]["accepted"]
+    assert summary["compression"] == pytest.approx(12, rel=0.01)
+    assert summary["rounds"][0]["lr"] == pytest.approx(calls[1]["lr"])
+    assert any("the phase again from its start at 0.5 of the rate" in line for line in lines)
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
