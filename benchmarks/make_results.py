@@ -391,30 +391,40 @@ def frontier_results() -> Path | None:
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
-def chosen_on_validation(models: list[dict]) -> dict[float, str]:
-    """Per compression, the ``--method`` whose run here is best on validation: mean over the models of the mean
-    over their seeds (compressions some model lacks are left out)."""
+def chosen_on_validation(models: list[dict]) -> tuple[str, float | None, dict[str, dict[float, float]]]:
+    """The rule validation gives: the method other than the ladder with the best validation accuracy over every
+    compression measured (mean over the models of the mean over their seeds), the lowest compression from
+    which it beats the ladder at every one measured (None: nowhere), and each method's means per compression."""
     rows = [{k: {p["target"]: p["val_mean"] for p in v["points"]} for k, v in m["summary"]["methods"].items()}
             for m in models]
-    common = set.intersection(*(set(r["prunet"]) for r in rows))
-    return {c: max(PRUNET_METHODS, key=lambda k: sum(r[PRUNET_METHODS[k]][c] for r in rows))
-            for c in sorted(common)}
+    common = sorted(set.intersection(*(set(r["prunet"]) for r in rows)))
+    val = {k: {c: sum(r[key][c] for r in rows) / len(rows) for c in common} for k, key in PRUNET_METHODS.items()}
+    winner = max((k for k in val if k != "paper"), key=lambda k: sum(val[k].values()))
+    start = None
+    for c in reversed(common):
+        if val[winner][c] <= val["paper"][c]:
+            break
+        start = c
+    return winner, start, val
 
 
 def recommendation_lines(models: list[dict]) -> list[str]:
-    """What validation chose at each compression, beside ``prunet.config.RECOMMENDED`` (``--target``'s default)."""
+    """The rule validation gives, beside ``prunet.config.RECOMMENDED`` (``--target``'s default)."""
     from prunet.config import recommended_method, recommended_rule
-    chosen = chosen_on_validation(models)
-    rule = recommended_rule().replace("x", "×")
-    agree = all(recommended_method(c) == m for c, m in chosen.items())
-    lines = ["Chosen on validation (mean over " + " and ".join(NAMES.get(m["model"], m["model"]) for m in models)
-             + "): " + ", ".join(f"{c:g}× `{m}`" for c, m in chosen.items()) + f". `prunet run --target N` without "
-             f"`--method` (`prunet.config.RECOMMENDED`): {rule}, "
-             + ("which agrees at every compression above." if agree else "**which disagrees: update RECOMMENDED**."),
-             ""]
+    winner, start, val = chosen_on_validation(models)
+    agree = all(recommended_method(c) == (winner if start is not None and c >= start else "paper") for c in val["paper"])
+    names = " and ".join(NAMES.get(m["model"], m["model"]) for m in models)
+    lines = [f"`prunet run --target N --method M`: validation accuracy, %, mean over {names}:", "",
+             "| `--method` | " + " | ".join(f"{c:g}×" for c in val["paper"]) + " |",
+             "| --- |" + " ---: |" * len(val["paper"])]
+    lines += [f"| `{k}` | " + " | ".join(f"{v:.2f}" for v in by_c.values()) + " |" for k, by_c in val.items()]
+    lines += ["", f"Best over every compression besides the ladder: `{winner}`, "
+              + (f"above the ladder from {start:g}× on." if start is not None else "never above it at the top.")
+              + f" Without `--method` (`prunet.config.RECOMMENDED`): {recommended_rule().replace('x', '×')}, "
+              + ("which agrees." if agree else "**which disagrees: update RECOMMENDED**."), ""]
     if not agree:
-        print("make_results: prunet.config.RECOMMENDED disagrees with bench_frontier's validation: "
-              + ", ".join(f"{c:g}x {m}" for c, m in chosen.items()), file=sys.stderr)
+        print(f"make_results: prunet.config.RECOMMENDED disagrees with bench_frontier's validation: {winner} from "
+              f"{start}", file=sys.stderr)
     return lines
 
 
