@@ -440,7 +440,7 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="dense training, then the recipe's prune -> retrain rounds")
     _recipe_args(p, optional=True)
     p.add_argument("--target", type=float, metavar="N",
-                   help="replace the recipe's rounds by a ladder that ends at N times fewer weights")
+                   help="replace the recipe's pruning by pruning to N times fewer weights, by --method")
     p.add_argument("--method", choices=TARGET_METHODS, metavar="METHOD",
                    help="with --target: paper (the paper's ladder of rounds), gradual (cubic, ERK's shares among "
                         "layers) or acdc, each over the epochs the ladder would spend; default: "

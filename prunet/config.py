@@ -368,7 +368,13 @@ results give and says when it differs from this one. See :func:`recommended_meth
 
 
 def recommended_method(target: float) -> str:
-    """The method ``prunet run --target`` uses for ``target`` when none is named (:data:`RECOMMENDED`)."""
+    """The method ``prunet run --target`` uses for ``target`` when none is named (:data:`RECOMMENDED`).
+
+    Raises:
+        ConfigError: ``target`` is not a compression (a number >= 1).
+    """
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and target >= 1):
+        raise ConfigError(f"--target: a compression >= 1, got {target}")
     return [method for method, start in RECOMMENDED if target >= start][-1]
 
 
@@ -663,12 +669,14 @@ class Recipe:
             ConfigError: ``target`` below 1, an unknown ``method``, or a first round that cannot take a target.
         """
         ladder = self.target_ladder(target)
-        method = recommended_method(target) if method is None else method
+        epochs = sum(r.epochs for r in ladder.prune.rounds)
+        if method is None:  # the recommended method, or the ladder where the rounds leave it too few epochs
+            method = recommended_method(target)
+            method = method if epochs >= (3 if method == "acdc" else 1) else "paper"
         if method not in TARGET_METHODS:
             raise ConfigError(f"--method: one of {', '.join(TARGET_METHODS)}, got {method!r}")
         if method == "paper":
             return ladder
-        epochs = sum(r.epochs for r in ladder.prune.rounds)
         if epochs < (3 if method == "acdc" else 1):
             raise ConfigError(f"--method {method}: the ladder to {target:g}x spends {epochs} epochs of retraining; "
                               f"{method} needs at least {3 if method == 'acdc' else 1} (raise the rounds' epochs)")

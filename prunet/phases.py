@@ -407,7 +407,8 @@ def _scheduled(ctx: RunContext, name: str, phase: GradualConfig | AcdcConfig,
     pruner, _ = ctx.pruning()
     steps = loader_batches(len(ctx.data.train), recipe.data.batch_size, ctx.ranks.world_size, train=True)
     resumed = ctx.state.resume_fit(name)
-    scales = SLOWER[SLOWER.index((ctx.state.open_round or {}).get("lr_scale", 1.0)) if resumed else 0:]
+    # The rate a retry after a divergence had reached (a resume point records it from the retry's start on).
+    scales = SLOWER[SLOWER.index((ctx.state.open_round or {}).get("lr_scale", 1.0)):]
     for scale in scales:
         cfg = recipe.retrain_config(phase.epochs, phase.lr_fraction)
         cfg = dataclasses.replace(cfg, lr=cfg.lr * scale)
@@ -428,9 +429,12 @@ def _scheduled(ctx: RunContext, name: str, phase: GradualConfig | AcdcConfig,
                 raise
             # The phase again from its start (the dense model, every mask open) at a lower rate: a pruning
             # step at a rate the dense model took can still blow the loss up (LeNet-5 at 50x, lr 0.05).
-            ctx.log(f"{name}: {e}; the phase again from its start at {SLOWER[SLOWER.index(scale) + 1]:g} of the rate")
+            lower = SLOWER[SLOWER.index(scale) + 1]
+            ctx.log(f"{name}: {e}; the phase again from its start at {lower:g} of the rate")
+            ctx.folder.log_metrics("retry", phase=name, error=str(e), lr_scale=lower)
             ctx.model.load_state_dict(ctx.state.accepted)
-            ctx.state.fit, ctx.state.fit_phase, resumed = None, None, None
+            ctx.state.open_round, resumed = {"round": 1, "lr_scale": lower}, None
+            ctx.state.save(ctx.folder)  # a stop from here resumes the retry, at its rate, from the phase's start
     return PhaseResult(round={
         "round": 1, "criterion": f"{name} {phase.criterion}", "setting": phase.sparsity, "target": phase.target,
         "pruned_layers": ["all"], "trained_layers": ["all"], "epochs": cfg.epochs, "lr": cfg.lr,

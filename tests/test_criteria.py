@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from prunet import Pruner
-from prunet.config import RECOMMENDED, ConfigError, recipe_from_dict
+from prunet.config import RECOMMENDED, ConfigError, recipe_from_dict, recommended_method
 from prunet.criteria import (
     ERK,
     LAMP,
@@ -623,3 +623,7 @@ def test_target_without_a_method_takes_the_recommended_one_for_that_compression(
     assert recipe.target_method(first_switch * 0.99).prune.rounds  # below: the ladder
     assert not recipe.target_method(first_switch).prune.rounds  # from it: one phase
     assert recipe.target_method(4).prune == recipe.target_ladder(4).prune  # the paper's recipes' range
+    one_shot = recipe_from_dict({"prune": {"rounds": [{"quality": 1.0, "epochs": 0}]}})
+    assert one_shot.target_method(first_switch).prune.rounds  # rounds without retraining: the ladder, not an error
+    with pytest.raises(ConfigError, match="--target: a compression >= 1"):
+        recommended_method(float("nan"))

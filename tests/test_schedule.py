@@ -244,6 +244,32 @@ def test_a_gradual_phase_that_diverges_runs_again_from_its_start_at_half_the_rat
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_a_run_stopped_in_the_retry_of_a_diverged_phase_resumes_it_at_the_lower_rate(fast_data, tmp_path, monkeypatch):
+    real, rates = phases.fit, []
+
+    def diverges_then_stops(model, train, val, cfg, norm, options):
+        if options.phase != "gradual":
+            return real(model, train, val, cfg, norm, options)
+        rates.append(cfg.lr)
+        if len(rates) == 1:
+            raise DivergedError("train.lr: the training loss became nan in gradual epoch 1")
+        raise KeyboardInterrupt  # Ctrl-C before the retry's first epoch ends
+
+    with monkeypatch.context() as mp:
+        mp.setattr(phases, "fit", diverges_then_stops)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe_from_dict(copy.deepcopy(GRADUAL)), run_dir=tmp_path / "stopped", log=lambda line: None)
+    recorded = []
+    monkeypatch.setattr(phases, "fit", lambda *a: recorded.append(a[3].lr) or real(*a))
+    summary = resume(tmp_path / "stopped", log=lambda line: None)
+    assert rates == [pytest.approx(0.005), pytest.approx(0.0025)]
+    assert recorded == [pytest.approx(0.0025)]  # the retry's rate, not the one that diverged
+    assert summary["rounds"][0]["lr"] == pytest.approx(0.0025) and summary["rounds"][0]["accepted"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("retry") == 1
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_a_round_whose_target_is_out_of_reach_stops_the_ladder_there(fast_data, tmp_path):
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["prune"]["rounds"] = [{"target": 3, "epochs": 0}, {"target": 40, "prune": ["fc3"], "epochs": 0}]
