@@ -47,11 +47,11 @@ import bench_reproduce as base  # noqa: E402
 
 from prunet import Pruner, TargetThreshold, create_model  # noqa: E402
 from prunet.data import num_batches  # noqa: E402
+from prunet.phases import SLOWER  # noqa: E402
 from prunet.schedule import PruningSchedule, acdc_events, gradual_events  # noqa: E402
 from prunet.train import DivergedError, FitOptions, fit  # noqa: E402
 
 LADDER = (4.0, 8.0, 12.0, 25.0, 50.0, 100.0, 200.0)
-RATES = (1.0, 0.5, 0.25)  # a training that diverges is run again from where it started at the next fraction
 REPORTED = (25.0, 50.0, 100.0, 200.0)
 METHODS = ("prunet", "torch-global-l1", "gmp-global", "gmp-erk", "acdc-global")
 FULL = {
@@ -69,9 +69,10 @@ def epochs_to(c: float, spec: dict) -> int:
 
 def fit_or_slower(model: nn.Module, epochs: int, data, norm, options: FitOptions, log, restart=None) -> float:
     """``fit`` at the benchmark's rate, or, where the loss diverges, again from the model as it was at the next
-    of :data:`RATES`; the fraction that trained it. ``restart()`` sets up a run's own state again (a schedule)."""
+    of ``prunet.phases.SLOWER`` (as ``prunet run`` retries a phase); the fraction that trained it. ``restart()``
+    sets up a run's own state again (a schedule)."""
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    for fraction in RATES:
+    for fraction in SLOWER:
         try:
             fit(model, data.train, data.val, base.train_cfg(epochs, fraction), norm, options)
             return fraction
@@ -81,7 +82,7 @@ def fit_or_slower(model: nn.Module, epochs: int, data, norm, options: FitOptions
             model.load_state_dict(start)
             if restart is not None:
                 options = restart(options)
-    raise DivergedError(f"{options.phase}: diverged at every rate of {RATES}")
+    raise DivergedError(f"{options.phase}: diverged at every rate of {SLOWER}")
 
 
 def ladders(model: nn.Module, data, norm, spec: dict, seed: int, log, method: str) -> list[dict]:
