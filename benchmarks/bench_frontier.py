@@ -147,10 +147,13 @@ def dense_of(name: str, data, norm, spec: dict, seed: int, log) -> tuple[dict, d
     return {k: v.clone() for k, v in model.state_dict().items()}, dense
 
 
-def run_model(name: str, spec: dict, log, on_seed=None) -> dict:
-    """Every method on every seed of ``spec``; ``on_seed(partial)`` after each seed, with the results so far."""
+def run_model(name: str, spec: dict, log, on_seed=None, earlier: list[dict] = ()) -> dict:
+    """Every method on every seed of ``spec``; ``on_seed(partial)`` after each seed, with the results so far.
+
+    ``earlier``: seeds measured before (by another run of this benchmark), summarised with these.
+    """
     data, norm = base.splits(spec)
-    seeds = []
+    seeds = sorted(earlier, key=lambda s: s["seed"])
     for seed in spec["seeds"]:
         state, dense = dense_of(name, data, norm, spec, seed, log)
         result = {"seed": seed, "dense": dense, "methods": {}}
@@ -163,13 +166,14 @@ def run_model(name: str, spec: dict, log, on_seed=None) -> dict:
             else:
                 points = scheduled(state, name, data, norm, spec, seed, log, method)
             result["methods"][method] = {"points": points, "seconds": time.perf_counter() - t}
-        seeds.append(result)
+        seeds = sorted(seeds + [result], key=lambda s: s["seed"])
         if on_seed is not None and seed != spec["seeds"][-1]:
             on_seed(model_result(name, spec, seeds))
     return model_result(name, spec, seeds)
 
 
 def model_result(name: str, spec: dict, seeds: list[dict]) -> dict:
+    spec = {**spec, "seeds": [s["seed"] for s in seeds]}
     return {"model": name, "spec": {k: v for k, v in spec.items() if k not in ("ladder", "reported")},
             "reported": list(spec.get("reported", REPORTED)), "seeds": seeds, "summary": summarise(seeds)}
 
@@ -201,23 +205,29 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="these seeds instead of the benchmark's (3 for LeNet-300-100, 2 for LeNet-5)")
     parser.add_argument("--keep-others", action="store_true",
-                        help="keep the models of the existing file that this run does not measure (each keeps the "
-                             "command, machine and time it was measured with): one LeNet per session")
+                        help="keep what the existing file holds that this run does not measure: the other models "
+                             "(each with the command, machine and time it was measured with) and, with --seeds, "
+                             "the model's other seeds; one LeNet, or one seed, per session")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     specs = QUICK if args.quick else {name: FULL[name] for name in args.models}
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_frontier{'_quick' if args.quick else ''}.json"
     command = " ".join(["python benchmarks/bench_frontier.py", *(sys.argv[1:] if argv is None else argv)])
     started, models = time.perf_counter(), []
-    kept = []
+    kept, kept_seeds = [], {}
     if args.keep_others and out.is_file():
         earlier = json.loads(out.read_text())
         if earlier.get("quick") != args.quick:
             raise SystemExit(f"--keep-others: {out} holds a {'quick' if earlier.get('quick') else 'full'} run")
-        kept = [m for m in earlier["models"] if m["model"] not in specs]
-        for m in kept:  # a file from before models carried their own record: the run's
+        for m in earlier["models"]:  # a file from before models carried their own record: the run's
             for key in ("command", "machine", "seconds"):
                 m.setdefault(key, earlier[key])
+        kept = [m for m in earlier["models"] if m["model"] not in specs]
+        if args.seeds:
+            for m in earlier["models"]:
+                if m["model"] in specs:
+                    kept_seeds[m["model"]] = ([s for s in m["seeds"] if s["seed"] not in args.seeds],
+                                              m["command"], m["seconds"])
 
     def write(done: list[dict]) -> dict:
         """The file as it stands: written after every seed, so a crash keeps what was measured."""
@@ -235,11 +245,17 @@ def main(argv=None) -> int:
         if args.seeds:
             spec = {**spec, "seeds": args.seeds}
         t = time.perf_counter()
+        earlier_seeds, earlier_command, earlier_seconds = kept_seeds.get(name, ([], None, 0.0))
+        if earlier_seeds:
+            print(f"{name}: keeping seeds {[s['seed'] for s in earlier_seeds]} of {out}", flush=True)
 
         def record(result: dict) -> dict:
-            return {**result, "command": command, "machine": base.machine(), "seconds": time.perf_counter() - t}
+            both = f"{earlier_command}, then {command}" if earlier_seeds else command
+            return {**result, "command": both, "machine": base.machine(),
+                    "seconds": (earlier_seconds if earlier_seeds else 0.0) + time.perf_counter() - t}
         models.append(record(run_model(name, spec, lambda line: print(line, flush=True),
-                                       on_seed=lambda partial: write(models + [record(partial)]))))
+                                       on_seed=lambda partial: write(models + [record(partial)]),
+                                       earlier=earlier_seeds)))
         report = write(models)
     print(f"wrote {out} ({report['seconds'] / 60:.1f} min)")
     return 0
