@@ -516,8 +516,8 @@ def test_layers_built_under_inference_mode_run_the_kernel_they_name(monkeypatch)
     """Buffers made under torch.inference_mode have no version counter: the layers said ``native`` and ran
     torch's CSR product."""
     ran = []
-    run = native.Chain.run
-    monkeypatch.setattr(native.Chain, "run", lambda self, x: ran.append(len(self._keep)) or run(self, x))
+    run = native.Chain.run_rows  # what every native call goes through
+    monkeypatch.setattr(native.Chain, "run_rows", lambda self, x, batch: ran.append(len(self._keep)) or run(self, x, batch))
     dense, _ = sequential_pair()
     x = torch.randn(3, 64)
     with torch.inference_mode():
@@ -667,3 +667,30 @@ def test_a_reassigned_in_features_never_sends_a_narrower_input_to_the_kernel():
         layer.in_features = 8  # a user's edit: the packed weight still has 64 columns
         with pytest.raises(ValueError, match="column index"):  # the kernel would have read past x
             layer(torch.randn(2, 8))
+
+
+@needs_native
+def test_a_fused_chain_takes_images_as_they_lie_strided_ones_too_and_any_default_dtype(monkeypatch):
+    """The fused call reads a contiguous (B, 1, H, W) batch as (B, H * W) where it lies; a strided batch, an
+    empty one and a process whose default dtype is float64 get the same outputs as the dense model."""
+    ran = []
+    run = native.Chain.run_rows
+    monkeypatch.setattr(native.Chain, "run_rows", lambda self, x, batch: ran.append(batch) or run(self, x, batch))
+    first, rest = sequential_pair()
+    dense = nn.Sequential(nn.Flatten(), *first).eval()
+    fused = SparseSequential(nn.Flatten(), *rest).eval()
+    torch.manual_seed(3)
+    images = torch.randn(5, 1, 8, 8)
+    strided = torch.randn(5, 1, 8, 16)[..., ::2]  # every other column: not contiguous
+    with torch.no_grad():
+        for x in (images, images[:1], strided, images[:0]):
+            y = fused(x)
+            assert y.shape == (x.shape[0], 8) and y.dtype == torch.float32 and close(y, dense(x))
+        assert ran == [5, 1, 5, 0]  # every one in the one native call
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            y = fused(images)
+        finally:
+            torch.set_default_dtype(before)
+        assert y.dtype == torch.float32 and close(y, dense(images)) and ran == [5, 1, 5, 0, 5]

@@ -45,6 +45,7 @@ from prunet.sparse.plans import PlanCache, layer_entry, model_entry
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
+_tracing_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, without its Python around it
 
 
 class SparseLinear(nn.Module):
@@ -186,8 +187,10 @@ def native_input(x: torch.Tensor) -> bool:
     """Whether the native kernel takes ``x``: a dense float32 CPU tensor, no gradient wanted through it, no
     forward-AD tangent or functorch transform on it, and not under ``torch.jit.trace`` (which records torch
     operations only)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.layout == torch.strided \
-        and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing() \
+    # Each check is one of the cheapest ways to ask (x.is_cpu, not x.device.type; the tracer's state, not
+    # torch.jit.is_tracing()): at batch 1, with the caches cold, every call's first touches cost microseconds.
+    return x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided \
+        and not (x.requires_grad and torch.is_grad_enabled()) and _tracing_state() is None \
         and (forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None) \
         and not _is_functorch_wrapped(x)  # a tangent exists only inside a dual_level: one lookup outside it
 
@@ -428,9 +431,13 @@ class _Run:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if native_input(x) and not any(d.training for d in self.dropouts):
             chain = self.chain()
-            flat = x.flatten(1) if self.flattens and x.dim() >= 2 else x
-            if chain is not None and flat.dim() == 2 and flat.shape[1] == chain.in_features:
-                return chain.run(flat)
+            if chain is not None and x.dim() >= 2 and (self.flattens or x.dim() == 2):
+                batch = x.shape[0]
+                if x.is_contiguous() and x.numel() == batch * chain.in_features:
+                    return chain.run_rows(x, batch)  # flattened where it lies: no view to make
+                flat = x.flatten(1)
+                if flat.shape[1] == chain.in_features:
+                    return chain.run(flat)
         for module in self.members:
             x = module(x)
         return x

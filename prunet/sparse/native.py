@@ -406,19 +406,23 @@ class Chain:
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`__call__` on an ``x`` the caller has checked: every check costs microseconds when a small
         layer's whole product takes a few tens of them."""
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device="cpu")
+        return self.run_rows(x.contiguous(), x.shape[0])
+
+    def run_rows(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """:meth:`run` on a contiguous float32 CPU ``x`` of ``batch * in_features`` values, whatever its shape
+        (``(B, 1, 28, 28)`` is read as ``(B, 784)`` where it lies): -> (batch, out)."""
+        y = torch.empty(batch, self.out_features, dtype=torch.float32, device=_CPU)  # a device object: not parsed
         if self._where() != self._memory:  # a tensor moved or changed in place: never call with a stale pointer
             self._redescribe()
-        if x.shape[0]:
-            rc = self._call(self._layers, len(self._layers), x.data_ptr(), y.data_ptr(), x.shape[0],
-                            torch.get_num_threads())
+        if batch:
+            rc = self._call(self._layers, len(self._layers), x.data_ptr(), y.data_ptr(), batch, _threads())
             if rc:
                 raise RuntimeError(f"native sparse kernel: {ERRORS.get(rc, f'error {rc}')}")
         return y
 
 
 _data_ptr, _version = torch.Tensor.data_ptr, operator.attrgetter("_version")
+_threads, _CPU = torch.get_num_threads, torch.device("cpu")
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int]:
