@@ -45,7 +45,7 @@ from prunet.sparse.plans import PlanCache, layer_entry, model_entry
 # torch warns once per process that CSR support is "beta"; the products used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
-_tracing_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, without its Python around it
+_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() returns outside TorchScript, without its Python
 
 
 class SparseLinear(nn.Module):
@@ -187,10 +187,10 @@ def native_input(x: torch.Tensor) -> bool:
     """Whether the native kernel takes ``x``: a dense float32 CPU tensor, no gradient wanted through it, no
     forward-AD tangent or functorch transform on it, and not under ``torch.jit.trace`` (which records torch
     operations only)."""
-    # Each check is one of the cheapest ways to ask (x.is_cpu, not x.device.type; the tracer's state, not
+    # Each check is one of the cheapest ways to ask (x.is_cpu, not x.device.type; torch._C._is_tracing, not
     # torch.jit.is_tracing()): at batch 1, with the caches cold, every call's first touches cost microseconds.
     return x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided \
-        and not (x.requires_grad and torch.is_grad_enabled()) and _tracing_state() is None \
+        and not (x.requires_grad and torch.is_grad_enabled()) and not _is_tracing() \
         and (forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None) \
         and not _is_functorch_wrapped(x)  # a tangent exists only inside a dual_level: one lookup outside it
 
