@@ -359,7 +359,7 @@ class GradualConfig:
 TARGET_METHODS = ("paper", "gradual", "acdc")
 """How ``prunet run --target N --method M`` prunes: :meth:`Recipe.target_method`."""
 
-RECOMMENDED = (("paper", 1.0), ("gradual", 25.0))
+RECOMMENDED = (("paper", 1.0), ("acdc", 25.0))
 """What ``prunet run --target N`` uses without ``--method``: each method from the compression on which it starts.
 
 Chosen on validation accuracy by ``benchmarks/bench_frontier.py`` (both LeNets on Fashion-MNIST, every method
@@ -379,7 +379,7 @@ def recommended_method(target: float) -> str:
 
 
 def recommended_rule() -> str:
-    """:data:`RECOMMENDED` in words, e.g. "paper below 25x, gradual from 25x"."""
+    """:data:`RECOMMENDED` in words, e.g. "paper below 25x, acdc from 25x"."""
     parts = []
     for i, (method, start) in enumerate(RECOMMENDED):
         end = RECOMMENDED[i + 1][1] if i + 1 < len(RECOMMENDED) else None
