@@ -694,3 +694,24 @@ def test_a_fused_chain_takes_images_as_they_lie_strided_ones_too_and_any_default
         finally:
             torch.set_default_dtype(before)
         assert y.dtype == torch.float32 and close(y, dense(images)) and ran == [5, 1, 5, 0, 5]
+
+
+@needs_native
+def test_a_negative_view_and_an_empty_batch_of_the_wrong_width_behave_as_the_dense_model():
+    """``z.conj().imag`` is a float32 tensor whose memory holds the negatives of its values: the kernel reads
+    memory, so it must not take it. An empty batch of the wrong width is an error, as for the dense model."""
+    first, rest = sequential_pair()
+    dense = nn.Sequential(nn.Flatten(), *first).eval()
+    fused = SparseSequential(nn.Flatten(), *rest).eval()
+    torch.manual_seed(4)
+    strided = torch.complex(torch.randn(3, 64), torch.randn(3, 64)).conj().imag
+    contiguous = torch._neg_view(torch.randn(3, 64))  # what a (1, 1) z.conj().imag is: contiguous, negated
+    with torch.no_grad():
+        for negative in (strided, contiguous):
+            assert negative.is_neg() and negative.dtype == torch.float32
+            assert close(fused(negative), dense(negative)) and close(rest[0](negative), first[0](negative))
+        for wrong in (torch.randn(0, 3, 5), torch.randn(0, 5)):
+            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+                dense(wrong)
+            with pytest.raises(RuntimeError, match="takes inputs of 64 features, got shape"):
+                fused(wrong)

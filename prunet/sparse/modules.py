@@ -125,6 +125,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout != torch.strided:  # a sparse input, as nn.Linear takes: torch's product on its dense form
             x = x.to_dense()
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # reshape(-1, in) would take an empty batch of any width
+            raise RuntimeError(f"SparseLinear takes inputs of {self.in_features} features, got shape {tuple(x.shape)}")
         chain = self.native_chain(x)
         if chain is not None and x.dim() == 2:
             return chain.run(x)  # the common case, without the reshapes: each costs microseconds cold
@@ -184,12 +186,13 @@ class SparseLinear(nn.Module):
 
 
 def native_input(x: torch.Tensor) -> bool:
-    """Whether the native kernel takes ``x``: a dense float32 CPU tensor, no gradient wanted through it, no
+    """Whether the native kernel takes ``x``: a dense float32 CPU tensor whose memory holds its values (not a
+    negative view, e.g. ``z.conj().imag``), no gradient wanted through it, no
     forward-AD tangent or functorch transform on it, and not under ``torch.jit.trace`` (which records torch
     operations only)."""
     # Each check is one of the cheapest ways to ask (x.is_cpu, not x.device.type; torch._C._is_tracing, not
     # torch.jit.is_tracing()): at batch 1, with the caches cold, every call's first touches cost microseconds.
-    return x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided \
+    return x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided and not x.is_neg() \
         and not (x.requires_grad and torch.is_grad_enabled()) and not _is_tracing() \
         and (forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None) \
         and not _is_functorch_wrapped(x)  # a tangent exists only inside a dual_level: one lookup outside it
@@ -433,7 +436,7 @@ class _Run:
             chain = self.chain()
             if chain is not None and x.dim() >= 2 and (self.flattens or x.dim() == 2):
                 batch = x.shape[0]
-                if x.is_contiguous() and x.numel() == batch * chain.in_features:
+                if batch and x.is_contiguous() and x.numel() == batch * chain.in_features:  # (0 rows: any width)
                     return chain.run_rows(x, batch)  # flattened where it lies: no view to make
                 flat = x.flatten(1)
                 if flat.shape[1] == chain.in_features:
