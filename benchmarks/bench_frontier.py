@@ -196,6 +196,22 @@ def summarise(seeds: list[dict]) -> dict:
     return out
 
 
+def same_run(earlier: dict, spec: dict, out: Path) -> None:
+    """Refuse (SystemExit, before anything trains) to add seeds to a model measured with another protocol: other
+    epochs, ladder, compressions or methods would be averaged point by point with this run's."""
+    now = {"reported": list(spec.get("reported", REPORTED))}
+    theirs = {k: v for k, v in earlier["spec"].items() if k != "seeds"}
+    ours = {k: v for k, v in spec.items() if k not in ("ladder", "reported", "seeds")}
+    methods = [sorted(s["methods"]) for s in earlier["seeds"]]
+    targets = [[p["target"] for p in s["methods"][m]["points"]] for s in earlier["seeds"] for m in s["methods"]]
+    if json.loads(json.dumps(ours)) != theirs or earlier["reported"] != now["reported"] \
+            or any(m != sorted(METHODS) for m in methods) or any(t != now["reported"] for t in targets):
+        raise SystemExit(f"--keep-others --seeds: {out} measured {earlier['model']} otherwise (spec {theirs}, "
+                         f"compressions {earlier['reported']}, methods {methods[0] if methods else []}); this run "
+                         f"would measure spec {ours}, compressions {now['reported']}, methods {sorted(METHODS)}: "
+                         "run every seed again instead (--seeds, without --keep-others)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed of LeNet-300-100 on 15,000 images, to 50x")
@@ -226,8 +242,9 @@ def main(argv=None) -> int:
         if args.seeds:
             for m in earlier["models"]:
                 if m["model"] in specs:
+                    same_run(m, specs[m["model"]], out)
                     kept_seeds[m["model"]] = ([s for s in m["seeds"] if s["seed"] not in args.seeds],
-                                              m["command"], m["seconds"])
+                                              m["command"], m["seconds"], m["machine"])
 
     def write(done: list[dict]) -> dict:
         """The file as it stands: written after every seed, so a crash keeps what was measured."""
@@ -245,14 +262,15 @@ def main(argv=None) -> int:
         if args.seeds:
             spec = {**spec, "seeds": args.seeds}
         t = time.perf_counter()
-        earlier_seeds, earlier_command, earlier_seconds = kept_seeds.get(name, ([], None, 0.0))
+        earlier_seeds, earlier_command, earlier_seconds, earlier_machine = kept_seeds.get(name, ([], None, 0.0, None))
         if earlier_seeds:
             print(f"{name}: keeping seeds {[s['seed'] for s in earlier_seeds]} of {out}", flush=True)
 
         def record(result: dict) -> dict:
-            both = f"{earlier_command}, then {command}" if earlier_seeds else command
-            return {**result, "command": both, "machine": base.machine(),
-                    "seconds": (earlier_seconds if earlier_seeds else 0.0) + time.perf_counter() - t}
+            if not earlier_seeds:
+                return {**result, "command": command, "machine": base.machine(), "seconds": time.perf_counter() - t}
+            return {**result, "command": f"{earlier_command}, then {command}", "machine": base.machine(),
+                    "earlier_machine": earlier_machine, "seconds": earlier_seconds + time.perf_counter() - t}
         models.append(record(run_model(name, spec, lambda line: print(line, flush=True),
                                        on_seed=lambda partial: write(models + [record(partial)]),
                                        earlier=earlier_seeds)))
