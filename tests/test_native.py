@@ -517,7 +517,8 @@ def test_layers_built_under_inference_mode_run_the_kernel_they_name(monkeypatch)
     torch's CSR product."""
     ran = []
     run = native.Chain.run_rows  # what every native call goes through
-    monkeypatch.setattr(native.Chain, "run_rows", lambda self, x, batch: ran.append(len(self._keep)) or run(self, x, batch))
+    monkeypatch.setattr(native.Chain, "run_rows",
+                        lambda self, x, batch: ran.append(len(self._keep)) or run(self, x, batch))
     dense, _ = sequential_pair()
     x = torch.randn(3, 64)
     with torch.inference_mode():

@@ -436,7 +436,8 @@ class _Run:
             chain = self.chain()
             if chain is not None and x.dim() >= 2 and (self.flattens or x.dim() == 2):
                 batch = x.shape[0]
-                if batch and x.is_contiguous() and x.numel() == batch * chain.in_features:  # (0 rows: any width)
+                # An empty batch matches any width by its size: its width is checked below.
+                if batch and x.is_contiguous() and x.numel() == batch * chain.in_features:
                     return chain.run_rows(x, batch)  # flattened where it lies: no view to make
                 flat = x.flatten(1)
                 if flat.shape[1] == chain.in_features:
