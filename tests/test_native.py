@@ -15,6 +15,7 @@ import io
 import re
 import shutil
 import subprocess
+import sysconfig
 from collections import OrderedDict
 from pathlib import Path
 
@@ -420,11 +421,60 @@ def test_compile_library_builds_the_kernel_from_python(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_library", native.library())  # restored afterwards
     out = native.compile_library(tmp_path / "spmm.so")
     assert out.is_file() and native.available() and str(out) in native.status()
+    if Path(sysconfig.get_paths()["include"], "Python.h").is_file():  # and the module that calls it without ctypes
+        assert native.library().fastcall is not None and "called through _fastcall" in native.status()
     w = weight_of("f32", 20, 30, 0.3, seed=12)
     x = torch.randn(3, 30)
     assert close(native.Chain([native.Step(native.pack(w))])(x), x @ w.t())
     with pytest.raises(RuntimeError, match="no C compiler"):
         native.compile_library(tmp_path / "again.so", compiler="no-such-cc")
+
+
+# --- the call without ctypes --------------------------------------------------------------------------
+
+
+needs_fastcall = pytest.mark.skipif(native.library().fastcall is None, reason=f"native kernel: {native.status()}")
+
+
+@needs_fastcall
+def test_the_extension_module_and_ctypes_compute_the_same_chain(monkeypatch):
+    """Where csrc/fastcall.c is built the kernel is called through it, else through ctypes: the same products,
+    bit for bit, for every kind of value, with and without bias and ReLU, at every batch size."""
+    torch.manual_seed(7)
+    steps = [native.Step(native.pack(weight_of("codebook", 40, 70, 0.2, seed=1)), torch.randn(40), relu=True),
+             native.Step(native.pack(weight_of("fp16", 30, 40, 0.3, seed=2)), None, relu=True),
+             native.Step(native.pack(weight_of("f32", 9, 30, 0.5, seed=3)), torch.randn(9))]
+    fast = native.Chain(steps)
+    monkeypatch.setattr(native, "_library", dataclasses.replace(native.library(), fastcall=None))
+    slow = native.Chain(steps)
+    for batch in BATCHES:
+        x = torch.randn(batch, 70)
+        reference = x
+        for step in steps:
+            reference = reference @ step.packed.dense().t() + (step.bias if step.bias is not None else 0)
+            reference = reference.relu() if step.relu else reference
+        y = fast(x)
+        assert torch.equal(y, slow(x)) and close(y, reference)
+
+
+def test_a_missing_or_foreign_extension_module_leaves_the_call_to_ctypes(tmp_path):
+    assert native.open_fastcall(tmp_path / native.FASTCALL_NAME) is None
+    (tmp_path / native.FASTCALL_NAME).write_bytes(b"not a module")
+    assert native.open_fastcall(tmp_path / native.FASTCALL_NAME) is None
+
+
+@needs_native
+def test_the_kernel_alone_is_called_through_ctypes(tmp_path, monkeypatch):
+    """A kernel library without the extension module beside it (copied alone, no Python headers at build)."""
+    shutil.copy(native.LIBRARY, tmp_path / "spmm.so")
+    if Path(f"{native.LIBRARY}.cpu").is_file():
+        shutil.copy(f"{native.LIBRARY}.cpu", tmp_path / "spmm.so.cpu")
+    lib = native.open_library(tmp_path / "spmm.so")
+    assert lib.cdll is not None and lib.fastcall is None and "called through ctypes" in lib.reason
+    monkeypatch.setattr(native, "_library", lib)
+    w = weight_of("f32", 20, 30, 0.3, seed=12)
+    x = torch.randn(3, 30)
+    assert close(native.Chain([native.Step(native.pack(w))])(x), x @ w.t())
 
 
 def test_the_makefile_compiles_with_the_flags_compile_library_uses():
