@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from prunet.sparse import modules, plan, plans, sparsify
+from prunet.sparse import modules, native, plan, plans, sparsify
 from prunet.sparse.plans import PlanCache, default_path
 
 
@@ -127,6 +128,21 @@ def test_threads_are_part_of_the_machine(cache_file, monkeypatch):
         sparsify(mlp(), x)
     finally:
         torch.set_num_threads(before)
+    assert timings.calls >= 2
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native kernel")
+def test_how_the_kernel_is_called_is_part_of_the_machine(cache_file, monkeypatch):
+    """A decision timed while ctypes called the kernel is not reused once the extension module calls it (a
+    small layer's time changes with the call's cost), nor the other way round."""
+    x = torch.randn(1, 64)
+    monkeypatch.setattr(modules, "paired_seconds", Timings(0.3))
+    monkeypatch.setattr(native, "_library", dataclasses.replace(native.library(), fastcall=None))
+    sparsify(mlp(), x)
+    timings = Timings(2.0)
+    monkeypatch.setattr(modules, "paired_seconds", timings)
+    monkeypatch.setattr(native, "_library", dataclasses.replace(native.library(), fastcall=lambda *args: 0))
+    sparsify(mlp(), x)
     assert timings.calls >= 2
 
 

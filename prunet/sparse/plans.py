@@ -184,9 +184,10 @@ def _device(x: torch.Tensor) -> str:
 
 
 def _kernel_build() -> str:
-    """The native library's hash, or why it is not loaded: a rebuilt kernel times afresh."""
+    """The native library's hash, and whether it is called without ctypes, or why it is not loaded: a rebuilt
+    kernel, or one now called another way (which changes a small layer's time), times afresh."""
     lib = native.library()
-    return "none" if lib.cdll is None else _file_hash(lib.cdll._name)
+    return "none" if lib.cdll is None else _file_hash(lib.cdll._name) + (" fastcall" if lib.fastcall else " ctypes")
 
 
 @lru_cache(maxsize=8)
