@@ -59,10 +59,12 @@ $(FASTCALL): $(FASTCALL_SRC)
 	@inc=$$($(PYEXT_PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null); \
 	if ! command -v $(CC) >/dev/null 2>&1; then \
 		true; \
-	elif [ -f "$$inc/Python.h" ] && $(CC) $(FASTCALL_FLAGS) -I"$$inc" $< -o $@.tmp 2>/dev/null; then \
+	elif [ ! -f "$$inc/Python.h" ]; then \
+		echo "note: no Python headers (python3-dev) for $(FASTCALL_SRC); prunet calls its kernel through ctypes"; \
+	elif $(CC) $(FASTCALL_FLAGS) -I"$$inc" $< -o $@.tmp; then \
 		mv $@.tmp $@; echo "built $@"; \
 	else \
-		rm -f $@.tmp; echo "note: no Python headers for $(FASTCALL_SRC) (python3-dev); prunet calls its kernel through ctypes"; \
+		rm -f $@.tmp; echo "note: $(CC) could not build $@; prunet calls its kernel through ctypes"; \
 	fi
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, unless the data is already there
@@ -113,4 +115,4 @@ results: setup
 	$(BIN)/python benchmarks/make_results.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache $(NATIVE) $(NATIVE).cpu $(FASTCALL)
+	rm -rf $(VENV) runs .pytest_cache $(NATIVE) $(NATIVE).cpu prunet/sparse/csrc/_fastcall*.so*

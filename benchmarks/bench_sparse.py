@@ -115,13 +115,12 @@ def size_of(name: str, folder: Path) -> dict:
 
 def last_level_cache_bytes() -> int | None:
     """The largest CPU cache Linux reports (sysfs), in bytes; None where it reports none."""
-    sizes = []
+    sizes, units = [], {"K": 2**10, "M": 2**20, "G": 2**30}
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         try:
-            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-        except ValueError:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError):
             continue
     return max(sizes) if sizes else None
 

@@ -444,8 +444,16 @@ def test_the_extension_module_and_ctypes_compute_the_same_chain(monkeypatch):
     steps = [native.Step(native.pack(weight_of("codebook", 40, 70, 0.2, seed=1)), torch.randn(40), relu=True),
              native.Step(native.pack(weight_of("fp16", 30, 40, 0.3, seed=2)), None, relu=True),
              native.Step(native.pack(weight_of("f32", 9, 30, 0.5, seed=3)), torch.randn(9))]
+    calls, real = [], native.library().fastcall
+
+    def spy(*args):  # the extension module's chain, counted
+        calls.append(args)
+        return real(*args)
+
+    fast_library = dataclasses.replace(native.library(), fastcall=spy)
+    monkeypatch.setattr(native, "_library", fast_library)
     fast = native.Chain(steps)
-    monkeypatch.setattr(native, "_library", dataclasses.replace(native.library(), fastcall=None))
+    monkeypatch.setattr(native, "_library", dataclasses.replace(fast_library, fastcall=None))
     slow = native.Chain(steps)
     for batch in BATCHES:
         x = torch.randn(batch, 70)
@@ -455,6 +463,34 @@ def test_the_extension_module_and_ctypes_compute_the_same_chain(monkeypatch):
             reference = reference.relu() if step.relu else reference
         y = fast(x)
         assert torch.equal(y, slow(x)) and close(y, reference)
+    assert len(calls) == len(BATCHES)  # every product went through the extension module
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["extension module", "ctypes"])
+def test_layers_described_again_during_a_call_stay_alive_until_the_kernel_returns(path, monkeypatch):
+    """Another thread may describe a chain's layers again (it saw a tensor changed in place) while this one is
+    between reading the description and the kernel's return: the kernel must not read freed memory."""
+    if path == "ctypes":
+        monkeypatch.setattr(native, "_library", dataclasses.replace(native.library(), fastcall=None))
+    elif native.library().fastcall is None:
+        pytest.skip(f"native kernel: {native.status()}")
+    torch.manual_seed(0)
+    steps = [native.Step(native.pack(weight_of("f32", o, i, 0.3, seed=o)), torch.randn(o), relu=True)
+             for o, i in ((40, 70), (30, 40), (9, 30))]
+    chain = native.Chain(steps)
+    x = torch.randn(1, 70)
+    expected = chain(x)
+    threads, junk = native._threads, []
+
+    def another_thread_meanwhile():  # called while the call's arguments are made
+        chain.tensors[-1].mul_(1.0)  # an in-place change: the same values, a new version
+        chain._redescribe()  # what the other thread's call does on seeing it
+        junk.extend(bytes([0xAB]) * 180 for _ in range(20000))  # reuse what was freed
+        return threads()
+
+    monkeypatch.setattr(native, "_threads", another_thread_meanwhile)
+    assert torch.equal(chain(x), expected)
 
 
 def test_a_missing_or_foreign_extension_module_leaves_the_call_to_ctypes(tmp_path):

@@ -144,7 +144,7 @@ def open_fastcall(path: str | Path) -> Callable[..., int] | None:
         module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_fastcall", loader))
         loader.exec_module(module)
         return module.chain if getattr(module, "ABI", None) == FASTCALL_ABI else None
-    except (ImportError, OSError, AttributeError):
+    except Exception:  # noqa: BLE001 (a module that fails to load in any way leaves the call to ctypes)
         return None
 
 
@@ -440,9 +440,13 @@ class Chain:
         self._set_layers([_describe(s) for s in steps])
 
     def _set_layers(self, layers: list[_Layer]) -> None:
-        """Point the kernel at ``layers`` (held here) and note the tensors' memory they were described from."""
-        self._layers = (_Layer * len(layers))(*layers)
-        self._count, self._layers_at = len(layers), ctypes.addressof(self._layers)
+        """Point the kernel at ``layers`` and note the tensors' memory they were described from.
+
+        The array, its address and its length are one attribute, replaced at once: a call reads it once and
+        holds the array until the kernel returns, so another thread describing the layers again meanwhile
+        cannot free the memory the kernel reads."""
+        array = (_Layer * len(layers))(*layers)
+        self._described = array, ctypes.addressof(array), len(layers)
         self._memory = self._where()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,11 +472,11 @@ class Chain:
         if self._where() != self._memory:  # a tensor moved or changed in place: never call with a stale pointer
             self._redescribe()
         if batch:
+            layers, at, count = self._described  # held here until the kernel returns
             if self._fastcall is not None:
-                rc = self._fastcall(self._address, self._layers_at, self._count, x.data_ptr(), y.data_ptr(), batch,
-                                    _threads())
+                rc = self._fastcall(self._address, at, count, x.data_ptr(), y.data_ptr(), batch, _threads())
             else:
-                rc = self._call(self._layers, self._count, x.data_ptr(), y.data_ptr(), batch, _threads())
+                rc = self._call(layers, count, x.data_ptr(), y.data_ptr(), batch, _threads())
             if rc:
                 raise RuntimeError(f"native sparse kernel: {ERRORS.get(rc, f'error {rc}')}")
         return y

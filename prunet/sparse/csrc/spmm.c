@@ -142,15 +142,17 @@ static const int VALUE_BYTES[3] = {4, 2, 1};
    and runs only a little ahead; with the matrix in memory, not in the cache (as it is once the other
    layers of a forward pass have run), a batch-1 product on AlexNet fc6 at 9% took about 1.35 times as
    long without this on a 2-core Intel Xeon (docs/benchmarks.md); 512 survivors ahead was as fast as 1024
-   and faster than 256 or 2048 there (-DAHEAD=N). A prefetch never faults: past the last survivor it is
-   harmless. */
+   and faster than 256 or 2048 there (-DAHEAD=N). A prefetch never faults, so the addresses past the last
+   survivor that the last rows ask for are harmless; they are computed as integers, since a pointer that
+   far past its array would be undefined behaviour in C. */
 #ifndef AHEAD
 #define AHEAD 512
 #endif
 static inline void prefetch_ahead(const prunet_layer *L, int64_t i)
 {
-    __builtin_prefetch(L->col + i + AHEAD, 0, 3);
-    __builtin_prefetch((const char *)L->values + (i + AHEAD) * VALUE_BYTES[L->kind], 0, 3);
+    const uintptr_t ahead = (uintptr_t)(i + AHEAD);
+    __builtin_prefetch((const void *)((uintptr_t)L->col + ahead * sizeof(uint16_t)), 0, 3);
+    __builtin_prefetch((const void *)((uintptr_t)L->values + ahead * (uintptr_t)VALUE_BYTES[L->kind]), 0, 3);
 }
 
 #if defined(__AVX__) && defined(__FMA__)
