@@ -33,11 +33,12 @@ from prunet.distributed import SINGLE, Ranks, all_reduce_sum, broadcast_buffers,
 from prunet.pruner import Pruner
 from prunet.regularize import decayed_parameters, l1_penalty
 from prunet.schedule import lr_at
-from prunet.tasks import CrossEntropy, Loss, Metric, Task  # noqa: F401 (CrossEntropy: output_problem's example)
+from prunet.tasks import CrossEntropy, Loss, Metric, Task
 
 
 class DivergedError(ConfigError):
-    """The training loss became NaN or infinite (a learning rate too high, most often)."""
+    """The training loss became NaN or infinite, or a classifier's blew up past guessing after it had learned
+    (a learning rate too high, most often)."""
 
 
 class ModelOutputError(ConfigError):
@@ -246,6 +247,7 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: 
     try:
         for epoch in range(loop.first, cfg.epochs):
             record = loop.epoch(epoch)
+            loop.check_blow_up(record)
             loop.records.append(record)
             if o.on_epoch is not None:
                 o.on_epoch(record)
@@ -288,6 +290,7 @@ class _Loop:
                                                if self.device.type == "cuda" else None)
         self.best: float | None = None  # the best validation metric so far
         self.best_state, self.records, self.first = None, [], 0
+        self.classes: int | None = None  # a cross-entropy's classes, seen in the first step's outputs
         if o.resume is not None:
             self._restore(o.resume)
         self.steps = loader_batches(len(train), o.batch_size, ranks.world_size, train=True)
@@ -347,6 +350,24 @@ class _Loop:
         return EpochRecord(o.phase, epoch + 1, lr, loss_sum / seen, self.metric.value(total, count), val_loss,
                            val_metric, time.perf_counter() - start, key=self.metric.key)
 
+    def check_blow_up(self, record: EpochRecord) -> None:
+        """Raise :class:`DivergedError` when a cross-entropy's epoch ends above ``ln(classes)``, the loss of
+        guessing uniformly, and above twice the lowest epoch of this fit: a loss that blew up without becoming
+        NaN (0.42, then 28.9, then a model that predicts one class, in AC/DC with strong distillation). A task
+        that never learns stays near ``ln(classes)`` and is not stopped."""
+        if not self.classes or self.classes < 2 or not self.records:
+            return
+        chance = math.log(self.classes)
+        lowest = min(self.records, key=lambda r: r.train_loss)
+        if record.train_loss > chance and record.train_loss > 2 * lowest.train_loss:
+            error = DivergedError(
+                f"train.lr: the training loss rose to {record.train_loss:.4g} in {record.phase} epoch {record.epoch} "
+                f"at lr {record.lr:.3g}, above {chance:.4g}, the loss of guessing uniformly among {self.classes} "
+                f"classes (it was {lowest.train_loss:.4g} in epoch {lowest.epoch}); lower the learning rate")
+            ranks = self.o.ranks
+            error.quiet = not ranks.main if ranks.distributed else None  # every rank stops here: rank 0 says it
+            raise error
+
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> tuple[float, torch.Tensor]:
         """One optimizer step; ``(this rank's loss, outputs)``. A non-finite loss stops before the step."""
         o, ranks = self.o, self.o.ranks
@@ -355,6 +376,8 @@ class _Loop:
             _check_output(logits, y, "training", self.task.loss)
             loss = self.task.loss(logits, y)
             _check_loss(loss)
+        if self.classes is None:
+            self.classes = logits.shape[-1] if isinstance(self.task.loss, CrossEntropy) else 0
         value = own = loss.item()
         if ranks.distributed:  # every rank stops together, or none does
             value = all_reduce_sum([value], ranks)[0] / ranks.world_size

@@ -12,7 +12,7 @@ from prunet import Pruner, Threshold
 from prunet.config import TrainConfig
 from prunet.data import Split
 from prunet.schedule import lr_at
-from prunet.train import FitOptions, Normalization, evaluate, fit, make_optimizer
+from prunet.train import DivergedError, FitOptions, Normalization, evaluate, fit, make_optimizer
 
 CFG = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9, regularization="l2", reg_strength=5e-4,
                   lr_schedule="cosine")
@@ -203,3 +203,30 @@ def test_distillation_teaches_what_the_labels_do_not(lenet, fashion):
     assert alone_acc < 30 and taught_acc > 0.8 * teacher_acc
     # The teacher is only read.
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_model_that_learned_then_fell_below_guessing_is_a_divergence(lenet, fashion):
+    """A loss that blows up without becoming NaN (AC/DC with strong distillation did: 0.42, then 28.9, then
+    chance for good) stops the fit as a divergence, so a phase retries at a lower rate instead of ending with
+    a model that predicts one class."""
+    model = lenet()
+    steps = -(-len(fashion.train) // 64)
+
+    def collapse(taken):  # from the second epoch on, every image scored as class 0
+        if taken > steps:
+            with torch.no_grad():
+                model.fc3.weight.zero_()
+                model.fc3.bias.copy_(torch.tensor([50.0] + [0.0] * 9))
+
+    cfg = dataclasses.replace(CFG, epochs=3)
+    with pytest.raises(DivergedError, match=r"train epoch 2 .* guessing uniformly among 10 classes"):
+        fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=collapse))
+
+
+def test_a_model_that_never_learns_is_not_stopped(lenet, fashion):
+    """Labels with nothing to learn keep the loss about that of guessing, epoch after epoch: no divergence."""
+    labels = torch.randint(0, 10, (len(fashion.train),), generator=torch.Generator().manual_seed(0))
+    noise = dataclasses.replace(fashion, train=Split(fashion.train.images, labels))
+    cfg = dataclasses.replace(CFG, epochs=4, lr=0.01)
+    records = fit(lenet(), noise.train, noise.val, cfg, norm_of(noise))
+    assert len(records) == 4 and all(2.0 < r.train_loss < 2.6 for r in records)
