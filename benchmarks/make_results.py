@@ -453,8 +453,8 @@ def slower_lines(model: dict) -> list[str]:
                         seeds.append(str(seed["seed"]))
     if not found:
         return []
-    return ["Diverged at the benchmark's rate (the loss became NaN) and trained again from the same start at a "
-            "lower one: " + "; ".join(f"`{method}` {what} (seed {', '.join(seeds)})"
+    return ["Diverged at the benchmark's rate (the loss became NaN, or blew up past guessing: `prunet.train.fit`) "
+            "and trained again from the same start at a lower one: " + "; ".join(f"`{method}` {what} (seed {', '.join(seeds)})"
                                      for (method, what), seeds in found.items()) + ".", ""]
 
 

@@ -247,19 +247,24 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: 
     try:
         for epoch in range(loop.first, cfg.epochs):
             record = loop.epoch(epoch)
-            loop.check_blow_up(record)
             loop.records.append(record)
             if o.on_epoch is not None:
                 o.on_epoch(record)
+            if loop.blown_up(-1) and loop.blown_up(-2):  # two in a row: it is not coming back
+                raise loop.blow_up_error(record)
             # With no validation split there is nothing to choose by: the last epoch is kept.
             if len(val) and epoch + 1 > o.choose_after and loop.metric.better(record.val_metric, loop.best):
                 loop.best, loop.best_state = record.val_metric, copy.deepcopy(model.state_dict())
+                loop.best_epoch = record.epoch
             if o.on_checkpoint is not None:
                 o.on_checkpoint(loop.checkpoint(epoch))
     finally:
         loop.close()
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
+    kept = next((i for i, r in enumerate(loop.records) if r.epoch == loop.best_epoch), len(loop.records) - 1)
+    if loop.records and loop.blown_up(kept):  # the epoch kept is itself a blow-up: say so, do not return it
+        raise loop.blow_up_error(loop.records[kept])
     return loop.records
 
 
@@ -290,7 +295,8 @@ class _Loop:
                                                if self.device.type == "cuda" else None)
         self.best: float | None = None  # the best validation metric so far
         self.best_state, self.records, self.first = None, [], 0
-        self.classes: int | None = None  # a cross-entropy's classes, seen in the first step's outputs
+        self.classes: int | None = None  # the built-in cross-entropy's classes, seen in the first step's outputs
+        self.best_epoch: int | None = None  # the epoch of best_state
         if o.resume is not None:
             self._restore(o.resume)
         self.steps = loader_batches(len(train), o.batch_size, ranks.world_size, train=True)
@@ -308,6 +314,8 @@ class _Loop:
         # "best_acc": the field's name when the metric was always accuracy (whose start was -1)
         self.best, self.best_state, self.first = resume["best_acc"], resume["best_state"], resume["epoch"]
         self.records = [EpochRecord.from_dict(r, self.metric.key) for r in resume["records"]]
+        if self.best_state is not None:  # the first epoch that reached the best (a later tie was not chosen)
+            self.best_epoch = next((r.epoch for r in self.records if r.val_metric == self.best), None)
 
     def epoch(self, epoch: int) -> EpochRecord:
         """Train one epoch and evaluate on the validation split."""
@@ -350,23 +358,30 @@ class _Loop:
         return EpochRecord(o.phase, epoch + 1, lr, loss_sum / seen, self.metric.value(total, count), val_loss,
                            val_metric, time.perf_counter() - start, key=self.metric.key)
 
-    def check_blow_up(self, record: EpochRecord) -> None:
-        """Raise :class:`DivergedError` when a cross-entropy's epoch ends above ``ln(classes)``, the loss of
-        guessing uniformly, and above twice the lowest epoch of this fit: a loss that blew up without becoming
-        NaN (0.42, then 28.9, then a model that predicts one class, in AC/DC with strong distillation). A task
-        that never learns stays near ``ln(classes)`` and is not stopped."""
-        if not self.classes or self.classes < 2 or not self.records:
-            return
-        chance = math.log(self.classes)
+    def blown_up(self, index: int) -> bool:
+        """Whether epoch ``records[index]`` blew up: with the built-in cross-entropy, its mean training loss is
+        above ``ln(classes)``, the loss of guessing uniformly, and above twice the lowest epoch before it in this
+        fit. A task that never learns stays near ``ln(classes)`` and never blows up; nor does a fit's first
+        epoch (nothing before it to compare)."""
+        if index < 0:
+            index += len(self.records)
+        if not self.classes or self.classes < 2 or index < 1 or index >= len(self.records):
+            return False
+        loss = self.records[index].train_loss
+        return loss > math.log(self.classes) and loss > 2 * min(r.train_loss for r in self.records[:index])
+
+    def blow_up_error(self, record: EpochRecord) -> DivergedError:
+        """The :class:`DivergedError` of a blown-up epoch (every rank raises it; rank 0 says it)."""
         lowest = min(self.records, key=lambda r: r.train_loss)
-        if record.train_loss > chance and record.train_loss > 2 * lowest.train_loss:
-            error = DivergedError(
-                f"train.lr: the training loss rose to {record.train_loss:.4g} in {record.phase} epoch {record.epoch} "
-                f"at lr {record.lr:.3g}, above {chance:.4g}, the loss of guessing uniformly among {self.classes} "
-                f"classes (it was {lowest.train_loss:.4g} in epoch {lowest.epoch}); lower the learning rate")
-            ranks = self.o.ranks
-            error.quiet = not ranks.main if ranks.distributed else None  # every rank stops here: rank 0 says it
-            raise error
+        error = DivergedError(
+            f"train.lr: the training loss rose to {record.train_loss:.4g} in {record.phase} epoch {record.epoch} at "
+            f"lr {record.lr:.3g} (validation {self.metric.name} {self.metric.format(record.val_metric)}), above "
+            f"{math.log(self.classes):.4g}, the loss of guessing uniformly among {self.classes} classes (it was "
+            f"{lowest.train_loss:.4g} in epoch {lowest.epoch}); lower the learning rate, or prune less if "
+            f"pruning in this phase took what the model needs")
+        ranks = self.o.ranks
+        error.quiet = not ranks.main if ranks.distributed else None
+        return error
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> tuple[float, torch.Tensor]:
         """One optimizer step; ``(this rank's loss, outputs)``. A non-finite loss stops before the step."""
@@ -377,7 +392,7 @@ class _Loop:
             loss = self.task.loss(logits, y)
             _check_loss(loss)
         if self.classes is None:
-            self.classes = logits.shape[-1] if isinstance(self.task.loss, CrossEntropy) else 0
+            self.classes = logits.shape[-1] if type(self.task.loss) is CrossEntropy else 0  # not a user's subclass
         value = own = loss.item()
         if ranks.distributed:  # every rank stops together, or none does
             value = all_reduce_sum([value], ranks)[0] / ranks.world_size

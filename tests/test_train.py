@@ -207,10 +207,11 @@ def test_distillation_teaches_what_the_labels_do_not(lenet, fashion):
 
 def test_a_model_that_learned_then_fell_below_guessing_is_a_divergence(lenet, fashion):
     """A loss that blows up without becoming NaN (AC/DC with strong distillation did: 0.42, then 28.9, then
-    chance for good) stops the fit as a divergence, so a phase retries at a lower rate instead of ending with
-    a model that predicts one class."""
+    chance for good) stops the fit as a divergence after two such epochs, so a phase retries at a lower rate
+    instead of ending with a model that predicts one class."""
     model = lenet()
     steps = -(-len(fashion.train) // 64)
+    seen = []
 
     def collapse(taken):  # from the second epoch on, every image scored as class 0
         if taken > steps:
@@ -218,9 +219,57 @@ def test_a_model_that_learned_then_fell_below_guessing_is_a_divergence(lenet, fa
                 model.fc3.weight.zero_()
                 model.fc3.bias.copy_(torch.tensor([50.0] + [0.0] * 9))
 
-    cfg = dataclasses.replace(CFG, epochs=3)
-    with pytest.raises(DivergedError, match=r"train epoch 2 .* guessing uniformly among 10 classes"):
-        fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=collapse))
+    cfg = dataclasses.replace(CFG, epochs=5)
+    with pytest.raises(DivergedError, match=r"train epoch 3 .* guessing uniformly among 10 classes"):
+        fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=collapse,
+                                                                                  on_epoch=seen.append))
+    assert [r.epoch for r in seen] == [1, 2, 3]  # stopped there, each epoch reported
+
+
+def test_a_fit_whose_kept_epoch_blew_up_is_a_divergence(lenet, fashion):
+    """When the epochs a fit may choose from (after ``choose_after``) end blown up, it raises rather than return
+    a model that predicts one class; when an earlier, sound epoch may be chosen, that one is returned."""
+    steps = -(-len(fashion.train) // 64)
+    cfg = dataclasses.replace(CFG, epochs=2)
+
+    def collapsing(model):
+        def collapse(taken):
+            if taken > steps:
+                with torch.no_grad():
+                    model.fc3.weight.zero_()
+                    model.fc3.bias.copy_(torch.tensor([50.0] + [0.0] * 9))
+        return collapse
+
+    model = lenet()
+    with pytest.raises(DivergedError, match=r"train epoch 2 "):
+        fit(model, fashion.train, fashion.val, cfg, norm_of(fashion),
+            FitOptions(on_step=collapsing(model), choose_after=1))
+    model = lenet()
+    records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=collapsing(model)))
+    assert evaluate(model, fashion.val, norm_of(fashion))[1] == pytest.approx(records[0].val_acc)
+    assert records[0].val_acc > 50 > records[1].val_acc
+
+
+def test_a_blow_up_that_recovers_keeps_the_best_epoch(lenet, fashion):
+    """One bad batch can lift an epoch's mean loss above guessing; the next epoch recovers, so the fit ends as
+    usual, at its best validation epoch."""
+    model = lenet()
+    steps = -(-len(fashion.train) // 64)
+    saved = {}
+
+    def spike(taken):  # one step of epoch 2 scores every image as class 0, the next undoes it
+        with torch.no_grad():
+            if taken == steps + 1:
+                saved["bias"] = model.fc3.bias.clone()
+                model.fc3.bias[0] += 200.0
+            elif taken == steps + 2:
+                model.fc3.bias.copy_(saved["bias"])
+
+    cfg = dataclasses.replace(CFG, epochs=4)
+    records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=spike))
+    assert records[1].train_loss > max(2.303, 2 * records[0].train_loss)  # epoch 2 blew up
+    assert len(records) == 4 and records[-1].train_loss < 1.0
+    assert evaluate(model, fashion.val, norm_of(fashion))[1] == pytest.approx(max(r.val_acc for r in records))
 
 
 def test_a_model_that_never_learns_is_not_stopped(lenet, fashion):
