@@ -251,7 +251,7 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: 
             if o.on_epoch is not None:
                 o.on_epoch(record)
             if loop.blown_up(-1) and loop.blown_up(-2):  # two in a row: it is not coming back
-                raise loop.blow_up_error(record)
+                raise loop.blow_up_error(-1)
             # With no validation split there is nothing to choose by: the last epoch is kept.
             if len(val) and epoch + 1 > o.choose_after and loop.metric.better(record.val_metric, loop.best):
                 loop.best, loop.best_state = record.val_metric, copy.deepcopy(model.state_dict())
@@ -264,7 +264,7 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, norm: 
         model.load_state_dict(loop.best_state)
     kept = next((i for i, r in enumerate(loop.records) if r.epoch == loop.best_epoch), len(loop.records) - 1)
     if loop.records and loop.blown_up(kept):  # the epoch kept is itself a blow-up: say so, do not return it
-        raise loop.blow_up_error(loop.records[kept])
+        raise loop.blow_up_error(kept)
     return loop.records
 
 
@@ -314,8 +314,10 @@ class _Loop:
         # "best_acc": the field's name when the metric was always accuracy (whose start was -1)
         self.best, self.best_state, self.first = resume["best_acc"], resume["best_state"], resume["epoch"]
         self.records = [EpochRecord.from_dict(r, self.metric.key) for r in resume["records"]]
-        if self.best_state is not None:  # the first epoch that reached the best (a later tie was not chosen)
-            self.best_epoch = next((r.epoch for r in self.records if r.val_metric == self.best), None)
+        if self.best_state is not None:  # older resume points lack it: the first eligible epoch at the best
+            self.best_epoch = resume.get("best_epoch", next((r.epoch for r in self.records if r.val_metric == self.best
+                                                              and r.epoch > self.o.choose_after), None))
+        self.classes = resume.get("classes")
 
     def epoch(self, epoch: int) -> EpochRecord:
         """Train one epoch and evaluate on the validation split."""
@@ -370,12 +372,15 @@ class _Loop:
         loss = self.records[index].train_loss
         return loss > math.log(self.classes) and loss > 2 * min(r.train_loss for r in self.records[:index])
 
-    def blow_up_error(self, record: EpochRecord) -> DivergedError:
-        """The :class:`DivergedError` of a blown-up epoch (every rank raises it; rank 0 says it)."""
-        lowest = min(self.records, key=lambda r: r.train_loss)
+    def blow_up_error(self, index: int) -> DivergedError:
+        """The :class:`DivergedError` of blown-up epoch ``records[index]`` (every rank raises it; rank 0 says it)."""
+        index %= len(self.records)
+        record = self.records[index]
+        lowest = min(self.records[:index], key=lambda r: r.train_loss)
+        seen = f" (validation {self.metric.name} {self.metric.format(record.val_metric)})" if len(self.val) else ""
         error = DivergedError(
             f"train.lr: the training loss rose to {record.train_loss:.4g} in {record.phase} epoch {record.epoch} at "
-            f"lr {record.lr:.3g} (validation {self.metric.name} {self.metric.format(record.val_metric)}), above "
+            f"lr {record.lr:.3g}{seen}, above "
             f"{math.log(self.classes):.4g}, the loss of guessing uniformly among {self.classes} classes (it was "
             f"{lowest.train_loss:.4g} in epoch {lowest.epoch}); lower the learning rate, or prune less if "
             f"pruning in this phase took what the model needs")
@@ -426,7 +431,7 @@ class _Loop:
             "epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
             "rng": gather_objects(rng, ranks) if ranks.distributed else rng,
             "generator": self.generator.get_state(), "best_acc": self.best, "best_state": self.best_state,
-            "records": [r.to_dict() for r in self.records],
+            "best_epoch": self.best_epoch, "classes": self.classes, "records": [r.to_dict() for r in self.records],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -248,6 +249,32 @@ def test_a_fit_whose_kept_epoch_blew_up_is_a_divergence(lenet, fashion):
     records = fit(model, fashion.train, fashion.val, cfg, norm_of(fashion), FitOptions(on_step=collapsing(model)))
     assert evaluate(model, fashion.val, norm_of(fashion))[1] == pytest.approx(records[0].val_acc)
     assert records[0].val_acc > 50 > records[1].val_acc
+
+
+def test_a_fit_resumed_after_its_blown_up_last_epoch_still_raises(lenet, fashion):
+    """The last epoch's resume point is saved before the fit judges the epoch it keeps: resuming from it (the
+    run's own ``--resume`` after the error) raises again instead of returning the blown-up model."""
+    steps = -(-len(fashion.train) // 64)
+    no_val = Split(fashion.val.images[:0], fashion.val.labels[:0])
+    cfg = dataclasses.replace(CFG, epochs=2)
+    model, saved = lenet(), []
+
+    def collapse(taken):
+        if taken > steps:
+            with torch.no_grad():
+                model.fc3.weight.zero_()
+                model.fc3.bias.copy_(torch.tensor([50.0] + [0.0] * 9))
+
+    def keep(resume):
+        saved.append((copy.deepcopy(resume), copy.deepcopy(model.state_dict())))
+
+    with pytest.raises(DivergedError, match=r"rose to [0-9.]+ in train epoch 2 at lr [0-9.]+, above"):
+        fit(model, fashion.train, no_val, cfg, norm_of(fashion), FitOptions(on_step=collapse, on_checkpoint=keep))
+    resume, weights = saved[-1]
+    again = lenet()
+    again.load_state_dict(weights)
+    with pytest.raises(DivergedError, match=r"in train epoch 2 "):
+        fit(again, fashion.train, no_val, cfg, norm_of(fashion), FitOptions(resume=resume))
 
 
 def test_a_blow_up_that_recovers_keeps_the_best_epoch(lenet, fashion):
