@@ -250,19 +250,17 @@ def compile_library(out: str | Path = LIBRARY, compiler: str | None = None) -> P
     return out
 
 
-def _compile_fastcall(cc: str, tmp: Path, out: Path) -> bool:
-    """Compile ``csrc/fastcall.c`` into ``out`` with this Python's headers; False where they or the compiler
+def _compile_fastcall(cc: str, tmp: Path, out: Path) -> None:
+    """Compile ``csrc/fastcall.c`` into ``out`` with this Python's headers; nothing where they or the compiler
     fail (ctypes calls the kernel then: the same results, tens of microseconds slower a call)."""
     include = Path(sysconfig.get_paths()["include"])
     if not (include / "Python.h").is_file():
-        return False
+        return
     built = tmp / out.name
     done = subprocess.run([cc, *FASTCALL_FLAGS, f"-I{include}", str(FASTCALL_SOURCE), "-o", str(built)],
                           capture_output=True, text=True)
-    if done.returncode != 0:
-        return False
-    os.replace(built, out)
-    return True
+    if done.returncode == 0:
+        os.replace(built, out)
 
 
 # --- packing a layer ---------------------------------------------------------------------------------
